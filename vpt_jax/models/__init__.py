@@ -1,0 +1,1 @@
+"""Flax Linen models: the ViT backbone, prompts and heads."""
