@@ -1,0 +1,55 @@
+"""Resumable training checkpoints with orbax.
+
+Only what cannot be rebuilt is saved: the step, the trainable parameters and
+the optimizer state. Frozen parameters come back from the backbone file (or
+the seeded initialisation), which keeps prompt-tuning checkpoints tiny.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from vpt_jax.training import partition
+
+
+def open_manager(directory: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
+  """A CheckpointManager keeping the last ``keep`` saves, one every ``every_steps``."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _payload(state, labels) -> dict:
+  trainable, _ = partition.split(state["params"], labels)
+  return {"step": state["step"], "trainable": partition.unflatten(trainable),
+          "opt_state": state["opt_state"]}
+
+
+def save(manager: ocp.CheckpointManager, state, labels, *, force: bool = False) -> bool:
+  """Saves if the interval (or a preemption notice, or ``force``) says so."""
+  step = int(jax.device_get(state["step"]))
+  if not (force or manager.should_save(step) or manager.reached_preemption(step)):
+    return False
+  if step in manager.all_steps():
+    return False
+  return manager.save(step, args=ocp.args.StandardSave(_payload(state, labels)), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, state, labels):
+  """Returns ``state`` with the latest checkpoint's values, or None if there is none.
+
+  ``state`` supplies the frozen parameters and the target shapes and
+  shardings; restored arrays land with the shardings of ``state``.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _payload(state, labels))
+  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  _, frozen = partition.split(state["params"], labels)
+  return {"step": restored["step"],
+          "params": partition.merge(partition.flatten(restored["trainable"]), frozen),
+          "opt_state": restored["opt_state"]}

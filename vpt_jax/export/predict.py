@@ -1,0 +1,48 @@
+"""Classify image files with a task export on its backbone."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from vpt_jax.export import task_export
+from vpt_jax.training import steps as steps_lib
+
+
+def read_images(paths: Sequence[str], image_size: int) -> np.ndarray:
+  """Decodes and resizes image files -> uint8 (N, image_size, image_size, 3).
+
+  Raises:
+    ValueError: naming the file that is missing or cannot be decoded.
+  """
+  images = []
+  for path in paths:
+    if not tf.io.gfile.exists(path):
+      raise ValueError(f"image file {path!r} does not exist")
+    try:
+      image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+      raise ValueError(f"cannot decode image file {path!r}: {e.message}") from e
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    images.append(np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8))
+  return np.stack(images)
+
+
+def predict_files(export_dir: str, paths: Sequence[str], *,
+                  backbone_path: Optional[str] = None, top_k: int = 5) -> list[dict]:
+  """Top-k classes per file: [{"file", "classes": [(name_or_id, probability)]}]."""
+  model, params, metadata = task_export.load_task(export_dir, backbone_path)
+  images = read_images(paths, metadata["image_size"])
+  norm = metadata["normalization"]
+  logits = jax.jit(lambda p, x: model.apply(
+      {"params": p}, steps_lib.normalize_images(x, norm["mean"], norm["std"])))(params, images)
+  probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+  names = metadata.get("class_names") or [str(i) for i in range(metadata["num_classes"])]
+  results = []
+  for path, probs in zip(paths, probabilities):
+    best = np.argsort(-probs)[:top_k]
+    results.append({"file": path, "classes": [(names[i], float(probs[i])) for i in best]})
+  return results

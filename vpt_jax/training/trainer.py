@@ -1,0 +1,403 @@
+"""Train, evaluate, checkpoint and export one run described by a config.
+
+``train_and_evaluate(config, workdir)`` is the whole main job: build the data
+and the model, load the backbone, freeze it, tune the trainable parameters on
+a device mesh, evaluate with padded and masked batches, checkpoint with orbax
+(a rerun of the same command resumes) and export the task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.checkpoints import train_state as ckpt_lib
+from vpt_jax.data import pipeline
+from vpt_jax.export import task_export
+from vpt_jax.models import factory
+from vpt_jax.models import methods as methods_lib
+from vpt_jax.training import mesh as mesh_lib
+from vpt_jax.training import metric_writers
+from vpt_jax.training import optimizers
+from vpt_jax.training import partition
+from vpt_jax.training import steps as steps_lib
+
+NORMALIZATIONS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
+# Fields that may differ between the run that wrote a checkpoint and a resume.
+RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
+                         "predict.", "data.data_dir")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; raised before any compute."""
+
+
+def normalization(config) -> dict:
+  """{"mean": (3,), "std": (3,)} for config.data.normalization."""
+  name = config.data.normalization
+  if name not in NORMALIZATIONS:
+    raise ConfigError(f"Unknown data.normalization {name!r}; choose one of "
+                      f"{sorted(NORMALIZATIONS)}")
+  mean, std = NORMALIZATIONS[name]
+  return {"mean": mean, "std": std}
+
+
+def source(config, split: str) -> pipeline.ImageSource:
+  return pipeline.ImageSource(
+      builder=config.data.builder, split=split, data_dir=config.data.data_dir or None,
+      image_key=config.data.image_key, label_key=config.data.label_key)
+
+
+def validate_config(config) -> None:
+  """Everything that can be checked without data or compute."""
+  methods_lib.get_method(config.method)
+  factory.validate_spec(factory.model_spec(config))
+  if not config.data.builder:
+    raise ConfigError("config.data.builder is empty; set the TFDS dataset, e.g. "
+                      "--config.data.builder=dmlab:2.0.1")
+  optim = config.optim
+  if optim.name and optim.name not in optimizers.OPTIMIZERS:
+    raise ConfigError(f"Unknown optim.name {optim.name!r}; choose one of "
+                      f"{optimizers.OPTIMIZERS} or '' for the method's default")
+  if optim.schedule_unit not in optimizers.SCHEDULE_UNITS:
+    raise ConfigError(f"optim.schedule_unit must be one of {optimizers.SCHEDULE_UNITS}")
+  if optim.batch_size < 1 or optim.epochs <= 0:
+    raise ConfigError("optim.batch_size and optim.epochs must be positive")
+  if not 0 <= optim.warmup_epochs <= optim.epochs:
+    raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
+                      f"[0, epochs={optim.epochs}]")
+  normalization(config)
+  if config.model.init_checkpoint and not tf.io.gfile.exists(config.model.init_checkpoint):
+    raise ConfigError(
+        f"Backbone checkpoint {config.model.init_checkpoint!r} does not exist. Download "
+        "it (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
+        "--config.model.init_checkpoint=PATH ('' trains from scratch).")
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it is writable, before any compute."""
+  try:
+    tf.io.gfile.makedirs(workdir)
+    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    raise ConfigError(f"workdir {workdir!r} is not writable ({e}); choose a directory "
+                      "you can write to with --workdir") from e
+
+
+def _flat_config(config) -> dict:
+  return partition.flatten(json.loads(config.to_json_best_effort()))
+
+
+def check_resume_config(workdir: str, config) -> None:
+  """Refuses to resume a workdir whose checkpoint came from a different config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = _flat_config(config)
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      previous = partition.flatten(json.load(f))
+    differing = sorted(
+        key for key in set(previous) | set(current)
+        if previous.get(key) != current.get(key)
+        and not any(key == f or key.startswith(f) for f in RESUME_NEUTRAL_FIELDS))
+    has_checkpoint = tf.io.gfile.exists(os.path.join(workdir, "checkpoints"))
+    if differing and has_checkpoint and not config.get("allow_config_change", False):
+      details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}"
+                          for k in differing)
+      raise ConfigError(
+          f"{workdir} holds a checkpoint from a different config ({details}). Use a new "
+          "--workdir, or rerun with the original config.")
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+@dataclasses.dataclass
+class TrainData:
+  """The (small) training split, decoded once and kept as uint8."""
+  images: np.ndarray  # (N, S, S, 3) uint8
+  labels: np.ndarray  # (N,) int32
+  num_classes: int
+  class_names: Optional[list]
+
+
+def load_train_data(config) -> TrainData:
+  """Decodes the training split and checks the labels against the classes."""
+  train_source = source(config, config.data.train_split)
+  meta_classes = pipeline.num_classes(train_source)
+  num_classes = config.data.num_classes or meta_classes
+  if config.data.num_classes and meta_classes and config.data.num_classes != meta_classes:
+    raise ConfigError(
+        f"config.data.num_classes={config.data.num_classes} but {config.data.builder} "
+        f"feature {config.data.label_key!r} has {meta_classes} classes; set "
+        f"--config.data.num_classes={meta_classes} (or 0 to take it from the dataset)")
+  images, labels = pipeline.load_split_arrays(
+      train_source, image_size=config.model.image_size, resize=config.data.resize,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ConfigError(f"training labels span [{labels.min()}, {labels.max()}] but the "
+                      f"model has {num_classes} classes; fix data.num_classes")
+  return TrainData(images, labels, num_classes, pipeline.class_names(train_source))
+
+
+def parameter_overview(params, labels, backbone_size: int) -> str:
+  """A table of trainable and frozen parameters per top-level module."""
+  flat_labels = partition.flatten(labels)
+  groups: dict[str, list[int]] = {}
+  for path, value in partition.flatten(params).items():
+    row = groups.setdefault(path.split("/")[0], [0, 0])
+    row[flat_labels[path] != methods_lib.TRAIN] += int(np.prod(value.shape))
+  lines = [f"{'module':<16}{'trainable':>14}{'frozen':>14}"]
+  for name, (trainable, frozen) in sorted(groups.items()):
+    lines.append(f"{name:<16}{trainable:>14,}{frozen:>14,}")
+  total_trainable = sum(t for t, _ in groups.values())
+  total = sum(t + f for t, f in groups.values())
+  lines.append(f"{'total':<16}{total_trainable:>14,}{total - total_trainable:>14,}")
+  lines.append(f"trainable: {total_trainable:,} of {total:,} = "
+               f"{100 * total_trainable / max(total, 1):.3f}% "
+               f"({100 * total_trainable / max(backbone_size, 1):.3f}% of the "
+               f"{backbone_size:,}-parameter backbone)")
+  return "\n".join(lines)
+
+
+def backbone_size(params) -> int:
+  """Parameters of the backbone alone (everything but head and method params)."""
+  return sum(int(np.prod(v.shape)) for p, v in partition.flatten(params).items()
+             if not p.startswith(("head/", "vpt/")))
+
+
+def evaluate(eval_step, params, mesh, eval_source, config) -> dict:
+  """Top-1/top-5/loss over every example of a split exactly once."""
+  global_batch = config.eval.batch_size
+  mesh_lib.check_batch_divisible(global_batch, mesh)
+  totals = None
+  for batch in pipeline.eval_batches(
+      eval_source, image_size=config.model.image_size,
+      local_batch=global_batch // jax.process_count(), resize=config.data.resize,
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    sums = eval_step(params, mesh_lib.global_batch(mesh, batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ConfigError(f"split {eval_source.split!r} of {eval_source.builder} is empty")
+  return steps_lib.summarize_eval(jax.device_get(totals))
+
+
+def _batches(data: TrainData, config, start_step: int) -> Iterator[dict]:
+  for indices in pipeline.train_batches(
+      len(data.labels), global_batch=config.optim.batch_size, seed=config.seed,
+      start_step=start_step, process_index=jax.process_index(),
+      process_count=jax.process_count()):
+    yield {"image": data.images[indices], "label": data.labels[indices]}
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything one run needs, built once by ``setup``."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  norm: dict
+  data: TrainData
+  spec: dict
+  model: object
+  labels: dict
+  state: dict
+  manager: object
+  schedule: object
+  tx: object
+  fingerprint: Optional[str]
+  total_steps: int
+  steps_per_epoch: float
+  writer: metric_writers.MetricWriter
+
+  @property
+  def step(self) -> int:
+    return int(jax.device_get(self.state["step"]))
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Validates, loads data and backbone, builds the state; restores a checkpoint.
+
+  All input checks run before the model is built or any data is decoded.
+  """
+  validate_config(config)
+  prepare_workdir(workdir)
+  check_resume_config(workdir, config)
+  mesh = mesh_lib.make_data_mesh()
+  mesh_lib.check_batch_divisible(config.optim.batch_size, mesh)
+  norm = normalization(config)
+  data = load_train_data(config)
+  spec = factory.model_spec(config)
+  model = factory.build_model(spec, data.num_classes)
+  replicated = mesh_lib.replicated(mesh)
+  size = config.model.image_size
+  init_fn = lambda: model.init(jax.random.key(config.seed),
+                               jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+  params = jax.jit(init_fn, out_shardings=replicated)()
+  fingerprint = None
+  if config.model.init_checkpoint:
+    params = npz_lib.load_backbone(jax.device_get(params), config.model.init_checkpoint)
+    params = jax.device_put(params, replicated)
+    fingerprint = npz_lib.fingerprint(config.model.init_checkpoint)
+  labels = partition.label_params(params, factory.trainable_rules(config))
+
+  steps_per_epoch = len(data.labels) / config.optim.batch_size
+  schedule = optimizers.make_schedule(
+      optimizers.scaled_learning_rate(config.optim.base_lr, config.optim.batch_size),
+      warmup_epochs=config.optim.warmup_epochs, total_epochs=config.optim.epochs,
+      steps_per_epoch=steps_per_epoch, unit=config.optim.schedule_unit)
+  tx = optimizers.make_optimizer(
+      labels, name=config.optim.name or methods_lib.get_method(config.method).optimizer,
+      learning_rate=schedule, weight_decay=config.optim.weight_decay,
+      momentum=config.optim.momentum)
+  state = jax.jit(lambda p: {"step": jnp.zeros([], jnp.int32), "params": p,
+                             "opt_state": tx.init(p)},
+                  out_shardings=replicated)(params)
+  manager = ckpt_lib.open_manager(os.path.join(workdir, "checkpoints"),
+                                  keep=config.checkpoint.keep,
+                                  every_steps=config.checkpoint.every_steps)
+  restored = ckpt_lib.restore_latest(manager, state, labels)
+  return Run(config=config, workdir=workdir, mesh=mesh, norm=norm, data=data, spec=spec,
+             model=model, labels=labels, state=restored or state, manager=manager,
+             schedule=schedule, tx=tx, fingerprint=fingerprint,
+             total_steps=math.ceil(config.optim.epochs * steps_per_epoch),
+             steps_per_epoch=steps_per_epoch, writer=metric_writers.MetricWriter(workdir))
+
+
+def _eval_step(run: Run):
+  return jax.jit(steps_lib.make_eval_step(run.model, **run.norm),
+                 in_shardings=(mesh_lib.replicated(run.mesh), mesh_lib.batch_sharded(run.mesh)),
+                 out_shardings=mesh_lib.replicated(run.mesh))
+
+
+def train(run: Run) -> None:
+  """Trains from the run's current step to the end, checkpointing as configured."""
+  config, writer, mesh = run.config, run.writer, run.mesh
+  start_step = run.step
+  params = run.state["params"]
+  writer.print(parameter_overview(params, run.labels, backbone_size(params)))
+  writer.print(f"{len(run.data.labels)} training images, {run.data.num_classes} classes, "
+               f"batch {config.optim.batch_size}, {run.total_steps} steps "
+               f"({config.optim.epochs} epochs) on {mesh.devices.size} device(s)"
+               + (f"; resuming at step {start_step}" if start_step else ""))
+  replicated = mesh_lib.replicated(mesh)
+  train_step = jax.jit(
+      steps_lib.make_train_step(run.model, run.labels, run.tx, run.schedule, **run.norm),
+      donate_argnums=(0,), in_shardings=(replicated, mesh_lib.batch_sharded(mesh), replicated),
+      out_shardings=(replicated, replicated))
+  eval_step = _eval_step(run)
+  rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
+  progress = metric_writers.Progress(run.total_steps, run.steps_per_epoch,
+                                     config.optim.batch_size, start_step)
+  eval_every = (max(1, round(config.eval.every_epochs * run.steps_per_epoch))
+                if config.eval.every_epochs and config.data.eval_split else 0)
+  pending = []  # device metrics, fetched only when logging (no per-step host sync)
+  batches = _batches(run.data, config, start_step)
+  state = run.state
+  for step in range(start_step + 1, run.total_steps + 1):
+    state, metrics = train_step(state, mesh_lib.global_batch(mesh, next(batches)), rng)
+    pending.append(metrics)
+    if step % config.log_every_steps == 0 or step == run.total_steps:
+      window = jax.device_get(pending)
+      pending = []
+      mean_metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      if not math.isfinite(mean_metrics["loss"]):
+        run.manager.wait_until_finished()
+        raise FloatingPointError(
+            f"loss became {mean_metrics['loss']} by step {step}; stopping. The last good "
+            f"checkpoint (step {run.manager.latest_step()}) is kept in "
+            f"{run.workdir}/checkpoints; lower optim.base_lr and rerun in a new workdir.")
+      writer.write(step, mean_metrics, prefix="train/")
+      writer.print(progress.line(step, mean_metrics))
+    if eval_every and step % eval_every == 0 and step < run.total_steps:
+      val = evaluate(eval_step, state["params"], mesh,
+                     source(config, config.data.eval_split), config)
+      writer.write(step, val, prefix="val/")
+      writer.print(f"step {step}: val top-1 {val['top1']:.4f} ({val['count']} images)")
+    ckpt_lib.save(run.manager, state, run.labels, force=step == run.total_steps)
+  run.manager.wait_until_finished()
+  run.state = state
+
+
+def finish(run: Run) -> dict:
+  """Evaluates val and test, exports the task and writes results.json."""
+  config, params = run.config, run.state["params"]
+  eval_step = _eval_step(run)
+  results = {"method": config.method, "step": run.step,
+             "trainable_params": partition.count(partition.split(params, run.labels)[0]),
+             "total_params": partition.count(partition.flatten(params)),
+             "backbone_params": backbone_size(params)}
+  for name, split in (("val", config.data.eval_split), ("test", config.data.test_split)):
+    if split:
+      results[name] = evaluate(eval_step, params, run.mesh, source(config, split), config)
+      run.writer.write(run.step, results[name], prefix=f"{name}/")
+      run.writer.print(f"{name} top-1 {results[name]['top1']:.4f}, top-5 "
+                       f"{results[name]['top5']:.4f} ({results[name]['count']} images)")
+  if config.export:
+    results["export"] = export(run)
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def export(run: Run) -> Optional[str]:
+  """Writes the task export of the run's current parameters (process 0)."""
+  if jax.process_index() != 0:
+    return None
+  return task_export.export_task(
+      os.path.join(run.workdir, "export"), run.state["params"], run.labels, spec=run.spec,
+      num_classes=run.data.num_classes, class_names=run.data.class_names,
+      normalization=run.norm, backbone_path=run.config.model.init_checkpoint or None,
+      backbone_fingerprint=run.fingerprint, init_seed=run.config.seed)
+
+
+def close(run: Run) -> None:
+  run.writer.close()
+  run.manager.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) one training run; returns what it writes to results.json.
+
+  Returns:
+    {"test": {"top1", "top5", "loss", "count"}, "trainable_params", ...}.
+  """
+  run = setup(config, workdir)
+  try:
+    train(run)
+    return finish(run)
+  finally:
+    close(run)
+
+
+def from_checkpoint(config: ml_collections.ConfigDict, workdir: str, action: str):
+  """Evaluates ("evaluate") or exports ("export") the workdir's latest checkpoint."""
+  run = setup(config, workdir)
+  try:
+    if run.manager.latest_step() is None:
+      raise ConfigError(f"{workdir} has no checkpoint to {action}; train first "
+                        "(--mode train) or point --workdir at a trained run")
+    if action == "export":
+      return export(run)
+    return finish(run)
+  finally:
+    close(run)
