@@ -10,21 +10,10 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
-from flax import traverse_util
-
+from vpt_jax.checkpoints.trees import flatten, unflatten  # pylint: disable=unused-import
 from vpt_jax.models.methods import FROZEN, TRAIN
 
 LABELS = (TRAIN, FROZEN)
-
-
-def flatten(tree) -> dict:
-  """Nested dict -> {"a/b/c": leaf}."""
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
-def unflatten(flat: dict) -> dict:
-  """{"a/b/c": leaf} -> nested dict."""
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def label_params(params, rules: Sequence[Sequence[str]]) -> dict:

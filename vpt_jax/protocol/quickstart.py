@@ -1,0 +1,103 @@
+"""The offline quickstart: transfer from a shipped sprites-pretrained ViT.
+
+A suite config names a backbone, downstream tasks (TFDS datasets built locally,
+no download) and methods; every (task, method) pair is one ordinary training
+run through ``trainer.train_and_evaluate`` in ``workdir/<task>/<method>``. The
+suite prints a table and writes ``workdir/results.json`` (a list of objects
+with task, method, accuracy, trainable_params and more). Finished runs are
+reused, so a rerun of the same command resumes the suite.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vpt_jax.data import local_builders  # pylint: disable=unused-import  (registers builders)
+from vpt_jax.training import trainer
+
+RESULTS_FILE = "results.json"
+
+
+def run_config(suite: ml_collections.ConfigDict, task: str, method_run: str,
+               data_dir: str) -> ml_collections.ConfigDict:
+  """The single-run config of one (task, method) pair of a suite."""
+  config = copy.deepcopy(suite.base)
+  config.unlock()
+  task_cfg = suite.tasks[task]
+  run_cfg = suite.runs[method_run]
+  config.method = run_cfg.method
+  config.data.builder = task_cfg.builder
+  config.data.label_key = task_cfg.label_key
+  config.data.train_split = task_cfg.train_split
+  config.data.test_split = task_cfg.test_split
+  config.data.data_dir = data_dir
+  config.model.init_checkpoint = suite.backbone if run_cfg.pretrained else ""
+  for key, value in run_cfg.overrides.items():
+    section, _, field = key.partition(".")
+    config[section][field] = value
+  config.lock()
+  return config
+
+
+def prepare_data(suite: ml_collections.ConfigDict, data_dir: str) -> None:
+  """Builds the suite's local TFDS datasets (no download) once."""
+  for builder_name in sorted({t.builder for t in suite.tasks.values()}):
+    tfds.builder(builder_name, data_dir=data_dir).download_and_prepare()
+
+
+def format_table(rows: list[dict]) -> str:
+  """A markdown table of the suite's results."""
+  lines = ["| task | method | test accuracy | trainable params | % of backbone | seconds |",
+           "|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(f"| {row['task']} | {row['method']} | {row['accuracy']:.3f} | "
+                 f"{row['trainable_params']:,} | {row['percent_of_backbone']:.2f}% | "
+                 f"{row['seconds']:.0f} |")
+  return "\n".join(lines)
+
+
+def run_suite(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Runs every (task, method) pair of the suite; returns and writes the rows."""
+  tf.io.gfile.makedirs(workdir)
+  data_dir = os.path.join(workdir, "tfds")
+  start = time.perf_counter()
+  prepare_data(suite, data_dir)
+  print(f"datasets ready in {time.perf_counter() - start:.0f}s (built locally in {data_dir})",
+        flush=True)
+  rows = []
+  for task in suite.tasks:
+    for method_run in suite.runs:
+      run_dir = os.path.join(workdir, task, method_run)
+      config = run_config(suite, task, method_run, data_dir)
+      results_path = os.path.join(run_dir, trainer.RESULTS_FILE)
+      began = time.perf_counter()
+      if tf.io.gfile.exists(results_path):
+        with tf.io.gfile.GFile(results_path) as f:
+          results = json.load(f)
+      else:
+        print(f"\n=== {task} / {method_run} ===", flush=True)
+        results = trainer.train_and_evaluate(config, run_dir)
+        results["seconds"] = time.perf_counter() - began
+        with tf.io.gfile.GFile(results_path, "w") as f:
+          json.dump(results, f, indent=2)
+      rows.append({
+          "task": task, "method": method_run,
+          "accuracy": results["test"]["top1"],
+          "trainable_params": results["trainable_params"],
+          "percent_of_backbone": 100 * results["trainable_params"] / results["backbone_params"],
+          "seconds": results.get("seconds", 0.0),
+          "export": results.get("export"),
+      })
+  with tf.io.gfile.GFile(os.path.join(workdir, RESULTS_FILE), "w") as f:
+    json.dump(rows, f, indent=2)
+  print("\n" + format_table(rows))
+  print(f"\nquickstart finished in {time.perf_counter() - start:.0f}s; results in "
+        f"{os.path.join(workdir, RESULTS_FILE)}")
+  return rows
