@@ -1,0 +1,166 @@
+"""The main job end to end on a locally built dataset and a fixture backbone:
+train, evaluate, checkpoint, resume, export, reload."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import checkpoint_fixtures
+from configs import common
+from vpt_jax.checkpoints import npz
+from vpt_jax.export import task_export
+from vpt_jax.models import vit
+from vpt_jax.training import partition
+from vpt_jax.training import trainer
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+  """A tiny 'pretrained' backbone written in the raw vision_transformer layout."""
+  model = vit.VisionTransformer(num_classes=7, variant="test/4")
+  params = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = checkpoint_fixtures.randomize(params, seed=5, scale=0.3)
+  path = str(tmp_path_factory.mktemp("backbone") / "ViT-test_4.npz")
+  checkpoint_fixtures.write_vit_raw_npz(params, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(backbone_path, data_dir, **overrides):
+  config = common.base_config()
+  config.model.variant = "test/4"
+  config.model.image_size = 32
+  config.model.init_checkpoint = backbone_path
+  config.prompt.num_prompts = 2
+  config.data.builder = "vpt_sprites/tiny"
+  config.data.data_dir = data_dir
+  config.data.label_key = "count"
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.test_split = "test"
+  config.optim.batch_size = 8
+  config.optim.epochs = 3
+  config.optim.warmup_epochs = 1
+  config.optim.base_lr = 2.0
+  config.eval.batch_size = 4  # 10 test images: the last batch is padded
+  config.log_every_steps = 3
+  config.checkpoint.every_steps = 3
+  config.checkpoint.keep = 10
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    (config[section] if section else config)[field] = value
+  config.lock()
+  return config
+
+
+def trained_params(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  _, flat = task_export.read_export(results["export"])
+  return results, flat
+
+
+def test_train_evaluate_export_and_reload(backbone, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  results = trainer.train_and_evaluate(tiny_config(backbone, data_dir), workdir)
+  # Every test example counted exactly once despite padding (10 = 4 + 4 + 2).
+  assert results["test"]["count"] == 10 and results["val"]["count"] == 8
+  # Trainable: 2 prompt sets (2 blocks) of 2 x 16, plus a 16 x 3 head and its bias.
+  assert results["trainable_params"] == 2 * 2 * 16 + 16 * 3 + 3
+  for name in ("config.json", "metrics.jsonl", "results.json", "export/task.npz",
+               "export/task.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert {"train/loss", "train/learning_rate"} <= set(records[0])
+  assert any("test/top1" in r for r in records)
+
+  # Reload = backbone file + export: the backbone values come from the file and
+  # the trained values from the export.
+  model, params, metadata = task_export.load_task(results["export"])
+  assert metadata["model"]["method"] == "vpt_deep"
+  flat = partition.flatten(params)
+  _, exported = task_export.read_export(results["export"])
+  file_values = npz.to_model_layout(npz.read_npz(backbone), "vit_raw")
+  for path, value in flat.items():
+    expected = exported[path] if path in exported else file_values[path]
+    np.testing.assert_array_equal(np.asarray(value), expected, err_msg=path)
+  # The exported model reproduces the run's test accuracy.
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  logits = model.apply({"params": params}, jnp.asarray(images, jnp.float32) / 255.0)
+  assert logits.shape == (4, 3)
+
+
+def test_export_refuses_a_different_backbone_or_method(backbone, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  results = trainer.train_and_evaluate(
+      tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0}),
+      workdir)
+  other = str(tmp_path / "other.npz")
+  arrays = npz.read_npz(backbone)
+  arrays["cls"] = arrays["cls"] + 1.0
+  npz.save_npz(arrays, other)
+  with pytest.raises(task_export.ExportError, match="Backbone mismatch"):
+    task_export.load_task(results["export"], other)
+  with pytest.raises(task_export.ExportError, match="not 'linear'"):
+    task_export.load_task(results["export"], expected_method="linear")
+
+
+def test_resume_after_restart_is_bit_identical(backbone, data_dir, tmp_path):
+  config = tiny_config(backbone, data_dir)
+  uninterrupted = str(tmp_path / "uninterrupted")
+  trainer.train_and_evaluate(config, uninterrupted)
+  _, expected = trained_params(uninterrupted)
+
+  # A run that "died" after its step-3 checkpoint: later checkpoints and
+  # results are gone; rerunning the same command resumes at step 3.
+  interrupted = str(tmp_path / "interrupted")
+  trainer.train_and_evaluate(config, interrupted)
+  for name in os.listdir(os.path.join(interrupted, "checkpoints")):
+    if name.isdigit() and int(name) > 3:
+      shutil.rmtree(os.path.join(interrupted, "checkpoints", name))
+  shutil.rmtree(os.path.join(interrupted, "export"))
+  os.remove(os.path.join(interrupted, "results.json"))
+  trainer.train_and_evaluate(config, interrupted)
+  with open(os.path.join(interrupted, "metrics.jsonl")) as f:
+    steps_logged = [json.loads(line)["step"] for line in f if "train/loss" in line]
+  assert steps_logged.count(6) == 2 and steps_logged.count(3) == 1  # resumed after step 3
+  _, resumed = trained_params(interrupted)
+  assert sorted(resumed) == sorted(expected)
+  for path in expected:
+    np.testing.assert_array_equal(resumed[path], expected[path], err_msg=path)
+
+
+def test_resuming_with_a_different_config_is_refused(backbone, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(
+      tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0}),
+      workdir)
+  with pytest.raises(trainer.ConfigError, match=r"optim.base_lr: 2.0 -> 0.5"):
+    trainer.train_and_evaluate(
+        tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0,
+                                           "optim.base_lr": 0.5}), workdir)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"method": "vpt_dep"}, "did you mean vpt_deep"),
+    ({"model.variant": "B/17x"}, "Unknown ViT variant"),
+    ({"model.image_size": 30}, "not divisible by the patch size 4"),
+    ({"prompt.num_prompts": 0}, "num_prompts >= 1"),
+    ({"data.num_classes": 5}, "has 3 classes"),
+    ({"model.init_checkpoint": "/nonexistent/ViT-B_16.npz"}, "does not exist"),
+])
+def test_bad_input_fails_before_compute(backbone, data_dir, tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(tiny_config(backbone, data_dir, **overrides),
+                               str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
