@@ -5,6 +5,8 @@ r"""Command-line entry point: parses flags and calls into vpt_jax.
       --workdir /tmp/dmlab [--mode train|evaluate|export|predict]
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -29,4 +31,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  problem = cli.check_command_line(sys.argv[1:])
+  if problem:
+    sys.exit(f"run.py: {problem}")
   app.run(main)

@@ -8,6 +8,8 @@ key fails instead of being silently added.
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 from vpt_jax.models import methods
@@ -86,7 +88,10 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; valid: {', '.join(sorted(defaults))}")
+      close = difflib.get_close_matches(key, defaults, n=1)
+      raise ValueError(f"Unknown config argument {key!r}"
+                       + (f" (did you mean {close[0]!r}?)" if close else "")
+                       + f"; valid: {', '.join(sorted(defaults))}")
     default = defaults[key]
     if not sep:
       value = True

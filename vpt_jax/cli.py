@@ -2,11 +2,69 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
+import os
+from typing import Optional, Sequence
 
 import ml_collections
 
 MODES = ("train", "evaluate", "export", "predict")
+
+
+def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  paths = []
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    paths.append(path)
+    if isinstance(value, ml_collections.ConfigDict):
+      paths.extend(_config_paths(value, f"{path}."))
+  return paths
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads "path/to/config.py[:arg]" the way --config does, for early checks."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ValueError(f"config file {path!r} does not exist; configs live in configs/, "
+                     "e.g. --config=configs/vpt.py:method=vpt_deep")
+  module_spec = importlib.util.spec_from_file_location("_checked_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_command_line(argv: Sequence[str]) -> Optional[str]:
+  """Finds bad --config arguments and overrides before absl parses them.
+
+  absl reports these as bare KeyErrors; this names the problem and the closest
+  valid keys. Returns the error message, or None when the command line is fine.
+  """
+  argv = list(argv)
+  config_spec = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      config_spec = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      config_spec = argv[i + 1]
+  if config_spec is None:
+    return None
+  try:
+    config = load_config_file(config_spec)
+  except ValueError as e:
+    return f"--config={config_spec}: {e}"
+  valid = _config_paths(config)
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    if key not in valid:
+      close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+      return (f"unknown config key {key!r} in {arg!r}"
+              + (f"; did you mean {', '.join(close)}?" if close else "")
+              + " (configs/common.py lists every field)")
+  return None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):

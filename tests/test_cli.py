@@ -1,0 +1,111 @@
+"""run.py: config strings, overrides and every mode, on a tiny local run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import checkpoint_fixtures
+from configs import vpt as vpt_config
+from vpt_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """Trains a tiny VPT-deep run through `python run.py` (flags and all)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vpt_jax.models import vit  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("cli")
+  backbone = str(root / "backbone.npz")
+  model = vit.VisionTransformer(num_classes=3, variant="test/4")
+  checkpoint_fixtures.write_vit_raw_npz(
+      model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"], backbone)
+  arg = (f"method=vpt_deep,num_prompts=2,variant=test/4,image_size=32,"
+         f"builder=vpt_sprites/tiny,checkpoint={backbone},runlocal")
+  flags = [f"--config=configs/vpt.py:{arg}", f"--workdir={root / 'run'}",
+           f"--config.data.data_dir={root / 'tfds'}", "--config.data.label_key=shape",
+           "--config.data.train_split=train", "--config.data.test_split=test",
+           "--config.optim.base_lr=0.5"]
+  out = subprocess.run([sys.executable, "run.py", *flags], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return root, arg, flags, out.stdout
+
+
+def test_train_mode_prints_overview_progress_and_results(trained):
+  root, _, _, stdout = trained
+  assert "trainable:" in stdout and "% of the" in stdout  # parameter overview
+  assert "step 6/6" in stdout and "lr " in stdout and "loss " in stdout
+  assert "test top-1" in stdout
+  with open(root / "run" / "config.json") as f:
+    config = json.load(f)
+  assert config["optim"]["base_lr"] == 0.5 and config["method"] == "vpt_deep"
+
+
+def _config(root, arg, **predict):
+  config = vpt_config.get_config(arg)
+  config.unlock()
+  config.data.data_dir = str(root / "tfds")
+  config.data.label_key = "shape"
+  config.data.train_split = "train"
+  config.data.test_split = "test"
+  config.optim.base_lr = 0.5
+  config.predict.update(predict)
+  config.lock()
+  return config
+
+
+def test_evaluate_export_and_predict_modes(trained, tmp_path):
+  root, arg, _, _ = trained
+  workdir = str(root / "run")
+  with open(os.path.join(workdir, "results.json")) as f:
+    trained_results = json.load(f)
+  evaluated = cli.run(_config(root, arg), workdir, "evaluate")
+  assert evaluated["test"] == trained_results["test"]
+  assert cli.run(_config(root, arg), workdir, "export") == os.path.join(workdir, "export")
+
+  paths = []
+  for i, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
+    image = np.zeros((20, 24, 3), np.uint8)
+    image[5:15, 6:18] = colour
+    paths.append(str(tmp_path / f"image{i}.png"))
+    Image.fromarray(image).save(paths[-1])
+  predictions = cli.run(_config(root, arg, images=",".join(paths)), workdir, "predict")
+  assert [p["file"] for p in predictions] == paths
+  for prediction in predictions:
+    probabilities = [p for _, p in prediction["classes"]]
+    # Top-5 of the 5 shape classes: the whole distribution.
+    assert len(probabilities) == 5 and abs(sum(probabilities) - 1) < 1e-5
+    assert {name for name, _ in prediction["classes"]} <= {
+        "square", "ellipse", "triangle", "cross", "heart"}
+
+
+def test_predict_names_a_missing_image(trained):
+  root, arg, _, _ = trained
+  with pytest.raises(ValueError, match="does not exist"):
+    cli.run(_config(root, arg, images="/nonexistent.png"), str(root / "run"), "predict")
+
+
+def test_misspelt_config_key_is_refused(trained):
+  root, _, flags, _ = trained
+  out = subprocess.run([sys.executable, "run.py", *flags, "--config.optim.base_learning_rate=1"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "unknown config key 'optim.base_learning_rate'" in out.stderr
+  assert "did you mean optim.base_lr" in out.stderr
+
+
+def test_bad_config_arguments_name_the_closest_valid_key():
+  problem = cli.check_command_line(["--config=configs/vpt.py:methd=vpt_deep", "--workdir=/x"])
+  assert "Unknown config argument 'methd' (did you mean 'method'?)" in problem
+  problem = cli.check_command_line(["--config", "configs/vpt.py", "--config.optim.base_lrate=1"])
+  assert "unknown config key 'optim.base_lrate'" in problem and "optim.base_lr" in problem
+  assert cli.check_command_line(["--config=configs/vpt.py", "--config.optim.base_lr=1"]) is None
+  assert "does not exist" in cli.check_command_line(["--config=configs/nope.py"])

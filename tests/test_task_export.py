@@ -1,0 +1,62 @@
+"""Per-task exports: tiny, complete, atomic, never pickle."""
+
+import json
+import os
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vpt_jax.export import task_export
+from vpt_jax.models import factory
+from vpt_jax.models import methods
+from vpt_jax.training import partition
+
+
+def _b16_vpt_deep_params(num_prompts=50, num_classes=10):
+  """ViT-B/16 VPT-deep shapes; only the trainable leaves are real arrays."""
+  spec = dict(method="vpt_deep", variant="B/16", image_size=224, dropout_rate=0.1,
+              skip_dead_work=True, dtype="float32", num_prompts=num_prompts,
+              prompt_dropout=0.1, prompt_projection=-1, pool="original")
+  model = factory.build_model(spec, num_classes)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             jnp.zeros((1, 224, 224, 3))))["params"]
+  labels = partition.label_params(shapes, methods.get_method("vpt_deep").trainable_rules)
+  flat_labels = partition.flatten(labels)
+  params = partition.unflatten({
+      path: (np.full(s.shape, 0.5, np.float32) if flat_labels[path] == "train" else s)
+      for path, s in partition.flatten(shapes).items()})
+  return spec, params, labels
+
+
+def test_vpt_deep_b16_export_is_about_1_8_mb(tmp_path):
+  spec, params, labels = _b16_vpt_deep_params()
+  directory = task_export.export_task(
+      str(tmp_path / "export"), params, labels, spec=spec, num_classes=10,
+      class_names=None, normalization={"mean": (0.5,) * 3, "std": (0.5,) * 3},
+      backbone_path="gs://vit_models/imagenet21k/ViT-B_16.npz",
+      backbone_fingerprint="0" * 64, init_seed=0)
+  size = os.path.getsize(os.path.join(directory, task_export.PARAMS_FILE))
+  # 12 blocks x 50 prompts x 768 floats + a 768 x 10 head, 4 bytes each.
+  expected_bytes = (12 * 50 * 768 + 768 * 10 + 10) * 4
+  assert expected_bytes <= size < expected_bytes + 4096
+  assert 1.7e6 < size < 1.9e6
+  with open(os.path.join(directory, task_export.METADATA_FILE)) as f:
+    metadata = json.load(f)
+  assert metadata["trainable_params"] == 12 * 50 * 768 + 7690
+  assert metadata["params"] == ["head/bias", "head/kernel", "vpt/deep", "vpt/shallow"]
+  assert metadata["backbone"]["sha256"] == "0" * 64
+  # npz members are plain .npy arrays: nothing that needs unpickling.
+  with zipfile.ZipFile(os.path.join(directory, task_export.PARAMS_FILE)) as archive:
+    assert sorted(archive.namelist()) == sorted(f"{p}.npy" for p in metadata["params"])
+  leftovers = [n for n in os.listdir(directory) if "tmp" in n]
+  assert not leftovers
+
+
+def test_incomplete_export_is_refused(tmp_path):
+  directory = tmp_path / "export"
+  directory.mkdir()
+  with pytest.raises(task_export.ExportError, match="task.json is missing"):
+    task_export.read_export(str(directory))
