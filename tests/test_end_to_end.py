@@ -164,3 +164,16 @@ def test_bad_input_fails_before_compute(backbone, data_dir, tmp_path, overrides,
     trainer.train_and_evaluate(tiny_config(backbone, data_dir, **overrides),
                                str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(backbone, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(backbone, data_dir, **{
+      "optim.warmup_epochs": 0, "optim.base_lr": 1e30, "log_every_steps": 100,
+      "checkpoint.every_steps": 1})
+  with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at step (\d+)") as err:
+    trainer.train_and_evaluate(config, workdir)
+  bad_step = int(err.value.args[0].split(" at step ")[1].split(";")[0])
+  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  assert saved and max(saved) < bad_step
+  assert "last good checkpoint (step %d)" % max(saved) in err.value.args[0]

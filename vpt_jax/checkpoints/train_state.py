@@ -28,14 +28,17 @@ def _payload(state, labels) -> dict:
           "opt_state": state["opt_state"]}
 
 
-def save(manager: ocp.CheckpointManager, state, labels, *, force: bool = False) -> bool:
-  """Saves if the interval (or a preemption notice, or ``force``) says so."""
+def save_due(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether the interval or a (multi-host synchronised) preemption asks for a save."""
+  return manager.should_save(step) or manager.reached_preemption(step)
+
+
+def save(manager: ocp.CheckpointManager, state, labels) -> bool:
+  """Saves ``state`` now (asynchronously); False if this step is already saved."""
   step = int(jax.device_get(state["step"]))
-  if not (force or manager.should_save(step) or manager.reached_preemption(step)):
-    return False
   if step in manager.all_steps():
     return False
-  return manager.save(step, args=ocp.args.StandardSave(_payload(state, labels)), force=force)
+  return manager.save(step, args=ocp.args.StandardSave(_payload(state, labels)), force=True)
 
 
 def restore_latest(manager: ocp.CheckpointManager, state, labels):

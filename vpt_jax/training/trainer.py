@@ -12,7 +12,8 @@ import dataclasses
 import json
 import math
 import os
-import time
+import signal
+import threading
 from typing import Iterator, Optional
 
 import jax
@@ -44,8 +45,48 @@ RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
                          "predict.", "data.data_dir")
 
 
+# Exit status of a run stopped by a preemption notice after saving (EX_TEMPFAIL:
+# "try again"): schedulers can tell it from success and from failure.
+PREEMPTED_EXIT_CODE = 75
+
+
 class ConfigError(ValueError):
   """A config that cannot run; raised before any compute."""
+
+
+class Preempted(SystemExit):
+  """Training stopped at a step boundary after a preemption notice and a save."""
+
+  def __init__(self, step: int):
+    super().__init__(PREEMPTED_EXIT_CODE)
+    self.step = step
+
+
+class PreemptionNotice:
+  """Turns SIGTERM (the TPU/VM preemption notice) into a flag read at step boundaries.
+
+  On multi-host runs orbax's ``reached_preemption`` (JAX's preemption sync
+  point) makes every host stop at the same step; this handler covers the
+  single-process case and restores the previous handler on exit.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
 
 
 def normalization(config) -> dict:
@@ -309,32 +350,51 @@ def train(run: Run) -> None:
                                      config.optim.batch_size, start_step)
   eval_every = (max(1, round(config.eval.every_epochs * run.steps_per_epoch))
                 if config.eval.every_epochs and config.data.eval_split else 0)
-  pending = []  # device metrics, fetched only when logging (no per-step host sync)
+  pending = []  # device metrics, fetched only when needed (no per-step host sync)
   batches = _batches(run.data, config, start_step)
   state = run.state
-  for step in range(start_step + 1, run.total_steps + 1):
-    state, metrics = train_step(state, mesh_lib.global_batch(mesh, next(batches)), rng)
-    pending.append(metrics)
-    if step % config.log_every_steps == 0 or step == run.total_steps:
-      window = jax.device_get(pending)
-      pending = []
-      mean_metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      if not math.isfinite(mean_metrics["loss"]):
+  with PreemptionNotice() as notice:
+    for step in range(start_step + 1, run.total_steps + 1):
+      state, metrics = train_step(state, mesh_lib.global_batch(mesh, next(batches)), rng)
+      pending.append(metrics)
+      preempted = notice.received or run.manager.reached_preemption(step)
+      save_due = (preempted or step == run.total_steps
+                  or ckpt_lib.save_due(run.manager, step))
+      log_due = step % config.log_every_steps == 0 or step == run.total_steps
+      if log_due or save_due:
+        # Never checkpoint parameters produced by a non-finite loss.
+        window = _check_finite(jax.device_get(pending), step - len(pending) + 1, run)
+        pending = []
+        if log_due:
+          mean_metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+          writer.write(step, mean_metrics, prefix="train/")
+          writer.print(progress.line(step, mean_metrics))
+      if eval_every and step % eval_every == 0 and step < run.total_steps:
+        val = evaluate(eval_step, state["params"], mesh,
+                       source(config, config.data.eval_split), config)
+        writer.write(step, val, prefix="val/")
+        writer.print(f"step {step}: val top-1 {val['top1']:.4f} ({val['count']} images)")
+      if save_due:
+        ckpt_lib.save(run.manager, state, run.labels)
+      if preempted:
         run.manager.wait_until_finished()
-        raise FloatingPointError(
-            f"loss became {mean_metrics['loss']} by step {step}; stopping. The last good "
-            f"checkpoint (step {run.manager.latest_step()}) is kept in "
-            f"{run.workdir}/checkpoints; lower optim.base_lr and rerun in a new workdir.")
-      writer.write(step, mean_metrics, prefix="train/")
-      writer.print(progress.line(step, mean_metrics))
-    if eval_every and step % eval_every == 0 and step < run.total_steps:
-      val = evaluate(eval_step, state["params"], mesh,
-                     source(config, config.data.eval_split), config)
-      writer.write(step, val, prefix="val/")
-      writer.print(f"step {step}: val top-1 {val['top1']:.4f} ({val['count']} images)")
-    ckpt_lib.save(run.manager, state, run.labels, force=step == run.total_steps)
+        writer.print(f"preempted: saved step {step} in {run.workdir}/checkpoints; rerun the "
+                     "same command to resume")
+        raise Preempted(step)
   run.manager.wait_until_finished()
   run.state = state
+
+
+def _check_finite(window: list, first_step: int, run: Run) -> list:
+  """Raises, naming the first bad step, if any fetched loss is NaN or infinite."""
+  for offset, metrics in enumerate(window):
+    if not math.isfinite(float(metrics["loss"])):
+      run.manager.wait_until_finished()
+      raise FloatingPointError(
+          f"loss became {float(metrics['loss'])} at step {first_step + offset}; stopping. "
+          f"The last good checkpoint (step {run.manager.latest_step()}) is kept in "
+          f"{run.workdir}/checkpoints; lower optim.base_lr and rerun in a new workdir.")
+  return window
 
 
 def finish(run: Run) -> dict:
