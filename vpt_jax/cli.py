@@ -67,6 +67,21 @@ def check_command_line(argv: Sequence[str]) -> Optional[str]:
   return None
 
 
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Joins a multi-process JAX job before any device is touched.
+
+  Without arguments JAX detects TPU pod slices, SLURM and Open MPI; CPU-only
+  jobs exchange collectives through gloo.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  # Affects only the CPU backend; asking which backend runs would start it too early.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   """Dispatches one command; returns what the mode produced."""
   # Imported here so that `run.py --help` stays fast.

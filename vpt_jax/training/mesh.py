@@ -20,6 +20,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def put_replicated(tree, mesh: Mesh):
+  """Host arrays (identical on every process) -> replicated global jax.Arrays.
+
+  ``jax.device_put`` only reaches this process's devices; building each array
+  from a callback works on any number of processes.
+  """
+  sharding = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                             lambda index, x=x: np.asarray(x)[index]), tree)
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """Batches: the leading axis split over the "data" axis."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
