@@ -507,8 +507,8 @@ def eval_batches(source: AnySource, *, image_size: int, local_batch: int,
     yield {"image": image, "label": label.astype(np.int32), "mask": mask}
     emitted += 1
   if emitted > total:
-    raise RuntimeError(f"{source.builder!r} split {source.split!r} gave {emitted} batches, more "
-                       f"than the {total} its metadata implies; rebuild the dataset.")
+    raise RuntimeError(f"{source.builder!r} split {source.split!r} gave {emitted} batches, "
+                       f"more than the {total} its metadata implies; rebuild the dataset.")
   for _ in range(total - emitted):
     yield {"image": np.zeros((local_batch, image_size, image_size, 3), np.uint8),
            "label": np.zeros((local_batch,), np.int32),

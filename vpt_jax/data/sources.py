@@ -1,0 +1,191 @@
+"""From ``config.data`` to a pipeline source: TFDS, VTAB/FGVC tasks, files.
+
+``config.data.task`` selects what to read:
+
+=====================  ==========================================================
+``""``                 the TFDS dataset ``data.builder`` (``image_key``, ``label_key``)
+``"vtab/<task>"``      one of the 19 VTAB-1k tasks (``vtab.TASKS``) through TFDS,
+                       or, with ``data.path``, the extracted VTAB-1k folder
+``"fgvc/<dataset>"``   CUB, NABirds, Oxford Flowers, Stanford Dogs or Cars through
+                       TFDS, or, with ``data.path``, VPT's JSON split files
+``"folder"``           ``data.path/<class>/*`` or ``data.path/<split>/<class>/*``
+``"list"``             ``data.path/<split>.txt`` lists ("relative/path label")
+``"json"``             ``data.path/<split>.json`` ({relative_path: class_id})
+=====================  ==========================================================
+
+Every source yields the same {"image": uint8, "label": int32} elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable, Optional
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from vpt_jax.data import fgvc
+from vpt_jax.data import files
+from vpt_jax.data import pipeline
+from vpt_jax.data import vtab
+
+TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json")
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsTaskSource:
+  """A TFDS split read through a task's preprocess (label) function.
+
+  Implements pipeline.ExampleSource.
+
+  Attributes:
+    builder: TFDS name[/config]:version.
+    split: TFDS split string.
+    data_dir: TFDS data_dir (None: the TFDS default).
+    preprocess: raw example -> {"image": uint8 (H, W, 1 or 3), "label": int32}.
+    classes: number of classes (from the task, not the data).
+    names: class names; None takes the ClassLabel ``label_key``'s names.
+    label_key: see ``names``.
+    missing_message: the error when the dataset is not prepared.
+  """
+  builder: str
+  split: str
+  data_dir: Optional[str]
+  preprocess: Callable
+  classes: int
+  names: Optional[tuple[str, ...]] = None
+  label_key: str = "label"
+  missing_message: str = ""
+
+  def _prepared(self) -> tfds.core.DatasetBuilder:
+    builder = tfds.builder(self.builder, data_dir=self.data_dir)
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          self.missing_message
+          or f"TFDS dataset {self.builder!r} is not prepared in {builder.data_dir!r}; "
+             f"run `tfds build {self.builder}` or set --config.data.data_dir")
+    return builder
+
+  def examples(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    split = pipeline.process_split(self.split, process_index, process_count)
+    ds = self._prepared().as_dataset(split=split, shuffle_files=False)
+    return ds.map(self.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def size(self, process_index: int = 0, process_count: int = 1) -> int:
+    split = pipeline.process_split(self.split, process_index, process_count)
+    return self._prepared().info.splits[split].num_examples
+
+  def num_classes(self) -> int:
+    return self.classes
+
+  def class_names(self) -> Optional[list[str]]:
+    if self.names:
+      return list(self.names)
+    features = tfds.builder(self.builder, data_dir=self.data_dir).info.features
+    feature = features[self.label_key] if self.label_key in features else None
+    names = list(getattr(feature, "names", None) or [])
+    return None if names == [str(i) for i in range(len(names))] else names or None
+
+
+def _split_sizes(builder_name: str, data_dir: Optional[str]) -> Optional[dict]:
+  """TFDS split sizes of a prepared dataset, or None."""
+  builder = tfds.builder(builder_name, data_dir=data_dir)
+  if not builder.is_prepared():
+    return None
+  return {name: info.num_examples for name, info in builder.info.splits.items()} or None
+
+
+def vtab_source(name: str, split: str, data_dir: Optional[str]) -> TfdsTaskSource:
+  """A VTAB-1k task through TFDS; split is a VTAB split name or a TFDS string."""
+  task = vtab.get_task(name)
+  tfds_split = vtab.resolve_split(task, split, _split_sizes(task.builder, data_dir))
+  return TfdsTaskSource(task.builder, tfds_split, data_dir, task.preprocess,
+                        task.num_classes, task.class_names,
+                        missing_message=vtab.missing_data_message(task, data_dir))
+
+
+def _vtab_folder(path: str, task: vtab.VtabTask) -> str:
+  """The task's folder: path itself, or path/<name> under any of its spellings."""
+  if tf.io.gfile.glob(os.path.join(path, "*.txt")):
+    return path
+  spellings = [task.name] + [a for a, target in vtab.ALIASES.items() if target == task.name]
+  for spelling in spellings:
+    candidate = os.path.join(path, spelling)
+    if tf.io.gfile.glob(os.path.join(candidate, "*.txt")):
+      return candidate
+  raise FileNotFoundError(
+      f"No VTAB-1k lists for {task.name} in {path}: expected train800.txt, val200.txt, "
+      f"train800val200.txt and test.txt in {path} or in {path}/<task> with <task> one of "
+      f"{', '.join(spellings)}")
+
+
+def make_source(data, split: str) -> pipeline.AnySource:
+  """The source of one split described by ``config.data``."""
+  task = data.task
+  data_dir = data.data_dir or None
+  if not task:
+    return pipeline.ImageSource(builder=data.builder, split=split, data_dir=data_dir,
+                                image_key=data.image_key, label_key=data.label_key)
+  kind, _, name = task.partition("/")
+  if kind == "vtab":
+    if data.path:
+      vtab_task = vtab.get_task(name)
+      return files.list_folder(_vtab_folder(data.path, vtab_task), split,
+                               num_classes=vtab_task.num_classes,
+                               skip_corrupt=data.skip_corrupt, names=vtab_task.class_names)
+    return vtab_source(name, split, data_dir)
+  if kind == "fgvc":
+    dataset = fgvc.get_dataset(name)
+    if data.path:
+      return files.vpt_json_folder(data.path, split, image_dir=dataset.image_dir,
+                                   num_classes=dataset.num_classes,
+                                   skip_corrupt=data.skip_corrupt)
+    if not dataset.tfds_builder:
+      raise ValueError(f"{dataset.title} has no TFDS builder. {dataset.notes}")
+    return TfdsTaskSource(dataset.tfds_builder, dataset.tfds_splits.get(split, split),
+                          data_dir, vtab.plain_label, dataset.num_classes)
+  if kind == "folder":
+    return files.image_folder(data.path, split, num_classes=data.num_classes,
+                              skip_corrupt=data.skip_corrupt)
+  if kind == "list":
+    return files.list_folder(data.path, split, num_classes=data.num_classes,
+                             skip_corrupt=data.skip_corrupt)
+  if kind == "json":
+    return files.vpt_json_folder(data.path, split, num_classes=data.num_classes,
+                                 skip_corrupt=data.skip_corrupt)
+  raise ValueError(f"Unknown data.task {task!r}; use '' (data.builder), vtab/<task>, "
+                   "fgvc/<dataset>, folder, list or json")
+
+
+def check_data_config(data) -> Optional[str]:
+  """The problem with ``config.data`` that needs no data to see, or None."""
+  if data.preprocess not in pipeline.PREPROCESS_MODES:
+    return (f"Unknown data.preprocess {data.preprocess!r}; choose one of "
+            f"{pipeline.PREPROCESS_MODES}")
+  if data.resize not in pipeline.RESIZE_METHODS:
+    return f"Unknown data.resize {data.resize!r}; choose one of {pipeline.RESIZE_METHODS}"
+  task = data.task
+  if not task:
+    return None if data.builder else (
+        "config.data.builder and config.data.task are both empty; set a TFDS dataset "
+        "(--config.data.builder=dmlab:2.0.1) or a task (--config.data.task=vtab/dmlab)")
+  kind, _, name = task.partition("/")
+  if kind not in TASK_KINDS:
+    return (f"Unknown data.task {task!r}; use vtab/<task>, fgvc/<dataset>, folder, list "
+            "or json")
+  try:
+    if kind == "vtab":
+      vtab.get_task(name)
+    elif kind == "fgvc":
+      dataset = fgvc.get_dataset(name)
+      if not dataset.tfds_builder and not data.path:
+        return f"{dataset.title} has no TFDS builder. {dataset.notes}"
+  except ValueError as e:
+    return str(e)
+  if kind in ("folder", "list", "json") and not data.path:
+    return f"data.task={task!r} reads files: set --config.data.path to the folder"
+  if kind == "list" and not data.num_classes:
+    return ("data.task='list' needs --config.data.num_classes (the task's classes; the "
+            "lists may not show every class)")
+  return None
