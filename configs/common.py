@@ -39,6 +39,34 @@ def base_config() -> ml_collections.ConfigDict:
   config.prompt.projection = -1
   config.prompt.pool = "original"
 
+  # Settings of the other methods; each is read only by the method(s) named.
+  # Prompt counts and prompt dropout of VPT, VFPT, E2VPT and CVPT are the
+  # config.prompt fields above.
+  config.cvpt = ml_collections.ConfigDict()
+  config.cvpt.insert = 3            # cross-attention position 1..5 (3 = reference)
+  config.cvpt.drop_path = 0.1       # stochastic depth on the frozen SA/MLP branches
+  config.mlp = ml_collections.ConfigDict()   # mlp-k (k in the method name)
+  config.mlp.dropout = 0.1
+  config.adapter = ml_collections.ConfigDict()
+  config.adapter.reduction = 8      # bottleneck D // reduction; the paper: 8, 64, 256
+  config.adapter.init = "default"   # default (working) | vpt_reference (both zero)
+  config.lora = ml_collections.ConfigDict()
+  config.lora.rank = 8
+  config.lora.alpha = 8.0           # update scale alpha / rank
+  config.lora.targets = "query,value"  # any of query,key,value,out
+  config.vfpt = ml_collections.ConfigDict()
+  config.vfpt.percentage = 0.5      # floor(num_prompts * percentage) Fourier prompts
+  config.vfpt.dimension = "all"     # all | hidden | sequence
+  config.e2vpt = ml_collections.ConfigDict()
+  config.e2vpt.kv_prompts = 5       # key-value prompts per block (visual: prompt.*)
+  config.e2vpt.kv_dropout = 0.0
+  config.sidetune = ml_collections.ConfigDict()
+  config.sidetune.widths = "32,64,128"  # side CNN channels (stride-2 3x3 convs)
+  config.sidetune.checkpoint = ""   # optional .npz of the side CNN
+  # Head-only methods (every backbone parameter frozen, no augmentation: linear,
+  # mlp-k) compute the backbone features once and train the head on them.
+  config.cache_features = True
+
   config.data = ml_collections.ConfigDict()
   config.data.builder = ""          # TFDS name[/config][:version]
   config.data.data_dir = ""         # TFDS data_dir; empty = TFDS default
@@ -50,6 +78,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_classes = 0       # 0 = from the dataset's metadata
   config.data.resize = "tf1_bilinear"
   config.data.normalization = "imagenet"  # imagenet | minus_one_to_one
+  # "" reads data.builder; vtab/<task> (the 19 VTAB-1k tasks, label functions and
+  # splits train800|val200|train800val200|test), fgvc/<dataset>, folder, list, json
+  # (vpt_jax/data/sources.py). With data.path, vtab/ and fgvc/ read the extracted
+  # VTAB-1k folder and VPT's JSON split files instead of TFDS.
+  config.data.task = ""
+  config.data.path = ""             # folder of a file-based dataset
+  # resize (squash to image_size, no augmentation: VTAB) | resize_crop_flip
+  # (shorter side to 256/224 x image_size, random crop + flip to train, centre crop
+  # to evaluate: FGVC).
+  config.data.preprocess = "resize"
+  config.data.skip_corrupt = False  # skip unreadable image files (counted) instead of failing
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = ""            # "" = the method's default (sgd | adamw)
@@ -58,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9
   config.optim.batch_size = 128
   config.optim.epochs = 100
-  config.optim.warmup_epochs = 10
+  config.optim.warmup_epochs = 10.0
   config.optim.schedule_unit = "epoch"  # epoch (reference) | step
 
   config.eval = ml_collections.ConfigDict()
@@ -108,8 +147,47 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
   """Sets the method and the reference's per-method defaults (vpt.md 2, 5.4)."""
   spec = methods.get_method(method)
-  config.method = method
+  config.method = spec.name
   if method == "vpt_shallow":
     config.prompt.dropout = 0.0  # the reference uses no dropout for VPT-shallow
   if spec.optimizer == "adamw":
+    # The reference's finetune config: AdamW, 5 warmup epochs, lr grid
+    # {5e-3, 1e-3, 5e-4, 1e-4} (vpt.md 5.4).
     config.optim.warmup_epochs = 5
+    config.optim.base_lr = 1e-3
+  if spec.name == "cvpt":
+    # CVPT's train.py (cvpt.md 1.7): AdamW wd 0.05, batch 32, lr 1e-3 (per task
+    # 1e-3 .. 1e-2), 10 warmup epochs, 10 prompts as the FGVC default.
+    config.optim.weight_decay = 0.05
+    config.optim.batch_size = 32
+    config.optim.base_lr = 1e-3 * 256 / 32  # lr 1e-3 after the batch / 256 scaling
+    config.prompt.num_prompts = 10
+  if spec.name == "e2vpt":
+    config.prompt.num_prompts = 10  # E2VPT's command.txt: N_p = 10 for most VTAB tasks
+
+
+# The arguments every single-run config file takes, with their defaults.
+MODEL_ARGS = dict(method="vpt_deep", num_prompts=0, variant="B/16", image_size=224,
+                  checkpoint="gs://vit_models/imagenet21k/ViT-B_16.npz", runlocal=False)
+# And those of config files for tasks that can come from TFDS or from files.
+DATA_ARGS = dict(data_dir="", path="")
+
+
+def model_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``base_config()`` with parsed ``MODEL_ARGS`` (and ``DATA_ARGS``) applied, unlocked."""
+  config = base_config()
+  apply_method(config, args.method)
+  if args.num_prompts:  # 0 keeps the method's default (50; CVPT 10)
+    config.prompt.num_prompts = args.num_prompts
+  config.model.variant = args.variant
+  config.model.image_size = args.image_size
+  config.model.init_checkpoint = args.checkpoint
+  for key in DATA_ARGS:
+    if key in args:
+      config.data[key] = args[key]
+  if args.runlocal:  # a tiny smoke run
+    config.optim.batch_size = 8
+    config.optim.epochs = 2
+    config.optim.warmup_epochs = 1
+    config.eval.batch_size = 8
+  return config

@@ -13,20 +13,8 @@ from configs import common
 
 
 def get_config(arg: str = ""):
-  args = common.parse_arg(
-      arg, method="vpt_deep", num_prompts=50, variant="B/16", image_size=224,
-      builder="", checkpoint="gs://vit_models/imagenet21k/ViT-B_16.npz", runlocal=False)
-  config = common.base_config()
-  common.apply_method(config, args.method)
-  config.prompt.num_prompts = args.num_prompts
-  config.model.variant = args.variant
-  config.model.image_size = args.image_size
-  config.model.init_checkpoint = args.checkpoint
+  args = common.parse_arg(arg, builder="", **common.MODEL_ARGS)
+  config = common.model_config(args)
   config.data.builder = args.builder
-  if args.runlocal:
-    config.optim.batch_size = 8
-    config.optim.epochs = 2
-    config.optim.warmup_epochs = 1
-    config.eval.batch_size = 8
   config.lock()
   return config

@@ -163,6 +163,17 @@ def randomize(tree, seed: int, scale: float = 0.5):
       lambda leaf: (rng.standard_normal(np.shape(leaf)) * scale).astype(np.float32), tree)
 
 
+def write_tiny_backbone(path, *, variant: str = "test/4", image_size: int = 32,
+                        seed: int = 5, scale: float = 0.3) -> str:
+  """A tiny random "pretrained" backbone in the raw vision_transformer layout.
+
+  No compilation: the values depend only on the shapes and the seed.
+  """
+  model = vit.VisionTransformer(num_classes=7, variant=variant)
+  write_vit_raw_npz(randomize(param_shapes(model, image_size), seed=seed, scale=scale), path)
+  return str(path)
+
+
 @dataclasses.dataclass
 class TinyCheckpoint:
   """What `make_checkpoint` built: the model, its init, the weights in the file."""

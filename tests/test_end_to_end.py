@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import checkpoint_fixtures
 from configs import common
 from vpt_jax.checkpoints import npz
 from vpt_jax.export import task_export
-from vpt_jax.models import vit
 from vpt_jax.training import partition
 from vpt_jax.training import trainer
 
@@ -22,12 +20,8 @@ from vpt_jax.training import trainer
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
   """A tiny 'pretrained' backbone written in the raw vision_transformer layout."""
-  model = vit.VisionTransformer(num_classes=7, variant="test/4")
-  params = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))["params"]
-  params = checkpoint_fixtures.randomize(params, seed=5, scale=0.3)
-  path = str(tmp_path_factory.mktemp("backbone") / "ViT-test_4.npz")
-  checkpoint_fixtures.write_vit_raw_npz(params, path)
-  return path
+  return checkpoint_fixtures.write_tiny_backbone(
+      tmp_path_factory.mktemp("backbone") / "ViT-test_4.npz")
 
 
 @pytest.fixture(scope="module")

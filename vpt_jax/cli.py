@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import ml_collections
 
-MODES = ("train", "evaluate", "export", "predict")
+MODES = ("train", "evaluate", "export", "predict", "report")
 
 
 def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -86,15 +86,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   """Dispatches one command; returns what the mode produced."""
   # Imported here so that `run.py --help` stays fast.
   from vpt_jax.export import predict  # pylint: disable=g-import-not-at-top
+  from vpt_jax.protocol import pretrain_sprites  # pylint: disable=g-import-not-at-top
   from vpt_jax.protocol import quickstart  # pylint: disable=g-import-not-at-top
   from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  suites = {"quickstart": quickstart.run_suite, "pretrain_sprites": pretrain_sprites.run}
 
   if mode not in MODES:
     raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}")
   if "suite" in config:
+    if mode != "train" or config.suite not in suites:
+      raise ValueError(f"suite {config.suite!r}: known suites {sorted(suites)} run with "
+                       "--mode train only")
+    return suites[config.suite](config, workdir)
+  if "protocol" in config:
+    from vpt_jax.protocol import report  # pylint: disable=g-import-not-at-top
+    from vpt_jax.protocol import tuning  # pylint: disable=g-import-not-at-top
+    if mode == "report":
+      return report.write_report(workdir)
     if mode != "train":
-      raise ValueError(f"{config.suite} configs only support --mode train")
-    return quickstart.run_suite(config, workdir)
+      raise ValueError("protocol configs support --mode train (run or resume the "
+                       "protocol) and --mode report")
+    return tuning.run_protocol(config, workdir)
+  if mode == "report":
+    raise ValueError("--mode report reads a protocol's results folder: use it with a "
+                     "protocol config (configs/vtab_protocol.py), or run "
+                     "python -m vpt_jax.protocol.report WORKDIR")
   if mode == "train":
     return trainer.train_and_evaluate(config, workdir)
   if mode in ("evaluate", "export"):

@@ -1,8 +1,9 @@
 """Resumable training checkpoints with orbax.
 
-Only what cannot be rebuilt is saved: the step, the trainable parameters and
-the optimizer state. Frozen parameters come back from the backbone file (or
-the seeded initialisation), which keeps prompt-tuning checkpoints tiny.
+Only what cannot be rebuilt is saved: the step, the trainable parameters,
+the optimizer state and, for models with BatchNorm, its running averages.
+Frozen parameters come back from the backbone file (or the seeded
+initialisation), which keeps prompt-tuning checkpoints tiny.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ def open_manager(directory: str, *, keep: int, every_steps: int) -> ocp.Checkpoi
 
 def _payload(state, labels) -> dict:
   trainable, _ = partition.split(state["params"], labels)
-  return {"step": state["step"], "trainable": partition.unflatten(trainable),
-          "opt_state": state["opt_state"]}
+  payload = {"step": state["step"], "trainable": partition.unflatten(trainable),
+             "opt_state": state["opt_state"]}
+  if "batch_stats" in state:  # BatchNorm running averages (MLP-k heads)
+    payload["batch_stats"] = state["batch_stats"]
+  return payload
 
 
 def save_due(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -55,4 +59,5 @@ def restore_latest(manager: ocp.CheckpointManager, state, labels):
   _, frozen = partition.split(state["params"], labels)
   return {"step": restored["step"],
           "params": partition.merge(partition.flatten(restored["trainable"]), frozen),
-          "opt_state": restored["opt_state"]}
+          "opt_state": restored["opt_state"],
+          **({"batch_stats": restored["batch_stats"]} if "batch_stats" in restored else {})}

@@ -34,11 +34,11 @@ def read_images(paths: Sequence[str], image_size: int) -> np.ndarray:
 def predict_files(export_dir: str, paths: Sequence[str], *,
                   backbone_path: Optional[str] = None, top_k: int = 5) -> list[dict]:
   """Top-k classes per file: [{"file", "classes": [(name_or_id, probability)]}]."""
-  model, params, metadata = task_export.load_task(export_dir, backbone_path)
+  model, variables, metadata = task_export.load_task_variables(export_dir, backbone_path)
   images = read_images(paths, metadata["image_size"])
   norm = metadata["normalization"]
-  logits = jax.jit(lambda p, x: model.apply(
-      {"params": p}, steps_lib.normalize_images(x, norm["mean"], norm["std"])))(params, images)
+  logits = jax.jit(lambda v, x: model.apply(
+      v, steps_lib.normalize_images(x, norm["mean"], norm["std"])))(variables, images)
   probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
   names = metadata.get("class_names") or [str(i) for i in range(metadata["num_classes"])]
   results = []

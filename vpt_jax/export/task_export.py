@@ -1,7 +1,8 @@
 """Per-task exports: the trainable parameters plus JSON metadata, never pickle.
 
 An export holds what one task adds to a shared backbone: prompts, head and any
-method parameters (``task.npz``), and what is needed to use them
+method parameters (``task.npz``; BatchNorm running averages of MLP-k heads as
+``batch_stats/<path>``), and what is needed to use them
 (``task.json``): the model spec, classes, image size, normalisation and the
 sha256 fingerprint of the backbone file. Loading = backbone file + export; a
 backbone whose fingerprint differs is refused.
@@ -21,12 +22,14 @@ import tensorflow as tf
 
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import factory
+from vpt_jax.models import methods as methods_lib
 from vpt_jax.training import partition
 
 FORMAT = "vpt_jax.task_export"
 FORMAT_VERSION = 1
 PARAMS_FILE = "task.npz"
 METADATA_FILE = "task.json"
+BATCH_STATS_PREFIX = "batch_stats/"
 
 
 class ExportError(ValueError):
@@ -43,7 +46,8 @@ def _write_text_atomically(path: str, text: str) -> None:
 def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
                 class_names: Optional[Sequence[str]], normalization: dict,
                 backbone_path: Optional[str], backbone_fingerprint: Optional[str],
-                init_seed: int, extra: Optional[dict] = None) -> str:
+                init_seed: int, extra: Optional[dict] = None,
+                batch_stats: Optional[dict] = None) -> str:
   """Writes ``directory/task.npz`` and ``directory/task.json``; returns the directory.
 
   Args:
@@ -54,12 +58,16 @@ def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
     backbone_path, backbone_fingerprint: the backbone file and its sha256, or
       None for a model trained from scratch (its frozen leaves, if any, are
       rebuilt from ``init_seed``).
+    batch_stats: the model's BatchNorm running averages, if it has any; stored
+      as ``batch_stats/<path>`` and listed under "batch_stats" in the metadata.
   The parameters are written first and the metadata last, each atomically, so
   a crash never leaves an export that loads.
   """
   trainable, _ = partition.split(params, labels)
+  stats = partition.flatten(batch_stats or {})
   tf.io.gfile.makedirs(directory)
-  npz_lib.save_npz({k: np.asarray(jax.device_get(v)) for k, v in trainable.items()},
+  arrays = {**trainable, **{BATCH_STATS_PREFIX + k: v for k, v in stats.items()}}
+  npz_lib.save_npz({k: np.asarray(jax.device_get(v)) for k, v in arrays.items()},
                    os.path.join(directory, PARAMS_FILE))
   metadata = {
       "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -71,6 +79,7 @@ def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
       "init_seed": int(init_seed),
       "trainable_params": int(partition.count(trainable)),
       "params": sorted(trainable),
+      **({"batch_stats": sorted(stats)} if stats else {}),
       **(extra or {}),
   }
   _write_text_atomically(os.path.join(directory, METADATA_FILE),
@@ -79,7 +88,11 @@ def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
 
 
 def read_export(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """Returns (metadata, flat trainable params) of an export, validated."""
+  """Returns (metadata, flat trainable params) of an export, validated.
+
+  BatchNorm running averages, if the export has any, are included under their
+  ``batch_stats/`` keys (see ``split_batch_stats``).
+  """
   metadata_path = os.path.join(directory, METADATA_FILE)
   if not tf.io.gfile.exists(metadata_path):
     raise ExportError(f"No task export at {directory!r}: {METADATA_FILE} is missing. "
@@ -89,15 +102,27 @@ def read_export(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
   if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
     raise ExportError(f"{metadata_path} is not a {FORMAT} v{FORMAT_VERSION} export")
   flat = npz_lib.read_npz(os.path.join(directory, PARAMS_FILE))
-  if sorted(flat) != sorted(metadata["params"]):
+  listed = metadata["params"] + [BATCH_STATS_PREFIX + k for k in metadata.get("batch_stats", [])]
+  if sorted(flat) != sorted(listed):
     raise ExportError(f"{directory}: {PARAMS_FILE} does not hold the parameters "
                       f"{METADATA_FILE} lists; the export is incomplete or was edited")
   return metadata, flat
 
 
+def split_batch_stats(flat: dict) -> tuple[dict, dict]:
+  """An export's flat arrays -> (params, batch_stats) flat dicts."""
+  params = {k: v for k, v in flat.items() if not k.startswith(BATCH_STATS_PREFIX)}
+  stats = {k[len(BATCH_STATS_PREFIX):]: v for k, v in flat.items()
+           if k.startswith(BATCH_STATS_PREFIX)}
+  return params, stats
+
+
 def load_task(directory: str, backbone_path: Optional[str] = None, *,
               expected_method: Optional[str] = None):
   """Rebuilds a task: backbone file + export -> (model, params, metadata).
+
+  For models with BatchNorm (MLP-k heads), whose running averages are not
+  parameters, use ``load_task_variables``.
 
   Args:
     directory: the export directory.
@@ -107,18 +132,33 @@ def load_task(directory: str, backbone_path: Optional[str] = None, *,
   Raises:
     ExportError: fingerprint mismatch, wrong method or malformed export.
   """
+  model, variables, metadata = load_task_variables(directory, backbone_path,
+                                                   expected_method=expected_method)
+  return model, variables["params"], metadata
+
+
+def load_task_variables(directory: str, backbone_path: Optional[str] = None, *,
+                        expected_method: Optional[str] = None):
+  """Rebuilds a task: backbone file + export -> (model, variables, metadata).
+
+  ``variables`` is what ``model.apply`` takes: {"params": ...} plus
+  {"batch_stats": ...} for models with BatchNorm. Arguments and errors as
+  ``load_task``.
+  """
   metadata, flat = read_export(directory)
+  flat, stats = split_batch_stats(flat)
   spec = metadata["model"]
   if expected_method is not None and spec["method"] != expected_method:
     raise ExportError(f"{directory} is a {spec['method']!r} export, not "
                       f"{expected_method!r}; export the task with that method")
   model = factory.build_model(spec, metadata["num_classes"])
-  size = spec["image_size"]
-  init_fn = lambda: model.init(jax.random.key(metadata["init_seed"]),
-                               jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+  # Shapes first: every leaf should come from the backbone file or the export,
+  # so the (for ViT-B, 86M-parameter) random initialisation is only computed if
+  # some leaf is left over (no backbone file, or a fresh parameter kept frozen).
+  variables = factory.variable_shapes(model, spec["image_size"])
   recorded = metadata["backbone"]
   backbone_path = backbone_path or recorded["path"]
-  params = jax.jit(init_fn)()
+  params = variables["params"]
   if recorded["sha256"] is not None:
     if not backbone_path:
       raise ExportError(f"{directory} needs its backbone file; pass backbone_path")
@@ -128,12 +168,37 @@ def load_task(directory: str, backbone_path: Optional[str] = None, *,
           f"Backbone mismatch: {directory} was trained on a backbone with sha256 "
           f"{recorded['sha256'][:16]}... ({recorded['path']}) but {backbone_path} has "
           f"{found[:16]}...; load it with the backbone it was trained on")
-    params = npz_lib.load_backbone(params, backbone_path,
-                                   fresh=tuple(re.escape(p) for p in flat))
-  init_flat = partition.flatten(params)
+    # The method's own parameters are never in the backbone file; the exported
+    # ones (which include every trained backbone parameter) come from the export.
+    method = methods_lib.get_method(spec["method"])
+    params = npz_lib.load_backbone(
+        params, backbone_path,
+        fresh=method.fresh_patterns + tuple(re.escape(p) for p in flat))
+  variables["params"] = _replace(params, flat, directory, "parameter")
+  if stats or "batch_stats" in variables:
+    # Running averages are never initialised meaningfully: all must be exported.
+    variables["batch_stats"] = _replace(variables.get("batch_stats", {}), stats, directory,
+                                        "batch statistic", require_all=True)
+  leftover = [p for p, v in partition.flatten(variables["params"]).items()
+              if isinstance(v, jax.ShapeDtypeStruct)]
+  if leftover:
+    initial = partition.flatten(
+        factory.init_variables(model, spec["image_size"], metadata["init_seed"])["params"])
+    variables["params"] = partition.unflatten(
+        {**partition.flatten(variables["params"]), **{p: initial[p] for p in leftover}})
+  return model, variables, metadata
+
+
+def _replace(tree, flat: dict, directory: str, what: str, require_all: bool = False) -> dict:
+  """``tree`` with the leaves in ``flat`` replaced; every one must exist with its shape."""
+  init_flat = partition.flatten(tree)
   for path, value in flat.items():
     if path not in init_flat or init_flat[path].shape != value.shape:
-      raise ExportError(f"{directory}: parameter {path} {value.shape} does not fit the "
+      raise ExportError(f"{directory}: {what} {path} {value.shape} does not fit the "
                         f"model ({init_flat.get(path, np.zeros(0)).shape})")
     init_flat[path] = jnp.asarray(value)
-  return model, partition.unflatten(init_flat), metadata
+  missing = sorted(set(init_flat) - set(flat)) if require_all else []
+  if missing:
+    raise ExportError(f"{directory}: the export lacks the {what}s {missing}; re-export "
+                      "the task from its checkpoint")
+  return partition.unflatten(init_flat)

@@ -12,16 +12,26 @@ The math is that of the official ViT as used by the VPT reference (KMnP/vpt):
 patch convolution, CLS token, learned position embedding added before any
 prompt, pre-LN blocks with LayerNorm eps 1e-6, exact (erf) GELU, separate
 q/k/v projections, final ``encoder_norm``.
+
+The other adaptation methods add parameters under names of their own, never
+renaming a checkpoint parameter: ``cvpt/prompts`` (CVPT),
+``e2vpt/kv_prompts`` (E2VPT), ``Transformer/encoderblock_{i}/adapter/...``
+(Pfeiffer adapters), ``.../MultiHeadDotProductAttention_0/lora_{target}/...``
+(LoRA), ``side/...`` (side-tuning) and ``head/hidden_{i}``,
+``head/batchnorm_{i}`` (MLP-k heads). Each method's options are one frozen
+dataclass attribute (``*_options``; None = method off).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import prompts as prompts_lib
@@ -47,7 +57,9 @@ VIT_SIZES = {
     "L": ViTSize(width=1024, mlp_dim=4096, num_heads=16, depth=24),
     "H": ViTSize(width=1280, mlp_dim=5120, num_heads=16, depth=32),
     "micro": ViTSize(width=96, mlp_dim=192, num_heads=3, depth=6),
+    "nano": ViTSize(width=64, mlp_dim=128, num_heads=4, depth=4),  # the quickstart's
     "test": ViTSize(width=16, mlp_dim=32, num_heads=2, depth=2),
+    "test4": ViTSize(width=16, mlp_dim=32, num_heads=2, depth=4),  # partial-k tests
 }
 # The variants users name (the checkpoints that exist); any "<size>/<patch>" works.
 NAMED_VARIANTS = ("Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14")
@@ -86,41 +98,172 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
+LORA_TARGETS = ("query", "key", "value", "out")
+ADAPTER_INITS = ("default", "vpt_reference")
+CVPT_INSERTS = (1, 2, 3, 4, 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraOptions:
+  """LoRA on the attention projections named in ``targets`` (subset of LORA_TARGETS)."""
+  rank: int = 8
+  alpha: float = 8.0
+  targets: tuple[str, ...] = ("query", "value")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterOptions:
+  """Pfeiffer adapters of bottleneck width D // reduction; init in ADAPTER_INITS."""
+  reduction: int = 8
+  init: str = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class CvptOptions:
+  """CVPT: m prompts per block, cross-attention at ``insert``, prompt dropout, drop path."""
+  num_prompts: int = 10
+  insert: int = 3
+  dropout: float = 0.1
+  drop_path: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class E2vptOptions:
+  """E2VPT's key-value prompts per block (the visual prompts are VPT-deep's)."""
+  num_prompts: int = 5
+  dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VfptOptions:
+  """VFPT: the fraction of each prompt set that is Fourier-transformed, and how."""
+  percentage: float = 0.5
+  dimension: str = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class SideOptions:
+  """Side-tuning: the channel widths of the side CNN's stride-2 3x3 convolutions."""
+  widths: tuple[int, ...] = (32, 64, 128)
+
+
+class LoRA(nn.Module):
+  """Low-rank update of a frozen projection (Hu et al., "LoRA", ICLR 2022).
+
+  delta(x) = (alpha / r) * (x . A) . B with A of shape (in..., r) drawn as the
+  LoRA reference's kaiming_uniform(a=sqrt(5)) on (r, fan_in), i.e.
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)), and B of shape (r, out...) zero, so
+  W + (alpha / r) A B equals W at initialisation and the model starts exact.
+  ``x`` is (..., in...) with ``num_in_axes`` trailing input axes.
+  """
+  rank: int
+  alpha: float
+  out_features: tuple[int, ...]
+  num_in_axes: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[x.ndim - self.num_in_axes:]
+    fan_in = int(np.prod(in_shape))
+    bound = 1.0 / math.sqrt(fan_in)
+    a = self.param("a", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
+                   in_shape + (self.rank,))
+    b = self.param("b", nn.initializers.zeros, (self.rank,) + tuple(self.out_features))
+    low = jnp.tensordot(x, a.astype(self.dtype), axes=self.num_in_axes)
+    return jnp.tensordot(low, b.astype(self.dtype), axes=1) * (self.alpha / self.rank)
+
+
 class Attention(nn.Module):
   """Multi-head dot-product attention with separate q/k/v/out projections.
 
   Parameter names and shapes equal flax's MultiHeadDotProductAttention
   (query/key/value kernels (D, H, D/H), out kernel (H, D/H, D)), so the
   official checkpoints load; queries and keys/values may come from different
-  token sets, which the prompt methods use.
+  token sets, which the prompt methods use (CVPT calls the same instance, and
+  hence the same parameters, for its cross-attention).
+
+  With ``lora`` each targeted projection P becomes P(x) + LoRA_P(x)
+  (parameters ``lora_{target}/{a,b}``). ``kv_prompts`` (B, N_kv, H, D/H) are
+  E2VPT's key-value prompts: prepended to the already projected keys and to
+  the values, K' = [P_kv; K], V' = [P_kv; V]; the queries are unchanged.
   """
   num_heads: int
+  lora: Optional[LoraOptions] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv):
+  def __call__(self, inputs_q, inputs_kv, kv_prompts=None):
     """(B, Nq, D) queries attend over (B, Nk, D) keys/values -> (B, Nq, D)."""
     width = inputs_q.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
     head_dim = width // self.num_heads
-    projection = lambda name: nn.DenseGeneral(
-        features=(self.num_heads, head_dim), dtype=self.dtype, name=name,
-        kernel_init=nn.initializers.xavier_uniform())
-    query = projection("query")(inputs_q)
-    key = projection("key")(inputs_kv)
-    value = projection("value")(inputs_kv)
+
+    def project(name, inputs, features, axis=-1):
+      outputs = nn.DenseGeneral(features=features, axis=axis, dtype=self.dtype, name=name,
+                                kernel_init=nn.initializers.xavier_uniform())(inputs)
+      if self.lora is not None and name in self.lora.targets:
+        out_features = tuple(features) if isinstance(features, tuple) else (features,)
+        num_in_axes = len(axis) if isinstance(axis, tuple) else 1
+        outputs = outputs + LoRA(self.lora.rank, self.lora.alpha, out_features, num_in_axes,
+                                 dtype=self.dtype, name=f"lora_{name}")(inputs)
+      return outputs
+
+    heads = (self.num_heads, head_dim)
+    query = project("query", inputs_q, heads)
+    key = project("key", inputs_kv, heads)
+    value = project("value", inputs_kv, heads)
+    if kv_prompts is not None:
+      kv_prompts = kv_prompts.astype(key.dtype)
+      key = jnp.concatenate([kv_prompts, key], axis=1)
+      value = jnp.concatenate([kv_prompts, value], axis=1)
     query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    return nn.DenseGeneral(
-        features=width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=nn.initializers.xavier_uniform())(attended)
+    return project("out", attended, width, axis=(-2, -1))
+
+
+class Adapter(nn.Module):
+  """Pfeiffer adapter (Pfeiffer et al., 2021) as the VPT reference's baseline (vpt.md 1.9).
+
+  adapter(y) = Up(GELU(Down(y))), Down: Dense(D -> D // r), Up: Dense(D // r -> D),
+  exact GELU; the block adds it to the MLP output before the MLP residual.
+
+  ``init_scheme="vpt_reference"`` zero-initialises both projections, weights and
+  biases, as KMnP/vpt does; then GELU(0) = 0 keeps Down's weights, Down's bias
+  and Up's weights at exactly zero forever, and only Up's bias ever learns (the
+  adapter degenerates to a learned per-block bias). ``"default"`` (a
+  working adapter) draws Down's kernel xavier-uniform and keeps Up at zero, so
+  the model still starts exactly at the backbone, and both projections learn.
+  """
+  reduction: int
+  init_scheme: str = "default"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y):
+    """(B, N, D) -> (B, N, D)."""
+    width = y.shape[-1]
+    if self.init_scheme not in ADAPTER_INITS:
+      raise ValueError(f"Unknown adapter init {self.init_scheme!r}; choose one of "
+                       f"{ADAPTER_INITS}")
+    bottleneck = width // self.reduction if self.reduction >= 1 else 0
+    if bottleneck < 1:
+      raise ValueError(f"adapter reduction {self.reduction} leaves no bottleneck for width "
+                       f"{width}; use a reduction between 1 and {width}")
+    down_init = (nn.initializers.zeros if self.init_scheme == "vpt_reference"
+                 else nn.initializers.xavier_uniform())
+    h = nn.Dense(bottleneck, dtype=self.dtype, name="down", kernel_init=down_init,
+                 bias_init=nn.initializers.zeros)(y)
+    h = nn.gelu(h, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.zeros)(h)
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LN Transformer block.
+  """Pre-LN Transformer block, optionally with a method's additions.
 
   Two exact shortcuts avoid work whose result is thrown away:
   * ``kv_only``: tokens (B, P, D) that act only as keys and values (inserted
@@ -128,16 +271,53 @@ class Encoder1DBlock(nn.Module):
     so they get no query, attention output, out-projection or MLP;
   * ``num_outputs``: only the first rows of ``x`` are computed (e.g. CLS in
     the last block of a CLS-pooled model); all rows still serve as keys.
+
+  CVPT (``cross_prompts`` (B, m, D)): CA(x) = Attention(q_in=x, kv_in=P), the
+  block's own attention module called a second time, so it reads exactly the
+  block's query/key/value/out parameters (cvpt.md 1.3-1.4); no LayerNorm on x
+  or P, no drop path on this branch. At ``cross_insert`` (cvpt.md 1.2):
+    1: x += CA(x); then x += DP(SA(LN0 x)); x += DP(MLP(LN1 x))
+    2: x += DP(SA(LN0 x) + CA(x)); x += DP(MLP(LN1 x))
+    3: x += DP(SA(LN0 x)); x += CA(x); x += DP(MLP(LN1 x))    (the reference default)
+    4: x += DP(SA(LN0 x)); x += DP(MLP(LN1(x) + CA(x)))
+    5: x += DP(SA(LN0 x)); x += DP(MLP(LN1 x)); x += CA(x)
+  CA treats every query row independently (its softmax runs over the prompts
+  only), so the ``num_outputs`` shortcut stays exact.
+
+  DP is drop path (stochastic depth) at ``drop_path_rate``: per example, the
+  branch is zeroed with that probability and otherwise scaled by 1 / (1 - rate).
+
+  Adapter (``adapter``): the MLP branch becomes y + Adapter(y), y = MLP(LN1 x).
+  LoRA (``lora``) and E2VPT (``kv_prompts`` (B, N_kv, H, D/H)): see Attention.
   """
   mlp_dim: int
   num_heads: int
   dropout_rate: float = 0.1
+  drop_path_rate: float = 0.0
+  cross_insert: int = 3
+  adapter: Optional[AdapterOptions] = None
+  lora: Optional[LoraOptions] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, kv_only=None, num_outputs: Optional[int] = None,
-               deterministic: bool = True):
+               deterministic: bool = True, cross_prompts=None, kv_prompts=None,
+               drop_path_deterministic: bool = True):
     """x: (B, N, D) -> (B, N or num_outputs, D)."""
+    attention = Attention(self.num_heads, lora=self.lora, dtype=self.dtype,
+                          name="MultiHeadDotProductAttention_0")
+    insert = self.cross_insert if cross_prompts is not None else None
+
+    def cross(queries):
+      return attention(queries, cross_prompts)
+
+    def drop_path(branch):
+      # Broadcast over tokens and channels: one keep/drop decision per example.
+      return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))(
+          branch, deterministic=drop_path_deterministic)
+
+    if insert == 1:
+      x = x + cross(x)
     pre_attention_norm = nn.LayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_0")
     normed = pre_attention_norm(x)
@@ -147,12 +327,25 @@ class Encoder1DBlock(nn.Module):
           [normed[:, :1], pre_attention_norm(kv_only), normed[:, 1:]], axis=1)
     if num_outputs is not None:
       x, normed = x[:, :num_outputs], normed[:, :num_outputs]
-    x = x + Attention(self.num_heads, dtype=self.dtype,
-                      name="MultiHeadDotProductAttention_0")(normed, keys_values)
+    branch = attention(normed, keys_values, kv_prompts)
+    if insert == 2:
+      branch = branch + cross(x)
+    x = x + drop_path(branch)
+    if insert == 3:
+      x = x + cross(x)
     normed = nn.LayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_1")(x)
-    return x + MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
-                        name="MlpBlock_0")(normed, deterministic=deterministic)
+    if insert == 4:
+      normed = normed + cross(x)
+    branch = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
+                      name="MlpBlock_0")(normed, deterministic=deterministic)
+    if self.adapter is not None:
+      branch = branch + Adapter(self.adapter.reduction, self.adapter.init, dtype=self.dtype,
+                                name="adapter")(branch)
+    x = x + drop_path(branch)
+    if insert == 5:
+      x = x + cross(x)
+    return x
 
 
 class AddPositionEmbs(nn.Module):
@@ -177,6 +370,11 @@ class Encoder(nn.Module):
   (S, B, P, D) (S = 1 for shallow, S = depth for deep), the output layout is
   [CLS, prompts, patches]; with ``pool == "original"`` and ``skip_dead_work``
   only CLS is computed in the last block, so the output is (B, 1, D).
+
+  ``cross_prompts`` (depth, B, m, D) are CVPT's (block l reads slice l, outside
+  the sequence), ``kv_prompts`` (depth, B, N_kv, H, D/H) E2VPT's. Block l's drop
+  path rate is ``stochastic_depth * l / (depth - 1)`` (timm's linear ramp),
+  active when ``drop_path_deterministic`` is False.
   """
   depth: int
   mlp_dim: int
@@ -184,10 +382,15 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.1
   pool: str = "original"
   skip_dead_work: bool = True
+  stochastic_depth: float = 0.0
+  cross_insert: int = 3
+  adapter: Optional[AdapterOptions] = None
+  lora: Optional[LoraOptions] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, prompts=None, *, deterministic: bool = True):
+  def __call__(self, x, prompts=None, *, deterministic: bool = True, cross_prompts=None,
+               kv_prompts=None, drop_path_deterministic: bool = True):
     x = AddPositionEmbs(name="posembed_input")(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     num_prompts = 0 if prompts is None else prompts.shape[2]
@@ -213,10 +416,15 @@ class Encoder(nn.Module):
         else:
           kv_only = prompts[layer]
       num_outputs = 1 if (last and self.skip_dead_work and self.pool == "original") else None
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dropout_rate,
-                         dtype=self.dtype, name=f"encoderblock_{layer}")(
-                             x, kv_only=kv_only, num_outputs=num_outputs,
-                             deterministic=deterministic)
+      x = Encoder1DBlock(
+          self.mlp_dim, self.num_heads, self.dropout_rate,
+          drop_path_rate=self.stochastic_depth * layer / max(self.depth - 1, 1),
+          cross_insert=self.cross_insert, adapter=self.adapter, lora=self.lora,
+          dtype=self.dtype, name=f"encoderblock_{layer}")(
+              x, kv_only=kv_only, num_outputs=num_outputs, deterministic=deterministic,
+              cross_prompts=None if cross_prompts is None else cross_prompts[layer],
+              kv_prompts=None if kv_prompts is None else kv_prompts[layer],
+              drop_path_deterministic=drop_path_deterministic)
     return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
                         name="encoder_norm")(x)
 
@@ -236,8 +444,35 @@ def pool_tokens(tokens, pool: str, num_prompts: int):
   raise ValueError(f"Unknown pool {pool!r}; choose one of {POOL_TYPES}")
 
 
+class SideNetwork(nn.Module):
+  """Side-tuning (Zhang et al., ECCV 2020) as the VPT reference's baseline (vpt.md 1.10).
+
+  out = sigmoid(alpha) * backbone_features + (1 - sigmoid(alpha)) * side(images),
+  alpha a learned scalar initialised to 0 (an even blend). side(x) is a small
+  CNN (stride-2 3x3 convolutions ``conv_{i}`` with ReLU, then a global average
+  pool) followed by a bias-free Dense(D) ``projection``. The reference's side
+  network is torchvision's ImageNet AlexNet ``features`` + 6x6 pooling (9216 ->
+  D projection); here the CNN is small and can start from its own ``.npz``
+  (``factory.load_side_network``), with the same gate, projection and bias.
+  """
+  widths: Sequence[int]
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, backbone_features):
+    """images (B, H, W, 3), backbone_features (B, D) -> blended features (B, D)."""
+    x = images
+    for i, width in enumerate(self.widths):
+      x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME", dtype=self.dtype,
+                          name=f"conv_{i}")(x))
+    side = nn.Dense(backbone_features.shape[-1], use_bias=False, dtype=self.dtype,
+                    name="projection")(x.mean(axis=(1, 2)))
+    gate = jax.nn.sigmoid(self.param("alpha", nn.initializers.zeros, ()))
+    return gate * backbone_features + (1 - gate) * side.astype(backbone_features.dtype)
+
+
 class VisionTransformer(nn.Module):
-  """ViT classifier with optional VPT prompts.
+  """ViT classifier with optional VPT prompts and the other methods' additions.
 
   Attributes:
     num_classes: classifier outputs.
@@ -247,6 +482,11 @@ class VisionTransformer(nn.Module):
     num_prompts, deep_prompts, prompt_dropout, prompt_projection: VPT (0 = none).
     pool: "original" (CLS after encoder_norm) or an ablation pool.
     skip_dead_work: compute only what the head reads (exact rewrite).
+    head_hidden_layers, head_dropout, head_init: the head (``heads.Head``);
+      hidden layers > 0 make the reference's MLP-k head (with BatchNorm).
+    cvpt_options, e2vpt_options, vfpt_options, adapter_options, lora_options,
+      side_options: the methods' additions (None = off); see the option
+      dataclasses and the modules above.
   """
   num_classes: int
   variant: str = "B/16"
@@ -258,11 +498,34 @@ class VisionTransformer(nn.Module):
   prompt_projection: int = -1
   pool: str = "original"
   skip_dead_work: bool = True
+  head_hidden_layers: int = 0
+  head_dropout: float = 0.1
+  head_init: str = "vpt"
+  cvpt_options: Optional[CvptOptions] = None
+  e2vpt_options: Optional[E2vptOptions] = None
+  vfpt_options: Optional[VfptOptions] = None
+  adapter_options: Optional[AdapterOptions] = None
+  lora_options: Optional[LoraOptions] = None
+  side_options: Optional[SideOptions] = None
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, return_features: bool = False):
-    """images: (B, H, W, 3) normalised floats -> logits (B, num_classes)."""
+  def __call__(self, images, *, train: bool = False, return_features: bool = False,
+               from_features: bool = False):
+    """images: (B, H, W, 3) normalised floats -> logits (B, num_classes).
+
+    ``return_features``: return the pooled features (B, D) the head reads.
+    ``from_features``: ``images`` are such features (B, D); only the head runs
+    (how head-only methods train on cached features).
+    """
+    head = heads_lib.Head(self.num_classes, hidden_layers=self.head_hidden_layers,
+                          dropout_rate=self.head_dropout, init_scheme=self.head_init,
+                          name="head")
+    if from_features:
+      if self.side_options is not None:
+        raise ValueError("side-tuning reads the images, so it cannot run from cached "
+                         "features; call the model on images")
+      return head(images, train=train)
     size, patch = decode_variant(self.variant)
     if images.shape[1] % patch or images.shape[2] % patch:
       raise ValueError(f"image size {images.shape[1:3]} is not divisible by the patch "
@@ -277,20 +540,45 @@ class VisionTransformer(nn.Module):
 
     prompts = None
     if self.num_prompts:
+      num_fourier = 0
+      if self.vfpt_options is not None:
+        num_fourier = int(math.floor(self.num_prompts * self.vfpt_options.percentage))
       prompts = prompts_lib.VisualPrompts(
           num_prompts=self.num_prompts,
           num_sets=size.depth if self.deep_prompts else 1,
           width=size.width, patch_size=patch,
           projection=self.prompt_projection, dropout_rate=self.prompt_dropout,
+          num_fourier=num_fourier,
+          fourier_dimension=getattr(self.vfpt_options, "dimension", "all"),
           name="vpt")(batch, train=train)
       prompts = prompts.astype(tokens.dtype)
+    cross_prompts = kv_prompts = None
+    if self.cvpt_options is not None:
+      cross_prompts = prompts_lib.CrossPrompts(
+          self.cvpt_options.num_prompts, size.depth, size.width,
+          dropout_rate=self.cvpt_options.dropout, name="cvpt")(batch, train=train)
+      cross_prompts = cross_prompts.astype(tokens.dtype)
+    if self.e2vpt_options is not None:
+      kv_prompts = prompts_lib.KeyValuePrompts(
+          self.e2vpt_options.num_prompts, size.depth, size.num_heads,
+          size.width // size.num_heads, dropout_rate=self.e2vpt_options.dropout,
+          name="e2vpt")(batch, train=train)
 
     encoded = Encoder(
         depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads,
         dropout_rate=self.dropout_rate, pool=self.pool,
-        skip_dead_work=self.skip_dead_work, dtype=self.dtype, name="Transformer")(
-            tokens, prompts, deterministic=not (train and self.backbone_dropout))
+        skip_dead_work=self.skip_dead_work,
+        stochastic_depth=getattr(self.cvpt_options, "drop_path", 0.0),
+        cross_insert=getattr(self.cvpt_options, "insert", 3),
+        adapter=self.adapter_options, lora=self.lora_options,
+        dtype=self.dtype, name="Transformer")(
+            tokens, prompts, deterministic=not (train and self.backbone_dropout),
+            cross_prompts=cross_prompts, kv_prompts=kv_prompts,
+            drop_path_deterministic=not train)
     features = pool_tokens(encoded, self.pool, self.num_prompts).astype(jnp.float32)
+    if self.side_options is not None:
+      features = SideNetwork(self.side_options.widths, dtype=self.dtype, name="side")(
+          images, features).astype(jnp.float32)
     if return_features:
       return features
-    return heads_lib.LinearHead(self.num_classes, name="head")(features)
+    return head(features, train=train)

@@ -5,6 +5,11 @@
 * AdamW as the reference's Full baseline uses it (HF-style: eps outside the
   bias correction, decoupled decay applied to the already-updated weights,
   0.01 on non-bias parameters).
+* ``torch_adamw``: torch.optim.AdamW as CVPT's reference uses it (through
+  timm's ``create_optimizer_v2`` on a plain parameter list, cvpt.md 1.6-1.7):
+  betas (0.9, 0.999), eps 1e-8 added to sqrt(v_hat), decoupled decay
+  theta <- theta - lr * wd * theta with ``weight_decay`` (0.05 in CVPT) on every
+  trainable tensor, biases and the head included.
 * lr = base_lr * batch / 256; linear warmup then cosine to zero, evaluated per
   epoch (the reference steps its scheduler once per epoch, so epoch 0 trains
   at lr 0) or per step.
@@ -22,7 +27,7 @@ import optax
 from vpt_jax.models.methods import FROZEN, TRAIN
 
 SCHEDULE_UNITS = ("epoch", "step")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "torch_adamw")
 # The reference's AdamW hard-codes this decay and ignores SOLVER.WEIGHT_DECAY.
 ADAMW_WEIGHT_DECAY = 0.01
 
@@ -153,15 +158,19 @@ def make_optimizer(labels, *, name: str, learning_rate: optax.Schedule,
 
   Args:
     labels: same structure, "train" / "frozen" per leaf.
-    name: "sgd" (coupled L2 except the head bias) or "adamw" (HF AdamW, decay
+    name: "sgd" (coupled L2 except the head bias), "adamw" (HF AdamW, decay
       0.01 on non-bias leaves, like the reference; ``weight_decay`` ignored
-      unless 0, in which case the reference falls back to plain SGD).
+      unless 0, in which case the reference falls back to plain SGD) or
+      "torch_adamw" (torch.optim.AdamW, ``weight_decay`` on every leaf).
     learning_rate: schedule of the step.
     weight_decay: L2 coefficient for SGD.
   """
   if name not in OPTIMIZERS:
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
-  if name == "adamw" and weight_decay != 0:
+  if name == "torch_adamw":
+    # optax.adamw decays with the pre-step weights, as torch's p *= 1 - lr * wd does.
+    inner = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+  elif name == "adamw" and weight_decay != 0:
     inner = hf_adamw(learning_rate, ADAMW_WEIGHT_DECAY, lambda p: not is_bias(p))
   else:
     decay = []

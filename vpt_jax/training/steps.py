@@ -1,8 +1,13 @@
 """Pure, jit-able training and evaluation steps over plain pytrees.
 
 The train state is a plain dict ``{"step", "params", "opt_state"}`` whose
-``params`` hold the whole model; gradients are taken only with respect to the
-trainable leaves, so XLA never computes frozen weight gradients.
+``params`` hold the whole model, plus ``"batch_stats"`` when the model has
+BatchNorm running averages (the MLP-k heads); gradients are taken only with
+respect to the trainable leaves, so XLA never computes frozen weight gradients.
+
+A batch holds either "image" uint8 (B, H, W, 3) or, for head-only methods
+trained on cached backbone features, "features" float32 (B, D); either way
+"label" int32 (B,).
 """
 
 from __future__ import annotations
@@ -20,6 +25,18 @@ def normalize_images(images, mean, std):
   """uint8 (B, H, W, 3) -> float32 ((x / 255) - mean) / std."""
   images = images.astype(jnp.float32) / 255.0
   return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def model_inputs(batch, mean, std) -> tuple:
+  """(model input, extra apply kwargs) of a batch: normalised images or cached features."""
+  if "features" in batch:
+    return batch["features"], {"from_features": True}
+  return normalize_images(batch["image"], mean, std), {}
+
+
+def model_variables(state) -> dict:
+  """The Flax variables of a train state: params, and batch_stats when present."""
+  return {k: state[k] for k in ("params", "batch_stats") if k in state}
 
 
 def cross_entropy(logits, labels):
@@ -45,21 +62,27 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
     learning_rate: the schedule (for the logged lr).
     mean, std: input normalisation (3,) each.
 
-  The batch holds "image" uint8 (B, H, W, 3) and "label" int32 (B,); the rng
-  for the step is fold_in(rng, step), so a resumed run draws the same masks.
+  The batch holds "image" (or "features") and "label" (see the module
+  docstring); the rng for the step is fold_in(rng, step), so a resumed run
+  draws the same masks. With "batch_stats" in the state, BatchNorm normalises
+  with the batch's statistics and the state's running averages are updated.
   """
   def train_step(state, batch, rng):
-    images = normalize_images(batch["image"], mean, std)
+    inputs, input_kwargs = model_inputs(batch, mean, std)
     trainable, frozen = partition.split(state["params"], labels)
     dropout_rng = jax.random.fold_in(rng, state["step"])
+    has_stats = "batch_stats" in state
 
     def loss_fn(trainable_params):
-      params = partition.merge(trainable_params, frozen)
-      logits = model.apply({"params": params}, images, train=True,
-                           rngs={"dropout": dropout_rng})
-      return cross_entropy(logits, batch["label"]).mean(), logits
+      variables = {"params": partition.merge(trainable_params, frozen)}
+      if has_stats:
+        variables["batch_stats"] = state["batch_stats"]
+      outputs = model.apply(variables, inputs, train=True, rngs={"dropout": dropout_rng},
+                            mutable=["batch_stats"] if has_stats else False, **input_kwargs)
+      logits, updated = outputs if has_stats else (outputs, {})
+      return cross_entropy(logits, batch["label"]).mean(), (logits, updated)
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (loss, (logits, updated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     # Frozen leaves get constant zeros that set_to_zero never reads.
     zeros = {path: jnp.zeros_like(value) for path, value in frozen.items()}
     updates, opt_state = tx.update(partition.merge(grads, zeros), state["opt_state"],
@@ -75,19 +98,22 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
     }
     new_state = {"step": state["step"] + 1,
                  "params": partition.merge(new_trainable, frozen),
-                 "opt_state": opt_state}
+                 "opt_state": opt_state,
+                 **updated}  # the new batch_stats, if any
     return new_state, metrics
   return train_step
 
 
 def make_eval_step(model, *, mean, std) -> Callable:
-  """Returns eval_step(params, batch) -> sums over the real (mask=True) examples.
+  """Returns eval_step(variables, batch) -> sums over the real (mask=True) examples.
 
-  The batch holds "image", "label" and "mask" bool (B,); padded rows count nowhere.
+  ``variables`` are ``model_variables(state)`` ({"params"} and, for BatchNorm
+  heads, the running averages in "batch_stats"). The batch holds "image" (or
+  "features"), "label" and "mask" bool (B,); padded rows count nowhere.
   """
-  def eval_step(params, batch):
-    logits = model.apply({"params": params}, normalize_images(batch["image"], mean, std),
-                         train=False)
+  def eval_step(variables, batch):
+    inputs, input_kwargs = model_inputs(batch, mean, std)
+    logits = model.apply(variables, inputs, train=False, **input_kwargs)
     mask = batch["mask"].astype(jnp.float32)
     return {
         "count": mask.sum(),

