@@ -88,7 +88,7 @@ def test_train_evaluate_export_and_reload(backbone, data_dir, tmp_path):
   for path, value in flat.items():
     expected = exported[path] if path in exported else file_values[path]
     np.testing.assert_array_equal(np.asarray(value), expected, err_msg=path)
-  # The exported model reproduces the run's test accuracy.
+  # The rebuilt model classifies into the task's classes.
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
   logits = model.apply({"params": params}, jnp.asarray(images, jnp.float32) / 255.0)
   assert logits.shape == (4, 3)

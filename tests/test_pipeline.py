@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vpt_jax.data import pipeline
+from vpt_jax.training import steps
 
 
 def _take(iterator, n):
@@ -169,10 +170,10 @@ def test_unknown_resize_method():
 
 def test_normalize_images_by_hand():
   images = np.array([[0, 255, 51]], np.uint8)  # one pixel, three channels
-  out = pipeline.normalize_images(images, *pipeline.MINUS_ONE_TO_ONE)
+  out = steps.normalize_images(images, *pipeline.MINUS_ONE_TO_ONE)
   assert out.dtype == np.float32
   np.testing.assert_allclose(np.asarray(out), [[-1.0, 1.0, -0.6]], atol=1e-6)
-  out = pipeline.normalize_images(images, pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
+  out = steps.normalize_images(images, pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
   np.testing.assert_allclose(
       np.asarray(out),
       [[-0.485 / 0.229, (1.0 - 0.456) / 0.224, (0.2 - 0.406) / 0.225]], rtol=1e-5)

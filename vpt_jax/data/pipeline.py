@@ -8,7 +8,7 @@ them with tf.data, one share per process, padded so every process runs the same
 number of steps (the big_vision ``make_for_inference`` convention: padding rows
 are zero images with ``mask=False``).
 
-Images leave this module as uint8; ``normalize_images`` maps them to floats on
+Images leave this module as uint8; ``training.steps.normalize_images`` maps them to floats on
 the device, which keeps host-to-device transfers four times smaller.
 
 Resizing follows the VTAB reference (task_adaptation, TF1): bilinear without
@@ -35,7 +35,6 @@ import dataclasses
 import math
 from typing import Iterator, Optional, Protocol, Union
 
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -100,12 +99,6 @@ class ExampleSource(Protocol):
 
 
 AnySource = Union[ImageSource, ExampleSource]
-
-
-def normalize_images(images_uint8, mean, std):
-  """(x / 255 - mean) / std in float32. (..., 3) uint8 -> (..., 3) float32."""
-  x = jnp.asarray(images_uint8).astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def resize_images(images, image_size: int, method: str = "tf1_bilinear"):

@@ -38,8 +38,8 @@ from vpt_jax.training import partition
 from vpt_jax.training import steps as steps_lib
 
 NORMALIZATIONS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "imagenet": (pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD),
+    "minus_one_to_one": pipeline.MINUS_ONE_TO_ONE,
 }
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
