@@ -171,8 +171,8 @@ def load_task_variables(directory: str, backbone_path: Optional[str] = None, *,
     # The method's own parameters are never in the backbone file; the exported
     # ones (which include every trained backbone parameter) come from the export.
     method = methods_lib.get_method(spec["method"])
-    params = npz_lib.load_backbone(
-        params, backbone_path,
+    params = factory.load_backbone_file(
+        params, backbone_path, spec["variant"],
         fresh=method.fresh_patterns + tuple(re.escape(p) for p in flat))
   variables["params"] = _replace(params, flat, directory, "parameter")
   if stats or "batch_stats" in variables:

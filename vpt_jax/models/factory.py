@@ -8,10 +8,10 @@ export's ``task.json`` rebuilds exactly the model that was trained.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Mapping, Optional
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -19,19 +19,10 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints.trees import flatten
 from vpt_jax.models import heads
 from vpt_jax.models import methods as methods_lib
-from vpt_jax.models import prompts as prompts_lib
-from vpt_jax.models import vit
+from vpt_jax.models import backbones
+from vpt_jax.models import vit_family
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# Spec section -> the VisionTransformer attribute and options class it fills.
-OPTIONS = {
-    "cvpt": ("cvpt_options", vit.CvptOptions),
-    "e2vpt": ("e2vpt_options", vit.E2vptOptions),
-    "vfpt": ("vfpt_options", vit.VfptOptions),
-    "adapter": ("adapter_options", vit.AdapterOptions),
-    "lora": ("lora_options", vit.LoraOptions),
-    "sidetune": ("side_options", vit.SideOptions),
-}
+DTYPES = vit_family.DTYPES
 # Side-network parameters that never come from the side network's own file.
 SIDE_FRESH = (r"projection/.*", r"alpha")
 
@@ -97,103 +88,30 @@ def model_spec(config) -> dict[str, Any]:
   return spec
 
 
-def _fail(message: str):
-  raise ValueError(message)
-
-
-def _validate_settings(method: methods_lib.Method, spec: Mapping[str, Any]) -> None:
-  """Checks the method's settings section against the model."""
-  size, _ = vit.decode_variant(spec["variant"])
-  settings = spec.get(method.settings) or {}
-  if method.settings and method.settings != "mlp" and not settings:
-    _fail(f"spec of method {method.name} lacks its {method.settings!r} settings")
-  name = method.settings
-  if name == "cvpt":
-    if settings["num_prompts"] < 1:
-      _fail(f"cvpt needs prompt.num_prompts >= 1, got {settings['num_prompts']}")
-    if settings["insert"] not in vit.CVPT_INSERTS:
-      _fail(f"cvpt.insert must be one of {vit.CVPT_INSERTS} (3 is the reference's), got "
-            f"{settings['insert']}")
-  elif name == "adapter":
-    if settings["init"] not in vit.ADAPTER_INITS:
-      _fail(f"Unknown adapter.init {settings['init']!r}; choose one of {vit.ADAPTER_INITS}")
-    if not 1 <= settings["reduction"] <= size.width:
-      _fail(f"adapter.reduction {settings['reduction']} leaves no bottleneck for width "
-            f"{size.width}; the paper uses 8, 64 or 256")
-  elif name == "lora":
-    unknown = sorted(set(settings["targets"]) - set(vit.LORA_TARGETS))
-    if unknown or not settings["targets"]:
-      _fail(f"lora.targets {settings['targets']} must be a non-empty comma-separated subset "
-            f"of {', '.join(vit.LORA_TARGETS)}")
-    if settings["rank"] < 1:
-      _fail(f"lora.rank must be >= 1, got {settings['rank']}")
-  elif name == "vfpt":
-    if settings["dimension"] not in prompts_lib.FOURIER_DIMENSIONS:
-      _fail(f"Unknown vfpt.dimension {settings['dimension']!r}; choose one of "
-            f"{prompts_lib.FOURIER_DIMENSIONS}")
-    if math.floor(spec["num_prompts"] * settings["percentage"]) < 1 or settings["percentage"] > 1:
-      _fail(f"vfpt.percentage {settings['percentage']} of {spec['num_prompts']} prompts "
-            "Fourier-transforms no prompt (or more than all); use a value in (0, 1] with "
-            "floor(num_prompts * percentage) >= 1")
-  elif name == "e2vpt":
-    if settings["num_prompts"] < 1:
-      _fail(f"e2vpt.kv_prompts must be >= 1, got {settings['num_prompts']}")
-  elif name == "sidetune":
-    if not settings["widths"] or min(settings["widths"]) < 1:
-      _fail(f"sidetune.widths {settings['widths']} must be positive channel counts, "
-            "e.g. '32,64,128'")
-  method.rules(size.depth)  # partial-k: k <= depth
-
-
 def validate_spec(spec: Mapping[str, Any]) -> None:
   """Fails fast, before any compute, on inconsistent model settings."""
   method = methods_lib.get_method(spec["method"])
-  _, patch = vit.decode_variant(spec["variant"])
-  if spec["image_size"] < patch or spec["image_size"] % patch:
-    raise ValueError(
-        f"image size {spec['image_size']} is not divisible by the patch size {patch} of "
-        f"{spec['variant']}; use e.g. {max(patch, spec['image_size'] // patch * patch)}")
+  family = backbones.get_family(spec["variant"])
+  family.check_method(method.name)
   if method.uses_prompts and spec["num_prompts"] < 1:
     raise ValueError(f"method {method.name} needs prompt.num_prompts >= 1, got "
                      f"{spec['num_prompts']}")
-  if spec["pool"] not in vit.POOL_TYPES:
-    raise ValueError(f"Unknown pool {spec['pool']!r}; choose one of {vit.POOL_TYPES}")
   if spec["dtype"] not in DTYPES:
     raise ValueError(f"Unknown dtype {spec['dtype']!r}; choose one of {sorted(DTYPES)}")
   if method.head_init not in heads.HEAD_INITS:
     raise ValueError(f"method {method.name} has an unknown head init {method.head_init!r}")
-  _validate_settings(method, spec)
+  family.validate(spec, method)
+  method.rules(family.block_patterns(spec["variant"]), family.final_norm)  # partial-k: k <= depth
 
 
-def build_model(spec: Mapping[str, Any], num_classes: int) -> vit.VisionTransformer:
-  """The Linen module for a spec (see ``model_spec``)."""
+def build_model(spec: Mapping[str, Any], num_classes: int):
+  """The Linen module for a spec (see ``model_spec``), from its backbone family."""
   validate_spec(spec)
   method = methods_lib.get_method(spec["method"])
-  options = {}
-  if method.settings in OPTIONS:
-    attribute, options_class = OPTIONS[method.settings]
-    # JSON turns tuples into lists; options must stay hashable.
-    options[attribute] = options_class(**{
-        k: tuple(v) if isinstance(v, list) else v for k, v in spec[method.settings].items()})
-  return vit.VisionTransformer(
-      num_classes=num_classes,
-      variant=spec["variant"],
-      dropout_rate=spec["dropout_rate"],
-      backbone_dropout=method.backbone_dropout,
-      num_prompts=spec["num_prompts"],
-      deep_prompts=method.deep_prompts,
-      prompt_dropout=spec["prompt_dropout"],
-      prompt_projection=spec["prompt_projection"],
-      pool=spec["pool"],
-      skip_dead_work=spec["skip_dead_work"],
-      head_hidden_layers=method.head_hidden_layers,
-      head_dropout=(spec.get("mlp") or {}).get("dropout", 0.1),
-      head_init=method.head_init,
-      dtype=DTYPES[spec["dtype"]],
-      **options)
+  return backbones.get_family(spec["variant"]).build(spec, num_classes, method)
 
 
-def init_variables(model: vit.VisionTransformer, image_size: int, seed: int,
+def init_variables(model: nn.Module, image_size: int, seed: int,
                    out_shardings=None) -> dict:
   """``model.init`` under jit: {"params": ..., and "batch_stats" if the model has them}."""
   init_fn = lambda: model.init(jax.random.key(seed),
@@ -201,7 +119,7 @@ def init_variables(model: vit.VisionTransformer, image_size: int, seed: int,
   return dict(jax.jit(init_fn, out_shardings=out_shardings)())
 
 
-def variable_shapes(model: vit.VisionTransformer, image_size: int) -> dict:
+def variable_shapes(model: nn.Module, image_size: int) -> dict:
   """The variables of ``init_variables`` as ShapeDtypeStructs, without computing them."""
   return dict(jax.eval_shape(model.init, jax.random.key(0),
                              jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
@@ -232,12 +150,40 @@ def save_side_network(params, path: str) -> None:
                     if not any(re.fullmatch(p, k) for p in SIDE_FRESH)}, path)
 
 
+def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
+  """A backbone checkpoint's arrays in the model's layout, and how to name it.
+
+  ``.npz`` files (vision_transformer, big_vision, ours) go through the layout
+  detection of ``checkpoints.npz``; PyTorch files (``backbones.TORCH_SUFFIXES``)
+  are read without executing pickled code and converted by the variant's
+  family (MAE, MoCo v3, Swin, ConvNeXt, ResNet).
+  """
+  if backbones.is_torch_file(path):
+    family = backbones.get_family(variant)
+    if family.convert_torch is None:
+      raise npz_lib.CheckpointError(
+          f"{path} looks like a PyTorch checkpoint, but {family.name} backbones load "
+          ".npz files; convert it or pass the official .npz")
+    from vpt_jax.checkpoints import torch_files  # pylint: disable=g-import-not-at-top
+    return (family.convert_torch(torch_files.read_state_dict(path), variant),
+            f"{path} (PyTorch, converted for {family.name})")
+  raw = npz_lib.read_npz(path)
+  layout = npz_lib.detect_layout(raw)
+  return npz_lib.to_model_layout(raw, layout), f"{path} (layout {layout})"
+
+
+def load_backbone_file(params, path: str, variant: str, fresh) -> dict:
+  """``params`` with everything but the ``fresh`` regexes read from ``path``, strictly."""
+  arrays, source = read_backbone_file(path, variant)
+  return npz_lib.merge_backbone(params, arrays, fresh=fresh, source=source)
+
+
 def load_pretrained(params, spec: Mapping[str, Any], backbone_path: str = "",
                     side_checkpoint: str = "") -> dict:
   """The backbone file (everything but the method's fresh parameters), then the side CNN."""
   if backbone_path:
-    params = npz_lib.load_backbone(
-        params, backbone_path, fresh=methods_lib.get_method(spec["method"]).fresh_patterns)
+    params = load_backbone_file(params, backbone_path, spec["variant"],
+                                methods_lib.get_method(spec["method"]).fresh_patterns)
   if side_checkpoint:
     params = load_side_network(params, side_checkpoint)
   return params
@@ -248,5 +194,7 @@ def trainable_rules(config) -> tuple[tuple[str, str], ...]:
   rules = tuple(tuple(r) for r in config.trainable_rules)
   if rules:
     return rules
-  size, _ = vit.decode_variant(config.model.variant)
-  return methods_lib.get_method(config.method).rules(size.depth)
+  family = backbones.get_family(config.model.variant)
+  method_rules = methods_lib.get_method(config.method).rules(
+      family.block_patterns(config.model.variant), family.final_norm)
+  return tuple((pattern, methods_lib.FROZEN) for pattern in family.always_frozen) + method_rules

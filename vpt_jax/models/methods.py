@@ -61,8 +61,8 @@ class Method:
 
   Attributes:
     name: the ``config.method`` value.
-    trainable_rules: ordered (regex, label) rules; ``rules(depth)`` adds the
-      ``last_blocks`` rule that needs the depth.
+    trainable_rules: ordered (regex, label) rules; ``rules(blocks, final_norm)``
+      adds partial-k's rules, which need the backbone's block names.
     fresh: regexes of the method's own parameters (besides the head, which is
       always fresh): initialised, never read from the backbone file.
     uses_prompts, deep_prompts: VPT prompts in the sequence (shallow or deep).
@@ -91,19 +91,24 @@ class Method:
     """Regexes of every parameter not loaded from the backbone file."""
     return (HEAD_PARAMS,) + self.fresh
 
-  def rules(self, depth: int) -> tuple[tuple[str, str], ...]:
-    """The trainable rules for a backbone of ``depth`` blocks.
+  def rules(self, block_patterns=(), final_norm: str = "") -> tuple[tuple[str, str], ...]:
+    """The trainable rules on a backbone with these blocks (see ``backbones.Family``).
+
+    Args:
+      block_patterns: regexes of every block's parameters, in forward order.
+      final_norm: regex of the parameters after the last block (partial-k).
 
     Raises:
-      ValueError: partial-k with k larger than the depth.
+      ValueError: partial-k with k larger than the number of blocks.
     """
     if not self.last_blocks:
       return self.trainable_rules
+    depth = len(block_patterns)
     if self.last_blocks > depth:
       raise ValueError(f"{self.name} tunes the last {self.last_blocks} blocks but the model "
                        f"has {depth}; use partial-k with k <= {depth}, or 'full'")
-    blocks = "|".join(str(i) for i in range(depth - self.last_blocks, depth))
-    return ((rf"Transformer/encoderblock_({blocks})/.*", TRAIN),) + self.trainable_rules
+    blocks = "|".join(block_patterns[depth - self.last_blocks:])
+    return ((rf"({blocks})/.*", TRAIN), (final_norm, TRAIN)) + self.trainable_rules
 
 
 def _rules(*trained: str) -> tuple[tuple[str, str], ...]:
@@ -113,7 +118,7 @@ def _rules(*trained: str) -> tuple[tuple[str, str], ...]:
 
 def partial(k: int) -> Method:
   """Partial-k: the last k blocks and the final LayerNorm, plus the head (AdamW)."""
-  return Method(f"partial-{k}", _rules(r"Transformer/encoder_norm/.*"), last_blocks=k,
+  return Method(f"partial-{k}", _rules(), last_blocks=k,
                 optimizer="adamw",
                 description=f"Partial-{k}: the last {k} block(s), encoder_norm and the head")
 

@@ -1,0 +1,104 @@
+"""Backbone families: which module builds a variant and how its parts are named.
+
+The variant string selects the family by its prefix, so configs keep one field
+(``model.variant``):
+
+==============  ==============================  =====================================
+family          variants                        module
+==============  ==============================  =====================================
+vit             "B/16", "L/16", "H/14",         ``vit_family`` (MAE and MoCo v3 are
+                "mae-B/16", "moco-B/16"          ViT flavours, see ``vit``)
+swin            "swin-B/4w7"                    ``swin``
+convnext        "convnext-B"                    ``convnets``
+resnet          "resnet-50"                     ``convnets``
+==============  ==============================  =====================================
+
+Each family module exposes ``FAMILY``, a ``Family`` whose functions take the
+model spec of ``factory.model_spec`` (a plain dict) and the ``methods.Method``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+# family name -> (variant prefix, module); the first matching prefix wins and
+# "" (the plain ViT) comes last.
+FAMILY_MODULES = (
+    ("swin", "swin-", "vpt_jax.models.swin"),
+    ("convnext", "convnext-", "vpt_jax.models.convnets"),
+    ("resnet", "resnet-", "vpt_jax.models.convnets"),
+    ("vit", "", "vpt_jax.models.vit_family"),
+)
+# File name endings read as PyTorch state dicts (converted by the family).
+TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What the rest of the library needs to know about one backbone family.
+
+  Attributes:
+    name: "vit", "swin", ...
+    build: (spec, num_classes, method) -> the Linen module, called on
+      (B, H, W, 3) images with ``train``, ``return_features`` and
+      ``from_features`` keywords like ``vit.VisionTransformer``.
+    validate: (spec, method) -> None; raises ValueError naming the problem and
+      the fix (unknown size, image size, method the family does not support).
+    block_patterns: variant -> regexes (without "/.*") of every block's
+      parameters in forward order; partial-k trains the last k.
+    final_norm: regex of the parameters after the last block that partial-k
+      also trains (e.g. ``Transformer/encoder_norm/.*``).
+    always_frozen: regexes no method trains (fixed position embeddings,
+      BatchNorm statistics), put ahead of the method's rules.
+    convert_torch: (state_dict of numpy arrays, variant) -> {model key: array}
+      for ``checkpoints.npz.merge_backbone``; None if the family has no
+      PyTorch checkpoints.
+    supported_methods: method names (or prefixes ending in "-") the family
+      defines; None = all.
+  """
+  name: str
+  build: Callable[[Mapping[str, Any], int, Any], Any]
+  validate: Callable[[Mapping[str, Any], Any], None]
+  block_patterns: Callable[[str], Sequence[str]]
+  final_norm: str
+  always_frozen: tuple[str, ...] = ()
+  convert_torch: Optional[Callable[[Mapping[str, Any], str], dict]] = None
+  supported_methods: Optional[tuple[str, ...]] = None
+
+  def supports(self, method_name: str) -> bool:
+    """Whether the family defines ``method_name`` (e.g. "partial-3")."""
+    if self.supported_methods is None:
+      return True
+    return any(method_name == name or (name.endswith("-") and method_name.startswith(name))
+               for name in self.supported_methods)
+
+  def check_method(self, method_name: str) -> None:
+    """Raises ValueError if the family does not define the method."""
+    if not self.supports(method_name):
+      names = ", ".join(n + "k" if n.endswith("-") else n for n in self.supported_methods)
+      raise ValueError(f"method {method_name!r} is not defined for {self.name} backbones; "
+                       f"choose one of {names}")
+
+
+def family_name(variant: str) -> str:
+  """The family a variant belongs to, by its prefix ("swin-B/4w7" -> "swin")."""
+  for name, prefix, _ in FAMILY_MODULES:
+    if variant.startswith(prefix):
+      return name
+  raise AssertionError("the ViT family's empty prefix matches every variant")
+
+
+def get_family(variant: str) -> Family:
+  """The ``Family`` of a variant (imports its module on first use)."""
+  for name, prefix, module in FAMILY_MODULES:
+    if variant.startswith(prefix):
+      family = importlib.import_module(module).FAMILIES[name]
+      return family
+  raise AssertionError("the ViT family's empty prefix matches every variant")
+
+
+def is_torch_file(path: str) -> bool:
+  """Whether a checkpoint path names a PyTorch state dict (by its ending)."""
+  return str(path).endswith(TORCH_SUFFIXES)
