@@ -10,6 +10,14 @@ on the same machine, right before (the practical ceiling of this CPU).
   python benchmarks/train_step.py                                   # B/16, 224 px, batch 16
   python benchmarks/train_step.py --methods vpt_deep,full --no_skip # plain formulation too
   python benchmarks/train_step.py --variant test/4 --image_size 32 --steps 3   # smoke run
+  python benchmarks/train_step.py --cpu_devices 2            # one XLA device per core
+  python benchmarks/train_step.py --methods vpt_deep,cvpt --prompt_counts 1,5,10,50,100,200
+  python benchmarks/train_step.py --eval                     # inference throughput
+
+With ``--cpu_devices N`` the batch is split over N CPU devices exactly as over
+a pod's chips (the same mesh code as training); on this 2-core machine XLA's
+batched attention matmuls run on one thread per device, so two devices use
+both cores where one device leaves one idle.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from configs import common  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import mesh  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
@@ -47,6 +56,14 @@ def parse_args(argv=None):
   parser.add_argument("--methods", default="vpt_deep,vpt_shallow,cvpt,linear,full,partial-1,"
                       "bias,adapter,lora")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+  parser.add_argument("--prompt_counts", default="",
+                      help="comma-separated prompt counts: one row per method and count "
+                           "(VPT-deep versus CVPT as the prompts grow)")
+  parser.add_argument("--eval", action="store_true",
+                      help="time the evaluation (inference) step instead of training")
+  parser.add_argument("--cpu_devices", type=int, default=0,
+                      help="on CPU, expose this many XLA devices (one per core) and shard "
+                           "the batch over them, as on a pod (0 = JAX's default, one device)")
   parser.add_argument("--no_skip", action="store_true",
                       help="also time the plain formulation (skip_dead_work=False)")
   return parser.parse_args(argv)
@@ -65,14 +82,30 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
   return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
-def measure(method: str, args, skip_dead_work: bool) -> dict:
-  """Times one method's train step; returns a row of the table."""
+def _time(compiled, arguments, steps: int, carry_state: bool) -> float:
+  """Median seconds of ``steps`` calls after one warm-up call."""
+  def call(arguments):
+    outputs = compiled(*arguments)
+    jax.block_until_ready(outputs)
+    # The train step donates its state: feed the new one back in.
+    return (outputs[0],) + tuple(arguments[1:]) if carry_state else arguments
+  arguments = call(arguments)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    arguments = call(arguments)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
+  """Times one method's train (or eval) step; returns a row of the table."""
   config = common.base_config()
   common.apply_method(config, method)
   config.model.variant = args.variant
   config.model.image_size = args.image_size
   config.model.skip_dead_work = skip_dead_work
-  config.prompt.num_prompts = args.num_prompts
+  config.prompt.num_prompts = num_prompts
   spec = factory.model_spec(config)
   model = factory.build_model(spec, args.num_classes)
   params = factory.init_variables(model, args.image_size, 0)["params"]
@@ -81,28 +114,32 @@ def measure(method: str, args, skip_dead_work: bool) -> dict:
   tx = optimizers.make_optimizer(
       labels, name=config.optim.name or methods.get_method(method).optimizer,
       learning_rate=schedule, weight_decay=1e-4)
-  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
+  data_mesh = mesh.make_data_mesh()
   rng = np.random.default_rng(0)
   size = args.image_size
   batch = {"image": rng.integers(0, 256, (args.batch_size, size, size, 3), dtype=np.uint8),
            "label": rng.integers(0, args.num_classes, (args.batch_size,)).astype(np.int32)}
-  step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule, **NORM),
-                    donate_argnums=(0,))
+  if args.eval:
+    state = mesh.put_replicated({"params": params}, data_mesh)
+    batch["mask"] = np.ones((args.batch_size,), bool)
+    step_fn = jax.jit(steps.make_eval_step(model, **NORM))
+    arguments = (state, mesh.global_batch(data_mesh, batch))
+    opt_bytes = 0
+  else:
+    state = mesh.put_replicated(
+        {"step": np.zeros([], np.int32), "params": params, "opt_state": tx.init(params)},
+        data_mesh)
+    step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule, **NORM),
+                      donate_argnums=(0,))
+    arguments = (state, mesh.global_batch(data_mesh, batch), jax.random.key(0))
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))
   began = time.perf_counter()
-  compiled = step_fn.lower(state, batch, jax.random.key(0)).compile()
+  compiled = step_fn.lower(*arguments).compile()
   compile_seconds = time.perf_counter() - began
-  flops = compiled.cost_analysis()["flops"]
-  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))
-  state, metrics = compiled(state, batch, jax.random.key(0))
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch, jax.random.key(0))
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  seconds = statistics.median(times)
-  return {"method": method + ("" if skip_dead_work else " (plain)"),
+  # cost_analysis() counts one device's program; the batch is split over all.
+  flops = compiled.cost_analysis()["flops"] * jax.device_count()
+  seconds = _time(compiled, arguments, args.steps, carry_state=not args.eval)
+  return {"method": method + ("" if skip_dead_work else " (plain)"), "prompts": num_prompts,
           "s/step": seconds, "img/s": args.batch_size / seconds, "GFLOP": flops / 1e9,
           "GFLOP/s": flops / 1e9 / seconds, "compile s": compile_seconds,
           "opt state MB": opt_bytes / 2**20,
@@ -111,22 +148,28 @@ def measure(method: str, args, skip_dead_work: bool) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   ceiling = matmul_gflops()
-  print(f"dense float32 matmul 2048^3: {ceiling:.1f} GFLOP/s; {args.variant} at "
+  print(f"{'eval' if args.eval else 'train'} step; "
+        f"dense float32 matmul 2048^3: {ceiling:.1f} GFLOP/s; {args.variant} at "
         f"{args.image_size} px, batch {args.batch_size}, {args.num_prompts} prompts, "
-        f"median of {args.steps} steps", flush=True)
-  columns = ["method", "s/step", "img/s", "GFLOP", "GFLOP/s", "% of matmul", "compile s",
-             "opt state MB", "peak RSS GB"]
+        f"median of {args.steps} steps, {jax.device_count()} device(s)", flush=True)
+  columns = ["method", "prompts", "s/step", "img/s", "GFLOP", "GFLOP/s", "% of matmul",
+             "compile s", "opt state MB", "peak RSS GB"]
   print("| " + " | ".join(columns) + " |")
   print("|" + "---|" * len(columns))
-  for method in args.methods.split(","):
-    for skip in ((True, False) if args.no_skip and methods.get_method(method).uses_prompts
-                 else (True,)):
-      row = measure(method, args, skip)
-      row["% of matmul"] = 100 * row["GFLOP/s"] / ceiling
-      print("| " + " | ".join(
-          row[c] if isinstance(row[c], str) else f"{row[c]:.3g}" for c in columns) + " |",
-            flush=True)
+  counts = [int(c) for c in args.prompt_counts.split(",")] if args.prompt_counts else [
+      args.num_prompts]
+  rows = [(method, skip, count) for count in counts for method in args.methods.split(",")
+          for skip in ((True, False) if args.no_skip and methods.get_method(method).uses_prompts
+                       else (True,))]
+  for method, skip, count in rows:
+    row = measure(method, args, skip, count)
+    row["% of matmul"] = 100 * row["GFLOP/s"] / ceiling
+    print("| " + " | ".join(
+        row[c] if isinstance(row[c], str) else f"{row[c]:.3g}" for c in columns) + " |",
+          flush=True)
 
 
 if __name__ == "__main__":
