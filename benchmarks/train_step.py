@@ -82,24 +82,37 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
   return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
-def _time(compiled, arguments, steps: int, carry_state: bool) -> float:
-  """Median seconds of ``steps`` calls after one warm-up call."""
-  def call(arguments):
-    outputs = compiled(*arguments)
+def run_steps(step: dict, count: int, arguments=None) -> tuple:
+  """Calls a ``build_step`` result ``count`` times; returns the next arguments.
+
+  The train step donates its state, so the new state is fed back in.
+  """
+  arguments = step["arguments"] if arguments is None else arguments
+  for _ in range(count):
+    outputs = step["compiled"](*arguments)
     jax.block_until_ready(outputs)
-    # The train step donates its state: feed the new one back in.
-    return (outputs[0],) + tuple(arguments[1:]) if carry_state else arguments
-  arguments = call(arguments)
+    if step["carry_state"]:
+      arguments = (outputs[0],) + tuple(arguments[1:])
+  return arguments
+
+
+def median_seconds(step: dict, count: int) -> float:
+  """Median seconds of ``count`` calls after one warm-up call."""
+  arguments = run_steps(step, 1)
   times = []
-  for _ in range(steps):
+  for _ in range(count):
     start = time.perf_counter()
-    arguments = call(arguments)
+    arguments = run_steps(step, 1, arguments)
     times.append(time.perf_counter() - start)
   return statistics.median(times)
 
 
-def measure(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
-  """Times one method's train (or eval) step; returns a row of the table."""
+def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
+  """One method's compiled train (or eval) step and its arguments, on the mesh.
+
+  Returns a dict with "compiled", "arguments" (a tuple), "carry_state" (the
+  step returns a new state to feed back), "opt_bytes" and "compile_seconds".
+  """
   config = common.base_config()
   common.apply_method(config, method)
   config.model.variant = args.variant
@@ -135,14 +148,20 @@ def measure(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))
   began = time.perf_counter()
   compiled = step_fn.lower(*arguments).compile()
-  compile_seconds = time.perf_counter() - began
+  return {"compiled": compiled, "arguments": arguments, "carry_state": not args.eval,
+          "opt_bytes": opt_bytes, "compile_seconds": time.perf_counter() - began}
+
+
+def measure(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
+  """Times one method's train (or eval) step; returns a row of the table."""
+  step = build_step(method, args, skip_dead_work, num_prompts)
   # cost_analysis() counts one device's program; the batch is split over all.
-  flops = compiled.cost_analysis()["flops"] * jax.device_count()
-  seconds = _time(compiled, arguments, args.steps, carry_state=not args.eval)
+  flops = step["compiled"].cost_analysis()["flops"] * jax.device_count()
+  seconds = median_seconds(step, args.steps)
   return {"method": method + ("" if skip_dead_work else " (plain)"), "prompts": num_prompts,
           "s/step": seconds, "img/s": args.batch_size / seconds, "GFLOP": flops / 1e9,
-          "GFLOP/s": flops / 1e9 / seconds, "compile s": compile_seconds,
-          "opt state MB": opt_bytes / 2**20,
+          "GFLOP/s": flops / 1e9 / seconds, "compile s": step["compile_seconds"],
+          "opt state MB": step["opt_bytes"] / 2**20,
           "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
