@@ -13,6 +13,7 @@ on the same machine, right before (the practical ceiling of this CPU).
   python benchmarks/train_step.py --cpu_devices 2            # one XLA device per core
   python benchmarks/train_step.py --methods vpt_deep,cvpt --prompt_counts 1,5,10,50,100,200
   python benchmarks/train_step.py --eval                     # inference throughput
+  python benchmarks/train_step.py --methods vpt_deep,vpt_deep:all  # vs full FT, same length
 
 With ``--cpu_devices N`` the batch is split over N CPU devices exactly as over
 a pod's chips (the same mesh code as training); on this 2-core machine XLA's
@@ -114,7 +115,12 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
   step returns a new state to feed back), "opt_bytes" and "compile_seconds".
   """
   config = common.base_config()
+  # "vpt_deep:all" = the prompted model with every parameter trainable: full
+  # fine-tuning's cost at VPT-deep's sequence length.
+  method, _, scope = method.partition(":")
   common.apply_method(config, method)
+  if scope == "all":
+    config.trainable_rules = ((".*", "train"),)
   config.model.variant = args.variant
   config.model.image_size = args.image_size
   config.model.skip_dead_work = skip_dead_work
@@ -180,9 +186,10 @@ def main(argv=None):
   print("|" + "---|" * len(columns))
   counts = [int(c) for c in args.prompt_counts.split(",")] if args.prompt_counts else [
       args.num_prompts]
+  def prompted(method):
+    return methods.get_method(method.partition(":")[0]).uses_prompts
   rows = [(method, skip, count) for count in counts for method in args.methods.split(",")
-          for skip in ((True, False) if args.no_skip and methods.get_method(method).uses_prompts
-                       else (True,))]
+          for skip in ((True, False) if args.no_skip and prompted(method) else (True,))]
   for method, skip, count in rows:
     row = measure(method, args, skip, count)
     row["% of matmul"] = 100 * row["GFLOP/s"] / ceiling
