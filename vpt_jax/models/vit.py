@@ -11,7 +11,9 @@ ever read from a backbone file.
 The math is that of the official ViT as used by the VPT reference (KMnP/vpt):
 patch convolution, CLS token, learned position embedding added before any
 prompt, pre-LN blocks with LayerNorm eps 1e-6, exact (erf) GELU, separate
-q/k/v projections, final ``encoder_norm``.
+q/k/v projections, final ``encoder_norm``. The MAE and MoCo v3 ViTs (variant
+prefixes "mae-" and "moco-", see FLAVOURS) are the same blocks with their
+checkpoints' sin-cos position embeddings; MAE pools through ``fc_norm``.
 
 The other adaptation methods add parameters under names of their own, never
 renaming a checkpoint parameter: ``cvpt/prompts`` (CVPT),
@@ -65,15 +67,57 @@ VIT_SIZES = {
 NAMED_VARIANTS = ("Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14")
 
 
+# Self-supervised flavours of the same architecture, selected by a variant
+# prefix ("mae-B/16", "moco-B/16"; "" = the supervised ViT). What differs is
+# the position embedding, the final norm and the pooling (vpt.md 1.8):
+#   mae:  MAE's fixed 2-D sin-cos embedding as loaded from its checkpoint (a
+#         parameter, trained only by `full`, like the reference's timm model);
+#         no final norm; the features are fc_norm(mean of the non-CLS tokens),
+#         prompts included, with a fresh LayerNorm ``fc_norm``.
+#   moco: MoCo v3's fixed 2-D sin-cos embedding, never trained (it lives under
+#         ``Transformer/posembed_fixed`` so the family can freeze it for every
+#         method); CLS after the final norm, as the supervised ViT.
+FLAVOURS = ("", "mae", "moco")
+# Flavour -> the position embedding's module name and initialisation (see
+# AddPositionEmbs.init_scheme).
+FLAVOUR_POSEMB = {"": ("posembed_input", "learned"),
+                  "mae": ("posembed_input", "sincos_columns_first"),
+                  "moco": ("posembed_fixed", "sincos_rows_first")}
+# The reference fine-tunes MAE with stochastic depth 0.1 (its `full` baseline,
+# timm drop_path_rate); the supervised ViT and MoCo v3 use none.
+FLAVOUR_DROP_PATH = {"": 0.0, "mae": 0.1, "moco": 0.0}
+
+
+def _split_flavour(variant: str) -> tuple[str, str]:
+  """"mae-B/16" -> ("mae", "B/16"); "B/16" -> ("", "B/16")."""
+  prefix, sep, rest = variant.partition("-")
+  if sep and prefix in FLAVOURS[1:]:
+    return prefix, rest
+  return "", variant
+
+
+def variant_flavour(variant: str) -> str:
+  """The flavour of a variant: "" (supervised), "mae" or "moco"."""
+  decode_variant(variant)  # unknown variants fail here, with the choices
+  return _split_flavour(variant)[0]
+
+
 def decode_variant(variant: str) -> tuple[ViTSize, int]:
-  """Parses "B/16" into (ViTSize, patch_size); raises ValueError with choices."""
-  size_name, sep, patch = variant.partition("/")
+  """Parses "B/16" (or "mae-B/16", "moco-B/16") into (ViTSize, patch_size).
+
+  The flavour prefix is ignored here (see ``variant_flavour``); unknown
+  variants raise ValueError with the choices.
+  """
+  _, rest = _split_flavour(variant)
+  size_name, sep, patch = rest.partition("/")
   if not sep or size_name not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
     import difflib  # pylint: disable=g-import-not-at-top
     close = difflib.get_close_matches(variant, NAMED_VARIANTS, n=3)
     raise ValueError(
         f"Unknown ViT variant {variant!r}. Use '<size>/<patch>' with size in "
-        f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}"
+        f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}, optionally prefixed "
+        f"by a self-supervised flavour ({', '.join(f + '-' for f in FLAVOURS[1:])}, "
+        "e.g. mae-B/16)"
         + (f"; did you mean {', '.join(close)}?" if close else "."))
   return VIT_SIZES[size_name], int(patch)
 
@@ -289,6 +333,10 @@ class Encoder1DBlock(nn.Module):
 
   Adapter (``adapter``): the MLP branch becomes y + Adapter(y), y = MLP(LN1 x).
   LoRA (``lora``) and E2VPT (``kv_prompts`` (B, N_kv, H, D/H)): see Attention.
+
+  Every argument may also be passed positionally: ``nn.remat`` holds only
+  positional arguments static (``BLOCK_STATIC_ARGNUMS``), so ``Encoder`` calls
+  each block that way.
   """
   mlp_dim: int
   num_heads: int
@@ -300,7 +348,7 @@ class Encoder1DBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, kv_only=None, num_outputs: Optional[int] = None,
+  def __call__(self, x, kv_only=None, num_outputs: Optional[int] = None,
                deterministic: bool = True, cross_prompts=None, kv_prompts=None,
                drop_path_deterministic: bool = True):
     """x: (B, N, D) -> (B, N or num_outputs, D)."""
@@ -348,19 +396,71 @@ class Encoder1DBlock(nn.Module):
     return x
 
 
+def sincos_posemb(grid_side: int, width: int, rows_first: bool) -> np.ndarray:
+  """2-D sin-cos position embedding of a square grid, with a zero CLS row.
+
+  Token t = r * grid_side + c (row-major patches) gets
+  [sin(a w), cos(a w), sin(b w), cos(b w)] with w_k = 10000^(-k / (width/4)),
+  k < width / 4, where (a, b) = (r, c) if ``rows_first`` (MoCo v3's layout:
+  its meshgrid puts the row first) and (c, r) otherwise (MAE's layout).
+
+  Returns:
+    float32 (1, 1 + grid_side^2, width); row 0 (CLS) is zero.
+  """
+  if width % 4:
+    raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, "
+                     f"got {width}")
+  omega = 1.0 / 10000.0 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
+  rows, cols = np.divmod(np.arange(grid_side * grid_side, dtype=np.float64), grid_side)
+  first, second = (rows, cols) if rows_first else (cols, rows)
+  angles_a, angles_b = np.outer(first, omega), np.outer(second, omega)
+  grid = np.concatenate([np.sin(angles_a), np.cos(angles_a), np.sin(angles_b),
+                         np.cos(angles_b)], axis=1)
+  return np.concatenate([np.zeros((1, width)), grid])[None].astype(np.float32)
+
+
+POSEMB_INITS = ("learned", "sincos_rows_first", "sincos_columns_first")
+
+
 class AddPositionEmbs(nn.Module):
-  """Adds a learned position embedding (1, N, D) to (B, N, D) tokens."""
+  """Adds a position embedding parameter (1, N, D) to (B, N, D) tokens.
+
+  ``init_scheme``: "learned" draws N(0, 0.02); the sin-cos schemes start from
+  ``sincos_posemb`` (N = 1 + a square grid; row 0 is CLS's).
+  """
+  init_scheme: str = "learned"
 
   @nn.compact
   def __call__(self, x):
-    pos_embedding = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
-                               (1,) + x.shape[1:])
+    if self.init_scheme == "learned":
+      init = nn.initializers.normal(stddev=0.02)
+    elif self.init_scheme in POSEMB_INITS:
+      grid_side = math.isqrt(x.shape[1] - 1)
+      if grid_side * grid_side != x.shape[1] - 1:
+        raise ValueError(f"a sin-cos position embedding needs a square patch grid, got "
+                         f"{x.shape[1] - 1} patches")
+      table = sincos_posemb(grid_side, x.shape[2], self.init_scheme == "sincos_rows_first")
+      init = lambda key, shape: jnp.asarray(table)
+    else:
+      raise ValueError(f"Unknown position embedding init {self.init_scheme!r}; choose one "
+                       f"of {POSEMB_INITS}")
+    pos_embedding = self.param("pos_embedding", init, (1,) + x.shape[1:])
     return x + pos_embedding.astype(x.dtype)
 
 
 def insert_after_cls(tokens, inserted):
   """[CLS, rest] + inserted -> [CLS, inserted, rest]. (B,1+N,D),(B,P,D)->(B,1+P+N,D)."""
   return jnp.concatenate([tokens[:, :1], inserted, tokens[:, 1:]], axis=1)
+
+
+# Rematerialisation of the encoder blocks: "none" keeps every activation the
+# backward pass reads; "block" keeps only each block's input and recomputes the
+# block's inside during the backward pass (less memory, about one more forward).
+REMAT_MODES = ("none", "block")
+# Encoder1DBlock.__call__'s Python-valued arguments (num_outputs, deterministic,
+# drop_path_deterministic), counted with self as 0: nn.remat traces every other
+# argument, and these decide shapes and control flow.
+BLOCK_STATIC_ARGNUMS = (3, 4, 7)
 
 
 class Encoder(nn.Module):
@@ -375,6 +475,14 @@ class Encoder(nn.Module):
   the sequence), ``kv_prompts`` (depth, B, N_kv, H, D/H) E2VPT's. Block l's drop
   path rate is ``stochastic_depth * l / (depth - 1)`` (timm's linear ramp),
   active when ``drop_path_deterministic`` is False.
+
+  ``remat`` (one of REMAT_MODES): with "block" every block is wrapped in
+  ``nn.remat``; the parameters, outputs and gradients are unchanged.
+
+  ``flavour`` (FLAVOURS) picks the position embedding (FLAVOUR_POSEMB); "mae"
+  returns the last block's tokens without the final norm. The caller passes
+  the pool the head really reads (MAE's mean is "imgprompt_pool"), so that
+  ``skip_dead_work`` keeps every token it averages.
   """
   depth: int
   mlp_dim: int
@@ -387,11 +495,18 @@ class Encoder(nn.Module):
   adapter: Optional[AdapterOptions] = None
   lora: Optional[LoraOptions] = None
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
+  flavour: str = ""
 
   @nn.compact
   def __call__(self, x, prompts=None, *, deterministic: bool = True, cross_prompts=None,
                kv_prompts=None, drop_path_deterministic: bool = True):
-    x = AddPositionEmbs(name="posembed_input")(x)
+    if self.remat not in REMAT_MODES:
+      raise ValueError(f"Unknown remat {self.remat!r}; choose one of {REMAT_MODES}")
+    block_class = (nn.remat(Encoder1DBlock, static_argnums=BLOCK_STATIC_ARGNUMS)
+                   if self.remat == "block" else Encoder1DBlock)
+    posemb_name, posemb_init = FLAVOUR_POSEMB[self.flavour]
+    x = AddPositionEmbs(posemb_init, name=posemb_name)(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     num_prompts = 0 if prompts is None else prompts.shape[2]
     deep = num_prompts > 0 and prompts.shape[0] > 1
@@ -416,15 +531,18 @@ class Encoder(nn.Module):
         else:
           kv_only = prompts[layer]
       num_outputs = 1 if (last and self.skip_dead_work and self.pool == "original") else None
-      x = Encoder1DBlock(
+      # Positional: nn.remat's static arguments (BLOCK_STATIC_ARGNUMS) must be.
+      x = block_class(
           self.mlp_dim, self.num_heads, self.dropout_rate,
           drop_path_rate=self.stochastic_depth * layer / max(self.depth - 1, 1),
           cross_insert=self.cross_insert, adapter=self.adapter, lora=self.lora,
           dtype=self.dtype, name=f"encoderblock_{layer}")(
-              x, kv_only=kv_only, num_outputs=num_outputs, deterministic=deterministic,
-              cross_prompts=None if cross_prompts is None else cross_prompts[layer],
-              kv_prompts=None if kv_prompts is None else kv_prompts[layer],
-              drop_path_deterministic=drop_path_deterministic)
+              x, kv_only, num_outputs, deterministic,
+              None if cross_prompts is None else cross_prompts[layer],
+              None if kv_prompts is None else kv_prompts[layer],
+              drop_path_deterministic)
+    if self.flavour == "mae":  # MAE's pooled features get fc_norm instead
+      return x
     return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
                         name="encoder_norm")(x)
 
@@ -476,17 +594,28 @@ class VisionTransformer(nn.Module):
 
   Attributes:
     num_classes: classifier outputs.
-    variant: "<size>/<patch>", e.g. "B/16".
+    variant: "<size>/<patch>", e.g. "B/16", optionally with a flavour prefix
+      ("mae-B/16", "moco-B/16"; see FLAVOURS).
     dropout_rate: backbone dropout (embedding and MLP), active only when
       ``backbone_dropout`` and training (full fine-tuning, as the reference).
     num_prompts, deep_prompts, prompt_dropout, prompt_projection: VPT (0 = none).
-    pool: "original" (CLS after encoder_norm) or an ablation pool.
+    pool: "original" (CLS after encoder_norm; for MAE fc_norm of the mean of
+      all non-CLS tokens) or an ablation pool (for MAE followed by fc_norm).
     skip_dead_work: compute only what the head reads (exact rewrite).
     head_hidden_layers, head_dropout, head_init: the head (``heads.Head``);
       hidden layers > 0 make the reference's MLP-k head (with BatchNorm).
     cvpt_options, e2vpt_options, vfpt_options, adapter_options, lora_options,
       side_options: the methods' additions (None = off); see the option
       dataclasses and the modules above.
+    dtype: the backbone's compute dtype. With bfloat16 the patch embedding,
+      the blocks (matmuls, activations, residual stream) and the final norm run
+      in bfloat16, while every parameter is stored in float32 and cast at use,
+      LayerNorm statistics and the attention softmax are float32, prompts are
+      made in float32 and cast as they enter the sequence, and the pooled
+      features, the head and its logits are float32 (so are the loss, the
+      gradients and the optimizer state, which follow the parameters).
+    remat: "none" or "block" (``REMAT_MODES``): recompute each block's
+      activations in the backward pass instead of keeping them.
   """
   num_classes: int
   variant: str = "B/16"
@@ -508,6 +637,7 @@ class VisionTransformer(nn.Module):
   lora_options: Optional[LoraOptions] = None
   side_options: Optional[SideOptions] = None
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_features: bool = False,
@@ -564,18 +694,31 @@ class VisionTransformer(nn.Module):
           size.width // size.num_heads, dropout_rate=self.e2vpt_options.dropout,
           name="e2vpt")(batch, train=train)
 
+    flavour = variant_flavour(self.variant)
+    # MAE's "original" representation is the mean of every non-CLS token,
+    # prompts included (the reference's global pool), i.e. imgprompt_pool.
+    pool = "imgprompt_pool" if flavour == "mae" and self.pool == "original" else self.pool
+    if self.cvpt_options is not None:  # CVPT's stochastic depth, whenever training
+      drop_path, drop_path_deterministic = self.cvpt_options.drop_path, not train
+    else:  # the flavour's, only when the backbone trains in train mode (full)
+      drop_path = FLAVOUR_DROP_PATH[flavour]
+      drop_path_deterministic = not (train and self.backbone_dropout)
     encoded = Encoder(
         depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads,
-        dropout_rate=self.dropout_rate, pool=self.pool,
+        dropout_rate=self.dropout_rate, pool=pool,
         skip_dead_work=self.skip_dead_work,
-        stochastic_depth=getattr(self.cvpt_options, "drop_path", 0.0),
+        stochastic_depth=drop_path,
         cross_insert=getattr(self.cvpt_options, "insert", 3),
         adapter=self.adapter_options, lora=self.lora_options,
-        dtype=self.dtype, name="Transformer")(
+        dtype=self.dtype, remat=self.remat, flavour=flavour, name="Transformer")(
             tokens, prompts, deterministic=not (train and self.backbone_dropout),
             cross_prompts=cross_prompts, kv_prompts=kv_prompts,
-            drop_path_deterministic=not train)
-    features = pool_tokens(encoded, self.pool, self.num_prompts).astype(jnp.float32)
+            drop_path_deterministic=drop_path_deterministic)
+    features = pool_tokens(encoded, pool, self.num_prompts)
+    if flavour == "mae":  # a fresh LayerNorm; MAE's checkpoint has none
+      features = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
+                              name="fc_norm")(features)
+    features = features.astype(jnp.float32)
     if self.side_options is not None:
       features = SideNetwork(self.side_options.widths, dtype=self.dtype, name="side")(
           images, features).astype(jnp.float32)

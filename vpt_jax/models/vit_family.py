@@ -1,16 +1,21 @@
 """The ViT family for ``backbones``: supervised ViTs and their MAE/MoCo flavours.
 
-Builds ``vit.VisionTransformer`` from a model spec, checks the spec and names
-the blocks (``Transformer/encoderblock_i``) for partial-k.
+Builds ``vit.VisionTransformer`` from a model spec, checks the spec, names
+the blocks (``Transformer/encoderblock_i``) for partial-k and converts timm-style
+PyTorch state dicts (MAE, MoCo v3, timm ViTs) to the model's names
+(``convert_torch``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
+from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.models import prompts as prompts_lib
@@ -77,7 +82,10 @@ def _validate_settings(method: methods_lib.Method, spec: Mapping[str, Any]) -> N
 
 def validate(spec: Mapping[str, Any], method: methods_lib.Method) -> None:
   """ViT-specific checks: patch divisibility, pool and the method's settings."""
-  _, patch = vit.decode_variant(spec["variant"])
+  size, patch = vit.decode_variant(spec["variant"])
+  if vit.variant_flavour(spec["variant"]) and size.width % 4:
+    raise ValueError(f"{spec['variant']} uses a 2-D sin-cos position embedding, which "
+                     f"needs a width divisible by 4 (got {size.width})")
   if spec["image_size"] < patch or spec["image_size"] % patch:
     raise ValueError(
         f"image size {spec['image_size']} is not divisible by the patch size {patch} of "
@@ -111,6 +119,7 @@ def build(spec: Mapping[str, Any], num_classes: int,
       head_dropout=(spec.get("mlp") or {}).get("dropout", 0.1),
       head_init=method.head_init,
       dtype=DTYPES[spec["dtype"]],
+      remat=spec.get("remat", "none"),  # specs written before the field: none
       **options)
 
 
@@ -120,6 +129,176 @@ def block_patterns(variant: str) -> list[str]:
   return [f"Transformer/encoderblock_{i}" for i in range(size.depth)]
 
 
+# ----------------------------------------------------------------------------
+# PyTorch (timm-style) state dicts: MAE, MoCo v3 and timm ViTs.
+
+# Keys that are not part of the backbone, dropped by every conversion: the
+# classifier (timm "head", MoCo v3's projection MLP "head.*") and timm's
+# 21k "pre_logits" layer, which the reference does not use either.
+_TORCH_DROPPED = (r"head\..*", r"pre_logits\..*")
+# MAE's pretraining decoder (in its "visualize" checkpoints) and the encoder's
+# final norm, which the reference's global-pool model deletes (vpt.md 1.8).
+_MAE_DROPPED = (r"decoder_.*", r"mask_token", r"norm\.(weight|bias)")
+# MoCo v3 pretraining checkpoints hold both encoders and the predictor; the
+# backbone is the base encoder.
+_MOCO_ENCODER = "base_encoder."
+_MOCO_OTHERS = ("momentum_encoder.", "predictor.")
+
+
+def _strip_wrappers(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+  """Removes "module." and MoCo's "base_encoder."; returns (arrays, dropped keys)."""
+  arrays = dict(state_dict)
+  if arrays and all(key.startswith("module.") for key in arrays):
+    arrays = {key[len("module."):]: value for key, value in arrays.items()}
+  dropped = []
+  if any(key.startswith(_MOCO_ENCODER) for key in arrays):
+    dropped = [key for key in arrays if key.startswith(_MOCO_OTHERS)]
+    arrays = {key[len(_MOCO_ENCODER):] if key.startswith(_MOCO_ENCODER) else key: value
+              for key, value in arrays.items() if not key.startswith(_MOCO_OTHERS)}
+  return arrays, dropped
+
+
+def _torch_layout(variant: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """timm key -> (model key, timm shape) for every tensor of the variant.
+
+  The position embedding's token count is left as -1: it is resampled on
+  merge when the image size differs.
+  """
+  size, patch = vit.decode_variant(variant)
+  flavour = vit.variant_flavour(variant)
+  width, mlp = size.width, size.mlp_dim
+  posemb_module = vit.FLAVOUR_POSEMB[flavour][0]
+  layout = {
+      "cls_token": ("cls", (1, 1, width)),
+      "pos_embed": (f"Transformer/{posemb_module}/pos_embedding", (1, -1, width)),
+      "patch_embed.proj.weight": ("embedding/kernel", (width, 3, patch, patch)),
+      "patch_embed.proj.bias": ("embedding/bias", (width,)),
+  }
+  for i in range(size.depth):
+    block, ours = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+    attention = ours + "MultiHeadDotProductAttention_0/"
+    layout.update({
+        block + "norm1.weight": (ours + "LayerNorm_0/scale", (width,)),
+        block + "norm1.bias": (ours + "LayerNorm_0/bias", (width,)),
+        # Fused q/k/v, split on conversion (model keys named by their prefix).
+        block + "attn.qkv.weight": (attention + "{query,key,value}/kernel", (3 * width, width)),
+        block + "attn.qkv.bias": (attention + "{query,key,value}/bias", (3 * width,)),
+        block + "attn.proj.weight": (attention + "out/kernel", (width, width)),
+        block + "attn.proj.bias": (attention + "out/bias", (width,)),
+        block + "norm2.weight": (ours + "LayerNorm_1/scale", (width,)),
+        block + "norm2.bias": (ours + "LayerNorm_1/bias", (width,)),
+        block + "mlp.fc1.weight": (ours + "MlpBlock_0/Dense_0/kernel", (mlp, width)),
+        block + "mlp.fc1.bias": (ours + "MlpBlock_0/Dense_0/bias", (mlp,)),
+        block + "mlp.fc2.weight": (ours + "MlpBlock_0/Dense_1/kernel", (width, mlp)),
+        block + "mlp.fc2.bias": (ours + "MlpBlock_0/Dense_1/bias", (width,)),
+    })
+  if flavour == "mae":
+    layout["fc_norm.weight"] = ("fc_norm/scale", (width,))
+    layout["fc_norm.bias"] = ("fc_norm/bias", (width,))
+  else:
+    layout["norm.weight"] = ("Transformer/encoder_norm/scale", (width,))
+    layout["norm.bias"] = ("Transformer/encoder_norm/bias", (width,))
+  return layout
+
+
+def _file_architecture(arrays: Mapping[str, Any]) -> str:
+  """"width 768, 12 blocks, patch 16" as far as the file's shapes tell."""
+  facts = []
+  if "cls_token" in arrays:
+    facts.append(f"width {np.shape(arrays['cls_token'])[-1]}")
+  blocks = {int(m.group(1)) for key in arrays if (m := re.match(r"blocks\.(\d+)\.", key))}
+  if blocks:
+    facts.append(f"{max(blocks) + 1} blocks")
+  if np.ndim(arrays.get("patch_embed.proj.weight")) == 4:
+    facts.append(f"patch {np.shape(arrays['patch_embed.proj.weight'])[-1]}")
+  return ", ".join(facts) or "no ViT tensors"
+
+
+def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.ndarray]:
+  """A timm-style ViT state dict (MAE, MoCo v3, timm) -> the model's flat keys.
+
+  Names (timm / MAE / MoCo v3, vpt.md 3): ``cls_token``, ``pos_embed``,
+  ``patch_embed.proj.{weight,bias}``, ``blocks.{i}.{norm1, attn.qkv, attn.proj,
+  norm2, mlp.fc1, mlp.fc2}.{weight,bias}``, ``norm`` (``fc_norm`` for MAE).
+  Linear weights (out, in) are transposed; the fused ``attn.qkv`` (3D, D) is
+  split into query/key/value kernels (D, heads, D/heads) and biases (heads,
+  D/heads): output row ``w * D + h * D/heads + d`` of the fused projection is
+  head h, dimension d of q/k/v for w = 0/1/2 (timm's reshape). ``attn.proj``
+  (D, D) becomes the out kernel (heads, D/heads, D); the patch convolution
+  (D, 3, P, P) becomes HWIO (P, P, 3, D).
+
+  Flavours: MAE drops ``norm`` (the reference replaces it by a fresh
+  ``fc_norm``: ones and zeros unless the file has one) and any pretraining
+  decoder; MoCo v3's position embedding goes to ``Transformer/posembed_fixed``;
+  MoCo v3 pretraining files keep only ``base_encoder.``. A ``module.`` prefix
+  and every classifier (``head.*``, ``pre_logits.*``) are dropped.
+
+  Raises:
+    npz.CheckpointMismatchError: listing the missing keys, the unexpected keys
+      and the shape mismatches (file names), with the file's architecture.
+  """
+  flavour = vit.variant_flavour(variant)
+  size, _ = vit.decode_variant(variant)
+  arrays, _ = _strip_wrappers(state_dict)
+  dropped = _TORCH_DROPPED + (_MAE_DROPPED if flavour == "mae" else ())
+  arrays = {key: value for key, value in arrays.items()
+            if not any(re.fullmatch(pattern, key) for pattern in dropped)}
+  layout = _torch_layout(variant)
+  if flavour == "mae":  # the reference's fc_norm is new: LayerNorm's own init
+    arrays.setdefault("fc_norm.weight", np.ones(size.width, np.float32))
+    arrays.setdefault("fc_norm.bias", np.zeros(size.width, np.float32))
+  missing = sorted(key for key in layout if key not in arrays)
+  unexpected = sorted(key for key in arrays if key not in layout)
+  mismatched = []
+  for key, (_, want) in layout.items():
+    if key in arrays:
+      shape = tuple(np.shape(arrays[key]))
+      if len(shape) != len(want) or any(w not in (-1, s) for s, w in zip(shape, want)):
+        mismatched.append((key, shape, tuple(want)))
+  if missing or unexpected or mismatched:
+    lines = [f"The PyTorch state dict does not fit {variant} (file: "
+             f"{_file_architecture(arrays)}; variant: width {size.width}, {size.depth} "
+             "blocks):"]
+    for title, keys in (("missing", missing), ("unexpected", unexpected)):
+      if keys:
+        lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20])
+                     + (" ..." if len(keys) > 20 else ""))
+    lines += [f"  {key}: file {shape} vs expected {want}" for key, shape, want in mismatched]
+    lines.append("Hint: pick the variant of the checkpoint (e.g. mae-B/16 for "
+                 "mae_pretrain_vit_base.pth, moco-B/16 for linear-vit-b-300ep.pth.tar).")
+    raise npz_lib.CheckpointMismatchError("\n".join(lines), missing, unexpected, mismatched)
+
+  heads = size.num_heads
+  head_dim = size.width // heads
+  out: dict[str, np.ndarray] = {}
+  for key, (ours, _) in layout.items():
+    value = np.asarray(arrays[key])
+    if key.endswith("attn.qkv.weight"):
+      prefix = ours.split("{")[0]
+      for index, name in enumerate(("query", "key", "value")):
+        rows = value[index * size.width:(index + 1) * size.width]  # (D_out, D_in)
+        out[f"{prefix}{name}/kernel"] = rows.T.reshape(size.width, heads, head_dim)
+    elif key.endswith("attn.qkv.bias"):
+      prefix = ours.split("{")[0]
+      for index, name in enumerate(("query", "key", "value")):
+        out[f"{prefix}{name}/bias"] = value[index * size.width:(index + 1) * size.width
+                                            ].reshape(heads, head_dim)
+    elif key.endswith("attn.proj.weight"):
+      out[ours] = value.T.reshape(heads, head_dim, size.width)
+    elif key == "patch_embed.proj.weight":
+      out[ours] = value.transpose(2, 3, 1, 0)
+    elif value.ndim == 2:  # Linear (out, in) -> Dense kernel (in, out)
+      out[ours] = value.T
+    else:
+      out[ours] = value
+  return out
+
+
 FAMILIES = {"vit": backbones.Family(
     name="vit", build=build, validate=validate, block_patterns=block_patterns,
-    final_norm=r"Transformer/encoder_norm/.*")}
+    # MAE has no encoder_norm: partial-k trains its fc_norm instead.
+    final_norm=r"(Transformer/encoder_norm|fc_norm)/.*",
+    # MoCo v3's sin-cos position embedding is fixed (requires_grad=False in
+    # the reference, even for full fine-tuning).
+    always_frozen=(r"Transformer/posembed_fixed/.*",),
+    convert_torch=convert_torch)}
