@@ -5,6 +5,8 @@ r"""Command-line entry point: parses flags and calls into vpt_jax.
       --workdir /tmp/dmlab [--mode train|evaluate|export|predict]
   python run.py --config configs/vtab_protocol.py:method=vpt_deep,tasks=dmlab+eurosat \
       --workdir /results/vpt_deep [--mode train|report]
+  python run.py --mode predict --tasks cifar=/exports/cifar,dtd=/exports/dtd \
+      --inputs cifar:a.png,dtd:b.jpg [--backbone ViT-B_16.npz] [--output predictions.jsonl]
 """
 
 import sys
@@ -30,7 +32,22 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for --distributed by hand.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
-flags.mark_flags_as_required(["config", "workdir"])
+_TASKS = flags.DEFINE_string(
+    "tasks", None, "--mode=predict on many tasks sharing one backbone: name=export_dir,... "
+    "(then no --config/--workdir; the exports describe their models).")
+_INPUTS = flags.DEFINE_string("inputs", None, "With --tasks: task:image_path,... or a .csv "
+                              "file with the columns task,file.")
+_BACKBONE = flags.DEFINE_string("backbone", None, "With --tasks: the backbone file (default: "
+                                "the path the exports recorded).")
+_OUTPUT = flags.DEFINE_string("output", None, "With --tasks: also write the JSON lines here.")
+
+
+@flags.multi_flags_validator(
+    ["config", "workdir", "tasks"],
+    message="--config and --workdir are required (except with --mode=predict --tasks=...)")
+def _config_and_workdir_given(values):
+  return bool(values["tasks"]) or (values["config"] is not None
+                                    and values["workdir"] is not None)
 
 
 def main(argv):
@@ -38,6 +55,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
     cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _TASKS.value:
+    if _MODE.value != "predict" or _CONFIG.value is not None or _WORKDIR.value is not None:
+      raise app.UsageError("--tasks serves task exports: use it with --mode=predict and "
+                           "--inputs, without --config/--workdir (the exports hold the models)")
+    if not _INPUTS.value:
+      raise app.UsageError("--tasks needs --inputs=task:image_path,... (or a .csv file)")
+    cli.predict_tasks(_TASKS.value, _INPUTS.value, _BACKBONE.value or "", _OUTPUT.value or "")
+    return
   cli.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 

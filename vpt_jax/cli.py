@@ -82,6 +82,83 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                              num_processes=num_processes, process_id=process_id)
 
 
+def parse_task_exports(text: str) -> dict[str, str]:
+  """"name1=dir1,name2=dir2" -> {name: export directory} (run.py --tasks)."""
+  exports = {}
+  for item in (part.strip() for part in text.split(",")):
+    if not item:
+      continue
+    name, sep, directory = item.partition("=")
+    if not sep or not name or not directory:
+      raise ValueError(f"--tasks item {item!r} must be name=export_dir, e.g. "
+                       "--tasks=cifar=/exports/cifar,dtd=/exports/dtd")
+    if name in exports:
+      raise ValueError(f"--tasks names task {name!r} twice")
+    exports[name] = directory
+  if not exports:
+    raise ValueError("--tasks is empty; give name=export_dir pairs")
+  return exports
+
+
+def parse_predict_inputs(text: str) -> list[tuple[str, str]]:
+  """run.py --inputs -> [(task, image path)].
+
+  ``text`` is either comma-separated "task:path" pairs (the path may itself
+  contain ':', e.g. gs://...) or the path of a .csv file with a header row and
+  the columns ``task`` and ``file``.
+  """
+  text = text.strip()
+  if text.endswith(".csv"):
+    import csv  # pylint: disable=g-import-not-at-top
+    if not os.path.exists(text):
+      raise ValueError(f"--inputs file {text!r} does not exist")
+    with open(text, newline="") as f:
+      reader = csv.DictReader(f)
+      if not reader.fieldnames or not {"task", "file"} <= set(reader.fieldnames):
+        raise ValueError(f"{text}: the first row must name the columns 'task' and 'file', "
+                         f"got {reader.fieldnames}")
+      pairs = [(row["task"].strip(), row["file"].strip()) for row in reader]
+  else:
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+      if not item:
+        continue
+      task, sep, path = item.partition(":")
+      if not sep or not task or not path:
+        raise ValueError(f"--inputs item {item!r} must be task:image_path, e.g. "
+                         "--inputs=cifar:a.png,dtd:b.jpg (or a .csv with task,file columns)")
+      pairs.append((task, path))
+  if not pairs:
+    raise ValueError("--inputs lists no images; give task:path pairs or a .csv file")
+  return pairs
+
+
+def predict_tasks(tasks: str, inputs: str, backbone_path: str = "", output: str = "",
+                  top_k: int = 5, batch_size: int = 32) -> list[dict]:
+  """run.py --mode=predict --tasks=...: many task exports on one backbone.
+
+  Prints one JSON line per input ({"task", "file", "class", "probability",
+  "classes"}, see ``serving.MultiTaskServer.classify_files``) and, with
+  ``output``, writes the same lines to that file. Returns the results.
+  """
+  from vpt_jax.export import serving  # pylint: disable=g-import-not-at-top
+  exports = parse_task_exports(tasks)
+  pairs = parse_predict_inputs(inputs)
+  unknown = sorted({task for task, _ in pairs} - set(exports))
+  if unknown:
+    raise ValueError(f"--inputs names tasks {unknown} that --tasks does not load; "
+                     f"loaded: {sorted(exports)}")
+  server = serving.MultiTaskServer(exports, backbone_path or None)
+  results = server.classify_files(pairs, top_k=top_k, batch_size=batch_size)
+  lines = [json.dumps(result) for result in results]
+  for line in lines:
+    print(line)
+  if output:
+    with open(output, "w") as f:
+      f.write("".join(line + "\n" for line in lines))
+  return results
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   """Dispatches one command; returns what the mode produced."""
   # Imported here so that `run.py --help` stays fast.
