@@ -109,3 +109,20 @@ def test_bad_config_arguments_name_the_closest_valid_key():
   assert "unknown config key 'optim.base_lrate'" in problem and "optim.base_lr" in problem
   assert cli.check_command_line(["--config=configs/vpt.py", "--config.optim.base_lr=1"]) is None
   assert "does not exist" in cli.check_command_line(["--config=configs/nope.py"])
+
+
+def test_cpu_devices_splits_the_host_and_refuses_to_come_late():
+  """--cpu_devices N gives N XLA devices; after JAX made its backends it is an error."""
+  script = ("from vpt_jax import cli\n"
+            "cli.set_cpu_devices(2)\n"
+            "import jax\n"
+            "print(jax.device_count())\n"
+            "try:\n"
+            "  cli.set_cpu_devices(3)\n"
+            "except RuntimeError as e:\n"
+            "  print('refused:', e)\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  lines = result.stdout.splitlines()
+  assert lines[0] == "2"
+  assert lines[1].startswith("refused: --cpu_devices=3 came too late")

@@ -35,6 +35,16 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def set_cpu_devices(count: int) -> None:
+  """Exposes ``count`` XLA CPU devices; must run before JAX creates its backends."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError as e:
+    raise RuntimeError(f"--cpu_devices={count} came too late: JAX had already created its "
+                       f"devices ({e}); pass it before anything else runs") from e
+
+
 def check_command_line(argv: Sequence[str]) -> Optional[str]:
   """Finds bad --config arguments and overrides before absl parses them.
 
