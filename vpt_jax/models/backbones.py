@@ -13,7 +13,7 @@ convnext        "convnext-B"                    ``convnets``
 resnet          "resnet-50"                     ``convnets``
 ==============  ==============================  =====================================
 
-Each family module exposes ``FAMILY``, a ``Family`` whose functions take the
+Each family module exposes ``FAMILIES``, {name: ``Family``}, whose functions take the
 model spec of ``factory.model_spec`` (a plain dict) and the ``methods.Method``.
 """
 

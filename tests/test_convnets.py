@@ -1,0 +1,506 @@
+"""ResNet and ConvNeXt backbones with VPT's pad prompts (vpt.md 1.11).
+
+The Flax models are checked against NumPy forwards that read the official
+PyTorch state dicts directly (tests/numpy_convnets.py), the conversion against
+hand-placed elements, every supported method by a few real training steps, and
+the full-size models by closed-form parameter counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import numpy_convnets as ref
+import torch_fixtures
+from configs import common
+from vpt_jax.checkpoints import npz
+from vpt_jax.models import convnets
+from vpt_jax.models import factory
+from vpt_jax.models import methods
+from vpt_jax.training import optimizers
+from vpt_jax.training import partition
+from vpt_jax.training import steps
+
+CLASSES = 5
+# The tiny sizes of convnets.RESNET_SIZES["test"] / CONVNEXT_SIZES["test"].
+RESNET_TEST = dict(stem=8, widths=(4, 8), blocks=(1, 2))
+CONVNEXT_TEST = dict(dims=(8, 16), depths=(1, 2))
+
+
+def torch_state(variant: str, seed: int = 0) -> dict:
+  if variant == "resnet-test":
+    return ref.torch_resnet_state_dict(**RESNET_TEST, seed=seed)
+  return ref.torch_convnext_state_dict(**CONVNEXT_TEST, seed=seed)
+
+
+def numpy_features(variant, state, images, prompts=None, p=0):
+  forward = ref.resnet_features if variant.startswith("resnet") else ref.convnext_features
+  return forward(state, images, prompts, p)
+
+
+def model_for(variant: str, num_prompts: int = 0):
+  module = convnets.ResNet if variant.startswith("resnet") else convnets.ConvNeXt
+  return module(num_classes=CLASSES, variant=variant, num_prompts=num_prompts)
+
+
+def flax_prompts(tb, lr) -> dict:
+  """The reference's NCHW prompt tensors in the model's NHWC layout."""
+  return {"top_bottom": tb[0].transpose(1, 2, 0).astype(np.float32),
+          "left_right": lr[0].transpose(1, 2, 0).astype(np.float32)}
+
+
+def images_of(size: int, seed: int = 1, batch: int = 2) -> np.ndarray:
+  return np.random.default_rng(seed).normal(0, 1, (batch, size, size, 3)).astype(np.float32)
+
+
+def random_variables(model, image_size: int, seed: int = 0) -> dict:
+  """Values for every variable of ``model`` without running (compiling) its init.
+
+  Random N(0, 0.1) weights, U(0, 1) prompt pixels, BatchNorm scales and
+  variances 1, means 0; tests overwrite the backbone from a state dict.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, image_size, image_size, 3)))
+  rng = np.random.default_rng(seed)
+
+  def value(path, shape):
+    if path.startswith("vpt/"):
+      return rng.uniform(0, 1, shape.shape).astype(np.float32)
+    if path.endswith(("/var", "/scale")):
+      return np.ones(shape.shape, np.float32)
+    if path.endswith("/mean"):
+      return np.zeros(shape.shape, np.float32)
+    return rng.normal(0, 0.1, shape.shape).astype(np.float32)
+  return {collection: partition.unflatten({p: value(p, s) for p, s in
+                                           partition.flatten(tree).items()})
+          for collection, tree in shapes.items()}
+
+
+@functools.cache
+def forward(model):
+  """One compiled program per model: (features, logits)."""
+  return jax.jit(lambda variables, images: (
+      model.apply(variables, images, return_features=True), model.apply(variables, images)))
+
+
+# ----------------------------------------------------------------------------
+# Pad prompts.
+
+
+def test_pad_prompts_frame_the_image_like_the_reference():
+  p, height, width = 2, 3, 4  # non-square, so rows and columns cannot be confused
+  rng = np.random.default_rng(0)
+  top_bottom = rng.uniform(0, 1, (2 * p, width + 2 * p, 3)).astype(np.float32)
+  left_right = rng.uniform(0, 1, (height, 2 * p, 3)).astype(np.float32)
+  images = rng.normal(0, 1, (2, height, width, 3)).astype(np.float32)
+  framed = np.asarray(convnets.PadPrompts(p).apply(
+      {"params": {"top_bottom": top_bottom, "left_right": left_right}}, images))
+
+  norm = lambda t: (t - ref.IMAGENET_MEAN) / ref.IMAGENET_STD
+  expected = np.zeros((2, height + 2 * p, width + 2 * p, 3))
+  expected[:, p:p + height, p:p + width] = images
+  expected[:, p:p + height, :p] = norm(left_right[:, :p])
+  expected[:, p:p + height, p + width:] = norm(left_right[:, p:])
+  expected[:, :p, :] = norm(top_bottom[:p])
+  expected[:, p + height:, :] = norm(top_bottom[p:])
+  np.testing.assert_allclose(framed, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pad_prompts_start_uniform_in_pixel_units_with_the_reference_shapes():
+  shapes = jax.eval_shape(convnets.PadPrompts(5).init, jax.random.key(0),
+                          jnp.zeros((1, 224, 224, 3)))["params"]
+  assert shapes["top_bottom"].shape == (10, 234, 3)   # reference (1, 3, 2p, S + 2p)
+  assert shapes["left_right"].shape == (224, 10, 3)   # reference (1, 3, S, 2p)
+  params = convnets.PadPrompts(5).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  values = np.concatenate([np.ravel(v) for v in params.values()])  # 2,220 draws
+  assert values.min() >= 0 and values.max() < 1 and abs(values.mean() - 0.5) < 0.03
+
+
+# ----------------------------------------------------------------------------
+# Forward against NumPy on converted official state dicts.
+
+
+def converted_variables(variant, state, image_size, prompts=None, p=0):
+  """The model's variables with the backbone merged from ``state`` and, if given, the prompts."""
+  model = model_for(variant, p if prompts is not None else 0)
+  params = random_variables(model, image_size)["params"]
+  family = convnets.FAMILIES[variant.split("-")[0]]
+  params = npz.merge_backbone(params, family.convert_torch(state, variant),
+                              fresh=(r"head/.*", r"vpt/.*"), source="test")
+  if prompts is not None:
+    params = {**params, "vpt": flax_prompts(*prompts)}
+  return model, {"params": params}
+
+
+# Sizes that are not multiples of the stride (8) exercise PyTorch's floor rule.
+@pytest.mark.parametrize("variant", ["resnet-test", "convnext-test"])
+@pytest.mark.parametrize("image_size, p", [(20, 0), (19, 2)])
+def test_forward_matches_numpy_on_the_official_state_dict(variant, image_size, p):
+  state = torch_state(variant)
+  prompts = ref.torch_pad_prompts(image_size, p) if p else None
+  model, variables = converted_variables(variant, state, image_size, prompts, p)
+  images = images_of(image_size)
+  expected = numpy_features(variant, state, images, prompts, p)
+  features, logits = forward(model)(variables, images)
+  np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-4)
+  head = variables["params"]["head"]
+  np.testing.assert_allclose(logits, expected @ head["kernel"] + head["bias"],
+                             rtol=1e-4, atol=1e-4)
+  # The head alone, as head-only methods run it on cached features.
+  np.testing.assert_allclose(model.apply(variables, features, from_features=True), logits,
+                             rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Conversion.
+
+
+@pytest.mark.parametrize("variant", ["resnet-test", "convnext-test"])
+def test_conversion_covers_exactly_the_backbone(variant):
+  state = torch_state(variant)
+  converted = convnets.FAMILIES[variant.split("-")[0]].convert_torch(state, variant)
+  shapes = partition.flatten(jax.eval_shape(
+      model_for(variant, 2).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+  backbone = {k: v.shape for k, v in shapes.items() if not k.startswith(("head/", "vpt/"))}
+  assert {k: v.shape for k, v in converted.items()} == backbone
+  # The classifier and BatchNorm's counters are dropped; nothing else.
+  dropped = [k for k in state if k.endswith("num_batches_tracked") or k.startswith(("fc.", "head."))]
+  assert len(converted) == len(state) - len(dropped)
+
+
+def test_resnet_tensors_land_in_place():
+  state = torch_state("resnet-test")
+  converted = convnets.convert_resnet(state, "resnet-test")
+  # Conv (O, I, kh, kw) -> (kh, kw, I, O): checked elementwise, not by transpose.
+  weight = state["layer2.0.conv2.weight"]          # (8, 8, 3, 3)
+  kernel = converted["layer2_0/conv2/kernel"]
+  for o, i, y, x in [(0, 1, 2, 0), (7, 3, 0, 2), (5, 5, 1, 1)]:
+    assert kernel[y, x, i, o] == weight[o, i, y, x]
+  assert converted["conv1/kernel"][6, 0, 2, 7] == state["conv1.weight"][7, 2, 6, 0]
+  assert (converted["layer2_0/downsample_conv/kernel"][0, 0, 15, 31]
+          == state["layer2.0.downsample.0.weight"][31, 15, 0, 0])
+  np.testing.assert_array_equal(converted["layer1_0/bn3/scale"], state["layer1.0.bn3.weight"])
+  np.testing.assert_array_equal(converted["layer1_0/bn3/bias"], state["layer1.0.bn3.bias"])
+  np.testing.assert_array_equal(converted["layer2_1/bn2/mean"], state["layer2.1.bn2.running_mean"])
+  np.testing.assert_array_equal(converted["layer2_1/bn2/var"], state["layer2.1.bn2.running_var"])
+  np.testing.assert_array_equal(converted["layer2_0/downsample_bn/var"],
+                                state["layer2.0.downsample.1.running_var"])
+  np.testing.assert_array_equal(converted["bn1/mean"], state["bn1.running_mean"])
+
+
+def test_convnext_tensors_land_in_place():
+  state = torch_state("convnext-test")
+  converted = convnets.convert_convnext(state, "convnext-test")
+  dw = state["stages.1.1.dwconv.weight"]          # (16, 1, 7, 7)
+  assert converted["stage1_1/dwconv/kernel"].shape == (7, 7, 1, 16)
+  for c, y, x in [(0, 0, 6), (15, 3, 1), (9, 6, 6)]:
+    assert converted["stage1_1/dwconv/kernel"][y, x, 0, c] == dw[c, 0, y, x]
+  pw1 = state["stages.0.0.pwconv1.weight"]        # Linear (32, 8)
+  assert converted["stage0_0/pwconv1/kernel"][3, 30] == pw1[30, 3]
+  pw2 = state["stages.1.0.pwconv2.weight"]        # Linear (16, 64)
+  assert converted["stage1_0/pwconv2/kernel"][63, 2] == pw2[2, 63]
+  # The stem is (conv, LN); later downsampling layers are (LN, conv).
+  assert converted["downsample_0/conv/kernel"][3, 1, 2, 7] == state[
+      "downsample_layers.0.0.weight"][7, 2, 3, 1]
+  np.testing.assert_array_equal(converted["downsample_0/norm/scale"],
+                                state["downsample_layers.0.1.weight"])
+  np.testing.assert_array_equal(converted["downsample_1/norm/bias"],
+                                state["downsample_layers.1.0.bias"])
+  assert converted["downsample_1/conv/kernel"][1, 0, 7, 15] == state[
+      "downsample_layers.1.1.weight"][15, 7, 1, 0]
+  np.testing.assert_array_equal(converted["downsample_1/conv/bias"],
+                                state["downsample_layers.1.1.bias"])
+  np.testing.assert_array_equal(converted["stage1_1/gamma"], state["stages.1.1.gamma"])
+  np.testing.assert_array_equal(converted["stage1_1/norm/scale"], state["stages.1.1.norm.weight"])
+  np.testing.assert_array_equal(converted["norm/scale"], state["norm.weight"])
+  np.testing.assert_array_equal(converted["norm/bias"], state["norm.bias"])
+
+
+@pytest.mark.parametrize("variant, drop, add, message", [
+    ("resnet-test", "layer2.1.bn2.running_var", None, "missing: layer2.1.bn2.running_var"),
+    ("resnet-test", None, "layer3.0.conv1.weight", "unexpected: layer3.0.conv1.weight"),
+    ("convnext-test", "stages.1.1.gamma", None, "missing: stages.1.1.gamma"),
+    ("convnext-test", None, "stages.0.0.attn.weight", "unexpected: stages.0.0.attn.weight"),
+])
+def test_conversion_refuses_missing_and_unknown_keys(variant, drop, add, message):
+  state = torch_state(variant)
+  if drop:
+    del state[drop]
+  if add:
+    state[add] = np.zeros((1,), np.float32)
+  family = convnets.FAMILIES[variant.split("-")[0]]
+  with pytest.raises(npz.CheckpointError, match=re.escape(message)):
+    family.convert_torch(state, variant)
+
+
+def test_conversion_names_a_wrapper_prefix_and_a_wrong_rank():
+  state = {f"module.{k}": v for k, v in torch_state("resnet-test").items()}
+  with pytest.raises(npz.CheckpointError, match="strip the wrapper prefix 'module.'"):
+    convnets.convert_resnet(state, "resnet-test")
+  state = torch_state("convnext-test")
+  state["stages.0.0.pwconv1.weight"] = state["stages.0.0.pwconv1.weight"][None]
+  with pytest.raises(npz.CheckpointError, match="stages.0.0.pwconv1.weight has shape"):
+    convnets.convert_convnext(state, "convnext-test")
+  # The smaller variant's file for the bigger model: every extra block is missing.
+  with pytest.raises(npz.CheckpointError, match="is it a resnet-50 checkpoint"):
+    convnets.convert_resnet(torch_state("resnet-test"), "resnet-50")
+
+
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_factory_loads_the_official_pth_layout(family, tmp_path):
+  """A real torch zip file: torchvision saves a bare state dict, ConvNeXt {"model": ...}."""
+  variant = VARIANTS[family]
+  state = torch_state(variant)
+  tensors = {k: torch_fixtures.tensor_of(v, str(i)) for i, (k, v) in enumerate(state.items())}
+  path = str(tmp_path / f"{family}.pth")
+  torch_fixtures.write_torch_zip(tensors if family == "resnet" else {"model": tensors}, path)
+  config = method_config(family, "linear", **{"model.image_size": 20})
+  spec = factory.model_spec(config)
+  model = factory.build_model(spec, CLASSES)
+  loaded = factory.load_pretrained(random_variables(model, 20)["params"], spec, path)
+  features, _ = forward(model)({"params": loaded}, images_of(20))
+  np.testing.assert_allclose(features, numpy_features(variant, state, images_of(20)),
+                             rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Training every supported method.
+
+IMAGE, PROMPTS, STEPS = 16, 2, 4
+LEARNING_RATES = {"sgd": 0.02, "adamw": 0.01}
+VARIANTS = {"resnet": "resnet-test", "convnext": "convnext-test"}
+STATISTICS = r".*/(mean|var)"
+# Head-only methods train on cached features, as the trainer runs them
+# (config.cache_features); the others on images.
+HEAD_ONLY = ("linear", "mlp-3")
+# partial-2's set is checked on the labels only (partial-1 trains: same
+# mechanism, a shorter backward pass to compile).
+LABELS_ONLY = ("partial-2",)
+# What each method trains besides the head, written from vpt.md 1.5 / 1.11:
+# ResNet's partial-k tunes whole stages (resnet-test: layer1, layer2; the stem
+# never); ConvNeXt's the last k blocks plus the final norm, a stage's
+# downsampling layer with its first block. BatchNorm statistics never train.
+EXPECTED = {
+    ("resnet", "linear"): r"head/.*",
+    ("resnet", "full"): r".*",
+    ("resnet", "partial-1"): r"head/.*|layer2_\d+/.*",
+    ("resnet", "partial-2"): r"head/.*|layer[12]_\d+/.*",
+    ("resnet", "mlp-3"): r"head/.*",
+    ("resnet", "bias"): r"head/.*|.*/bias",
+    ("resnet", "vpt_shallow"): r"head/.*|vpt/.*",
+    ("convnext", "linear"): r"head/.*",
+    ("convnext", "full"): r".*",
+    ("convnext", "partial-1"): r"head/.*|stage1_1/.*|norm/.*",
+    ("convnext", "partial-2"): r"head/.*|stage1_[01]/.*|downsample_1/.*|norm/.*",
+    ("convnext", "mlp-3"): r"head/.*",
+    ("convnext", "bias"): r"head/.*|.*/bias",
+    ("convnext", "vpt_shallow"): r"head/.*|vpt/.*",
+}
+
+
+def expected_trainable(family: str, method: str, path: str) -> bool:
+  if re.fullmatch(STATISTICS, path):
+    return False
+  return re.fullmatch(EXPECTED[(family, method)], path) is not None
+
+
+def method_config(family: str, method: str, **overrides):
+  config = common.base_config()
+  common.apply_method(config, method)
+  config.model.variant = VARIANTS[family]
+  config.model.image_size = IMAGE
+  config.prompt.num_prompts = PROMPTS
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+_RUNS = {}
+
+
+def trained(family: str, method: str) -> dict:
+  """Builds, loads the converted tiny backbone, trains STEPS steps on one batch (cached)."""
+  if (family, method) in _RUNS:
+    return _RUNS[(family, method)]
+  config = method_config(family, method)
+  method_spec = methods.get_method(config.method)
+  spec = factory.model_spec(config)
+  model = factory.build_model(spec, CLASSES)
+  variables = random_variables(model, IMAGE)
+  variant = VARIANTS[family]
+  params = npz.merge_backbone(
+      variables["params"], convnets.FAMILIES[family].convert_torch(torch_state(variant), variant),
+      fresh=method_spec.fresh_patterns, source="test")
+  labels = partition.label_params(params, factory.trainable_rules(config))
+  optimizer = method_spec.optimizer
+  tx = optimizers.make_optimizer(labels, name=optimizer,
+                                 learning_rate=lambda step: LEARNING_RATES[optimizer],
+                                 weight_decay=config.optim.weight_decay)
+  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
+  if "batch_stats" in variables:
+    state["batch_stats"] = variables["batch_stats"]
+  rng = np.random.default_rng(0)
+  batch = {"label": rng.integers(0, CLASSES, (8,)).astype(np.int32)}
+  if method in HEAD_ONLY:
+    batch["features"] = rng.normal(0, 1, (8, convnets.decode_variant(variant)[1].feature_dim))
+  else:
+    batch["image"] = rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8)
+  if method in LABELS_ONLY:
+    _RUNS[(family, method)] = dict(labels=labels, initial=jax.device_get(state))
+    return _RUNS[(family, method)]
+  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.0,
+                                          mean=convnets.PROMPT_MEAN, std=convnets.PROMPT_STD))
+  initial = jax.device_get(state)
+  losses = []
+  for _ in range(STEPS):
+    state, metrics = step_fn(state, batch, jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  _RUNS[(family, method)] = dict(labels=labels, initial=initial, state=jax.device_get(state),
+                                 losses=losses)
+  return _RUNS[(family, method)]
+
+
+@pytest.mark.parametrize("family, method", list(EXPECTED))
+def test_every_supported_method_trains_only_its_parameters(family, method):
+  run = trained(family, method)
+  before = partition.flatten(run["initial"]["params"])
+  labels = partition.flatten(run["labels"])
+  for path in before:
+    assert (labels[path] == methods.TRAIN) == expected_trainable(family, method, path), path
+  if method in LABELS_ONLY:
+    return
+  assert all(np.isfinite(run["losses"])) and run["losses"][-1] < run["losses"][0], run["losses"]
+  after = partition.flatten(run["state"]["params"])
+  for path, value in before.items():
+    if expected_trainable(family, method, path):
+      assert not np.array_equal(value, after[path]), f"{path} did not train"
+    else:
+      np.testing.assert_array_equal(value, after[path], err_msg=f"{path} changed")
+  statistics = [p for p in before if re.fullmatch(STATISTICS, p)]
+  assert len(statistics) == (0 if family == "convnext" else 2 * 12)  # 12 BatchNorms
+  for path in statistics:
+    np.testing.assert_array_equal(before[path], after[path], err_msg=path)
+
+
+def test_frozen_batch_norm_is_inference_batch_norm_without_statistic_gradients():
+  """Independent of any trainable rule: d loss / d (mean, var) is exactly zero."""
+  rng = np.random.default_rng(0)
+  params = {"scale": rng.uniform(0.5, 1.5, 4), "bias": rng.normal(0, 1, 4),
+            "mean": rng.normal(0, 1, 4), "var": rng.uniform(0.5, 1.5, 4)}
+  params = {k: v.astype(np.float32) for k, v in params.items()}
+  x = rng.normal(0, 1, (2, 3, 3, 4)).astype(np.float32)
+  norm = convnets.FrozenBatchNorm()
+  expected = ((x - params["mean"]) / np.sqrt(params["var"] + 1e-5) * params["scale"]
+              + params["bias"])
+  np.testing.assert_allclose(norm.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(norm.apply({"params": p}, x) ** 2))(params)
+  assert not np.any(grads["mean"]) and not np.any(grads["var"])
+  assert np.all(grads["scale"] != 0) and np.all(grads["bias"] != 0)
+
+
+@pytest.mark.parametrize("method", ["vpt_deep", "vpt+bias", "adapter", "lora", "cvpt",
+                                    "sidetune", "vfpt", "e2vpt"])
+@pytest.mark.parametrize("family", ["resnet", "convnext"])
+def test_methods_without_a_convnet_definition_are_refused(family, method):
+  spec = factory.model_spec(method_config(family, method))
+  with pytest.raises(ValueError, match=f"method '{re.escape(method)}' is not defined for "
+                                       f"{family} backbones; choose one of linear, full"):
+    factory.validate_spec(spec)
+
+
+@pytest.mark.parametrize("family, method, overrides, message", [
+    ("resnet", "vpt_shallow", {"prompt.pool": "prompt_pool"}, "use prompt.pool=original"),
+    ("convnext", "vpt_shallow", {"prompt.dropout": 0.1}, "use prompt.dropout=0"),
+    ("convnext", "vpt_shallow", {"prompt.projection": 8}, "use prompt.projection=-1"),
+    # convnext-test downsamples by 8: 2 + 2 x 2 = 6 px leave no feature map.
+    ("convnext", "vpt_shallow", {"model.image_size": 2}, "use model.image_size >= 4"),
+    ("resnet", "linear", {"model.image_size": 7}, "use model.image_size >= 8"),
+    ("resnet", "partial-3", {}, "use partial-k with k <= 2"),
+    ("convnext", "partial-4", {}, "use partial-k with k <= 3"),
+    ("resnet", "linear", {"model.variant": "resnet-51"}, "choose one of resnet-50, resnet-test"),
+    ("convnext", "linear", {"model.variant": "convnext-b"}, "did you mean convnext-B"),
+])
+def test_bad_settings_are_refused_before_compute(family, method, overrides, message):
+  spec = factory.model_spec(method_config(family, method, **overrides))
+  with pytest.raises(ValueError, match=re.escape(message)):
+    factory.validate_spec(spec)
+
+
+def test_the_reference_sizes_are_accepted_without_resizing():
+  # 224 px crops + 2 x 5 prompt pixels = 234, not a multiple of 32: the reference's input.
+  for family, variant in (("resnet", "resnet-50"), ("convnext", "convnext-B")):
+    factory.validate_spec(factory.model_spec(method_config(
+        family, "vpt_shallow", **{"model.variant": variant, "model.image_size": 224,
+                                  "prompt.num_prompts": 5})))
+
+
+# ----------------------------------------------------------------------------
+# Full-size parameter counts (shapes only).
+
+# torchvision's published totals (1000-class fc / head included).
+RESNET50_TORCHVISION = 25_557_032
+CONVNEXT_B_TORCHVISION = 88_591_464
+
+
+def resnet50_backbone() -> tuple[int, int]:
+  """(weights incl. BatchNorm scale/bias, BatchNorm channels) of ResNet-50 without fc."""
+  weights, channels = 3 * 64 * 49, 64
+  inplanes = 64
+  for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+    for index in range(blocks):
+      weights += inplanes * width + width * width * 9 + width * 4 * width
+      channels += width + width + 4 * width
+      if index == 0:  # every first block projects (64 -> 256 or a stride)
+        weights += inplanes * 4 * width
+        channels += 4 * width
+      inplanes = 4 * width
+  return weights + 2 * channels, channels
+
+
+def convnext_b_backbone() -> int:
+  """ConvNeXt-B without head: stem, 3 downsamplings, blocks (8 d^2 + 58 d), final norm."""
+  dims, depths = (128, 256, 512, 1024), (3, 3, 27, 3)
+  total = 3 * 16 * dims[0] + dims[0] + 2 * dims[0] + 2 * dims[-1]
+  for previous, dim in zip(dims, dims[1:]):
+    total += 2 * previous + 4 * previous * dim + dim
+  # dwconv 49 d + d, norm 2 d, pwconv1 4 d^2 + 4 d, pwconv2 4 d^2 + d, gamma d.
+  return total + sum(depth * (8 * dim * dim + 58 * dim) for dim, depth in zip(dims, depths))
+
+
+def pad_prompt_count(image_size: int, p: int) -> int:
+  return 3 * 2 * p * (image_size + 2 * p) + 3 * image_size * 2 * p
+
+
+@pytest.mark.parametrize("family, variant, feature_dim", [
+    ("resnet", "resnet-50", 2048), ("convnext", "convnext-B", 1024)])
+@pytest.mark.parametrize("method", ["vpt_shallow", "full"])
+def test_full_size_trainable_counts_are_closed_form(family, variant, feature_dim, method):
+  classes, p = 100, 5
+  config = method_config(family, method, **{"model.variant": variant,
+                                            "model.image_size": 224, "prompt.num_prompts": p})
+  model = factory.build_model(factory.model_spec(config), classes)
+  params = factory.variable_shapes(model, 224)["params"]
+  labels = partition.label_params(params, factory.trainable_rules(config))
+  trainable, frozen = partition.split(params, labels)
+  assert params["head"]["kernel"].shape == (feature_dim, classes)  # the pooled feature width
+  head = feature_dim * classes + classes
+  if family == "resnet":
+    backbone, channels = resnet50_backbone()
+    assert backbone == RESNET50_TORCHVISION - (2048 * 1000 + 1000)
+    statistics = 2 * channels   # running mean and var, stored as frozen parameters
+  else:
+    backbone, statistics = convnext_b_backbone(), 0
+    assert backbone == CONVNEXT_B_TORCHVISION - (1024 * 1000 + 1000)
+  prompts = pad_prompt_count(224, p) if method == "vpt_shallow" else 0
+  assert prompts == (13_740 if method == "vpt_shallow" else 0)
+  expected = {"vpt_shallow": prompts + head, "full": backbone + head}[method]
+  assert partition.count(trainable) == expected
+  assert partition.count(trainable) + partition.count(frozen) == (
+      backbone + statistics + head + prompts)
