@@ -29,7 +29,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.image_size = 224
   config.model.dropout_rate = 0.1
   config.model.skip_dead_work = True
+  # Backbone compute dtype: float32 | bfloat16 (bf16 matmuls and activations;
+  # parameters, prompts, head, loss and optimizer state stay float32).
   config.model.dtype = "float32"
+  # none | block: recompute each block's activations in the backward pass
+  # (less memory for ViT-L/H, about one more forward pass of time).
+  config.model.remat = "none"
   # Backbone .npz (local path or gs://); empty trains from scratch.
   config.model.init_checkpoint = ""
 
@@ -96,6 +101,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 1e-4
   config.optim.momentum = 0.9
   config.optim.batch_size = 128
+  # Split each batch into this many micro-batches inside the step and sum their
+  # gradients before one update (1 = off): the step of the whole batch with the
+  # activation memory of batch_size / accumulation_steps.
+  config.optim.accumulation_steps = 1
   config.optim.epochs = 100
   config.optim.warmup_epochs = 10.0
   config.optim.schedule_unit = "epoch"  # epoch (reference) | step

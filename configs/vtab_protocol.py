@@ -14,6 +14,8 @@ tasks: "all", a group (natural, specialized, structured), VTAB task names,
 protocol.*_split fields), joined by "+". Spread the runs over n jobs with
 --config.protocol.shard=i/n (i = 0..n-1); rerunning a command skips finished
 runs. Read the results with python -m vpt_jax.protocol.report WORKDIR.
+--config.protocol.fuse_settings=8 trains 8 grid points of a task in one
+compiled program (same results, the backbone read once per step for all).
 
 path=DIR reads files instead of TFDS: for VTAB tasks the extracted VTAB-1k
 folder (DIR/<task>/train800.txt, ...), for FGVC tasks VPT's split files in
@@ -44,6 +46,9 @@ def get_config(arg: str = ""):
       # "" = the benchmark's own (VTAB: train800, val200, train800val200, test;
       # FGVC: train, val, train, test).
       tune_train_split="", tune_eval_split="", final_train_split="", final_test_split="",
+      # Grid points of a task trained together in one compiled program on the
+      # shared frozen backbone (vpt_jax/training/fused.py); 0 = one by one.
+      fuse_settings=0,
   ))
   if args.runlocal:  # one grid point and one seed
     config.protocol.lrs = (1.0,)

@@ -9,6 +9,8 @@ initialisation), which keeps prompt-tuning checkpoints tiny.
 from __future__ import annotations
 
 import os
+import signal
+from typing import Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -16,10 +18,54 @@ import orbax.checkpoint as ocp
 from vpt_jax.training import partition
 
 
+# Crash-test hook, read only by tests/test_preemption.py; never set it elsewhere.
+# "step:N": SIGKILL while step N computes (after the earlier saves completed);
+# "save:N": SIGKILL inside the save of step N, after orbax wrote its temporary
+# directory and before the commit (rename); "pause:N": after step N, create
+# WORKDIR/test-paused-at-N.<process index> and wait until it is deleted, so a
+# test can signal the process at a known step. open_manager acts on "save",
+# trainer.train on "step" and "pause".
+TEST_HOOK_ENV = "VPT_JAX_TEST_KILL_AT"
+TEST_HOOK_KINDS = ("step", "save", "pause")
+
+
+def hook_step(kind: str) -> Optional[int]:
+  """The step at which the crash-test hook ``kind`` fires, or None (the normal case)."""
+  value = os.environ.get(TEST_HOOK_ENV, "")
+  if not value:
+    return None
+  name, _, step = value.partition(":")
+  if name not in TEST_HOOK_KINDS or not step.isdigit():
+    raise ValueError(f"{TEST_HOOK_ENV}={value!r}: expected step:N, save:N or pause:N "
+                     "(a test hook; unset it for real runs)")
+  return int(step) if name == kind else None
+
+
+def _killed_before_commit(kill_step: int):
+  """orbax's atomic-rename temporary path, dying just before committing ``kill_step``."""
+
+  class KilledBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+
+    async def finalize(self, *args, **kwargs):
+      if self.get_final().name == str(kill_step):  # the step directory, not an item
+        os.kill(os.getpid(), signal.SIGKILL)
+      return await super().finalize(*args, **kwargs)
+
+  return KilledBeforeCommit
+
+
 def open_manager(directory: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last ``keep`` saves, one every ``every_steps``."""
+  """A CheckpointManager keeping the last ``keep`` saves, one every ``every_steps``.
+
+  Saves are atomic (written to ``<step>.orbax-checkpoint-tmp``, then renamed):
+  a process killed mid-save leaves only a temporary directory, which restores
+  ignore and opening the manager deletes.
+  """
+  kill_step = hook_step("save")
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True)
+      max_to_keep=keep, save_interval_steps=max(1, every_steps), create=True,
+      cleanup_tmp_directories=True,
+      temporary_path_class=None if kill_step is None else _killed_before_commit(kill_step))
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 

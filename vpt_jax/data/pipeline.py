@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Iterator, Optional, Protocol, Union
 
 import numpy as np
@@ -199,12 +200,21 @@ def _builder(source: ImageSource) -> tfds.core.DatasetBuilder:
   if not builder.is_prepared():
     if builder.name in local_builders.LOCAL_BUILDER_NAMES:
       builder.download_and_prepare()
+    elif getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+      data_dir = source.data_dir or tfds.core.constants.DATA_DIR
+      manual_dir = os.path.join(data_dir, "downloads", "manual")
+      raise FileNotFoundError(
+          f"TFDS dataset {source.builder!r} is not prepared in data_dir={data_dir!r} and "
+          f"needs a manual download. Put the files in {manual_dir} as its instructions "
+          f"say, then run `tfds build {source.builder} --data_dir={data_dir} "
+          f"--manual_dir={manual_dir}`. Instructions:\n"
+          f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
     else:
       raise FileNotFoundError(
           f"TFDS dataset {source.builder!r} is not prepared in data_dir="
           f"{builder.data_dir!r}. Prepare it first (e.g. `tfds build "
-          f"{source.builder} --data_dir=...`, manual downloads as the dataset's "
-          "docs say) or point data_dir at a directory that holds it.")
+          f"{source.builder} --data_dir=...`) or point data_dir at a directory that "
+          "holds it.")
   features = builder.info.features
   for key in (source.image_key, source.label_key):
     if key not in features:

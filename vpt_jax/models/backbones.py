@@ -31,6 +31,9 @@ FAMILY_MODULES = (
     ("resnet", "resnet-", "vpt_jax.models.convnets"),
     ("vit", "", "vpt_jax.models.vit_family"),
 )
+# The backbones of the VPT paper, for "did you mean" suggestions across families.
+PAPER_VARIANTS = ("B/16", "L/16", "H/14", "mae-B/16", "moco-B/16", "swin-B/4w7",
+                  "convnext-B", "resnet-50")
 # File name endings read as PyTorch state dicts (converted by the family).
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
 

@@ -20,9 +20,13 @@ from vpt_jax.checkpoints.trees import flatten
 from vpt_jax.models import heads
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.models import backbones
+from vpt_jax.models import vit
 from vpt_jax.models import vit_family
 
 DTYPES = vit_family.DTYPES
+REMAT_MODES = vit.REMAT_MODES
+# The families whose build honours spec["remat"] (the others would ignore it).
+REMAT_FAMILIES = ("vit",)
 # Side-network parameters that never come from the side network's own file.
 SIDE_FRESH = (r"projection/.*", r"alpha")
 
@@ -76,6 +80,7 @@ def model_spec(config) -> dict[str, Any]:
       dropout_rate=float(config.model.dropout_rate),
       skip_dead_work=bool(config.model.skip_dead_work),
       dtype=str(config.model.dtype),
+      remat=str(config.model.remat),
       num_prompts=0, prompt_dropout=0.0, prompt_projection=-1,
       pool=str(config.prompt.pool))
   if method.uses_prompts:
@@ -98,6 +103,12 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
                      f"{spec['num_prompts']}")
   if spec["dtype"] not in DTYPES:
     raise ValueError(f"Unknown dtype {spec['dtype']!r}; choose one of {sorted(DTYPES)}")
+  remat = spec.get("remat", "none")  # specs written before the field hold none
+  if remat not in REMAT_MODES:
+    raise ValueError(f"Unknown model.remat {remat!r}; choose one of {REMAT_MODES}")
+  if remat != "none" and family.name not in REMAT_FAMILIES:
+    raise ValueError(f"model.remat={remat!r} is implemented for {REMAT_FAMILIES} backbones, "
+                     f"not {family.name}; set --config.model.remat=none")
   if method.head_init not in heads.HEAD_INITS:
     raise ValueError(f"method {method.name} has an unknown head init {method.head_init!r}")
   family.validate(spec, method)
@@ -153,13 +164,14 @@ def save_side_network(params, path: str) -> None:
 def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
   """A backbone checkpoint's arrays in the model's layout, and how to name it.
 
-  ``.npz`` files (vision_transformer, big_vision, ours) go through the layout
-  detection of ``checkpoints.npz``; PyTorch files (``backbones.TORCH_SUFFIXES``)
+  ViT ``.npz`` files (vision_transformer, big_vision, ours) go through the
+  layout detection of ``checkpoints.npz``, other families' ``.npz`` files hold
+  the model's own names; PyTorch files (``backbones.TORCH_SUFFIXES``)
   are read without executing pickled code and converted by the variant's
   family (MAE, MoCo v3, Swin, ConvNeXt, ResNet).
   """
+  family = backbones.get_family(variant)
   if backbones.is_torch_file(path):
-    family = backbones.get_family(variant)
     if family.convert_torch is None:
       raise npz_lib.CheckpointError(
           f"{path} looks like a PyTorch checkpoint, but {family.name} backbones load "
@@ -168,6 +180,10 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
     return (family.convert_torch(torch_files.read_state_dict(path), variant),
             f"{path} (PyTorch, converted for {family.name})")
   raw = npz_lib.read_npz(path)
+  if family.name != "vit":
+    # Only ViTs have official .npz layouts; other families' .npz files are
+    # ours (``save_npz`` of the model's own parameter names).
+    return raw, f"{path} ({family.name}, model layout)"
   layout = npz_lib.detect_layout(raw)
   return npz_lib.to_model_layout(raw, layout), f"{path} (layout {layout})"
 

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import prompts as prompts_lib
 
@@ -112,9 +113,11 @@ def decode_variant(variant: str) -> tuple[ViTSize, int]:
   size_name, sep, patch = rest.partition("/")
   if not sep or size_name not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
     import difflib  # pylint: disable=g-import-not-at-top
-    close = difflib.get_close_matches(variant, NAMED_VARIANTS, n=3)
+    close = difflib.get_close_matches(
+        variant, sorted(set(NAMED_VARIANTS + backbones.PAPER_VARIANTS)), n=3, cutoff=0.5)
     raise ValueError(
-        f"Unknown ViT variant {variant!r}. Use '<size>/<patch>' with size in "
+        f"Unknown ViT variant {variant!r} (other families: swin-, convnext-, resnet-). "
+        f"Use '<size>/<patch>' with size in "
         f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}, optionally prefixed "
         f"by a self-supervised flavour ({', '.join(f + '-' for f in FLAVOURS[1:])}, "
         "e.g. mae-B/16)"

@@ -57,6 +57,9 @@ DEFAULT_SPLITS = {
     "fgvc": ("train", "val", "train", "test"),
 }
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
+# (run configs, run folders) -> per run a results dict or a FloatingPointError
+# (training/fused.py: train_and_evaluate_settings).
+FusedFn = Callable[[list, list], list]
 
 
 class ProtocolError(ValueError):
@@ -273,6 +276,44 @@ def ensure_run(spec: RunSpec, config, workdir: str, run_fn: RunFn) -> dict:
   return record
 
 
+def ensure_fused_runs(specs: list[RunSpec], config, workdir: str,
+                      fused_fn: Optional[FusedFn] = None) -> None:
+  """``ensure_run`` for grid runs, ``protocol.fuse_settings`` of a task per program.
+
+  The unfinished grid points of each task train in groups that share one
+  compiled program and the frozen backbone (training/fused.py); each run gets
+  the folder and record a separate run would ("seconds": its share of the
+  group's time).
+  """
+  from vpt_jax.training import fused  # pylint: disable=g-import-not-at-top
+  fused_fn = fused_fn or fused.train_and_evaluate_settings
+  name = method_name(config)
+  for task in dict.fromkeys(spec.task for spec in specs):
+    todo = [spec for spec in specs if spec.task == task and finished_run(
+        os.path.join(workdir, spec.folder(name)), run_config(config, spec)) is None]
+    configs = [run_config(config, spec) for spec in todo]
+    for group in fused.group_settings(configs, config.protocol.fuse_settings):
+      run_dirs = [os.path.join(workdir, todo[i].folder(name)) for i in group]
+      print(f"\n=== {task} tune, {len(group)} settings in one program: "
+            + ", ".join(f"lr {todo[i].lr:g} wd {todo[i].weight_decay:g}" for i in group),
+            flush=True)
+      for run_dir in run_dirs:
+        tf.io.gfile.makedirs(run_dir)
+      began = time.perf_counter()
+      outcomes = fused_fn([configs[i] for i in group], run_dirs)
+      seconds = (time.perf_counter() - began) / len(group)
+      for i, run_dir, outcome in zip(group, run_dirs, outcomes):
+        if isinstance(outcome, FloatingPointError):
+          print(f"run diverged: {outcome}", file=sys.stderr)
+          results, status = {"error": str(outcome)}, "diverged"
+        else:
+          results, status = outcome, "finished"
+        _write_json(os.path.join(run_dir, RUN_FILE), {
+            "status": status, "spec": dataclasses.asdict(todo[i]), "seconds": seconds,
+            "fused_settings": len(group), "config": _comparable(configs[i]),
+            "results": results})
+
+
 def _top1(record: Optional[dict], split: str) -> Optional[float]:
   if record is None or record["status"] != "finished":
     return None
@@ -325,7 +366,8 @@ def summarize(task: str, name: str, base_method: str, grid_records, best,
 
 
 def run_protocol(config: ml_collections.ConfigDict, workdir: str,
-                 run_fn: Optional[RunFn] = None, write_report: bool = True) -> list[dict]:
+                 run_fn: Optional[RunFn] = None, write_report: bool = True,
+                 fused_fn: Optional[FusedFn] = None) -> list[dict]:
   """Runs this job's share of the protocol; returns the tasks' summaries.
 
   Args:
@@ -335,6 +377,8 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
     run_fn: (run config, run folder) -> results dict with ["val"]["top1"] and
       ["test"]["top1"]; default ``trainer.train_and_evaluate``.
     write_report: rewrite the report at the end.
+    fused_fn: trains a group of grid runs when ``protocol.fuse_settings`` > 1;
+      default ``fused.train_and_evaluate_settings``.
   """
   if run_fn is None:
     from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
@@ -350,9 +394,15 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
   def record_of(spec):
     return finished_run(os.path.join(workdir, spec.folder(name)), run_config(config, spec))
 
-  # 1. This job's grid runs.
-  for k, spec in enumerate(runs):
-    if k in mine and spec.phase == "tune":
+  # 1. This job's grid runs, one by one or protocol.fuse_settings per program.
+  tune = [spec for k, spec in enumerate(runs) if k in mine and spec.phase == "tune"]
+  if config.protocol.fuse_settings < 0:
+    raise ProtocolError(f"protocol.fuse_settings must be >= 0 (0: one run per program), "
+                        f"got {config.protocol.fuse_settings}")
+  if config.protocol.fuse_settings > 1:
+    ensure_fused_runs(tune, config, workdir, fused_fn)
+  else:
+    for spec in tune:
       ensure_run(spec, config, workdir, run_fn)
 
   # 2. Selection and final runs of every task whose grid is finished.

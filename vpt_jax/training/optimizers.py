@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +150,8 @@ def hf_adamw(learning_rate: optax.Schedule, weight_decay: float,
 
 
 def make_optimizer(labels, *, name: str, learning_rate: optax.Schedule,
-                   weight_decay: float, momentum: float = 0.9) -> optax.GradientTransformation:
+                   weight_decay, momentum: float = 0.9,
+                   decay: Optional[bool] = None) -> optax.GradientTransformation:
   """The optimizer over the whole parameter tree, partitioned by label.
 
   Trainable leaves get the method's optimizer; frozen leaves get
@@ -163,19 +164,26 @@ def make_optimizer(labels, *, name: str, learning_rate: optax.Schedule,
       unless 0, in which case the reference falls back to plain SGD) or
       "torch_adamw" (torch.optim.AdamW, ``weight_decay`` on every leaf).
     learning_rate: schedule of the step.
-    weight_decay: L2 coefficient for SGD.
+    weight_decay: L2 coefficient for SGD; a float, or a traced scalar when one
+      compiled program trains several settings (``fused``, which then passes
+      ``decay``).
+    decay: whether the optimizer has a weight-decay term; None means
+      ``weight_decay != 0``. True with a zero ``weight_decay`` adds 0 * theta,
+      which leaves every update unchanged.
   """
   if name not in OPTIMIZERS:
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+  if decay is None:
+    decay = weight_decay != 0
   if name == "torch_adamw":
     # optax.adamw decays with the pre-step weights, as torch's p *= 1 - lr * wd does.
     inner = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
-  elif name == "adamw" and weight_decay != 0:
+  elif name == "adamw" and decay:
     inner = hf_adamw(learning_rate, ADAMW_WEIGHT_DECAY, lambda p: not is_bias(p))
   else:
-    decay = []
-    if weight_decay:
-      decay.append(optax.add_decayed_weights(
+    l2 = []
+    if decay:
+      l2.append(optax.add_decayed_weights(
           weight_decay, mask=decay_mask_fn(lambda p: not is_head_output_bias(p))))
-    inner = optax.chain(*decay, optax.sgd(learning_rate, momentum=momentum))
+    inner = optax.chain(*l2, optax.sgd(learning_rate, momentum=momentum))
   return optax.partition({TRAIN: inner, FROZEN: optax.set_to_zero()}, labels)

@@ -12,7 +12,8 @@ trained on cached backbone features, "features" float32 (B, D); either way
 
 from __future__ import annotations
 
-from typing import Callable
+import numbers
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,36 @@ def topk_correct(logits, labels, k: int):
   return jnp.any(top == labels[:, None], axis=-1)
 
 
+def split_micro_batches(batch, num_micro: int) -> dict:
+  """Leaves (B, ...) -> (num_micro, B // num_micro, ...); micro-batch i holds rows i, i + k, ...
+
+  Strided, not contiguous: when the rows are sharded over devices in blocks of
+  B / devices with (B / devices) % k == 0, every device's block holds the same
+  number of rows of each micro-batch, so each micro-batch stays spread over all
+  devices and nothing moves between them.
+  """
+  def split(x):
+    rows = x.shape[0]
+    return jnp.swapaxes(x.reshape((rows // num_micro, num_micro) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def check_accumulation(accumulation_steps: int, batch_size: Optional[int] = None) -> None:
+  """Raises ValueError unless k >= 1 is an integer (dividing ``batch_size``, if given)."""
+  if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
+      or accumulation_steps < 1):
+    raise ValueError(f"optim.accumulation_steps must be an integer >= 1 (1 = off), got "
+                     f"{accumulation_steps!r}")
+  if batch_size is not None and batch_size % accumulation_steps:
+    raise ValueError(
+        f"batch size {batch_size} is not divisible by optim.accumulation_steps="
+        f"{accumulation_steps}; use a batch size that is a multiple of it, or a divisor of "
+        f"{batch_size} as accumulation_steps")
+
+
 def make_train_step(model, labels, tx: optax.GradientTransformation,
-                    learning_rate: optax.Schedule, *, mean, std) -> Callable:
+                    learning_rate: optax.Schedule, *, mean, std,
+                    accumulation_steps: int = 1) -> Callable:
   """Returns train_step(state, batch, rng) -> (state, metrics).
 
   Args:
@@ -61,28 +90,65 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
     tx: the partitioned optimizer over the whole tree.
     learning_rate: the schedule (for the logged lr).
     mean, std: input normalisation (3,) each.
+    accumulation_steps: k >= 1. With k > 1 the batch of B rows is split into
+      k micro-batches of B / k (``split_micro_batches``) that run one after the
+      other in a ``lax.scan``; the mean of their gradients, which is the
+      gradient of the whole batch's mean loss, feeds one optimizer update. So
+      the step equals the k = 1 step on the same batch up to float summation
+      order, with the activation memory of B / k rows. Micro-batch i draws
+      dropout with fold_in(step rng, i). Models with BatchNorm ("batch_stats",
+      the MLP-k heads) are refused: their batch statistics would be those of
+      the micro-batch, not of the batch.
 
   The batch holds "image" (or "features") and "label" (see the module
   docstring); the rng for the step is fold_in(rng, step), so a resumed run
   draws the same masks. With "batch_stats" in the state, BatchNorm normalises
   with the batch's statistics and the state's running averages are updated.
+  Metrics: mean loss and accuracy over the whole batch, the learning rate and
+  the norm of the (whole-batch) gradient of the trainable leaves.
   """
+  check_accumulation(accumulation_steps)
+
   def train_step(state, batch, rng):
-    inputs, input_kwargs = model_inputs(batch, mean, std)
     trainable, frozen = partition.split(state["params"], labels)
     dropout_rng = jax.random.fold_in(rng, state["step"])
     has_stats = "batch_stats" in state
 
-    def loss_fn(trainable_params):
+    def loss_fn(trainable_params, micro_batch, micro_rng):
+      inputs, input_kwargs = model_inputs(micro_batch, mean, std)
       variables = {"params": partition.merge(trainable_params, frozen)}
       if has_stats:
         variables["batch_stats"] = state["batch_stats"]
-      outputs = model.apply(variables, inputs, train=True, rngs={"dropout": dropout_rng},
+      outputs = model.apply(variables, inputs, train=True, rngs={"dropout": micro_rng},
                             mutable=["batch_stats"] if has_stats else False, **input_kwargs)
       logits, updated = outputs if has_stats else (outputs, {})
-      return cross_entropy(logits, batch["label"]).mean(), (logits, updated)
+      correct = jnp.argmax(logits, -1) == micro_batch["label"]
+      return cross_entropy(logits, micro_batch["label"]).mean(), (correct, updated)
 
-    (loss, (logits, updated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accumulation_steps == 1:
+      (loss, (correct, updated)), grads = grad_fn(trainable, batch, dropout_rng)
+    else:
+      if has_stats:
+        raise ValueError(
+            "optim.accumulation_steps > 1 cannot be used with BatchNorm heads (mlp-k): "
+            "each micro-batch would be normalised with its own statistics, which is not "
+            "the step of the whole batch; set optim.accumulation_steps=1 (head-only "
+            "methods train on cached features and need little memory)")
+      check_accumulation(accumulation_steps, batch["label"].shape[0])
+
+      def accumulate(grad_sum, micro):
+        index, micro_batch = micro
+        (micro_loss, (micro_correct, _)), micro_grads = grad_fn(
+            trainable, micro_batch, jax.random.fold_in(dropout_rng, index))
+        return jax.tree.map(jnp.add, grad_sum, micro_grads), (micro_loss, micro_correct)
+
+      grad_sum, (micro_losses, correct) = jax.lax.scan(
+          accumulate, jax.tree.map(jnp.zeros_like, trainable),
+          (jnp.arange(accumulation_steps), split_micro_batches(batch, accumulation_steps)))
+      # Equal micro-batches: the batch's mean is the mean of the micro-batch means.
+      grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
+      loss, updated = micro_losses.mean(), {}
     # Frozen leaves get constant zeros that set_to_zero never reads.
     zeros = {path: jnp.zeros_like(value) for path, value in frozen.items()}
     updates, opt_state = tx.update(partition.merge(grads, zeros), state["opt_state"],
@@ -92,7 +158,7 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
                      for path, value in trainable.items()}
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        "accuracy": jnp.mean(correct),
         "learning_rate": learning_rate(state["step"]),
         "grad_norm": optax.tree.norm(grads),  # trainable gradients only
     }

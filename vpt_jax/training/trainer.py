@@ -16,7 +16,7 @@ import re
 import signal
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,11 @@ CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 # Fields that may differ between the run that wrote a checkpoint and a resume.
 RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
-                         "predict.", "data.data_dir")
+                         "predict.", "data.data_dir",
+                         # memory/time trade-offs of the same step (e.g. resuming
+                         # on a smaller device): remat is exact, accumulation
+                         # equal up to float summation order
+                         "model.remat", "optim.accumulation_steps")
 
 
 # Exit status of a run stopped by a preemption notice after saving (EX_TEMPFAIL:
@@ -68,9 +72,12 @@ class Preempted(SystemExit):
 class PreemptionNotice:
   """Turns SIGTERM (the TPU/VM preemption notice) into a flag read at step boundaries.
 
-  On multi-host runs orbax's ``reached_preemption`` (JAX's preemption sync
-  point) makes every host stop at the same step; this handler covers the
-  single-process case and restores the previous handler on exit.
+  Single process only. On multi-host runs ``jax.distributed.initialize`` has
+  installed JAX's preemption service, which owns SIGTERM: a notice on any host
+  makes orbax's ``reached_preemption`` (JAX's preemption sync point) true on
+  every host at the same step. A Python handler would replace it, and the host
+  that got the signal would stop alone while the others wait in a collective,
+  so none is installed there. Restores the previous handler on exit.
   """
 
   def __init__(self):
@@ -82,7 +89,7 @@ class PreemptionNotice:
     self.received = True
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -125,12 +132,26 @@ def validate_config(config) -> None:
   if not 0 <= optim.warmup_epochs <= optim.epochs:
     raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
                       f"[0, epochs={optim.epochs}]")
+  steps_lib.check_accumulation(optim.accumulation_steps, optim.batch_size)
+  if (optim.accumulation_steps > 1
+      and methods_lib.get_method(config.method).head_hidden_layers > 0):
+    raise ConfigError(
+        f"optim.accumulation_steps={optim.accumulation_steps} cannot be used with the "
+        f"BatchNorm head of {config.method}: each micro-batch would be normalised with "
+        "its own statistics; set optim.accumulation_steps=1")
   normalization(config)
   if config.model.init_checkpoint and not tf.io.gfile.exists(config.model.init_checkpoint):
     raise ConfigError(
         f"Backbone checkpoint {config.model.init_checkpoint!r} does not exist. Download "
         "it (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
         "--config.model.init_checkpoint=PATH ('' trains from scratch).")
+  side_checkpoint = config.sidetune.checkpoint
+  if (side_checkpoint and methods_lib.get_method(config.method).name == "sidetune"
+      and not tf.io.gfile.exists(side_checkpoint)):
+    raise ConfigError(
+        f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
+        "by factory.save_side_network, or --config.sidetune.checkpoint='' to start the "
+        "side network from its initialisation.")
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -160,7 +181,8 @@ def check_resume_config(workdir: str, config) -> None:
     differing = sorted(
         key for key in set(previous) | set(current)
         if previous.get(key) != current.get(key)
-        and not any(key == f or key.startswith(f) for f in RESUME_NEUTRAL_FIELDS))
+        # Flattened keys read "optim/batch_size"; the fields are written "optim.batch_size".
+        and not any(key.replace("/", ".").startswith(f) for f in RESUME_NEUTRAL_FIELDS))
     has_checkpoint = tf.io.gfile.exists(os.path.join(workdir, "checkpoints"))
     if differing and has_checkpoint and not config.get("allow_config_change", False):
       details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}"
@@ -239,6 +261,11 @@ def evaluate(eval_step, variables, mesh, eval_source, config) -> dict:
 
   ``variables``: ``steps_lib.model_variables(state)``.
   """
+  return steps_lib.summarize_eval(eval_totals(eval_step, variables, mesh, eval_source, config))
+
+
+def eval_totals(eval_step, variables, mesh, eval_source, config) -> dict:
+  """The sums of ``eval_step`` over every example of a split, on the host."""
   global_batch = config.eval.batch_size
   mesh_lib.check_batch_divisible(global_batch, mesh)
   totals = None
@@ -251,7 +278,7 @@ def evaluate(eval_step, variables, mesh, eval_source, config) -> dict:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ConfigError(f"split {eval_source.split!r} of {eval_source.builder} is empty")
-  return steps_lib.summarize_eval(jax.device_get(totals))
+  return jax.device_get(totals)
 
 
 def _batches(data: TrainData, config, start_step: int,
@@ -350,20 +377,34 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   check_resume_config(workdir, config)
   mesh = mesh_lib.make_data_mesh()
   mesh_lib.check_batch_divisible(config.optim.batch_size, mesh)
+  micro_batch = config.optim.batch_size // config.optim.accumulation_steps
+  if micro_batch % mesh.devices.size:
+    raise ConfigError(
+        f"micro-batch size {micro_batch} (optim.batch_size / optim.accumulation_steps) is "
+        f"not divisible by the {mesh.devices.size} devices; use a batch size that is a "
+        f"multiple of {config.optim.accumulation_steps * mesh.devices.size}")
   norm = normalization(config)
   data = load_train_data(config)
   spec = factory.model_spec(config)
   model = factory.build_model(spec, data.num_classes)
   replicated = mesh_lib.replicated(mesh)
+  side_checkpoint = config.sidetune.checkpoint if spec["method"] == "sidetune" else ""
+  from_files = None
+  if config.model.init_checkpoint or side_checkpoint:
+    # Everything but the method's fresh parameters comes from the backbone file.
+    # It is read and checked against the model's shapes (no compute) first, so a
+    # truncated or mismatched file fails before anything is compiled.
+    from_files = factory.load_pretrained(
+        factory.variable_shapes(model, config.model.image_size)["params"], spec,
+        config.model.init_checkpoint, side_checkpoint)
   variables = factory.init_variables(model, config.model.image_size, config.seed,
                                      out_shardings=replicated)
   params = variables["params"]
   fingerprint = None
-  side_checkpoint = config.sidetune.checkpoint if spec["method"] == "sidetune" else ""
-  if config.model.init_checkpoint or side_checkpoint:
-    # Everything but the method's fresh parameters comes from the backbone file.
-    params = factory.load_pretrained(jax.device_get(params), spec,
-                                     config.model.init_checkpoint, side_checkpoint)
+  if from_files is not None:  # the fresh leaves (still shapes) take their init values
+    params = jax.tree.map(
+        lambda loaded, initial: initial if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
+        from_files, jax.device_get(params))
     params = mesh_lib.put_replicated(params, mesh)
   if config.model.init_checkpoint:
     fingerprint = npz_lib.fingerprint(config.model.init_checkpoint)
@@ -401,8 +442,12 @@ def _eval_step(run: Run):
                  out_shardings=mesh_lib.replicated(run.mesh))
 
 
-def train(run: Run) -> None:
-  """Trains from the run's current step to the end, checkpointing as configured."""
+def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> None:
+  """Trains from the run's current step to the end, checkpointing as configured.
+
+  ``on_step(step, state)``, if given, runs after every step (monitoring, e.g.
+  benchmarks/soak.py); ``state`` is donated to the next step, so read it there.
+  """
   config, writer, mesh = run.config, run.writer, run.mesh
   start_step = run.step
   params = run.state["params"]
@@ -414,7 +459,8 @@ def train(run: Run) -> None:
                + (f"; resuming at step {start_step}" if start_step else ""))
   replicated = mesh_lib.replicated(mesh)
   train_step = jax.jit(
-      steps_lib.make_train_step(run.model, run.labels, run.tx, run.schedule, **run.norm),
+      steps_lib.make_train_step(run.model, run.labels, run.tx, run.schedule, **run.norm,
+                                accumulation_steps=config.optim.accumulation_steps),
       donate_argnums=(0,), in_shardings=(replicated, mesh_lib.batch_sharded(mesh), replicated),
       out_shardings=(replicated, replicated))
   eval_step = _eval_step(run)
@@ -434,9 +480,13 @@ def train(run: Run) -> None:
                  f"computed in {time.perf_counter() - began:.1f}s")
   batches = _batches(run.data, config, start_step, features)
   state = run.state
+  # Crash-test hooks (ckpt_lib.TEST_HOOK_ENV); both None outside tests.
+  kill_in_step, pause_after = ckpt_lib.hook_step("step"), ckpt_lib.hook_step("pause")
   with PreemptionNotice() as notice:
     for step in range(start_step + 1, run.total_steps + 1):
       state, metrics = train_step(state, mesh_lib.global_batch(mesh, next(batches)), rng)
+      if step == kill_in_step:
+        _kill_inside_step(run)
       pending.append(metrics)
       preempted = notice.received or run.manager.reached_preemption(step)
       save_due = (preempted or step == run.total_steps
@@ -459,11 +509,37 @@ def train(run: Run) -> None:
         ckpt_lib.save(run.manager, state, run.labels)
       if preempted:
         run.manager.wait_until_finished()
-        writer.print(f"preempted: saved step {step} in {run.workdir}/checkpoints; rerun the "
-                     "same command to resume")
+        # Every process reports (not only process 0): on multi-host runs the
+        # logs show that all hosts stopped at the same step.
+        print(f"preempted: saved step {step} in {run.workdir}/checkpoints (process "
+              f"{jax.process_index()}); rerun the same command to resume", flush=True)
         raise Preempted(step)
+      if step == pause_after:
+        _pause_for_test(run.workdir, step)
+      if on_step is not None:
+        on_step(step, state)
   run.manager.wait_until_finished()
   run.state = state
+
+
+def _kill_inside_step(run: Run) -> None:
+  """Crash-test hook: SIGKILL while a step computes, once earlier saves are complete."""
+  run.manager.wait_until_finished()  # makes the last complete checkpoint known
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause_for_test(workdir: str, step: int) -> None:
+  """Crash-test hook: waits at a step boundary while a test signals the process.
+
+  Creates ``WORKDIR/test-paused-at-<step>.<process index>`` and returns when
+  the test deletes it (or after 5 minutes).
+  """
+  marker = os.path.join(workdir, f"test-paused-at-{step}.{jax.process_index()}")
+  with open(marker, "w") as f:
+    f.write(str(os.getpid()))
+  deadline = time.monotonic() + 300
+  while os.path.exists(marker) and time.monotonic() < deadline:
+    time.sleep(0.05)
 
 
 def _check_finite(window: list, first_step: int, run: Run) -> list:

@@ -1,0 +1,205 @@
+r"""Soak test: a long tiny run through the real trainer, watching the process's memory.
+
+Trains a tiny ViT (``test/4`` at 16 px, VPT-deep, local ``vpt_sprites/tiny``)
+for many steps with the trainer's own loop, evaluating, checkpointing (orbax,
+keeping 2, so old steps are deleted) and exporting periodically, and samples
+the resident set size (VmRSS of /proc/self/status) and the number of live JAX
+arrays every ``--sample_every`` steps. Prints a table, writes it as CSV, and
+ends with a verdict: the median (Theil-Sen) slope of anonymous RSS (RssAnon: heap
+and other private memory; the file-backed rest of VmRSS is mostly shared
+libraries, whose pages the kernel drops and reloads at will), measured after
+``gc.collect()``, in MB per 1000 steps over
+the samples after the first ``--skip_fraction`` of the run and after the first
+evaluation, checkpoint and export (each allocates once the first time). Exits
+with status 1 if the slope exceeds ``--max_slope``.
+
+  python benchmarks/soak.py                                   # 5000 steps
+  python benchmarks/soak.py --steps 300 --sample_every 25 --eval_every 100 \
+      --checkpoint_every 50 --export_every 100                 # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from configs import common  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+
+# vpt_sprites/tiny's train split, all in every batch: one step per epoch, so the
+# integer epoch fields of the config count steps.
+TRAIN_IMAGES = 24
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--steps", type=int, default=5000)
+  parser.add_argument("--sample_every", type=int, default=100, help="steps between RSS samples")
+  parser.add_argument("--eval_every", type=int, default=500, help="steps between evaluations")
+  parser.add_argument("--checkpoint_every", type=int, default=250)
+  parser.add_argument("--export_every", type=int, default=1000)
+  parser.add_argument("--method", default="vpt_deep")
+  parser.add_argument("--variant", default="test/4")
+  parser.add_argument("--image_size", type=int, default=16)
+  parser.add_argument("--skip_fraction", type=float, default=0.2,
+                      help="leading fraction of the run left out of the slope")
+  parser.add_argument("--max_slope", type=float, default=1.0,
+                      help="MB per 1000 steps above which the verdict is 'grows'")
+  parser.add_argument("--workdir", default="", help="default: a new temporary directory")
+  parser.add_argument("--csv", default="", help="default: WORKDIR/soak_rss.csv")
+  return parser.parse_args(argv)
+
+
+def memory_mb() -> dict[str, float]:
+  """{"rss_mb": VmRSS, "anon_mb": RssAnon} now, in MB.
+
+  Without /proc both are the peak RSS (``ru_maxrss``), which can only grow.
+  """
+  fields = {}
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon"):
+          fields[name] = int(value.split()[0]) / 1024  # kB
+  except OSError:
+    pass
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+  rss = fields.get("VmRSS", peak)
+  return {"rss_mb": rss, "anon_mb": fields.get("RssAnon", rss)}
+
+
+def soak_config(args, workdir: str):
+  """A run of exactly ``args.steps`` steps on vpt_sprites/tiny (3 classes by count)."""
+  config = common.base_config()
+  common.apply_method(config, args.method)
+  config.model.variant = args.variant
+  config.model.image_size = args.image_size
+  config.prompt.num_prompts = 2
+  config.data.builder = "vpt_sprites/tiny"
+  config.data.data_dir = os.path.join(workdir, "tfds")
+  config.data.label_key = "count"
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.test_split = "test"
+  config.optim.batch_size = TRAIN_IMAGES
+  config.optim.epochs = args.steps
+  config.optim.warmup_epochs = 1
+  config.optim.base_lr = 0.5
+  config.eval.batch_size = 8
+  config.eval.every_epochs = args.eval_every
+  config.checkpoint.every_steps = args.checkpoint_every
+  config.checkpoint.keep = 2
+  config.log_every_steps = args.sample_every
+  config.lock()
+  return config
+
+
+def median_slope(x: np.ndarray, y: np.ndarray) -> float:
+  """The Theil-Sen slope: the median of the slopes between all pairs of points.
+
+  Unlike least squares it ignores a one-off jump (memory handed back to the
+  system once, a cache filled once) unless most pairs straddle it.
+  """
+  i, j = np.triu_indices(len(x), k=1)
+  return float(np.median((y[j] - y[i]) / (x[j] - x[i])))
+
+
+def verdict(samples: list[dict], args) -> tuple[float, str]:
+  """(slope in MB per 1000 steps after the skipped start, the verdict lines).
+
+  The fit starts once every periodic event (evaluation, checkpoint, export) has
+  happened at least once, and not before ``skip_fraction`` of the run: the
+  first of each compiles or allocates once. The verdict uses the median
+  (Theil-Sen) slope of anonymous RSS; the least-squares slope is shown too.
+  """
+  start = max(args.skip_fraction * args.steps, args.eval_every, args.checkpoint_every,
+              args.export_every)
+  kept = [s for s in samples if s["step"] >= start]
+  if len(kept) < 3:
+    return float("nan"), "too few samples after the skipped start for a slope"
+  steps = np.array([s["step"] for s in kept], np.float64)
+  anon = np.array([s["anon_mb"] for s in kept], np.float64)
+  arrays = np.array([s["live_arrays"] for s in kept], np.float64)
+  slope = median_slope(steps, anon) * 1000
+  least_squares = float(np.polyfit(steps, anon, 1)[0]) * 1000
+  grows = slope > args.max_slope
+  return slope, (
+      f"anonymous RSS over steps {int(steps[0])}-{int(steps[-1])} ({len(kept)} samples): "
+      f"{anon[0]:.1f} -> {anon[-1]:.1f} MB, median slope {slope:+.3f} MB per 1000 steps "
+      f"(least squares {least_squares:+.3f})\n"
+      f"live JAX arrays {int(arrays.min())}-{int(arrays.max())}, median slope "
+      f"{median_slope(steps, arrays) * 1000:+.2f} per 1000 steps\n"
+      + (f"verdict: GROWS (above {args.max_slope} MB per 1000 steps)" if grows
+         else f"verdict: no growth (at most {args.max_slope} MB per 1000 steps)"))
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  workdir = args.workdir or tempfile.mkdtemp(prefix="vpt_soak_")
+  csv_path = args.csv or os.path.join(workdir, "soak_rss.csv")
+  config = soak_config(args, workdir)
+  began = time.perf_counter()
+  samples = []
+
+  def sample(step: int, phase: str = "train") -> None:
+    # Collect garbage cycles first: memory only a later collection would free
+    # (e.g. of finished evaluation pipelines) is not a leak.
+    gc.collect()
+    samples.append({"step": step, "phase": phase, **memory_mb(),
+                    "live_arrays": len(jax.live_arrays()),
+                    "elapsed_s": time.perf_counter() - began})
+
+  run = trainer.setup(config, os.path.join(workdir, "run"))
+  if run.total_steps != args.steps or run.step:
+    raise SystemExit(f"the run has {run.total_steps} steps from step {run.step}; "
+                     f"expected {args.steps} from 0 (use a new --workdir)")
+  exports = 0
+
+  def on_step(step: int, state: dict) -> None:
+    nonlocal exports
+    if step % args.export_every == 0:
+      run.state = state  # the current parameters; read before the next step donates them
+      trainer.export(run)
+      exports += 1
+    if step % args.sample_every == 0:
+      sample(step)
+
+  try:
+    sample(0)
+    trainer.train(run, on_step=on_step)
+    trainer.finish(run)
+  finally:
+    trainer.close(run)
+  sample(args.steps, "final")  # after the test evaluation, the export and closing
+
+  print(f"\n{'step':>8}{'phase':>7}{'RSS MB':>10}{'anon MB':>10}{'live arrays':>13}"
+        f"{'elapsed s':>11}")
+  for s in samples:
+    print(f"{s['step']:>8}{s['phase']:>7}{s['rss_mb']:>10.1f}{s['anon_mb']:>10.1f}"
+          f"{s['live_arrays']:>13}{s['elapsed_s']:>11.1f}")
+  with open(csv_path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(samples[0]))
+    writer.writeheader()
+    writer.writerows(samples)
+  slope, line = verdict(samples[:-1], args)  # the slope covers training steps only
+  print(f"\n{args.steps} steps, {exports} periodic exports, checkpoints every "
+        f"{args.checkpoint_every}, evaluation every {args.eval_every}; workdir {workdir}")
+  print(f"CSV: {csv_path}")
+  print(line)
+  return 1 if slope > args.max_slope else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

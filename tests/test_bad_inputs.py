@@ -1,0 +1,203 @@
+"""Bad input fails before compute, with an error that names the problem and the fix.
+
+Issue 5's list of bad inputs, and where each case is tested:
+
+* unknown method: test_end_to_end.py::test_bad_input_fails_before_compute[method],
+  test_methods.py::test_bad_method_names_are_refused (closest names)
+* unknown task: test_vtab.py::test_unknown_task_names_the_close_ones (VTAB
+  registry); here test_unknown_task_names_the_closest_ones (VTAB, FGVC, task
+  kind, through the trainer)
+* unknown variant: test_end_to_end.py::test_bad_input_fails_before_compute[variant];
+  here test_unknown_variant_names_the_closest_ones
+* unknown config key: test_cli.py::test_misspelt_config_key_is_refused (run.py),
+  test_cli.py::test_bad_config_arguments_name_the_closest_valid_key
+* prompt count below 1: test_end_to_end.py::test_bad_input_fails_before_compute[num_prompts]
+* image size not divisible by the patch size:
+  test_end_to_end.py::test_bad_input_fails_before_compute[image_size]
+* number of classes inconsistent with the dataset:
+  test_end_to_end.py::test_bad_input_fails_before_compute[num_classes] (TFDS),
+  test_data_formats.py::test_image_folder_split_layout_shares_class_ids (folders),
+  test_data_formats.py::test_vtab1k_folder_errors_name_the_file (label out of range)
+* checkpoint missing: test_end_to_end.py::test_bad_input_fails_before_compute[init_checkpoint],
+  test_npz_loading.py::test_missing_file; here the side-network file
+  (test_missing_side_network_checkpoint_fails_before_compute)
+* checkpoint truncated, not an npz, missing / extra / misshapen keys:
+  test_npz_loading.py::test_truncated_file, test_not_an_npz, test_damaged_member,
+  test_missing_key_is_named_in_model_terms, test_unexpected_key,
+  test_misshapen_key_lists_both_shapes, test_all_problems_reported_at_once_sorted;
+  here test_broken_backbone_file_fails_before_anything_is_compiled (through the
+  trainer, before the model is initialised)
+* task export applied to a different backbone or method:
+  test_end_to_end.py::test_export_refuses_a_different_backbone_or_method,
+  test_task_export.py::test_incomplete_export_is_refused
+* NaN or Inf loss: test_end_to_end.py::test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint
+* corrupt image in a custom dataset: test_data_formats.py::test_a_corrupt_image_is_named,
+  test_data_formats.py::test_skipping_corrupt_images_reports_the_count
+* workdir not writable: here test_unwritable_workdir_fails_before_anything_is_loaded
+* dataset that needs a manual download:
+  test_vtab.py::test_missing_data_shows_the_manual_download_steps (RESISC45, DMLab),
+  test_data_formats.py::test_nabirds_needs_its_split_files,
+  test_pipeline.py::test_unprepared_remote_dataset_error_names_the_fix; here
+  test_dataset_without_a_builder_says_where_to_put_what (NABirds, through the trainer)
+"""
+
+import os
+import re
+
+import pytest
+
+import checkpoint_fixtures
+from test_end_to_end import tiny_config
+from vpt_jax.checkpoints import npz
+from vpt_jax.models import factory
+from vpt_jax.training import trainer
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+  return checkpoint_fixtures.write_tiny_backbone(
+      tmp_path_factory.mktemp("backbone") / "ViT-test_4.npz", variant="test/4", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def _refuse(name):
+  def refused(*args, **kwargs):
+    raise AssertionError(f"{name} ran: the bad input was not caught before compute")
+  return refused
+
+
+@pytest.fixture()
+def no_model_init(monkeypatch):
+  """Fails the test if the model is initialised (the first compilation of a run)."""
+  monkeypatch.setattr(factory, "init_variables", _refuse("factory.init_variables"))
+
+
+@pytest.fixture()
+def no_data(monkeypatch, no_model_init):
+  """Fails the test if the training data is decoded or the model initialised."""
+  monkeypatch.setattr(trainer, "load_train_data", _refuse("trainer.load_train_data"))
+
+
+def _unwritable(tmp_path, kind):
+  if kind == "below a file":
+    (tmp_path / "a_file").write_text("not a directory")
+    return str(tmp_path / "a_file" / "run")
+  # An existing directory that refuses new files, even to root.
+  if not os.path.isdir("/proc"):
+    pytest.skip("needs /proc")
+  return "/proc"
+
+
+@pytest.mark.parametrize("kind", ["below a file", "existing read-only directory"])
+def test_unwritable_workdir_fails_before_anything_is_loaded(
+    backbone, data_dir, tmp_path, no_data, kind):
+  workdir = _unwritable(tmp_path, kind)
+  with pytest.raises(trainer.ConfigError,
+                     match=rf"workdir '{re.escape(workdir)}' is not writable .*--workdir"):
+    trainer.train_and_evaluate(tiny_config(backbone, data_dir), workdir)
+
+
+@pytest.mark.parametrize("task, message", [
+    ("vtab/clevr_cnt", r"Unknown VTAB task 'clevr_cnt' \(did you mean clevr_count"),
+    ("fgvc/stanford_dog", r"Unknown FGVC dataset 'stanford_dog' \(did you mean stanford_dogs"),
+    ("vtb/dmlab", r"Unknown data.task 'vtb/dmlab'; use vtab/<task>, fgvc/<dataset>, folder"),
+])
+def test_unknown_task_names_the_closest_ones(backbone, data_dir, tmp_path, no_data, task,
+                                             message):
+  config = tiny_config(backbone, data_dir, **{"data.task": task})
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # refused before the workdir is made
+
+
+@pytest.mark.parametrize("variant, close", [("b/16", "B/16"), ("L16", "L/16")])
+def test_unknown_variant_names_the_closest_ones(backbone, data_dir, tmp_path, no_data,
+                                                variant, close):
+  config = tiny_config(backbone, data_dir, **{"model.variant": variant})
+  with pytest.raises(ValueError, match=rf"Unknown ViT variant '{variant}'.*did you mean .*{close}"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _truncated(tmp_path, backbone):
+  data = open(backbone, "rb").read()
+  path = tmp_path / "truncated.npz"
+  path.write_bytes(data[:len(data) // 2])
+  return str(path), {}
+
+
+def _text_file(tmp_path, backbone):
+  path = tmp_path / "weights.npz"
+  path.write_text("<html>404 Not Found</html>")
+  return str(path), {}
+
+
+def _two_blocks_for_four(tmp_path, backbone):
+  # The file has 2 blocks; the model asks for 4 ("test4/4").
+  return backbone, {"model.variant": "test4/4"}
+
+
+def _patch_8_for_patch_4(tmp_path, backbone):
+  path = checkpoint_fixtures.write_tiny_backbone(tmp_path / "ViT-test_8.npz",
+                                                 variant="test/8", image_size=32)
+  return path, {}
+
+
+@pytest.mark.parametrize("make_file, message", [
+    (_truncated, r"truncated.npz is not a valid \.npz checkpoint.*Re-download it"),
+    (_text_file, r"weights.npz is not a valid \.npz checkpoint: it is not a zip archive"),
+    (_two_blocks_for_four, r"(?s)missing from the file \(32\):.*"
+                           r"Transformer/encoderblock_2/LayerNorm_0/bias.*wrong variant\?"),
+    (_patch_8_for_patch_4, r"embedding/kernel: file \(8, 8, 3, 16\) vs model \(4, 4, 3, 16\)"),
+])
+def test_broken_backbone_file_fails_before_anything_is_compiled(
+    backbone, data_dir, tmp_path, no_model_init, make_file, message):
+  path, overrides = make_file(tmp_path, backbone)
+  config = tiny_config(backbone, data_dir, **{"model.init_checkpoint": path, **overrides})
+  with pytest.raises(npz.CheckpointError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_missing_side_network_checkpoint_fails_before_compute(backbone, data_dir, tmp_path,
+                                                              no_data):
+  config = tiny_config(backbone, data_dir, **{"method": "sidetune",
+                                              "sidetune.checkpoint": "/nonexistent/side.npz"})
+  with pytest.raises(trainer.ConfigError,
+                     match=r"Side-network checkpoint '/nonexistent/side.npz' does not exist.*"
+                           r"--config.sidetune.checkpoint=''"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_dataset_without_a_builder_says_where_to_put_what(backbone, data_dir, tmp_path,
+                                                          no_data):
+  config = tiny_config(backbone, data_dir, **{"data.task": "fgvc/nabirds"})
+  with pytest.raises(trainer.ConfigError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(error.value)
+  # Where to get it, what goes where, and which setting points at it.
+  for part in ("https://dl.allaboutbirds.org/nabirds", "train.json/val.json/test.json next "
+               "to images/", "--config.data.path"):
+    assert part in message, message
+
+
+@pytest.mark.parametrize("typo,suggestion", [
+    ("resnet50", "resnet-50"), ("convnxt-B", "convnext-B"), ("swim-B/4w7", "swin-B/4w7")])
+def test_variant_typos_suggest_the_other_families(typo, suggestion):
+  from vpt_jax.models import vit  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=f"did you mean .*{re.escape(suggestion)}"):
+    vit.decode_variant(typo)
+
+
+def test_a_tfds_dataset_needing_a_manual_download_says_where_to_put_it(tmp_path):
+  from vpt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  source = pipeline.ImageSource(builder="diabetic_retinopathy_detection",
+                                data_dir=str(tmp_path), split="train")
+  manual_dir = os.path.join(str(tmp_path), "downloads", "manual")
+  with pytest.raises(FileNotFoundError, match="needs a manual download") as error:
+    pipeline.load_split_arrays(source, image_size=32)
+  assert f"Put the files in {manual_dir}" in str(error.value)
+  assert "--manual_dir" in str(error.value)

@@ -1,0 +1,142 @@
+"""Mixed precision (model.dtype="bfloat16"): a bfloat16 backbone, float32 everything else.
+
+What bfloat16 must mean: the backbone's matmuls and convolutions run in
+bfloat16, while the parameters, the head, its logits, the loss, the gradients
+and the optimizer state stay float32, and training follows the float32
+trajectory closely.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vpt_jax.models import factory
+from vpt_jax.models import methods
+from vpt_jax.training import optimizers
+from vpt_jax.training import partition
+from vpt_jax.training import steps
+
+MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+# A class count that is no other dimension of the tiny model (width 16, MLP 32,
+# 2 heads of 8, 17 tokens + 3 prompts, batch 8), so it marks the head's matmuls.
+NUM_CLASSES = 7
+BATCH = 8
+# bfloat16 keeps 8 significant bits (relative rounding up to 2^-8 ~ 0.4%);
+# through 2 blocks and 5 steps the loss drifts by about one such unit (~0.5%
+# measured), well below 2%.
+LOSS_RTOL = 2e-2
+
+
+def _spec(dtype):
+  return dict(method="vpt_deep", variant="test/4", image_size=16, dropout_rate=0.1,
+              skip_dead_work=True, dtype=dtype, num_prompts=3, prompt_dropout=0.1,
+              prompt_projection=-1, pool="original")
+
+
+@functools.lru_cache(maxsize=None)
+def _run(dtype, num_steps=5):
+  """Trains the tiny VPT-deep model a few steps; every test reads this one run per dtype.
+
+  Returns (model, initial state, batch, jitted step, final state, per-step metrics).
+  """
+  spec = _spec(dtype)
+  model = factory.build_model(spec, NUM_CLASSES)
+  params = factory.init_variables(model, 16, seed=0)["params"]
+  labels = partition.label_params(params, methods.get_method("vpt_deep").trainable_rules)
+  schedule = lambda step: 0.1
+  # SGD with momentum (VPT's optimizer): its update is proportional to the
+  # gradient, so rounding noise is not amplified as by Adam's normalised first
+  # steps, and the momentum is optimizer state whose dtype the tests check.
+  tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=schedule,
+                                 weight_decay=1e-4)
+  state = {"step": jnp.zeros([], jnp.int32), "params": params,
+           "opt_state": jax.jit(tx.init)(params)}
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (BATCH, 16, 16, 3), dtype=np.uint8),
+           "label": rng.integers(0, NUM_CLASSES, (BATCH,)).astype(np.int32)}
+  step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule, **MEAN_STD))
+  final, history = state, []
+  for _ in range(num_steps):
+    final, metrics = step_fn(final, batch, jax.random.key(1))
+    history.append(metrics)
+  return model, state, batch, step_fn, final, history
+
+
+def test_bfloat16_loss_tracks_float32():
+  full = np.array([float(m["loss"]) for m in _run("float32")[-1]])
+  mixed = np.array([float(m["loss"]) for m in _run("bfloat16")[-1]])
+  # The run learns (the comparison is over a moving trajectory) ...
+  assert full[-1] < 0.8 * full[0], full
+  # ... bfloat16 follows it within the tolerance, and really computes differently.
+  np.testing.assert_allclose(mixed, full, rtol=LOSS_RTOL)
+  assert not np.array_equal(mixed, full)
+
+
+def _float_dtypes(tree) -> set:
+  return {str(leaf.dtype) for leaf in jax.tree.leaves(tree)
+          if jnp.issubdtype(leaf.dtype, jnp.floating)}
+
+
+def test_bfloat16_keeps_parameters_optimizer_state_and_loss_float32():
+  model, state, batch, _, final, history = _run("bfloat16")
+  assert _float_dtypes(state["params"]) == {"float32"}
+  assert _float_dtypes(final["params"]) == {"float32"}
+  assert _float_dtypes(final["opt_state"]) == {"float32"}
+  # The optimizer state is not empty: the trainable leaves have their momentum.
+  assert sum(leaf.size for leaf in jax.tree.leaves(final["opt_state"])) > 0
+  for name in ("loss", "grad_norm"):
+    assert history[-1][name].dtype == jnp.float32, name
+  images = steps.normalize_images(batch["image"], **MEAN_STD)
+  apply = jax.jit(model.apply, static_argnames="return_features")
+  variables = {"params": final["params"]}
+  assert apply(variables, images).dtype == jnp.float32
+  assert apply(variables, images, return_features=True).dtype == jnp.float32
+
+
+TENSOR = re.compile(r"tensor<((?:\d+x)*)(\w+)>")
+
+
+def _matmuls(hlo_text: str) -> list[tuple[str, list[tuple[tuple[int, ...], str]]]]:
+  """Every dot_general / convolution line as (op, [(shape, element type), ...])."""
+  found = []
+  for line in hlo_text.splitlines():
+    op = next((o for o in ("stablehlo.dot_general", "stablehlo.convolution") if o in line),
+              None)
+    if op is None:
+      continue
+    # The type signature follows the last " : ".
+    signature = line.rsplit(" : ", 1)[1]
+    tensors = [(tuple(int(d) for d in dims.split("x") if d), element)
+               for dims, element in TENSOR.findall(signature)]
+    found.append((op, tensors))
+  return found
+
+
+def _step_matmuls(dtype):
+  _, state, batch, step_fn, _, _ = _run(dtype)
+  return _matmuls(step_fn.lower(state, batch, jax.random.key(1)).as_text())
+
+
+def test_bfloat16_backbone_matmuls_in_lowered_step():
+  head, backbone = [], []
+  for op, tensors in _step_matmuls("bfloat16"):
+    # The head's matmuls (forward, kernel gradient, feature gradient) are the
+    # only ones with the class dimension.
+    (head if any(NUM_CLASSES in shape for shape, _ in tensors) else backbone).append(
+        (op, tensors))
+  assert len(head) == 3, head
+  assert all(element == "f32" for _, tensors in head for _, element in tensors), head
+  # 2 blocks x (q, k, v, 2 attention einsums, out, 2 MLP) forward and their
+  # input gradients, and the patch convolution: all bfloat16.
+  assert len(backbone) >= 2 * 8 * 2, len(backbone)
+  assert any(op == "stablehlo.convolution" for op, _ in backbone)
+  not_bf16 = [(op, t) for op, t in backbone if any(e != "bf16" for _, e in t)]
+  assert not not_bf16, not_bf16
+
+
+def test_float32_model_has_no_bfloat16_matmul():
+  elements = {e for _, tensors in _step_matmuls("float32") for _, e in tensors}
+  assert elements == {"f32"}
