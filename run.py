@@ -33,10 +33,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", 0, "On a CPU host: split it into this many XLA devices (e.g. one per core) "
-    "and shard every batch over them as over a pod's chips. XLA runs batched (attention) "
-    "matmuls on one thread per device, so this is faster on multi-core CPUs; 0 keeps JAX's "
-    "default of one device.", lower_bound=0)
+    "cpu_devices", 0, "On a CPU host: split it into this many XLA devices and shard every "
+    "batch over them as over a pod's chips (the multi-device path on one machine); 0 keeps "
+    "JAX's default of one device.", lower_bound=0)
 _TASKS = flags.DEFINE_string(
     "tasks", None, "--mode=predict on many tasks sharing one backbone: name=export_dir,... "
     "(then no --config/--workdir; the exports describe their models).")

@@ -16,9 +16,7 @@ on the same machine, right before (the practical ceiling of this CPU).
   python benchmarks/train_step.py --methods vpt_deep,vpt_deep:all  # vs full FT, same length
 
 With ``--cpu_devices N`` the batch is split over N CPU devices exactly as over
-a pod's chips (the same mesh code as training); on this 2-core machine XLA's
-batched attention matmuls run on one thread per device, so two devices use
-both cores where one device leaves one idle.
+a pod's chips (the same mesh code as training).
 """
 
 from __future__ import annotations
