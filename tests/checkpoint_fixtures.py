@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import common
 from vpt_jax.models import vit
 
 # Released-block names -> our model's names, one entry per leaf, written out.
@@ -172,6 +173,23 @@ def write_tiny_backbone(path, *, variant: str = "test/4", image_size: int = 32,
   model = vit.VisionTransformer(num_classes=7, variant=variant)
   write_vit_raw_npz(randomize(param_shapes(model, image_size), seed=seed, scale=scale), path)
   return str(path)
+
+
+def method_config(method: str, variant: str, image_size: int, *, num_prompts: int = 3,
+                  **overrides):
+  """``configs.common.base_config()`` for ``method`` on a (tiny) ``variant``.
+
+  ``overrides``: "section.field" -> value, e.g. ``**{"model.dropout_rate": 0.0}``.
+  """
+  config = common.base_config()
+  common.apply_method(config, method)
+  config.model.variant = variant
+  config.model.image_size = image_size
+  config.prompt.num_prompts = num_prompts
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
 
 
 @dataclasses.dataclass

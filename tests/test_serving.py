@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 import checkpoint_fixtures as fixtures
-from configs import common
 from vpt_jax import cli
 from vpt_jax.export import predict
 from vpt_jax.export import serving
@@ -31,16 +30,8 @@ HALF = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 def _spec(method, image_size=IMAGE, **overrides):
-  config = common.base_config()
-  common.apply_method(config, method)
-  config.model.variant = VARIANT
-  config.model.image_size = image_size
-  config.prompt.num_prompts = 2
-  config.lora.rank = 2
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return factory.model_spec(config)
+  return factory.model_spec(fixtures.method_config(
+      method, VARIANT, image_size, num_prompts=2, **{"lora.rank": 2, **overrides}))
 
 
 def _write_export(directory, backbone, method, num_classes, seed, *, normalization=HALF,

@@ -92,16 +92,29 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                              num_processes=num_processes, process_id=process_id)
 
 
-def parse_task_exports(text: str) -> dict[str, str]:
-  """"name1=dir1,name2=dir2" -> {name: export directory} (run.py --tasks)."""
-  exports = {}
+def _split_pairs(text: str, sep: str, flag: str, usage: str) -> list[tuple[str, str]]:
+  """"a<sep>b,c<sep>d" -> [(a, b), (c, d)], split at the first ``sep`` of each item.
+
+  Raises:
+    ValueError: an item without ``sep`` or with an empty side, naming ``flag``
+      and the item, followed by ``usage``.
+  """
+  pairs = []
   for item in (part.strip() for part in text.split(",")):
     if not item:
       continue
-    name, sep, directory = item.partition("=")
-    if not sep or not name or not directory:
-      raise ValueError(f"--tasks item {item!r} must be name=export_dir, e.g. "
-                       "--tasks=cifar=/exports/cifar,dtd=/exports/dtd")
+    key, found, value = item.partition(sep)
+    if not found or not key or not value:
+      raise ValueError(f"{flag} item {item!r} {usage}")
+    pairs.append((key, value))
+  return pairs
+
+
+def parse_task_exports(text: str) -> dict[str, str]:
+  """"name1=dir1,name2=dir2" -> {name: export directory} (run.py --tasks)."""
+  exports = {}
+  for name, directory in _split_pairs(text, "=", "--tasks", "must be name=export_dir, e.g. "
+                                      "--tasks=cifar=/exports/cifar,dtd=/exports/dtd"):
     if name in exports:
       raise ValueError(f"--tasks names task {name!r} twice")
     exports[name] = directory
@@ -129,15 +142,8 @@ def parse_predict_inputs(text: str) -> list[tuple[str, str]]:
                          f"got {reader.fieldnames}")
       pairs = [(row["task"].strip(), row["file"].strip()) for row in reader]
   else:
-    pairs = []
-    for item in (part.strip() for part in text.split(",")):
-      if not item:
-        continue
-      task, sep, path = item.partition(":")
-      if not sep or not task or not path:
-        raise ValueError(f"--inputs item {item!r} must be task:image_path, e.g. "
+    pairs = _split_pairs(text, ":", "--inputs", "must be task:image_path, e.g. "
                          "--inputs=cifar:a.png,dtd:b.jpg (or a .csv with task,file columns)")
-      pairs.append((task, path))
   if not pairs:
     raise ValueError("--inputs lists no images; give task:path pairs or a .csv file")
   return pairs
@@ -159,7 +165,12 @@ def predict_tasks(tasks: str, inputs: str, backbone_path: str = "", output: str 
     raise ValueError(f"--inputs names tasks {unknown} that --tasks does not load; "
                      f"loaded: {sorted(exports)}")
   server = serving.MultiTaskServer(exports, backbone_path or None)
-  results = server.classify_files(pairs, top_k=top_k, batch_size=batch_size)
+  return _print_json_lines(server.classify_files(pairs, top_k=top_k, batch_size=batch_size),
+                           output)
+
+
+def _print_json_lines(results: list[dict], output: str = "") -> list[dict]:
+  """Prints one JSON line per result (and writes them to ``output``); returns ``results``."""
   lines = [json.dumps(result) for result in results]
   for line in lines:
     print(line)
@@ -206,8 +217,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   if not paths:
     raise ValueError("predict mode needs --config.predict.images=a.png,b.jpg")
   export_dir = config.predict.export_dir or f"{workdir}/export"
-  results = predict.predict_files(export_dir, paths,
-                                  backbone_path=config.model.init_checkpoint or None)
-  for result in results:
-    print(json.dumps(result))
-  return results
+  return _print_json_lines(predict.predict_files(
+      export_dir, paths, backbone_path=config.model.init_checkpoint or None))

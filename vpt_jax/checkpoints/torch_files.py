@@ -129,6 +129,11 @@ _TORCH_DTYPES = {
 }
 
 
+def _widen_bfloat16(bits: np.ndarray) -> np.ndarray:
+  """bfloat16 bit patterns (uint16) -> float32, exactly (bfloat16 is float32's top half)."""
+  return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 def _check_int_tuple(values, what: str) -> tuple[int, ...]:
   if not isinstance(values, (tuple, list)) or not all(
       isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -178,9 +183,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
     array = np.ascontiguousarray(np.lib.stride_tricks.as_strided(
         elements[storage_offset:], shape=size, strides=[s * itemsize for s in stride],
         writeable=False))
-  if storage.bfloat16:
-    array = (array.astype(np.uint32) << 16).view(np.float32)
-  return _Tensor(array)
+  return _Tensor(_widen_bfloat16(array) if storage.bfloat16 else array)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -454,9 +457,9 @@ def read_safetensors(f: BinaryIO, source: str) -> dict[str, np.ndarray]:
     if f.readinto(buffer) != len(buffer):
       raise npz.CorruptCheckpointError(f"{source}: tensor {name!r} is truncated")
     array = np.frombuffer(buffer, dtype).reshape(shape)
-    if dtype_name == "BF16":
-      array = (array.astype(np.uint32) << 16).view(np.float32)
-    arrays[name] = array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+    if not dtype.isnative:  # a big-endian host: to native order before any widening
+      array = array.astype(dtype.newbyteorder("="))
+    arrays[name] = _widen_bfloat16(array) if dtype_name == "BF16" else array
   return arrays
 
 

@@ -40,7 +40,7 @@ def predict_files(export_dir: str, paths: Sequence[str], *,
   logits = jax.jit(lambda v, x: model.apply(
       v, steps_lib.normalize_images(x, norm["mean"], norm["std"])))(variables, images)
   probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
-  names = metadata.get("class_names") or [str(i) for i in range(metadata["num_classes"])]
+  names = task_export.class_names(metadata)
   results = []
   for path, probs in zip(paths, probabilities):
     best = np.argsort(-probs)[:top_k]

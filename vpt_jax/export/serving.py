@@ -98,7 +98,7 @@ class LoadedExport:
 
   @property
   def class_names(self) -> list[str]:
-    return self.metadata.get("class_names") or [str(i) for i in range(self.num_classes)]
+    return task_export.class_names(self.metadata)
 
 
 def read_task(name: str, directory: str) -> LoadedExport:
@@ -177,8 +177,9 @@ def stack_task_variables(exports: Sequence[LoadedExport], num_classes: int) -> d
     ExportError: the exports do not hold the same leaves and shapes.
   """
   first = exports[0]
+  first_key = structure_key(first)
   for export in exports[1:]:
-    if structure_key(export) != structure_key(first):
+    if structure_key(export) != first_key:
       raise ExportError(f"tasks {first.name!r} and {export.name!r} differ in structure; "
                         "group them with structure_key first")
   return {path: np.stack([_padded(path, np.asarray(e.variables[path]), num_classes)
@@ -243,15 +244,17 @@ class TaskGroup:
   def max_classes(self) -> int:
     return int(self.model.num_classes)
 
+  def _arguments(self, images, task_index) -> tuple:
+    return (self.shared, self.per_task, self.mean, self.std, self.num_classes, images,
+            jnp.asarray(task_index, jnp.int32))
+
   def logits(self, images, task_index) -> jax.Array:
     """(B, H, W, 3) images and (B,) rows of this group -> (B, C_group) logits."""
-    return self._forward(self.shared, self.per_task, self.mean, self.std, self.num_classes,
-                         images, jnp.asarray(task_index, jnp.int32))
+    return self._forward(*self._arguments(images, task_index))
 
   def lower(self, images, task_index):
     """The jitted forward lowered for these inputs (to inspect its HLO)."""
-    return self._forward.lower(self.shared, self.per_task, self.mean, self.std,
-                               self.num_classes, images, jnp.asarray(task_index, jnp.int32))
+    return self._forward.lower(*self._arguments(images, task_index))
 
 
 def _nbytes(tree) -> int:
@@ -305,7 +308,6 @@ class MultiTaskServer:
             f"{self.backbone_fingerprint[:16]}...; serve tasks of different backbones with "
             "separate servers")
     self.image_size = int(loaded[0].metadata["image_size"])
-    self.tasks = {e.name: e for e in loaded}
     self.export_bytes = sum(_nbytes(e.variables) for e in loaded)
 
     variant = loaded[0].metadata["model"]["variant"]
@@ -319,7 +321,7 @@ class MultiTaskServer:
                    for members in by_structure.values()]
     del backbone_arrays  # only the device copies of the leaves the models read stay
     # The stacked device copies replace the host arrays as read.
-    self.tasks = {name: dataclasses.replace(e, variables={}) for name, e in self.tasks.items()}
+    self.tasks = {e.name: dataclasses.replace(e, variables={}) for e in loaded}
     # task name -> (group number, row in the group's stacked variables)
     self._where = {name: (g, group.task_names.index(name))
                    for g, group in enumerate(self.groups) for name in group.task_names}
@@ -355,13 +357,11 @@ class MultiTaskServer:
                         "alone (predict.predict_files)")
     # Strict merge (missing/unexpected keys are errors); the method's own and
     # the exported parameters are not read from the file.
-    method = methods_lib.get_method(spec["method"])
     exported = [k[len(PARAMS) + 1:] for k in per_task if k.startswith(f"{PARAMS}/")]
     param_shapes = trees.unflatten({k[len(PARAMS) + 1:]: v for k, v in shapes.items()
                                     if k.startswith(f"{PARAMS}/")})
     merged = trees.flatten(npz_lib.merge_backbone(
-        param_shapes, backbone_arrays,
-        fresh=method.fresh_patterns + tuple(re.escape(p) for p in exported),
+        param_shapes, backbone_arrays, fresh=task_export.fresh_patterns(spec, exported),
         source=self._backbone_source))
     leftover = sorted(p for p, v in merged.items()
                       if isinstance(v, jax.ShapeDtypeStruct) and p not in exported)

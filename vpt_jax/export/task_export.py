@@ -109,6 +109,21 @@ def read_export(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
   return metadata, flat
 
 
+def class_names(metadata: dict) -> list[str]:
+  """An export's class names; the class ids as strings if it recorded none."""
+  return metadata.get("class_names") or [str(i) for i in range(metadata["num_classes"])]
+
+
+def fresh_patterns(spec: dict, exported) -> tuple[str, ...]:
+  """Regexes of the parameters not read from the backbone file.
+
+  The method's own parameters are never in the backbone file; the exported
+  ones (which include every trained backbone parameter) come from the export.
+  """
+  method = methods_lib.get_method(spec["method"])
+  return method.fresh_patterns + tuple(re.escape(p) for p in exported)
+
+
 def split_batch_stats(flat: dict) -> tuple[dict, dict]:
   """An export's flat arrays -> (params, batch_stats) flat dicts."""
   params = {k: v for k, v in flat.items() if not k.startswith(BATCH_STATS_PREFIX)}
@@ -168,12 +183,8 @@ def load_task_variables(directory: str, backbone_path: Optional[str] = None, *,
           f"Backbone mismatch: {directory} was trained on a backbone with sha256 "
           f"{recorded['sha256'][:16]}... ({recorded['path']}) but {backbone_path} has "
           f"{found[:16]}...; load it with the backbone it was trained on")
-    # The method's own parameters are never in the backbone file; the exported
-    # ones (which include every trained backbone parameter) come from the export.
-    method = methods_lib.get_method(spec["method"])
-    params = factory.load_backbone_file(
-        params, backbone_path, spec["variant"],
-        fresh=method.fresh_patterns + tuple(re.escape(p) for p in flat))
+    params = factory.load_backbone_file(params, backbone_path, spec["variant"],
+                                        fresh=fresh_patterns(spec, flat))
   variables["params"] = _replace(params, flat, directory, "parameter")
   if stats or "batch_stats" in variables:
     # Running averages are never initialised meaningfully: all must be exported.

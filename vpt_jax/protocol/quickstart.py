@@ -24,7 +24,7 @@ from vpt_jax.data import local_builders  # pylint: disable=unused-import  (regis
 from vpt_jax.training import trainer
 
 RESULTS_FILE = "results.json"
-SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false"
 
 
 def run_config(suite: ml_collections.ConfigDict, task: str, method_run: str,
@@ -89,6 +89,11 @@ def _run_pair_star(args):
   return run_pair(*args)
 
 
+def _single_threaded_xla():
+  """A worker's initializer: XLA reads XLA_FLAGS when JAX first computes, i.e. later."""
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SINGLE_THREADED_XLA}".strip()
+
+
 def run_suite(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Runs every (task, method) pair of the suite; returns and writes the rows.
 
@@ -103,10 +108,8 @@ def run_suite(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   pairs = [(task, method_run) for task in suite.task_order for method_run in suite.run_order]
   jobs = [(suite, task, method_run, workdir) for task, method_run in pairs]
   if suite.workers > 1:
-    # Children inherit the environment at spawn time; the parent's JAX is unaffected.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
-                               + SINGLE_THREADED_XLA).strip()
-    with multiprocessing.get_context("spawn").Pool(suite.workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        suite.workers, initializer=_single_threaded_xla) as pool:
       all_results = pool.map(_run_pair_star, jobs, chunksize=1)
   else:
     all_results = [run_pair(*job) for job in jobs]
