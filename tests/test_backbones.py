@@ -4,12 +4,11 @@ evaluate, export, and rebuild the trained model from backbone file + export."""
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from test_end_to_end import tiny_config
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints.trees import flatten
 from vpt_jax.export import task_export
@@ -27,25 +26,10 @@ FAMILY_CASES = [
 
 
 def _config(variant, image_size, method, backbone_path, data_dir):
-  config = common.base_config()
-  common.apply_method(config, method)
-  config.model.variant = variant
-  config.model.image_size = image_size
-  config.model.init_checkpoint = backbone_path
-  config.prompt.num_prompts = 2
-  config.prompt.dropout = 0.0
-  config.data.builder = "vpt_sprites/tiny"
-  config.data.data_dir = data_dir
-  config.data.label_key = "count"
-  config.data.train_split = "train"
-  config.data.eval_split = ""
-  config.data.test_split = "test"
-  config.optim.batch_size = 8
-  config.optim.epochs = 2
-  config.optim.warmup_epochs = 0
-  config.eval.batch_size = 4
-  config.lock()
-  return config
+  """test_end_to_end's tiny job on this backbone: 2 epochs, no validation split."""
+  return tiny_config(backbone_path, data_dir, method=method, **{
+      "model.variant": variant, "model.image_size": image_size, "prompt.dropout": 0.0,
+      "data.eval_split": "", "optim.epochs": 2, "optim.warmup_epochs": 0})
 
 
 @pytest.mark.parametrize("variant,image_size,method", FAMILY_CASES)

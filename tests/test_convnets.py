@@ -16,16 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import checkpoint_fixtures as fixtures
 import numpy_convnets as ref
 import torch_fixtures
-from configs import common
+from test_methods import assert_only_trainable_changed
+from test_methods import train_steps
 from vpt_jax.checkpoints import npz
 from vpt_jax.models import convnets
 from vpt_jax.models import factory
 from vpt_jax.models import methods
-from vpt_jax.training import optimizers
 from vpt_jax.training import partition
-from vpt_jax.training import steps
 
 CLASSES = 5
 # The tiny sizes of convnets.RESNET_SIZES["test"] / CONVNEXT_SIZES["test"].
@@ -311,15 +311,8 @@ def expected_trainable(family: str, method: str, path: str) -> bool:
 
 
 def method_config(family: str, method: str, **overrides):
-  config = common.base_config()
-  common.apply_method(config, method)
-  config.model.variant = VARIANTS[family]
-  config.model.image_size = IMAGE
-  config.prompt.num_prompts = PROMPTS
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  return fixtures.method_config(method, VARIANTS[family], IMAGE, num_prompts=PROMPTS,
+                                **overrides)
 
 
 _RUNS = {}
@@ -339,31 +332,22 @@ def trained(family: str, method: str) -> dict:
       variables["params"], convnets.FAMILIES[family].convert_torch(torch_state(variant), variant),
       fresh=method_spec.fresh_patterns, source="test")
   labels = partition.label_params(params, factory.trainable_rules(config))
-  optimizer = method_spec.optimizer
-  tx = optimizers.make_optimizer(labels, name=optimizer,
-                                 learning_rate=lambda step: LEARNING_RATES[optimizer],
-                                 weight_decay=config.optim.weight_decay)
-  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
-  if "batch_stats" in variables:
-    state["batch_stats"] = variables["batch_stats"]
+  if method in LABELS_ONLY:
+    _RUNS[(family, method)] = dict(labels=labels, initial={"params": params})
+    return _RUNS[(family, method)]
   rng = np.random.default_rng(0)
   batch = {"label": rng.integers(0, CLASSES, (8,)).astype(np.int32)}
   if method in HEAD_ONLY:
     batch["features"] = rng.normal(0, 1, (8, convnets.decode_variant(variant)[1].feature_dim))
   else:
     batch["image"] = rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8)
-  if method in LABELS_ONLY:
-    _RUNS[(family, method)] = dict(labels=labels, initial=jax.device_get(state))
-    return _RUNS[(family, method)]
-  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.0,
-                                          mean=convnets.PROMPT_MEAN, std=convnets.PROMPT_STD))
-  initial = jax.device_get(state)
-  losses = []
-  for _ in range(STEPS):
-    state, metrics = step_fn(state, batch, jax.random.key(1))
-    losses.append(float(metrics["loss"]))
-  _RUNS[(family, method)] = dict(labels=labels, initial=initial, state=jax.device_get(state),
-                                 losses=losses)
+  optimizer = method_spec.optimizer
+  initial, state, losses = train_steps(
+      model, params, labels, batch, optimizer=optimizer,
+      learning_rate=LEARNING_RATES[optimizer], weight_decay=config.optim.weight_decay,
+      normalization=dict(mean=convnets.PROMPT_MEAN, std=convnets.PROMPT_STD),
+      num_steps=STEPS, batch_stats=variables.get("batch_stats"))
+  _RUNS[(family, method)] = dict(labels=labels, initial=initial, state=state, losses=losses)
   return _RUNS[(family, method)]
 
 
@@ -378,11 +362,8 @@ def test_every_supported_method_trains_only_its_parameters(family, method):
     return
   assert all(np.isfinite(run["losses"])) and run["losses"][-1] < run["losses"][0], run["losses"]
   after = partition.flatten(run["state"]["params"])
-  for path, value in before.items():
-    if expected_trainable(family, method, path):
-      assert not np.array_equal(value, after[path]), f"{path} did not train"
-    else:
-      np.testing.assert_array_equal(value, after[path], err_msg=f"{path} changed")
+  assert_only_trainable_changed(before, after,
+                                lambda path: expected_trainable(family, method, path))
   statistics = [p for p in before if re.fullmatch(STATISTICS, p)]
   assert len(statistics) == (0 if family == "convnext" else 2 * 12)  # 12 BatchNorms
   for path in statistics:

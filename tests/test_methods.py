@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import checkpoint_fixtures as fixtures
-from configs import common
 from vpt_jax.checkpoints import npz
 from vpt_jax.export import task_export
 from vpt_jax.models import factory
@@ -109,19 +108,10 @@ def expected_trainable(case: str, depth: int) -> int:
 
 def case_config(case: str):
   method, overrides, depth = CASES[case]
-  config = common.base_config()
-  common.apply_method(config, method)
-  config.model.variant = f"test{depth}/{PATCH}" if depth != 2 else f"test/{PATCH}"
-  config.model.image_size = IMAGE
-  config.prompt.num_prompts = M
-  config.e2vpt.kv_prompts = KV
-  config.lora.rank = RANK
-  config.adapter.reduction = REDUCTION
-  config.sidetune.widths = ",".join(map(str, SIDE))
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  return fixtures.method_config(
+      method, f"test{depth}/{PATCH}" if depth != 2 else f"test/{PATCH}", IMAGE, num_prompts=M,
+      **{"e2vpt.kv_prompts": KV, "lora.rank": RANK, "adapter.reduction": REDUCTION,
+         "sidetune.widths": ",".join(map(str, SIDE)), **overrides})
 
 
 @functools.cache
@@ -138,6 +128,38 @@ def backbone_file(depth: int, directory: str) -> str:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
   return str(tmp_path_factory.mktemp("methods"))
+
+
+def train_steps(model, params, labels, batch, *, optimizer: str, learning_rate: float,
+                weight_decay: float, normalization: dict, num_steps: int = STEPS,
+                batch_stats=None):
+  """``num_steps`` jitted train steps of ``model`` on one batch, the optimizer by name.
+
+  Shared by the backbone families' tests. Returns (initial state, final state,
+  losses), the states on the host.
+  """
+  tx = optimizers.make_optimizer(labels, name=optimizer,
+                                 learning_rate=lambda step: learning_rate,
+                                 weight_decay=weight_decay)
+  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
+  if batch_stats is not None:
+    state["batch_stats"] = batch_stats
+  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.0, **normalization))
+  initial = jax.device_get(state)
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = step_fn(state, batch, jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  return initial, jax.device_get(state), losses
+
+
+def assert_only_trainable_changed(before: dict, after: dict, trainable) -> None:
+  """Each flat path with ``trainable(path)`` moved; every other one is bit-identical."""
+  for path, value in before.items():
+    if trainable(path):
+      assert not np.array_equal(value, after[path]), f"{path} did not train"
+    else:
+      np.testing.assert_array_equal(value, after[path], err_msg=f"{path} changed")
 
 
 _RUNS = {}
@@ -158,39 +180,27 @@ def trained(case: str, workspace: str) -> dict:
   params = factory.load_pretrained(variables["params"], spec, path)
   labels = partition.label_params(params, factory.trainable_rules(config))
   optimizer = config.optim.name or method.optimizer
-  tx = optimizers.make_optimizer(labels, name=optimizer,
-                                 learning_rate=lambda step: LEARNING_RATES[optimizer],
-                                 weight_decay=config.optim.weight_decay)
-  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
-  if "batch_stats" in variables:
-    state["batch_stats"] = variables["batch_stats"]
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8),
            "label": rng.integers(0, CLASSES, (8,)).astype(np.int32)}
-  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.0, **MEAN_STD))
-  initial = jax.device_get(state)
-  losses = []
-  for _ in range(STEPS):
-    state, metrics = step_fn(state, batch, jax.random.key(1))
-    losses.append(float(metrics["loss"]))
+  initial, state, losses = train_steps(
+      model, params, labels, batch, optimizer=optimizer,
+      learning_rate=LEARNING_RATES[optimizer], weight_decay=config.optim.weight_decay,
+      normalization=MEAN_STD, batch_stats=variables.get("batch_stats"))
   _RUNS[case] = dict(config=config, method=method, spec=spec, model=model, labels=labels,
-                     initial=initial, state=jax.device_get(state), losses=losses,
-                     backbone=path, batch=batch)
+                     initial=initial, state=state, losses=losses, backbone=path, batch=batch)
   return _RUNS[case]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_only_the_intended_parameters_change(case, workspace):
   run = trained(case, workspace)
-  before = partition.flatten(run["initial"]["params"])
-  after = partition.flatten(run["state"]["params"])
   flat_labels = partition.flatten(run["labels"])
   stuck = STUCK.get(case)
-  for path, value in before.items():
-    if flat_labels[path] == methods.TRAIN and not (stuck and re.fullmatch(stuck, path)):
-      assert not np.array_equal(value, after[path]), f"{path} did not train"
-    else:
-      np.testing.assert_array_equal(value, after[path], err_msg=f"{path} changed")
+  assert_only_trainable_changed(
+      partition.flatten(run["initial"]["params"]), partition.flatten(run["state"]["params"]),
+      lambda path: flat_labels[path] == methods.TRAIN
+      and not (stuck and re.fullmatch(stuck, path)))
   if "batch_stats" in run["initial"]:  # BatchNorm running averages follow the batches
     for path, value in partition.flatten(run["initial"]["batch_stats"]).items():
       assert not np.array_equal(value, partition.flatten(run["state"]["batch_stats"])[path])

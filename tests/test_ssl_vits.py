@@ -22,7 +22,7 @@ import pytest
 import checkpoint_fixtures as fixtures
 import numpy_vit
 import torch_fixtures as tf
-from configs import common
+from test_methods import train_steps
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints.trees import flatten, unflatten
 from vpt_jax.models import factory
@@ -30,9 +30,7 @@ from vpt_jax.models import methods
 from vpt_jax.models import prompts as prompts_lib
 from vpt_jax.models import vit
 from vpt_jax.models import vit_family
-from vpt_jax.training import optimizers
 from vpt_jax.training import partition
-from vpt_jax.training import steps
 
 # "test" size: width 16, MLP 32, 2 heads of 8, 2 blocks; 16 px images, 4 px patches.
 D, MLP, HEADS, HEAD_DIM, DEPTH, PATCH, IMAGE = 16, 32, 2, 8, 2, 4, 16
@@ -361,12 +359,8 @@ TRAINED = {
 @pytest.mark.parametrize("flavour", ["mae", "moco"])
 @pytest.mark.parametrize("method", list(TRAINED))
 def test_every_vit_method_builds_and_trains_the_right_parameters(flavour, method):
-  config = common.base_config()
-  common.apply_method(config, method)
-  config.model.variant = f"{flavour}-test/{PATCH}"
-  config.model.image_size = IMAGE
-  config.prompt.num_prompts = 3
-  config.adapter.reduction = 4
+  config = fixtures.method_config(method, f"{flavour}-test/{PATCH}", IMAGE,
+                                  **{"adapter.reduction": 4})
   spec = factory.model_spec(config)
   model = factory.build_model(spec, 5)
   # eval_shape traces init, i.e. the whole forward pass, without compiling.
@@ -382,31 +376,20 @@ def test_every_vit_method_builds_and_trains_the_right_parameters(flavour, method
 
 
 def _train(variant, method, path, num_steps):
-  config = common.base_config()
-  common.apply_method(config, method)
-  config.model.variant = variant
-  config.model.image_size = IMAGE
-  config.model.dropout_rate = 0.0
-  config.prompt.num_prompts = 3
+  config = fixtures.method_config(method, variant, IMAGE, **{"model.dropout_rate": 0.0})
   spec = factory.model_spec(config)
   model = factory.build_model(spec, 5)
   params = factory.load_pretrained(fixtures.make_model_params(model, IMAGE), spec, path)
   labels = partition.label_params(params, factory.trainable_rules(config))
   name = methods.get_method(method).optimizer
-  tx = optimizers.make_optimizer(labels, name=name,
-                                 learning_rate=lambda step: 0.2 if name == "sgd" else 0.01,
-                                 weight_decay=1e-4)
-  state = {"step": jnp.zeros([], jnp.int32), "params": jax.tree_util.tree_map(
-      jnp.asarray, params), "opt_state": tx.init(params)}
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8),
            "label": rng.integers(0, 5, (8,)).astype(np.int32)}
-  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.0, **MEAN_STD))
-  initial, losses = flatten(jax.device_get(state["params"])), []
-  for _ in range(num_steps):
-    state, metrics = step_fn(state, batch, jax.random.key(1))
-    losses.append(float(metrics["loss"]))
-  return initial, flatten(jax.device_get(state["params"])), losses
+  initial, state, losses = train_steps(
+      model, params, labels, batch, optimizer=name,
+      learning_rate=0.2 if name == "sgd" else 0.01, weight_decay=1e-4,
+      normalization=MEAN_STD, num_steps=num_steps)
+  return flatten(initial["params"]), flatten(state["params"]), losses
 
 
 @pytest.mark.parametrize("flavour, filename", [("mae", "mae.pth"), ("moco", "moco.pth.tar")])

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 from scipy import special
 
-from configs import common
+import checkpoint_fixtures as fixtures
+from test_methods import assert_only_trainable_changed
+from test_methods import train_steps
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints import trees
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.models import swin
-from vpt_jax.training import optimizers
 from vpt_jax.training import partition
 from vpt_jax.training import steps
 
@@ -422,13 +423,8 @@ def test_conversion_reports_unknown_missing_and_misshaped_keys():
 
 
 def swin_config(method: str, variant: str = "swin-test/4w2", image_size: int = 16):
-  config = common.base_config()
-  common.apply_method(config, method)
-  config.model.variant = variant
-  config.model.image_size = image_size
-  config.model.dropout_rate = 0.0
-  config.prompt.num_prompts = 3
-  return config
+  return fixtures.method_config(method, variant, image_size, num_prompts=3,
+                                **{"model.dropout_rate": 0.0})
 
 
 @pytest.mark.parametrize("method", ["adapter", "cvpt", "lora", "sidetune", "e2vpt"])
@@ -599,13 +595,6 @@ def trained(method_name: str) -> dict:
   params = variables["params"]
   labels = partition.label_params(params, factory.trainable_rules(config))
   name = config.optim.name or method.optimizer
-  tx = optimizers.make_optimizer(labels, name=name,
-                                 learning_rate=lambda step: LEARNING_RATES[name],
-                                 weight_decay=config.optim.weight_decay)
-  state = {"step": jnp.zeros([], jnp.int32), "params": params,
-           "opt_state": jax.jit(tx.init)(params)}
-  if "batch_stats" in variables:
-    state["batch_stats"] = variables["batch_stats"]
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
   batch = {"image": images, "label": rng.integers(0, CLASSES, (8,)).astype(np.int32)}
@@ -618,17 +607,13 @@ def trained(method_name: str) -> dict:
           lambda p, x: model.apply({"params": p}, x, return_features=True))(
               params, steps.normalize_images(images, **normalization)))
     batch = {"features": _FEATURES["features"], "label": batch["label"]}
-  step = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.0, **normalization))
-  initial = jax.device_get(state)
-  losses = []
-  for _ in range(STEPS):
-    state, metrics = step(state, batch, jax.random.key(1))
-    losses.append(float(metrics["loss"]))
-  _RUNS[method_name] = dict(initial=initial, state=jax.device_get(state), labels=labels,
-                            losses=losses, backbone=backbone)
+  initial, state, losses = train_steps(
+      model, params, labels, batch, optimizer=name, learning_rate=LEARNING_RATES[name],
+      weight_decay=config.optim.weight_decay, normalization=normalization, num_steps=STEPS,
+      batch_stats=variables.get("batch_stats"))
+  _RUNS[method_name] = dict(initial=initial, state=state, labels=labels, losses=losses,
+                            backbone=backbone)
   return _RUNS[method_name]
-
-
 
 
 def _block_params(dim, heads):
@@ -677,13 +662,9 @@ def test_each_method_trains_only_its_parameters(method):
   run = trained(method)
   assert all(np.isfinite(run["losses"])) and run["losses"][-1] < run["losses"][0], run["losses"]
   before = partition.flatten(run["initial"]["params"])
-  after = partition.flatten(run["state"]["params"])
   labels = partition.flatten(run["labels"])
-  for path, value in before.items():
-    if labels[path] == methods.TRAIN:
-      assert not np.array_equal(value, after[path]), f"{path} did not train"
-    else:
-      np.testing.assert_array_equal(value, after[path], err_msg=f"{path} changed")
+  assert_only_trainable_changed(before, partition.flatten(run["state"]["params"]),
+                                lambda path: labels[path] == methods.TRAIN)
   trainable, _ = partition.split(run["state"]["params"], run["labels"])
   assert partition.count(trainable) == EXPECTED_TRAINABLE[method]
   # The backbone came from the converted official weights.

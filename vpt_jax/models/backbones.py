@@ -20,8 +20,11 @@ model spec of ``factory.model_spec`` (a plain dict) and the ``methods.Method``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import jax.numpy as jnp
 
 # family name -> (variant prefix, module); the first matching prefix wins and
 # "" (the plain ViT) comes last.
@@ -36,6 +39,8 @@ PAPER_VARIANTS = ("B/16", "L/16", "H/14", "mae-B/16", "moco-B/16", "swin-B/4w7",
                   "convnext-B", "resnet-50")
 # File name endings read as PyTorch state dicts (converted by the family).
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
+# spec["dtype"] -> the backbones' compute dtype (every family).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,8 @@ class Family:
       (B, H, W, 3) images with ``train``, ``return_features`` and
       ``from_features`` keywords like ``vit.VisionTransformer``.
     validate: (spec, method) -> None; raises ValueError naming the problem and
-      the fix (unknown size, image size, method the family does not support).
+      the fix (unknown size, image size, settings the family does not take).
+      ``factory.validate_spec`` calls it after ``check_method``.
     block_patterns: variant -> regexes (without "/.*") of every block's
       parameters in forward order; partial-k trains the last k.
     final_norm: regex of the parameters after the last block that partial-k
@@ -85,21 +91,39 @@ class Family:
                        f"choose one of {names}")
 
 
+def _family_module(variant: str) -> tuple[str, str]:
+  """(family name, module) of the first prefix the variant starts with."""
+  for name, prefix, module in FAMILY_MODULES:
+    if variant.startswith(prefix):
+      return name, module
+  raise AssertionError("the ViT family's empty prefix matches every variant")
+
+
 def family_name(variant: str) -> str:
   """The family a variant belongs to, by its prefix ("swin-B/4w7" -> "swin")."""
-  for name, prefix, _ in FAMILY_MODULES:
-    if variant.startswith(prefix):
-      return name
-  raise AssertionError("the ViT family's empty prefix matches every variant")
+  return _family_module(variant)[0]
 
 
 def get_family(variant: str) -> Family:
   """The ``Family`` of a variant (imports its module on first use)."""
-  for name, prefix, module in FAMILY_MODULES:
-    if variant.startswith(prefix):
-      family = importlib.import_module(module).FAMILIES[name]
-      return family
-  raise AssertionError("the ViT family's empty prefix matches every variant")
+  name, module = _family_module(variant)
+  return importlib.import_module(module).FAMILIES[name]
+
+
+def head_settings(spec: Mapping[str, Any], method) -> dict[str, Any]:
+  """The ``head_*`` attributes every family's module takes (see ``heads.backbone_head``)."""
+  return dict(head_hidden_layers=method.head_hidden_layers,
+              head_dropout=(spec.get("mlp") or {}).get("dropout", 0.1),
+              head_init=method.head_init)
+
+
+def did_you_mean(variant: str, candidates: Iterable[str], *, n: int = 3,
+                 cutoff: float = 0.6) -> str:
+  """"; did you mean a, b?" naming the candidates close to ``variant`` (ignoring
+  case), or "" if none is."""
+  lower = {candidate.lower(): candidate for candidate in candidates}
+  close = [lower[c] for c in difflib.get_close_matches(variant.lower(), lower, n, cutoff)]
+  return f"; did you mean {', '.join(close)}?" if close else ""
 
 
 def is_torch_file(path: str) -> bool:

@@ -37,7 +37,6 @@ bottleneck) has no name here.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import re
 from typing import Any, Mapping, Sequence
@@ -51,9 +50,7 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import methods as methods_lib
-from vpt_jax.models import vit_family
 
-DTYPES = vit_family.DTYPES
 # The reference normalises its pad prompts (drawn in [0, 1] pixel units) with
 # torchvision's ImageNet Normalize whatever the data pipeline does; the same
 # values as data.pipeline.IMAGENET_MEAN/STD (not imported: that pulls in TF).
@@ -126,9 +123,8 @@ def decode_variant(variant: str) -> tuple[str, Any]:
   if size in sizes:
     return family, sizes[size]
   valid = [f"{name}-{size}" for name, table in _SIZES.items() for size in table]
-  close = difflib.get_close_matches(variant, valid, n=2)
   raise ValueError(f"Unknown ConvNet variant {variant!r}; choose one of {', '.join(valid)}"
-                   + (f" (did you mean {', '.join(close)}?)" if close else ""))
+                   + backbones.did_you_mean(variant, valid, n=2))
 
 
 # ----------------------------------------------------------------------------
@@ -226,50 +222,66 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
-def _head(module, features, train: bool):
-  """The VPT head (``heads.Head``) named "head", as every backbone has it."""
-  return heads_lib.Head(module.num_classes, hidden_layers=module.head_hidden_layers,
-                        dropout_rate=module.head_dropout, init_scheme=module.head_init,
-                        name="head")(features, train=train)
-
-
-class ResNet(nn.Module):
-  """torchvision ResNet (bottleneck variants) with optional pad prompts and the VPT head.
+class _ConvNet(nn.Module):
+  """What ``ResNet`` and ``ConvNeXt`` share: pad prompts in front, the head after.
 
   Attributes:
     num_classes: classifier outputs.
-    variant: "resnet-50" or "resnet-test".
+    variant: a variant of the subclass's family (``decode_variant``).
     num_prompts: p of the pad prompts (0 = none).
     head_hidden_layers, head_dropout, head_init: the head (``heads.Head``).
     dtype: computation dtype of the convolutions.
   """
   num_classes: int
-  variant: str = "resnet-50"
+  variant: str
   num_prompts: int = 0
   head_hidden_layers: int = 0
   head_dropout: float = 0.1
   head_init: str = "vpt"
   dtype: Any = jnp.float32
 
+  _FAMILY = ""  # the family of the subclass's variants
+
+  def features(self, x, size):
+    """The backbone on (padded) images in ``dtype`` -> pooled features (B, F) float32."""
+    raise NotImplementedError
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_features: bool = False,
                from_features: bool = False):
     """images: (B, H, W, 3) normalised floats -> logits (B, num_classes).
 
-    ``return_features``: the globally pooled last stage (B, 4 * widths[-1]),
-    2048 for ResNet-50. ``from_features``: ``images`` are such features; only
-    the head runs. ``train`` only reaches the head: BatchNorm always uses its
-    running statistics.
+    ``return_features``: the pooled features the head reads (see the
+    subclass). ``from_features``: ``images`` are such features; only the head
+    runs. ``train`` only reaches the head.
     """
+    head = heads_lib.backbone_head(self)
     if from_features:
-      return _head(self, images, train)
+      return head(images, train=train)
     family, size = decode_variant(self.variant)
-    if family != "resnet":
-      raise ValueError(f"ResNet got the {family} variant {self.variant!r}")
+    if family != self._FAMILY:
+      raise ValueError(f"{type(self).__name__} got the {family} variant {self.variant!r}")
     x = images
     if self.num_prompts:
       x = PadPrompts(self.num_prompts, name="vpt")(x)
-    x = x.astype(self.dtype)
+    features = self.features(x.astype(self.dtype), size)
+    if return_features:
+      return features
+    return head(features, train=train)
+
+
+class ResNet(_ConvNet):
+  """torchvision ResNet (bottleneck variants) with optional pad prompts and the VPT head.
+
+  Attributes as ``_ConvNet``; variant "resnet-50" or "resnet-test". The
+  features are the globally pooled last stage (B, 4 * widths[-1]), 2048 for
+  ResNet-50. BatchNorm always uses its running statistics, in training too.
+  """
+  variant: str = "resnet-50"
+
+  _FAMILY = "resnet"
+
+  def features(self, x, size):
     x = nn.Conv(size.stem_width, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
                 dtype=self.dtype, kernel_init=_RESNET_CONV_INIT, name="conv1")(x)
     x = nn.relu(FrozenBatchNorm(name="bn1")(x))
@@ -279,10 +291,7 @@ class ResNet(nn.Module):
       for index in range(blocks):
         stride = 2 if stage > 1 and index == 0 else 1
         x = Bottleneck(width, stride, dtype=self.dtype, name=f"layer{stage}_{index}")(x)
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if return_features:
-      return features
-    return _head(self, features, train)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 def _layer_norm(name: str, dtype):
@@ -329,48 +338,26 @@ class ConvNeXtDownsample(nn.Module):
     return norm(conv(x)) if self.stem else conv(norm(x))
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(_ConvNet):
   """The official ConvNeXt with optional pad prompts and the VPT head.
 
-  Attributes as ``ResNet``; variant "convnext-B" or "convnext-test". No
-  stochastic depth: the reference builds ConvNeXt-B with drop_path_rate 0.
+  Attributes as ``_ConvNet``; variant "convnext-B" or "convnext-test". The
+  features are the final LayerNorm of the globally pooled last stage
+  (B, dims[-1]), 1024 for ConvNeXt-B. No stochastic depth: the reference
+  builds ConvNeXt-B with drop_path_rate 0.
   """
-  num_classes: int
   variant: str = "convnext-B"
-  num_prompts: int = 0
-  head_hidden_layers: int = 0
-  head_dropout: float = 0.1
-  head_init: str = "vpt"
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False, return_features: bool = False,
-               from_features: bool = False):
-    """images: (B, H, W, 3) normalised floats -> logits (B, num_classes).
+  _FAMILY = "convnext"
 
-    ``return_features``: the final LayerNorm of the globally pooled last stage
-    (B, dims[-1]), 1024 for ConvNeXt-B. ``from_features``: ``images`` are such
-    features; only the head runs.
-    """
-    if from_features:
-      return _head(self, images, train)
-    family, size = decode_variant(self.variant)
-    if family != "convnext":
-      raise ValueError(f"ConvNeXt got the {family} variant {self.variant!r}")
-    x = images
-    if self.num_prompts:
-      x = PadPrompts(self.num_prompts, name="vpt")(x)
-    x = x.astype(self.dtype)
+  def features(self, x, size):
     for stage, (dim, depth) in enumerate(zip(size.dims, size.depths)):
       x = ConvNeXtDownsample(dim, stem=stage == 0, dtype=self.dtype,
                              name=f"downsample_{stage}")(x)
       for index in range(depth):
         x = ConvNeXtBlock(dim, dtype=self.dtype, name=f"stage{stage}_{index}")(x)
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    features = _layer_norm("norm", jnp.float32)(pooled)
-    if return_features:
-      return features
-    return _head(self, features, train)
+    return _layer_norm("norm", jnp.float32)(pooled)
 
 
 # ----------------------------------------------------------------------------
@@ -378,9 +365,8 @@ class ConvNeXt(nn.Module):
 
 
 def validate(spec: Mapping[str, Any], method: methods_lib.Method) -> None:
-  """ConvNet checks: variant, method, pool, prompt settings and image size."""
-  family, size = decode_variant(spec["variant"])
-  FAMILIES[family].check_method(method.name)
+  """ConvNet checks: variant, pool, prompt settings and image size."""
+  _, size = decode_variant(spec["variant"])
   if spec["pool"] != "original":
     raise ValueError(f"prompt.pool={spec['pool']!r} chooses among ViT tokens; ConvNets "
                      "average-pool their feature map: use prompt.pool=original")
@@ -410,10 +396,8 @@ def build(spec: Mapping[str, Any], num_classes: int, method: methods_lib.Method)
       num_classes=num_classes,
       variant=spec["variant"],
       num_prompts=spec["num_prompts"] if method.uses_prompts else 0,
-      head_hidden_layers=method.head_hidden_layers,
-      head_dropout=(spec.get("mlp") or {}).get("dropout", 0.1),
-      head_init=method.head_init,
-      dtype=DTYPES[spec["dtype"]])
+      dtype=backbones.DTYPES[spec["dtype"]],
+      **backbones.head_settings(spec, method))
 
 
 def resnet_stage_patterns(variant: str) -> list[str]:

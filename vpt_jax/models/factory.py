@@ -21,9 +21,8 @@ from vpt_jax.models import heads
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import vit
-from vpt_jax.models import vit_family
 
-DTYPES = vit_family.DTYPES
+DTYPES = backbones.DTYPES
 REMAT_MODES = vit.REMAT_MODES
 # The families whose build honours spec["remat"] (the others would ignore it).
 REMAT_FAMILIES = ("vit",)

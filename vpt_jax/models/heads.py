@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from vpt_jax.models import prompts as prompts_lib
 
 # Focal-loss style prior: every class starts at probability 0.01.
 HEAD_BIAS_INIT = -math.log((1 - 0.01) / 0.01)
@@ -33,11 +34,7 @@ BATCH_NORM_EPSILON = 1e-5
 
 def torch_default_uniform(fan_in: int):
   """PyTorch nn.Linear's default init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-  return init
+  return prompts_lib.uniform_symmetric(1.0 / math.sqrt(fan_in))
 
 
 def _output_inits(init: str, fan_in: int):
@@ -91,3 +88,11 @@ class Head(nn.Module):
 
 # The single-layer head under its historical name.
 LinearHead = Head
+
+
+def backbone_head(module: nn.Module) -> Head:
+  """The ``Head`` named "head" of a backbone module, from the module's
+  ``num_classes``, ``head_hidden_layers``, ``head_dropout`` and ``head_init``
+  (``backbones.head_settings``); call it inside the module's compact method."""
+  return Head(module.num_classes, hidden_layers=module.head_hidden_layers,
+              dropout_rate=module.head_dropout, init_scheme=module.head_init, name="head")

@@ -64,7 +64,6 @@ the mean commutes with it): an exact rewrite of the reference's computation.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from typing import Any, Mapping, Optional, Sequence
 
@@ -78,7 +77,6 @@ from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.models import prompts as prompts_lib
-from vpt_jax.models import vit_family
 
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's nn.LayerNorm default, as the official Swin
 MLP_RATIO = 4
@@ -128,12 +126,10 @@ def decode_variant(variant: str) -> tuple[SwinSize, int, int]:
   match = _VARIANT.fullmatch(variant)
   if (not match or match.group(1) not in SWIN_SIZES or int(match.group(2)) < 1
       or int(match.group(3)) < 1):
-    lower = {name.lower(): name for name in NAMED_VARIANTS}
-    close = [lower[name] for name in difflib.get_close_matches(variant.lower(), lower, n=3)]
     raise ValueError(
         f"Unknown Swin variant {variant!r}. Use 'swin-<size>/<patch>w<window>' with size in "
         f"{sorted(SWIN_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}"
-        + (f"; did you mean {', '.join(close)}?" if close else "."))
+        + (backbones.did_you_mean(variant, NAMED_VARIANTS) or "."))
   return SWIN_SIZES[match.group(1)], int(match.group(2)), int(match.group(3))
 
 
@@ -509,9 +505,7 @@ class SwinTransformer(nn.Module):
     ``return_features``: the pooled features (B, C * 2^(stages - 1)) instead.
     ``from_features``: ``images`` are such features; only the head runs.
     """
-    head = heads_lib.Head(self.num_classes, hidden_layers=self.head_hidden_layers,
-                          dropout_rate=self.head_dropout, init_scheme=self.head_init,
-                          name="head")
+    head = heads_lib.backbone_head(self)
     if from_features:
       return head(images, train=train)
     size, patch, window = decode_variant(self.variant)
@@ -555,10 +549,8 @@ class SwinTransformer(nn.Module):
 
 
 def validate(spec: Mapping[str, Any], method: methods_lib.Method) -> None:
-  """Swin checks: size, method, image size, pool, prompt projection."""
-  decode_variant(spec["variant"])
-  FAMILIES["swin"].check_method(method.name)
-  unit = image_size_unit(spec["variant"])
+  """Swin checks: size, image size, pool, prompt projection."""
+  unit = image_size_unit(spec["variant"])  # unknown variants fail here
   image_size = spec["image_size"]
   if image_size < unit or image_size % unit:
     suggestion = unit * max(1, round(image_size / unit))
@@ -584,10 +576,8 @@ def build(spec: Mapping[str, Any], num_classes: int,
       num_prompts=spec["num_prompts"],
       deep_prompts=method.deep_prompts,
       prompt_dropout=spec["prompt_dropout"],
-      head_hidden_layers=method.head_hidden_layers,
-      head_dropout=(spec.get("mlp") or {}).get("dropout", 0.1),
-      head_init=method.head_init,
-      dtype=vit_family.DTYPES[spec["dtype"]])
+      dtype=backbones.DTYPES[spec["dtype"]],
+      **backbones.head_settings(spec, method))
 
 
 def block_patterns(variant: str) -> list[str]:

@@ -112,16 +112,14 @@ def decode_variant(variant: str) -> tuple[ViTSize, int]:
   _, rest = _split_flavour(variant)
   size_name, sep, patch = rest.partition("/")
   if not sep or size_name not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
-    import difflib  # pylint: disable=g-import-not-at-top
-    close = difflib.get_close_matches(
-        variant, sorted(set(NAMED_VARIANTS + backbones.PAPER_VARIANTS)), n=3, cutoff=0.5)
     raise ValueError(
         f"Unknown ViT variant {variant!r} (other families: swin-, convnext-, resnet-). "
         f"Use '<size>/<patch>' with size in "
         f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}, optionally prefixed "
         f"by a self-supervised flavour ({', '.join(f + '-' for f in FLAVOURS[1:])}, "
         "e.g. mae-B/16)"
-        + (f"; did you mean {', '.join(close)}?" if close else "."))
+        + (backbones.did_you_mean(variant, sorted(set(NAMED_VARIANTS + backbones.PAPER_VARIANTS)),
+                                  cutoff=0.5) or "."))
   return VIT_SIZES[size_name], int(patch)
 
 
@@ -213,8 +211,7 @@ class LoRA(nn.Module):
   def __call__(self, x):
     in_shape = x.shape[x.ndim - self.num_in_axes:]
     fan_in = int(np.prod(in_shape))
-    bound = 1.0 / math.sqrt(fan_in)
-    a = self.param("a", lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound),
+    a = self.param("a", prompts_lib.uniform_symmetric(1.0 / math.sqrt(fan_in)),
                    in_shape + (self.rank,))
     b = self.param("b", nn.initializers.zeros, (self.rank,) + tuple(self.out_features))
     low = jnp.tensordot(x, a.astype(self.dtype), axes=self.num_in_axes)
@@ -651,9 +648,7 @@ class VisionTransformer(nn.Module):
     ``from_features``: ``images`` are such features (B, D); only the head runs
     (how head-only methods train on cached features).
     """
-    head = heads_lib.Head(self.num_classes, hidden_layers=self.head_hidden_layers,
-                          dropout_rate=self.head_dropout, init_scheme=self.head_init,
-                          name="head")
+    head = heads_lib.backbone_head(self)
     if from_features:
       if self.side_options is not None:
         raise ValueError("side-tuning reads the images, so it cannot run from cached "

@@ -12,7 +12,6 @@ import math
 import re
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from vpt_jax.checkpoints import npz as npz_lib
@@ -21,7 +20,6 @@ from vpt_jax.models import methods as methods_lib
 from vpt_jax.models import prompts as prompts_lib
 from vpt_jax.models import vit
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Spec section -> the VisionTransformer attribute and options class it fills.
 OPTIONS = {
     "cvpt": ("cvpt_options", vit.CvptOptions),
@@ -115,11 +113,9 @@ def build(spec: Mapping[str, Any], num_classes: int,
       prompt_projection=spec["prompt_projection"],
       pool=spec["pool"],
       skip_dead_work=spec["skip_dead_work"],
-      head_hidden_layers=method.head_hidden_layers,
-      head_dropout=(spec.get("mlp") or {}).get("dropout", 0.1),
-      head_init=method.head_init,
-      dtype=DTYPES[spec["dtype"]],
+      dtype=backbones.DTYPES[spec["dtype"]],
       remat=spec.get("remat", "none"),  # specs written before the field: none
+      **backbones.head_settings(spec, method),
       **options)
 
 
