@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from test_end_to_end import tiny_config
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints.trees import flatten
@@ -65,3 +66,14 @@ def test_family_trains_exports_and_reloads(variant, image_size, method, tmp_path
   assert reloaded_model.apply({"params": params}, images).shape == (2, num_classes)
   with open(os.path.join(str(tmp_path / "run"), "results.json")) as f:
     assert json.load(f)["trainable_params"] == sum(v.size for v in exported.values())
+
+
+@pytest.mark.parametrize("variant", ["swin-test/4w2", "resnet-test", "convnext-test"])
+def test_remat_is_refused_where_the_family_does_not_implement_it(variant):
+  config = common.base_config()
+  config.model.variant = variant
+  config.model.image_size = 32
+  config.model.remat = "block"
+  common.apply_method(config, "linear")
+  with pytest.raises(ValueError, match="model.remat='block' is not implemented for"):
+    factory.validate_spec(factory.model_spec(config))

@@ -726,10 +726,19 @@ def load_backbone(init_params: Mapping[str, Any], path: str, *,
     CheckpointError subclasses: see `read_npz`, `detect_layout`, and
     CheckpointMismatchError for a readable key/shape diff.
   """
+  converted, source = read_model_layout(path)
+  return merge_backbone(init_params, converted, fresh=fresh, ignore=ignore, source=source)
+
+
+def read_model_layout(path: str) -> tuple[dict[str, np.ndarray], str]:
+  """A ViT ``.npz`` in any known layout -> ({model key: array}, how to name it).
+
+  Reads the file (`read_npz`), detects its layout (`detect_layout`) and
+  converts the names (`to_model_layout`); the name says which layout it was.
+  """
   path = os.fspath(path)
   raw = read_npz(path)
   layout = detect_layout(raw)
   converted = to_model_layout(raw, layout)
   logger.info("Loading %s (layout %s, %d arrays)", path, layout, len(converted))
-  return merge_backbone(init_params, converted, fresh=fresh, ignore=ignore,
-                        source=f"{path} (layout {layout})")
+  return converted, f"{path} (layout {layout})"

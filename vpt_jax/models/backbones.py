@@ -66,6 +66,8 @@ class Family:
       PyTorch checkpoints.
     supported_methods: method names (or prefixes ending in "-") the family
       defines; None = all.
+    supports_remat: whether ``build`` honours ``model.remat`` (block
+      rematerialisation); the others refuse it rather than ignore it.
   """
   name: str
   build: Callable[[Mapping[str, Any], int, Any], Any]
@@ -75,6 +77,7 @@ class Family:
   always_frozen: tuple[str, ...] = ()
   convert_torch: Optional[Callable[[Mapping[str, Any], str], dict]] = None
   supported_methods: Optional[tuple[str, ...]] = None
+  supports_remat: bool = False
 
   def supports(self, method_name: str) -> bool:
     """Whether the family defines ``method_name`` (e.g. "partial-3")."""

@@ -24,8 +24,6 @@ from vpt_jax.models import vit
 
 DTYPES = backbones.DTYPES
 REMAT_MODES = vit.REMAT_MODES
-# The families whose build honours spec["remat"] (the others would ignore it).
-REMAT_FAMILIES = ("vit",)
 # Side-network parameters that never come from the side network's own file.
 SIDE_FRESH = (r"projection/.*", r"alpha")
 
@@ -105,9 +103,9 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
   remat = spec.get("remat", "none")  # specs written before the field hold none
   if remat not in REMAT_MODES:
     raise ValueError(f"Unknown model.remat {remat!r}; choose one of {REMAT_MODES}")
-  if remat != "none" and family.name not in REMAT_FAMILIES:
-    raise ValueError(f"model.remat={remat!r} is implemented for {REMAT_FAMILIES} backbones, "
-                     f"not {family.name}; set --config.model.remat=none")
+  if remat != "none" and not family.supports_remat:
+    raise ValueError(f"model.remat={remat!r} is not implemented for {family.name} backbones "
+                     "(only for the ViT family); set --config.model.remat=none")
   if method.head_init not in heads.HEAD_INITS:
     raise ValueError(f"method {method.name} has an unknown head init {method.head_init!r}")
   family.validate(spec, method)
@@ -178,13 +176,11 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
     from vpt_jax.checkpoints import torch_files  # pylint: disable=g-import-not-at-top
     return (family.convert_torch(torch_files.read_state_dict(path), variant),
             f"{path} (PyTorch, converted for {family.name})")
-  raw = npz_lib.read_npz(path)
   if family.name != "vit":
     # Only ViTs have official .npz layouts; other families' .npz files are
     # ours (``save_npz`` of the model's own parameter names).
-    return raw, f"{path} ({family.name}, model layout)"
-  layout = npz_lib.detect_layout(raw)
-  return npz_lib.to_model_layout(raw, layout), f"{path} (layout {layout})"
+    return npz_lib.read_npz(path), f"{path} ({family.name}, model layout)"
+  return npz_lib.read_model_layout(path)
 
 
 def load_backbone_file(params, path: str, variant: str, fresh) -> dict:

@@ -297,4 +297,4 @@ FAMILIES = {"vit": backbones.Family(
     # MoCo v3's sin-cos position embedding is fixed (requires_grad=False in
     # the reference, even for full fine-tuning).
     always_frozen=(r"Transformer/posembed_fixed/.*",),
-    convert_torch=convert_torch)}
+    convert_torch=convert_torch, supports_remat=True)}
