@@ -30,19 +30,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
-from configs import common  # pylint: disable=g-import-not-at-top
+import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
-
-NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 def parse_args(argv=None):
@@ -60,24 +53,14 @@ def parse_args(argv=None):
 
 
 def build(args):
-  """Model, backbone-like parameters, labels, optimizer, data of the benchmark run."""
-  config = common.base_config()
-  common.apply_method(config, args.method)
-  config.model.variant, config.model.image_size = args.variant, args.image_size
+  """Model, backbone-like parameters, labels, optimizer, schedule, data of the benchmark run."""
+  config = bench_lib.method_config(args.method, args.variant, args.image_size)
   config.optim.batch_size = args.batch_size
-  spec = factory.model_spec(config)
-  model = factory.build_model(spec, args.num_classes)
-  variables = factory.init_variables(model, args.image_size, seed=0)
-  labels = partition.label_params(variables["params"], factory.trainable_rules(config))
+  model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes)
   if not trainer.uses_cached_features(config, labels):
     raise SystemExit(f"{args.method} is not head-only; the feature cache does not apply")
-  tx = optimizers.make_optimizer(labels, name=methods.get_method(args.method).optimizer,
-                                 learning_rate=lambda step: 0.01, weight_decay=1e-4)
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (args.num_images, args.image_size, args.image_size, 3),
-                        dtype=np.uint8)
-  targets = rng.integers(0, args.num_classes, (args.num_images,)).astype(np.int32)
-  return model, variables, labels, tx, images, targets
+  data = bench_lib.random_batch(args.num_images, args.image_size, args.num_classes)
+  return model, variables, labels, tx, schedule, data["image"], data["label"]
 
 
 def initial_state(variables, tx):
@@ -106,8 +89,9 @@ def run_epochs(step_fn, state, inputs: dict, targets, *, batch_size: int, epochs
 
 def main(argv=None):
   args = parse_args(argv)
-  model, variables, labels, tx, images, targets = build(args)
-  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.01, **NORM))
+  model, variables, labels, tx, schedule, images, targets = build(args)
+  step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule,
+                                          **bench_lib.IMAGENET_NORM))
   rows = []
 
   # Uncached: the frozen backbone runs in every step.
@@ -126,7 +110,7 @@ def main(argv=None):
   # Cached: features once, then the head on them.
   began = time.perf_counter()
   features = trainer.compute_features(model, variables, images, mesh_lib.make_data_mesh(),
-                                      batch_size=256, norm=NORM)
+                                      batch_size=256, norm=bench_lib.IMAGENET_NORM)
   extraction = time.perf_counter() - began
   began = time.perf_counter()
   state, _ = run_epochs(step_fn, initial_state(variables, tx), {"features": features},

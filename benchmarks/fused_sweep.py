@@ -53,8 +53,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
-import statistics
 import sys
 import time
 
@@ -62,17 +60,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
-from configs import common  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
+import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import fused  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
-NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 # The reference's VPT grid (base lr x wd), cycled to give each fused setting its own values.
 GRID = [(lr, wd) for lr in (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
         for wd in (0.01, 0.001, 0.0001, 0.0)]
@@ -100,6 +95,7 @@ def parse_args(argv=None):
   ks = [int(k) for k in args.settings.split(",")]
   if not ks or min(ks) < 1:
     parser.error(f"--settings must list positive integers, got {args.settings!r}")
+  args.ks = sorted(set(ks))  # the distinct k values, ascending
   return args
 
 
@@ -107,22 +103,14 @@ class Bench:
   """The model, its parameters, labels and a batch, built once."""
 
   def __init__(self, args):
-    config = common.base_config()
-    common.apply_method(config, args.method)
-    config.model.variant = args.variant
-    config.model.image_size = args.image_size
-    config.prompt.num_prompts = args.num_prompts
+    config = bench_lib.method_config(args.method, args.variant, args.image_size,
+                                     args.num_prompts)
     config.optim.batch_size = args.batch_size
     config.optim.epochs = args.epochs
     self.config = config
-    self.model = factory.build_model(factory.model_spec(config), args.num_classes)
-    self.params = factory.init_variables(self.model, args.image_size, 0)["params"]
-    self.labels = partition.label_params(self.params, factory.trainable_rules(config))
-    rng = np.random.default_rng(0)
-    size = args.image_size
-    self.batch = {
-        "image": rng.integers(0, 256, (args.batch_size, size, size, 3), dtype=np.uint8),
-        "label": rng.integers(0, args.num_classes, (args.batch_size,)).astype(np.int32)}
+    built = bench_lib.setup(config, args.num_classes)
+    self.model, self.params, self.labels = built.model, built.variables["params"], built.labels
+    self.batch = bench_lib.random_batch(args.batch_size, args.image_size, args.num_classes)
     self.steps_per_epoch = args.train_images / args.batch_size
     self.run_steps = math.ceil(args.epochs * self.steps_per_epoch)
 
@@ -141,15 +129,14 @@ class Bench:
   def one_by_one(self):
     """The trainer's step for one setting: (jitted step, state)."""
     lr, wd = GRID[0]
-    schedule = optimizers.make_schedule(
-        optimizers.scaled_learning_rate(lr, self.config.optim.batch_size),
-        warmup_epochs=self.config.optim.warmup_epochs, total_epochs=self.config.optim.epochs,
-        steps_per_epoch=self.steps_per_epoch)
-    tx = optimizers.make_optimizer(self.labels, name=fused.optimizer_name(self.config),
-                                   learning_rate=schedule, weight_decay=wd)
+    # The schedule and optimizer trainer.setup builds, from Python constants.
+    tx, schedule = fused.make_setting_optimizer(
+        self.config, self.labels, self.steps_per_epoch, decay=wd != 0)(
+            optimizers.scaled_learning_rate(lr, self.config.optim.batch_size), wd)
     state = {"step": jnp.zeros([], jnp.int32), "params": self.fresh_params(),
              "opt_state": tx.init(self.params)}
-    step = jax.jit(steps.make_train_step(self.model, self.labels, tx, schedule, **NORM),
+    step = jax.jit(steps.make_train_step(self.model, self.labels, tx, schedule,
+                                         **bench_lib.IMAGENET_NORM),
                    donate_argnums=(0,))
     return (lambda s: step(s, self.batch, jax.random.key(0))), step.lower(
         state, self.batch, jax.random.key(0)), state
@@ -165,29 +152,28 @@ class Bench:
     one = {"step": jnp.zeros([], jnp.int32), "params": self.fresh_params(),
            "opt_state": tx.init(self.params)}
     state = fused.stack_states([one] * k, self.labels)
-    step = jax.jit(fused.make_fused_train_step(self.model, self.labels, make_tx, **NORM),
+    step = jax.jit(fused.make_fused_train_step(self.model, self.labels, make_tx,
+                                               **bench_lib.IMAGENET_NORM),
                    donate_argnums=(0,))
     return (lambda s: step(s, hparams, self.batch, jax.random.key(0))), step.lower(
         state, hparams, self.batch, jax.random.key(0)), state
 
 
 def time_steps(run, lowered, state, count: int) -> dict:
+  """Compiles, then the median seconds of ``count`` steps after one warm-up, and XLA's costs."""
   began = time.perf_counter()
   compiled = lowered.compile()
   compile_seconds = time.perf_counter() - began
   cost = compiled.cost_analysis() or {}
-  state, metrics = run(state)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(count):
-    start = time.perf_counter()
+
+  def call():
+    nonlocal state
     state, metrics = run(state)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return {"seconds": statistics.median(times), "compile": compile_seconds,
+    return metrics
+  return {"seconds": bench_lib.median_seconds(call, count), "compile": compile_seconds,
           "flops": float(cost.get("flops", float("nan"))),
           "bytes": float(cost.get("bytes accessed", float("nan"))),
-          "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+          "rss_gb": bench_lib.peak_rss_bytes() / 2**30}
 
 
 def on_paper(bench: Bench, args, flops_per_setting: float) -> list[str]:
@@ -216,7 +202,7 @@ def on_paper(bench: Bench, args, flops_per_setting: float) -> list[str]:
       f"{peak / hbm:.0f} FLOP/byte = {ridge_rows:.0f} rows ({verdict}).",
       "| k | roofline time per fused step | bound on the step speed-up vs one by one |",
       "|---|---|---|"]
-  for k in sorted({int(x) for x in args.settings.split(",")}):
+  for k in args.ks:
     fused_time = max(k * compute, memory)
     lines.append(f"| {k} | {fused_time * 1e3:.3g} ms | "
                  f"{k * max(compute, memory) / fused_time:.2f}x |")
@@ -235,23 +221,20 @@ def main(argv=None):
   columns = ["program", "settings", "s/step", "s/setting-step", "settings/hour", "speed-up",
              "settings/hour with compile", "GFLOP/setting", "GB accessed/setting", "compile s",
              "peak RSS GB"]
-  print("| " + " | ".join(columns) + " |")
-  print("|" + "---|" * len(columns), flush=True)
-  baseline = time_steps(*bench.one_by_one(), args.steps)
-  rows = [("one by one", 1, baseline)]
-  for k in sorted({int(x) for x in args.settings.split(",")}):
-    rows.append((f"fused k={k}", k, None))
-  for index, (name, k, result) in enumerate(rows):
-    if result is None:
-      result = time_steps(*bench.fused(k), args.steps)
-      rows[index] = (name, k, result)
+  bench_lib.print_table_header(columns)
+
+  def print_row(name: str, k: int, result: dict) -> None:
     per_setting = result["seconds"] / k
     with_compile = 3600 * k / (result["compile"] + bench.run_steps * result["seconds"])
-    values = [name, k, result["seconds"], per_setting, 3600 / (bench.run_steps * per_setting),
-              baseline["seconds"] / per_setting, with_compile, result["flops"] / k / 1e9,
-              result["bytes"] / k / 1e9, result["compile"], result["rss_gb"]]
-    print("| " + " | ".join(v if isinstance(v, str) else f"{v:.3g}" for v in values) + " |",
-          flush=True)
+    print(bench_lib.table_row([
+        name, k, result["seconds"], per_setting, 3600 / (bench.run_steps * per_setting),
+        baseline["seconds"] / per_setting, with_compile, result["flops"] / k / 1e9,
+        result["bytes"] / k / 1e9, result["compile"], result["rss_gb"]]), flush=True)
+
+  baseline = time_steps(*bench.one_by_one(), args.steps)
+  print_row("one by one", 1, baseline)
+  for k in args.ks:
+    print_row(f"fused k={k}", k, time_steps(*bench.fused(k), args.steps))
   print()
   print("\n".join(on_paper(bench, args, baseline["flops"])))
   print(f"Per-run fixed costs are paid once per program too: compiling this train step took "

@@ -43,7 +43,6 @@ import itertools
 import math
 import os
 import re
-import statistics
 import sys
 import time
 
@@ -52,16 +51,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 from jax import ad_checkpoint  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
-from configs import common  # pylint: disable=g-import-not-at-top
+import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
-NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 GIB = 2 ** 30
 
 
@@ -91,17 +86,6 @@ def use_cpu_scheduler(name: str) -> None:
                                + " --xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 
-def make_config(args, variant: str, remat: str, dtype: str):
-  config = common.base_config()
-  common.apply_method(config, args.method)
-  config.model.variant = variant
-  config.model.image_size = args.image_size
-  config.model.remat = remat
-  config.model.dtype = dtype
-  config.prompt.num_prompts = args.num_prompts
-  return config
-
-
 RESIDUAL_LINE = re.compile(r"(\S+)\[([\d,]*)\] (.*)")
 BYTES_PER_ELEMENT = {"bool": 1, "key<fry>": 8}
 
@@ -126,8 +110,8 @@ def kept_activation_bytes(model, labels, param_shapes, batch_size: int, args) ->
   def trace(trainable, frozen, images, labels_):
     def loss(trainable_params):
       logits = model.apply({"params": partition.merge(trainable_params, frozen)},
-                           steps.normalize_images(images, **NORM), train=True,
-                           rngs={"dropout": jax.random.key(0)})
+                           steps.normalize_images(images, **bench_lib.IMAGENET_NORM),
+                           train=True, rngs={"dropout": jax.random.key(0)})
       return steps.cross_entropy(logits, labels_).mean()
     with contextlib.redirect_stdout(listing):
       ad_checkpoint.print_saved_residuals(loss, trainable)
@@ -149,21 +133,19 @@ def kept_activation_bytes(model, labels, param_shapes, batch_size: int, args) ->
 
 def measure(args, variant: str, remat: str, dtype: str, accumulation: int) -> dict:
   """Compiles (and optionally times) one train step; returns a row of the table."""
-  config = make_config(args, variant, remat, dtype)
-  spec = factory.model_spec(config)
-  model = factory.build_model(spec, args.num_classes)
-  param_shapes = factory.variable_shapes(model, args.image_size)["params"]
-  labels = partition.label_params(param_shapes, factory.trainable_rules(config))
-  schedule = lambda step: 0.01
-  tx = optimizers.make_optimizer(
-      labels, name=config.optim.name or methods.get_method(args.method).optimizer,
-      learning_rate=schedule, weight_decay=1e-4)
+  config = bench_lib.method_config(args.method, variant, args.image_size, args.num_prompts)
+  config.model.remat = remat
+  config.model.dtype = dtype
+  model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes,
+                                                           abstract=True)
+  param_shapes = variables["params"]
   state_shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": param_shapes,
                   "opt_state": jax.eval_shape(tx.init, param_shapes)}
   size = args.image_size
   batch_shapes = {"image": jax.ShapeDtypeStruct((args.batch_size, size, size, 3), jnp.uint8),
                   "label": jax.ShapeDtypeStruct((args.batch_size,), jnp.int32)}
-  step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule, **NORM,
+  step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule,
+                                          **bench_lib.IMAGENET_NORM,
                                           accumulation_steps=accumulation),
                     donate_argnums=(0,))
   began = time.perf_counter()
@@ -183,27 +165,22 @@ def measure(args, variant: str, remat: str, dtype: str, accumulation: int) -> di
          "compile s": compile_seconds,
          "s/step": float("nan")}
   if args.time_steps:
-    row["s/step"] = time_steps(compiled, model, tx, args, batch_shapes)
+    row["s/step"] = time_steps(compiled, model, tx, args)
   return row
 
 
-def time_steps(compiled, model, tx, args, batch_shapes) -> float:
+def time_steps(compiled, model, tx, args) -> float:
   """Median seconds of ``args.time_steps`` steps after one warm-up, on random data."""
   params = factory.init_variables(model, args.image_size, 0)["params"]
   state = {"step": jnp.zeros([], jnp.int32), "params": params,
            "opt_state": jax.jit(tx.init)(params)}
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.integers(0, 256, batch_shapes["image"].shape, dtype=np.uint8),
-           "label": rng.integers(0, args.num_classes, (args.batch_size,)).astype(np.int32)}
-  state, metrics = compiled(state, batch, jax.random.key(0))
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.time_steps):
-    start = time.perf_counter()
+  batch = bench_lib.random_batch(args.batch_size, args.image_size, args.num_classes)
+
+  def call():
+    nonlocal state
     state, metrics = compiled(state, batch, jax.random.key(0))
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    return metrics
+  return bench_lib.median_seconds(call, args.time_steps)
 
 
 def main(argv=None):
@@ -218,8 +195,7 @@ def main(argv=None):
   columns = ["variant", "dtype", "remat", "accum", "kept MiB", "temp GiB", "args GiB",
              "peak GiB",
              "temp vs first", "GFLOP", "compile s", "s/step", "time vs first"]
-  print("| " + " | ".join(columns) + " |")
-  print("|" + "---|" * len(columns))
+  bench_lib.print_table_header(columns)
   for variant in args.variants.split(","):
     first = None
     for dtype, remat, accumulation in itertools.product(
@@ -229,9 +205,8 @@ def main(argv=None):
       first = first or row  # ratios against the variant's first combination
       row["temp vs first"] = row["temp GiB"] / first["temp GiB"]
       row["time vs first"] = row["s/step"] / first["s/step"]
-      print("| " + " | ".join(
-          str(row[c]) if isinstance(row[c], (str, int)) else f"{row[c]:.3g}"
-          for c in columns) + " |", flush=True)
+      print(bench_lib.table_row(str(row[c]) if isinstance(row[c], int) else row[c]
+                                for c in columns), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -40,18 +38,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from configs import common  # pylint: disable=g-import-not-at-top
+import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.checkpoints import npz as npz_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.data import vtab  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import serving  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import task_export  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import backbones  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
-NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+NORM = bench_lib.MINUS_ONE_TO_ONE_NORM  # written into the exports' metadata
 # The VTAB-1k tasks' class counts, in the VPT paper's order.
 VTAB_CLASSES = [task.num_classes for task in vtab.TASKS.values()]
 
@@ -75,19 +72,14 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def _spec(args) -> dict:
-  config = common.base_config()
-  common.apply_method(config, args.method)
-  config.model.variant = args.variant
-  config.model.image_size = args.image_size
-  if methods.get_method(args.method).uses_prompts or args.method == "cvpt":
-    config.prompt.num_prompts = args.num_prompts
-  return factory.model_spec(config)
+def _config(args):
+  # --num_prompts only reaches the spec of methods with prompts (and CVPT's).
+  return bench_lib.method_config(args.method, args.variant, args.image_size, args.num_prompts)
 
 
 def write_random_backbone(path: str, args) -> str:
   """A backbone file of random N(0, 0.02^2) weights in the model's own (Linen) layout."""
-  spec = _spec(args)
+  spec = factory.model_spec(_config(args))
   method = methods.get_method(spec["method"])
   model = factory.build_model(spec, 10)
   rng = np.random.default_rng(0)
@@ -102,11 +94,10 @@ def write_random_backbone(path: str, args) -> str:
 
 def write_exports(directory: str, backbone: str, args) -> dict[str, str]:
   """K exports with random trained leaves, written by the real export function."""
-  spec = _spec(args)
+  config = _config(args)
+  spec = factory.model_spec(config)
   fingerprint = npz_lib.fingerprint(backbone)
-  family = backbones.get_family(args.variant)
-  rules = methods.get_method(spec["method"]).rules(family.block_patterns(args.variant),
-                                                   family.final_norm)
+  rules = factory.trainable_rules(config)  # the trainer's, as its exports have
   rng = np.random.default_rng(1)
   exports = {}
   for k in range(args.num_tasks):
@@ -128,17 +119,6 @@ def write_exports(directory: str, backbone: str, args) -> dict[str, str]:
         class_names=None, normalization=NORM, backbone_path=backbone,
         backbone_fingerprint=fingerprint, init_seed=0, batch_stats=stats)
   return exports
-
-
-def median_seconds(call, runs: int) -> float:
-  """Median wall seconds of ``runs`` calls of ``call()`` after one warm-up call."""
-  jax.block_until_ready(call())
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def rss_bytes() -> int:
@@ -182,8 +162,8 @@ def main(argv=None):
     began = time.perf_counter()
     compiled = group.lower(device_images, rows_index).compile()
     compile_seconds = time.perf_counter() - began
-    forward = median_seconds(lambda: group.logits(device_images, rows_index), args.runs)
-    call = median_seconds(lambda: server.logits(images, tasks), args.runs)
+    forward = bench_lib.median_seconds(lambda: group.logits(device_images, rows_index), args.runs)
+    call = bench_lib.median_seconds(lambda: server.logits(images, tasks), args.runs)
     rows.append({"batch": label, "distinct tasks": len(set(tasks)),
                  "forward ms": forward * 1e3, "forward img/s": args.batch_size / forward,
                  "call ms": call * 1e3, "call img/s": args.batch_size / call,
@@ -200,8 +180,8 @@ def main(argv=None):
   began = time.perf_counter()
   compiled = apply.lower(variables, device_images).compile()
   compile_seconds = time.perf_counter() - began
-  forward = median_seconds(lambda: apply(variables, device_images), args.runs)
-  call = median_seconds(lambda: np.asarray(apply(variables, images)), args.runs)
+  forward = bench_lib.median_seconds(lambda: apply(variables, device_images), args.runs)
+  call = bench_lib.median_seconds(lambda: np.asarray(apply(variables, images)), args.runs)
   rows.insert(0, {"batch": "plain model, 1 task", "distinct tasks": 1,
                   "forward ms": forward * 1e3, "forward img/s": args.batch_size / forward,
                   "call ms": call * 1e3, "call img/s": args.batch_size / call,
@@ -215,11 +195,9 @@ def main(argv=None):
         f"{load_seconds:.1f} s")
   columns = ["batch", "distinct tasks", "forward ms", "forward img/s", "call ms",
              "call img/s", "GFLOP", "compile s"]
-  print("| " + " | ".join(columns) + " |")
-  print("|" + "---|" * len(columns))
+  bench_lib.print_table_header(columns)
   for row in rows:
-    print("| " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.4g}"
-                            for c in columns) + " |")
+    print(bench_lib.table_row((row[c] for c in columns), ".4g"))
   single = rows[1]["forward img/s"]
   print(f"mixed / single-task batch throughput (forward): "
         f"{rows[2]['forward img/s'] / single:.3f}; mixed server / plain model: "
@@ -240,7 +218,7 @@ def main(argv=None):
         f"{mb(len(names) * memory['backbone_bytes'] + memory['export_bytes'])} |")
   print(f"| RSS growth: loading the server and compiling | {mb(rss_server - rss_before)} |")
   print(f"| RSS after the server (peak of the process) | {mb(rss_server)} "
-        f"({mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}) |")
+        f"({mb(bench_lib.peak_rss_bytes())}) |")
 
 
 if __name__ == "__main__":

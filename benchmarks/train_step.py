@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import statistics
 import sys
 import time
 
@@ -34,15 +32,10 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from configs import common  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
+import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
-
-NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 def parse_args(argv=None):
@@ -72,13 +65,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
   """Dense float32 (size x size) @ (size x size) throughput, median of repeats."""
   a = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / statistics.median(times) / 1e9
+  return 2 * size ** 3 / bench_lib.median_seconds(lambda: matmul(a), repeats) / 1e9
 
 
 def run_steps(step: dict, count: int, arguments=None) -> tuple:
@@ -97,13 +84,12 @@ def run_steps(step: dict, count: int, arguments=None) -> tuple:
 
 def median_seconds(step: dict, count: int) -> float:
   """Median seconds of ``count`` calls after one warm-up call."""
-  arguments = run_steps(step, 1)
-  times = []
-  for _ in range(count):
-    start = time.perf_counter()
+  arguments = step["arguments"]
+
+  def call():
+    nonlocal arguments
     arguments = run_steps(step, 1, arguments)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return bench_lib.median_seconds(call, count)
 
 
 def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
@@ -112,41 +98,29 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
   Returns a dict with "compiled", "arguments" (a tuple), "carry_state" (the
   step returns a new state to feed back), "opt_bytes" and "compile_seconds".
   """
-  config = common.base_config()
   # "vpt_deep:all" = the prompted model with every parameter trainable: full
   # fine-tuning's cost at VPT-deep's sequence length.
   method, _, scope = method.partition(":")
-  common.apply_method(config, method)
+  config = bench_lib.method_config(method, args.variant, args.image_size, num_prompts)
   if scope == "all":
     config.trainable_rules = ((".*", "train"),)
-  config.model.variant = args.variant
-  config.model.image_size = args.image_size
   config.model.skip_dead_work = skip_dead_work
-  config.prompt.num_prompts = num_prompts
-  spec = factory.model_spec(config)
-  model = factory.build_model(spec, args.num_classes)
-  params = factory.init_variables(model, args.image_size, 0)["params"]
-  labels = partition.label_params(params, factory.trainable_rules(config))
-  schedule = lambda step: 0.01
-  tx = optimizers.make_optimizer(
-      labels, name=config.optim.name or methods.get_method(method).optimizer,
-      learning_rate=schedule, weight_decay=1e-4)
+  model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes)
+  params = variables["params"]
   data_mesh = mesh.make_data_mesh()
-  rng = np.random.default_rng(0)
-  size = args.image_size
-  batch = {"image": rng.integers(0, 256, (args.batch_size, size, size, 3), dtype=np.uint8),
-           "label": rng.integers(0, args.num_classes, (args.batch_size,)).astype(np.int32)}
+  batch = bench_lib.random_batch(args.batch_size, args.image_size, args.num_classes)
   if args.eval:
     state = mesh.put_replicated({"params": params}, data_mesh)
     batch["mask"] = np.ones((args.batch_size,), bool)
-    step_fn = jax.jit(steps.make_eval_step(model, **NORM))
+    step_fn = jax.jit(steps.make_eval_step(model, **bench_lib.IMAGENET_NORM))
     arguments = (state, mesh.global_batch(data_mesh, batch))
     opt_bytes = 0
   else:
     state = mesh.put_replicated(
         {"step": np.zeros([], np.int32), "params": params, "opt_state": tx.init(params)},
         data_mesh)
-    step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule, **NORM),
+    step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule,
+                                            **bench_lib.IMAGENET_NORM),
                       donate_argnums=(0,))
     arguments = (state, mesh.global_batch(data_mesh, batch), jax.random.key(0))
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))
@@ -166,7 +140,7 @@ def measure(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
           "s/step": seconds, "img/s": args.batch_size / seconds, "GFLOP": flops / 1e9,
           "GFLOP/s": flops / 1e9 / seconds, "compile s": step["compile_seconds"],
           "opt state MB": step["opt_bytes"] / 2**20,
-          "peak RSS GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+          "peak RSS GB": bench_lib.peak_rss_bytes() / 2**30}
 
 
 def main(argv=None):
@@ -180,8 +154,7 @@ def main(argv=None):
         f"median of {args.steps} steps, {jax.device_count()} device(s)", flush=True)
   columns = ["method", "prompts", "s/step", "img/s", "GFLOP", "GFLOP/s", "% of matmul",
              "compile s", "opt state MB", "peak RSS GB"]
-  print("| " + " | ".join(columns) + " |")
-  print("|" + "---|" * len(columns))
+  bench_lib.print_table_header(columns)
   counts = [int(c) for c in args.prompt_counts.split(",")] if args.prompt_counts else [
       args.num_prompts]
   def prompted(method):
@@ -191,9 +164,7 @@ def main(argv=None):
   for method, skip, count in rows:
     row = measure(method, args, skip, count)
     row["% of matmul"] = 100 * row["GFLOP/s"] / ceiling
-    print("| " + " | ".join(
-        row[c] if isinstance(row[c], str) else f"{row[c]:.3g}" for c in columns) + " |",
-          flush=True)
+    print(bench_lib.table_row(row[c] for c in columns), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests of the input pipeline: batch order, eval padding, resizing, normalising."""
 
+import os
 import hashlib
 import itertools
 
@@ -177,3 +178,18 @@ def test_normalize_images_by_hand():
   np.testing.assert_allclose(
       np.asarray(out),
       [[-0.485 / 0.229, (1.0 - 0.456) / 0.224, (0.2 - 0.406) / 0.225]], rtol=1e-5)
+
+
+def test_benchmark_normalisation_constants_match_the_pipeline():
+  """benchmarks/common.py copies them (importing the pipeline loads TensorFlow)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "common.py")
+  spec = importlib.util.spec_from_file_location("benchmarks_common", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert tuple(bench.IMAGENET_NORM["mean"]) == tuple(pipeline.IMAGENET_MEAN)
+  assert tuple(bench.IMAGENET_NORM["std"]) == tuple(pipeline.IMAGENET_STD)
+  assert (tuple(bench.MINUS_ONE_TO_ONE_NORM["mean"]),
+          tuple(bench.MINUS_ONE_TO_ONE_NORM["std"])) == tuple(
+              tuple(v) for v in pipeline.MINUS_ONE_TO_ONE)
