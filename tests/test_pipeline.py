@@ -1,8 +1,8 @@
 """Tests of the input pipeline: batch order, eval padding, resizing, normalising."""
 
-import os
 import hashlib
 import itertools
+import os
 
 import numpy as np
 import pytest
