@@ -128,7 +128,7 @@ def step_rate(folder: str, batch: int, steps: int) -> tuple[float, float]:
       donate_argnums=(0,), in_shardings=(replicated, mesh_lib.batch_sharded(run.mesh),
                                          replicated),
       out_shardings=(replicated, replicated))
-  batch_arrays = mesh_lib.global_batch(run.mesh, next(trainer._batches(run.data, config, 0)))
+  batch_arrays = mesh_lib.global_batch(run.mesh, next(trainer.batches(run.data, config, 0)))
   rng = jax.jit(lambda: jax.random.key(0), out_shardings=replicated)()
   state = run.state
   start = time.perf_counter()

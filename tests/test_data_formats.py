@@ -320,10 +320,10 @@ def test_trainer_reads_a_folder_with_fgvc_augmentation(tmp_path):
   assert data.num_classes == 3 and data.class_names == ["daisy", "rose", "tulip"]
   # Shorter side 8 * 256 // 224 = 9: (12, 10) -> (10, 9).
   assert len(data.images) == 9 and data.images[0].shape == (10, 9, 3)
-  first, second = trainer._batches(data, config, 0), trainer._batches(data, config, 1)
+  first, second = trainer.batches(data, config, 0), trainer.batches(data, config, 1)
   next(first)
   np.testing.assert_array_equal(next(first)["image"], next(second)["image"])  # resume
-  batch = next(trainer._batches(data, config, 5))
+  batch = next(trainer.batches(data, config, 5))
   assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].dtype == np.int32
   assert not trainer.uses_cached_features(config, {"head": {"kernel": "train"}})
 

@@ -158,6 +158,25 @@ def test_rerun_skips_finished_runs_and_resumes_the_rest(tmp_path):
     tuning.run_protocol(changed, str(tmp_path), StubRun(), write_report=False)
 
 
+def test_neutral_fields_may_change_between_reruns(tmp_path):
+  config = protocol_config("tasks=dmlab", **SMALL)
+  tuning.run_protocol(config, str(tmp_path), StubRun(), write_report=False)
+  # Where the data lives and how evaluation batches it do not change a result.
+  moved = protocol_config("tasks=dmlab", **SMALL, **{
+      "data.data_dir": "/elsewhere", "eval.batch_size": 7, "checkpoint.keep": 9})
+  again = StubRun()
+  tuning.run_protocol(moved, str(tmp_path), again, write_report=False)
+  assert again.calls == []
+  # Records written with "/"-joined keys (and the neutral fields in them) still match.
+  for run_json in tmp_path.glob("**/run.json"):
+    record = json.loads(run_json.read_text())
+    record["config"] = {k.replace(".", "/"): v for k, v in record["config"].items()}
+    record["config"]["eval/batch_size"] = 1
+    run_json.write_text(json.dumps(record))
+  tuning.run_protocol(config, str(tmp_path), again, write_report=False)
+  assert again.calls == []
+
+
 def test_diverged_grid_points_are_recorded_not_fatal(tmp_path, capsys):
   config = protocol_config("tasks=dmlab", **SMALL)
   summary, = tuning.run_protocol(config, str(tmp_path), StubRun(diverge_lr=1.0),

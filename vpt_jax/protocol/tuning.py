@@ -43,7 +43,8 @@ import tensorflow as tf
 
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.protocol import hparams
-from vpt_jax.training import partition
+from vpt_jax.training import fused
+from vpt_jax.training import trainer
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
@@ -225,9 +226,16 @@ def _read_json(path: str):
 
 
 def _comparable(config) -> dict:
-  flat = partition.flatten(json.loads(config.to_json_best_effort()))
-  return {k: v for k, v in flat.items()
-          if not any(k == f or k.startswith(f) for f in NEUTRAL_FIELDS)}
+  """The fields a finished run must match, by dotted name, without ``NEUTRAL_FIELDS``.
+
+  ``config``: a ConfigDict, or the "config" of a run record (whose keys older
+  versions wrote "/"-joined).
+  """
+  if isinstance(config, ml_collections.ConfigDict):
+    fields = trainer.config_fields(config)
+  else:
+    fields = {k.replace("/", "."): v for k, v in config.items()}
+  return {k: v for k, v in fields.items() if not trainer.in_fields(k, NEUTRAL_FIELDS)}
 
 
 def finished_run(run_dir: str, config) -> Optional[dict]:
@@ -236,7 +244,7 @@ def finished_run(run_dir: str, config) -> Optional[dict]:
   if record is None:
     return None
   current = _comparable(config)
-  previous = record.get("config", {})
+  previous = _comparable(record.get("config", {}))
   differing = sorted(k for k in set(current) | set(previous)
                      if current.get(k) != previous.get(k))
   if differing:
@@ -248,12 +256,25 @@ def finished_run(run_dir: str, config) -> Optional[dict]:
   return record
 
 
-def ensure_run(spec: RunSpec, config, workdir: str, run_fn: RunFn) -> dict:
-  """Runs (or resumes) one run unless it has finished; returns its record.
+def _record(spec: RunSpec, run_cfg, run_dir: str, outcome, seconds: float, **extra) -> dict:
+  """Writes and returns the run record of a results dict or a divergence.
 
   A run whose loss diverges is recorded as such (a grid point with a too-large
   learning rate is a normal outcome of the search, not a failure).
   """
+  if isinstance(outcome, FloatingPointError):
+    print(f"run diverged: {outcome}", file=sys.stderr)
+    results, status = {"error": str(outcome)}, "diverged"
+  else:
+    results, status = outcome, "finished"
+  record = {"status": status, "spec": dataclasses.asdict(spec), "seconds": seconds, **extra,
+            "config": _comparable(run_cfg), "results": results}
+  _write_json(os.path.join(run_dir, RUN_FILE), record)
+  return record
+
+
+def ensure_run(spec: RunSpec, config, workdir: str, run_fn: RunFn) -> dict:
+  """Runs (or resumes) one run unless it has finished; returns its record."""
   run_dir = os.path.join(workdir, spec.folder(method_name(config)))
   run_cfg = run_config(config, spec)
   record = finished_run(run_dir, run_cfg)
@@ -264,20 +285,13 @@ def ensure_run(spec: RunSpec, config, workdir: str, run_fn: RunFn) -> dict:
   tf.io.gfile.makedirs(run_dir)
   began = time.perf_counter()
   try:
-    results = run_fn(run_cfg, run_dir)
-    status = "finished"
+    outcome = run_fn(run_cfg, run_dir)
   except FloatingPointError as e:
-    print(f"run diverged: {e}", file=sys.stderr)
-    results, status = {"error": str(e)}, "diverged"
-  record = {"status": status, "spec": dataclasses.asdict(spec),
-            "seconds": time.perf_counter() - began,
-            "config": _comparable(run_cfg), "results": results}
-  _write_json(os.path.join(run_dir, RUN_FILE), record)
-  return record
+    outcome = e
+  return _record(spec, run_cfg, run_dir, outcome, time.perf_counter() - began)
 
 
-def ensure_fused_runs(specs: list[RunSpec], config, workdir: str,
-                      fused_fn: Optional[FusedFn] = None) -> None:
+def ensure_fused_runs(specs: list[RunSpec], config, workdir: str, fused_fn: FusedFn) -> None:
   """``ensure_run`` for grid runs, ``protocol.fuse_settings`` of a task per program.
 
   The unfinished grid points of each task train in groups that share one
@@ -285,8 +299,6 @@ def ensure_fused_runs(specs: list[RunSpec], config, workdir: str,
   the folder and record a separate run would ("seconds": its share of the
   group's time).
   """
-  from vpt_jax.training import fused  # pylint: disable=g-import-not-at-top
-  fused_fn = fused_fn or fused.train_and_evaluate_settings
   name = method_name(config)
   for task in dict.fromkeys(spec.task for spec in specs):
     todo = [spec for spec in specs if spec.task == task and finished_run(
@@ -303,15 +315,7 @@ def ensure_fused_runs(specs: list[RunSpec], config, workdir: str,
       outcomes = fused_fn([configs[i] for i in group], run_dirs)
       seconds = (time.perf_counter() - began) / len(group)
       for i, run_dir, outcome in zip(group, run_dirs, outcomes):
-        if isinstance(outcome, FloatingPointError):
-          print(f"run diverged: {outcome}", file=sys.stderr)
-          results, status = {"error": str(outcome)}, "diverged"
-        else:
-          results, status = outcome, "finished"
-        _write_json(os.path.join(run_dir, RUN_FILE), {
-            "status": status, "spec": dataclasses.asdict(todo[i]), "seconds": seconds,
-            "fused_settings": len(group), "config": _comparable(configs[i]),
-            "results": results})
+        _record(todo[i], configs[i], run_dir, outcome, seconds, fused_settings=len(group))
 
 
 def _top1(record: Optional[dict], split: str) -> Optional[float]:
@@ -380,9 +384,8 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
     fused_fn: trains a group of grid runs when ``protocol.fuse_settings`` > 1;
       default ``fused.train_and_evaluate_settings``.
   """
-  if run_fn is None:
-    from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
-    run_fn = trainer.train_and_evaluate
+  run_fn = run_fn or trainer.train_and_evaluate
+  fused_fn = fused_fn or fused.train_and_evaluate_settings
   shard, num_shards = parse_shard(config.protocol.shard)
   runs = plan(config)
   mine = {k for k in range(len(runs)) if k % num_shards == shard}

@@ -41,9 +41,6 @@ as in the trainer.
 from __future__ import annotations
 
 import copy
-import json
-import math
-import os
 import time
 from typing import Callable, Sequence, Union
 
@@ -51,14 +48,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
-from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import train_state as ckpt_lib
-from vpt_jax.models import factory
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.training import mesh as mesh_lib
-from vpt_jax.training import metric_writers
 from vpt_jax.training import optimizers
 from vpt_jax.training import partition
 from vpt_jax.training import steps as steps_lib
@@ -74,12 +67,6 @@ Outcome = Union[dict, FloatingPointError]
 def optimizer_name(config) -> str:
   """The run's optimizer: ``optim.name`` or the method's default."""
   return config.optim.name or methods_lib.get_method(config.method).optimizer
-
-
-def _flat(config) -> dict:
-  """{"optim.base_lr": 0.1, ...}: every field of a config by its dotted name."""
-  flat = partition.flatten(json.loads(config.to_json_best_effort()))
-  return {path.replace("/", "."): value for path, value in flat.items()}
 
 
 def structure_key(config) -> tuple:
@@ -101,7 +88,7 @@ def check_fusable(configs: Sequence[ml_collections.ConfigDict]) -> None:
   """
   if not configs:
     raise trainer.ConfigError("no settings to fuse; pass at least one config")
-  flats = [_flat(c) for c in configs]
+  flats = [trainer.config_fields(c) for c in configs]
   keys = sorted(set().union(*flats))
   differing = [k for k in keys if k not in FUSABLE_FIELDS
                and any(f.get(k) != flats[0].get(k) for f in flats[1:])]
@@ -271,9 +258,9 @@ def setup(configs: Sequence[ml_collections.ConfigDict],
           workdirs: Sequence[str]) -> list[trainer.Run]:
   """One ``trainer.Run`` per setting, sharing data, model and frozen parameters.
 
-  Does what ``trainer.setup`` does for each config (checks, config.json,
-  checkpoint restore), but decodes the data, builds the model and loads the
-  backbone once; every run's state holds the same frozen arrays.
+  ``trainer.setup``'s checks for each config (config.json included), then
+  ``trainer.setup_runs``: the data is decoded, the model built and the
+  backbone loaded once; every run's state holds the same frozen arrays.
   """
   check_fusable(configs)
   if len(set(workdirs)) != len(workdirs) or len(workdirs) != len(configs):
@@ -283,67 +270,7 @@ def setup(configs: Sequence[ml_collections.ConfigDict],
   for config, workdir in zip(configs, workdirs):
     trainer.prepare_workdir(workdir)
     trainer.check_resume_config(workdir, config)
-  # From here on as trainer.setup, once for all settings.
-  config = configs[0]
-  mesh = mesh_lib.make_data_mesh()
-  mesh_lib.check_batch_divisible(config.optim.batch_size, mesh)
-  micro_batch = config.optim.batch_size // config.optim.accumulation_steps
-  if micro_batch % mesh.devices.size:
-    raise trainer.ConfigError(
-        f"micro-batch size {micro_batch} (optim.batch_size / optim.accumulation_steps) is "
-        f"not divisible by the {mesh.devices.size} devices; use a batch size that is a "
-        f"multiple of {config.optim.accumulation_steps * mesh.devices.size}")
-  norm = trainer.normalization(config)
-  data = trainer.load_train_data(config)
-  spec = factory.model_spec(config)
-  model = factory.build_model(spec, data.num_classes)
-  side_checkpoint = config.sidetune.checkpoint if spec["method"] == "sidetune" else ""
-  from_files = None
-  if config.model.init_checkpoint or side_checkpoint:
-    # Read and checked against the model's shapes before anything is compiled.
-    from_files = factory.load_pretrained(
-        factory.variable_shapes(model, config.model.image_size)["params"], spec,
-        config.model.init_checkpoint, side_checkpoint)
-  variables = factory.init_variables(model, config.model.image_size, config.seed,
-                                     out_shardings=mesh_lib.replicated(mesh))
-  params = variables["params"]
-  fingerprint = None
-  if from_files is not None:  # the fresh leaves (still shapes) take their init values
-    params = jax.tree.map(
-        lambda loaded, initial: initial if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
-        from_files, jax.device_get(params))
-  if config.model.init_checkpoint:
-    fingerprint = npz_lib.fingerprint(config.model.init_checkpoint)
-  labels = partition.label_params(params, factory.trainable_rules(config))
-  steps_per_epoch = len(data.labels) / config.optim.batch_size
-  host_params = jax.device_get(params)
-  shared_params = mesh_lib.put_replicated(host_params, mesh)
-  runs = []
-  for setting, workdir in zip(configs, workdirs):
-    optim = setting.optim
-    schedule = optimizers.make_schedule(
-        optimizers.scaled_learning_rate(optim.base_lr, optim.batch_size),
-        warmup_epochs=optim.warmup_epochs, total_epochs=optim.epochs,
-        steps_per_epoch=steps_per_epoch, unit=optim.schedule_unit)
-    tx = optimizers.make_optimizer(labels, name=optimizer_name(setting),
-                                   learning_rate=schedule, weight_decay=optim.weight_decay,
-                                   momentum=optim.momentum)
-    state = mesh_lib.put_replicated({"step": np.zeros([], np.int32),
-                                     "opt_state": tx.init(host_params)}, mesh)
-    state["params"] = shared_params
-    if "batch_stats" in variables:
-      state["batch_stats"] = variables["batch_stats"]
-    manager = ckpt_lib.open_manager(os.path.join(workdir, "checkpoints"),
-                                    keep=setting.checkpoint.keep,
-                                    every_steps=setting.checkpoint.every_steps)
-    restored = ckpt_lib.restore_latest(manager, state, labels)
-    runs.append(trainer.Run(
-        config=setting, workdir=workdir, mesh=mesh, norm=norm, data=data, spec=spec,
-        model=model, labels=labels, state=restored or state, manager=manager,
-        schedule=schedule, tx=tx, fingerprint=fingerprint,
-        total_steps=math.ceil(optim.epochs * steps_per_epoch),
-        steps_per_epoch=steps_per_epoch, writer=metric_writers.MetricWriter(workdir)))
-  return runs
+  return trainer.setup_runs(configs, workdirs)
 
 
 def _setting_name(config) -> str:
@@ -449,13 +376,11 @@ def train(runs: Sequence[trainer.Run]) -> tuple[dict, dict[int, FloatingPointErr
       donate_argnums=(0,),
       in_shardings=(replicated, replicated, mesh_lib.batch_sharded(mesh), replicated),
       out_shardings=(replicated, replicated))
-  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=replicated)()
-  eval_every = (max(1, round(config.eval.every_epochs * first.steps_per_epoch))
-                if config.eval.every_epochs and config.data.eval_split else 0)
+  rng = first.dropout_rng()
+  eval_every = first.eval_every
   eval_step = _fused_eval_step(first) if eval_every else None
   # The trainer's own batch iterator: the same data order as every separate run.
-  batches = trainer._batches(  # pylint: disable=protected-access
-      first.data, config, start_step, features)
+  batches = trainer.batches(first.data, config, start_step, features)
   diverged: dict[int, FloatingPointError] = {}
   pending = []
   began, began_step = time.perf_counter(), start_step
@@ -477,7 +402,7 @@ def train(runs: Sequence[trainer.Run]) -> tuple[dict, dict[int, FloatingPointErr
             continue
           own = [{k: v[index] for k, v in m.items()} for m in window]
           try:  # the trainer's own check: the same step and message as a separate run
-            trainer._check_finite(own, step - len(own) + 1, run)  # pylint: disable=protected-access
+            trainer.check_finite(own, step - len(own) + 1, run)
           except FloatingPointError as e:
             diverged[index] = e
             run.writer.print(f"{_setting_name(run.config)} diverged: {e}")
@@ -529,35 +454,14 @@ def finish(runs: Sequence[trainer.Run], variables: dict,
   """
   first = runs[0]
   config = first.config
-  splits = [(name, split) for name, split in (("val", config.data.eval_split),
-                                              ("test", config.data.test_split))
-            if split and len(diverged) < len(runs)]
+  splits = trainer.final_splits(config) if len(diverged) < len(runs) else []
   eval_step = _fused_eval_step(first) if splits else None
   scores = {name: evaluate(eval_step, variables, first.mesh, trainer.source(config, split),
                            config) for name, split in splits}
-  outcomes: list[Outcome] = []
-  for index, run in enumerate(runs):
-    if index in diverged:
-      outcomes.append(diverged[index])
-      continue
-    params = run.state["params"]
-    results = {"method": config.method, "step": run.step,
-               "trainable_params": partition.count(partition.split(params, run.labels)[0]),
-               "total_params": partition.count(partition.flatten(params)),
-               "backbone_params": trainer.backbone_size(
-                   params, methods_lib.get_method(config.method).fresh_patterns)}
-    for name, per_setting in scores.items():
-      results[name] = per_setting[index]
-      run.writer.write(run.step, results[name], prefix=f"{name}/")
-      run.writer.print(f"{_setting_name(run.config)}: {name} top-1 {results[name]['top1']:.4f},"
-                       f" top-5 {results[name]['top5']:.4f} ({results[name]['count']} images)")
-    if config.export:
-      results["export"] = trainer.export(run)
-    if jax.process_index() == 0:
-      with tf.io.gfile.GFile(os.path.join(run.workdir, trainer.RESULTS_FILE), "w") as f:
-        json.dump(results, f, indent=2)
-    outcomes.append(results)
-  return outcomes
+  return [diverged[index] if index in diverged else trainer.write_results(
+              run, {name: per_setting[index] for name, per_setting in scores.items()},
+              log_prefix=f"{_setting_name(run.config)}: ")
+          for index, run in enumerate(runs)]
 
 
 def train_and_evaluate_settings(configs: Sequence[ml_collections.ConfigDict],

@@ -66,8 +66,14 @@ def split_micro_batches(batch, num_micro: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def check_accumulation(accumulation_steps: int, batch_size: Optional[int] = None) -> None:
-  """Raises ValueError unless k >= 1 is an integer (dividing ``batch_size``, if given)."""
+def check_accumulation(accumulation_steps: int, batch_size: Optional[int] = None, *,
+                       batch_norm: bool = False) -> None:
+  """Raises ValueError unless k >= 1 is an integer that can split the step.
+
+  k must divide ``batch_size`` (if given), and k > 1 cannot be used with a
+  BatchNorm head (``batch_norm``): each micro-batch would be normalised with
+  its own statistics, not the batch's.
+  """
   if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
       or accumulation_steps < 1):
     raise ValueError(f"optim.accumulation_steps must be an integer >= 1 (1 = off), got "
@@ -77,6 +83,12 @@ def check_accumulation(accumulation_steps: int, batch_size: Optional[int] = None
         f"batch size {batch_size} is not divisible by optim.accumulation_steps="
         f"{accumulation_steps}; use a batch size that is a multiple of it, or a divisor of "
         f"{batch_size} as accumulation_steps")
+  if batch_norm and accumulation_steps > 1:
+    raise ValueError(
+        f"optim.accumulation_steps={accumulation_steps} cannot be used with a BatchNorm "
+        "head (mlp-k): each micro-batch would be normalised with its own statistics, which "
+        "is not the step of the whole batch; set optim.accumulation_steps=1 (head-only "
+        "methods train on cached features and need little memory)")
 
 
 def make_train_step(model, labels, tx: optax.GradientTransformation,
@@ -129,13 +141,7 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
     if accumulation_steps == 1:
       (loss, (correct, updated)), grads = grad_fn(trainable, batch, dropout_rng)
     else:
-      if has_stats:
-        raise ValueError(
-            "optim.accumulation_steps > 1 cannot be used with BatchNorm heads (mlp-k): "
-            "each micro-batch would be normalised with its own statistics, which is not "
-            "the step of the whole batch; set optim.accumulation_steps=1 (head-only "
-            "methods train on cached features and need little memory)")
-      check_accumulation(accumulation_steps, batch["label"].shape[0])
+      check_accumulation(accumulation_steps, batch["label"].shape[0], batch_norm=has_stats)
 
       def accumulate(grad_sum, micro):
         index, micro_batch = micro

@@ -43,7 +43,8 @@ NORMALIZATIONS = {
 }
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
-# Fields that may differ between the run that wrote a checkpoint and a resume.
+# Fields (dotted names, as ``config_fields`` gives them; a trailing "." covers a
+# section) that may differ between the run that wrote a checkpoint and a resume.
 RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
                          "predict.", "data.data_dir",
                          # memory/time trade-offs of the same step (e.g. resuming
@@ -116,7 +117,7 @@ def source(config, split: str) -> pipeline.AnySource:
 
 def validate_config(config) -> None:
   """Everything that can be checked without data or compute."""
-  methods_lib.get_method(config.method)
+  method = methods_lib.get_method(config.method)
   factory.validate_spec(factory.model_spec(config))
   data_problem = sources.check_data_config(config.data)
   if data_problem:
@@ -132,13 +133,12 @@ def validate_config(config) -> None:
   if not 0 <= optim.warmup_epochs <= optim.epochs:
     raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
                       f"[0, epochs={optim.epochs}]")
-  steps_lib.check_accumulation(optim.accumulation_steps, optim.batch_size)
-  if (optim.accumulation_steps > 1
-      and methods_lib.get_method(config.method).head_hidden_layers > 0):
-    raise ConfigError(
-        f"optim.accumulation_steps={optim.accumulation_steps} cannot be used with the "
-        f"BatchNorm head of {config.method}: each micro-batch would be normalised with "
-        "its own statistics; set optim.accumulation_steps=1")
+  try:
+    steps_lib.check_accumulation(
+        optim.accumulation_steps, optim.batch_size,
+        batch_norm=method.head_hidden_layers > 0)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   normalization(config)
   if config.model.init_checkpoint and not tf.io.gfile.exists(config.model.init_checkpoint):
     raise ConfigError(
@@ -146,8 +146,7 @@ def validate_config(config) -> None:
         "it (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
         "--config.model.init_checkpoint=PATH ('' trains from scratch).")
   side_checkpoint = config.sidetune.checkpoint
-  if (side_checkpoint and methods_lib.get_method(config.method).name == "sidetune"
-      and not tf.io.gfile.exists(side_checkpoint)):
+  if side_checkpoint and method.name == "sidetune" and not tf.io.gfile.exists(side_checkpoint):
     raise ConfigError(
         f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
         "by factory.save_side_network, or --config.sidetune.checkpoint='' to start the "
@@ -167,22 +166,31 @@ def prepare_workdir(workdir: str) -> None:
                       "you can write to with --workdir") from e
 
 
-def _flat_config(config) -> dict:
-  return partition.flatten(json.loads(config.to_json_best_effort()))
+def config_fields(config) -> dict:
+  """Every field of a config by its dotted name: {"optim.batch_size": 128, ...}.
+
+  ``config``: a ConfigDict, or the nested dict of its JSON (e.g. config.json).
+  """
+  tree = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
+  return {path.replace("/", "."): value
+          for path, value in partition.flatten(tree).items()}
+
+
+def in_fields(field: str, prefixes) -> bool:
+  """Whether the dotted ``field`` starts with one of ``prefixes`` ("eval." covers a section)."""
+  return any(field.startswith(p) for p in prefixes)
 
 
 def check_resume_config(workdir: str, config) -> None:
   """Refuses to resume a workdir whose checkpoint came from a different config."""
   path = os.path.join(workdir, CONFIG_FILE)
-  current = _flat_config(config)
+  current = config_fields(config)
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
-      previous = partition.flatten(json.load(f))
-    differing = sorted(
-        key for key in set(previous) | set(current)
-        if previous.get(key) != current.get(key)
-        # Flattened keys read "optim/batch_size"; the fields are written "optim.batch_size".
-        and not any(key.replace("/", ".").startswith(f) for f in RESUME_NEUTRAL_FIELDS))
+      previous = config_fields(json.load(f))
+    differing = sorted(key for key in set(previous) | set(current)
+                       if previous.get(key) != current.get(key)
+                       and not in_fields(key, RESUME_NEUTRAL_FIELDS))
     has_checkpoint = tf.io.gfile.exists(os.path.join(workdir, "checkpoints"))
     if differing and has_checkpoint and not config.get("allow_config_change", False):
       details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}"
@@ -281,9 +289,14 @@ def eval_totals(eval_step, variables, mesh, eval_source, config) -> dict:
   return jax.device_get(totals)
 
 
-def _batches(data: TrainData, config, start_step: int,
-             features: Optional[np.ndarray] = None) -> Iterator[dict]:
-  """Training batches of images, or of the cached ``features`` (N, D) if given."""
+def batches(data: TrainData, config, start_step: int,
+            features: Optional[np.ndarray] = None) -> Iterator[dict]:
+  """This process's training batches from ``start_step`` on, as every run draws them.
+
+  Images, or the cached ``features`` (N, D) if given; the order (and any crop
+  or flip) is a function of (seed, step), so a resumed or fused run gets the
+  batches of an uninterrupted separate one.
+  """
   for step, indices in enumerate(pipeline.train_batches(
       len(data.labels), global_batch=config.optim.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
@@ -366,6 +379,19 @@ class Run:
   def step(self) -> int:
     return int(jax.device_get(self.state["step"]))
 
+  @property
+  def eval_every(self) -> int:
+    """Steps between the validation scores logged while training; 0 = none."""
+    config = self.config
+    if not (config.eval.every_epochs and config.data.eval_split):
+      return 0
+    return max(1, round(config.eval.every_epochs * self.steps_per_epoch))
+
+  def dropout_rng(self) -> jax.Array:
+    """The rng that every step folds its step number into (replicated)."""
+    return jax.jit(lambda: jax.random.key(self.config.seed + 1),
+                   out_shardings=mesh_lib.replicated(self.mesh))()
+
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates, loads data and backbone, builds the state; restores a checkpoint.
@@ -375,6 +401,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   validate_config(config)
   prepare_workdir(workdir)
   check_resume_config(workdir, config)
+  return setup_runs([config], [workdir])[0]
+
+
+def setup_runs(configs, workdirs) -> list[Run]:
+  """One ``Run`` per (config, workdir), sharing the data, the model and the parameters.
+
+  What ``setup`` does after its checks, for configs that passed
+  ``validate_config`` and workdirs that passed ``prepare_workdir`` and
+  ``check_resume_config``. The configs may differ only in their optimizer
+  settings (``fused.check_fusable``): the data, the model and the backbone
+  come from ``configs[0]`` and are loaded once, and every run's state starts
+  from the same parameter arrays (a restored checkpoint replaces only its
+  trainable leaves).
+  """
+  config = configs[0]
   mesh = mesh_lib.make_data_mesh()
   mesh_lib.check_batch_divisible(config.optim.batch_size, mesh)
   micro_batch = config.optim.batch_size // config.optim.accumulation_steps
@@ -387,7 +428,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   data = load_train_data(config)
   spec = factory.model_spec(config)
   model = factory.build_model(spec, data.num_classes)
-  replicated = mesh_lib.replicated(mesh)
   side_checkpoint = config.sidetune.checkpoint if spec["method"] == "sidetune" else ""
   from_files = None
   if config.model.init_checkpoint or side_checkpoint:
@@ -398,42 +438,44 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         factory.variable_shapes(model, config.model.image_size)["params"], spec,
         config.model.init_checkpoint, side_checkpoint)
   variables = factory.init_variables(model, config.model.image_size, config.seed,
-                                     out_shardings=replicated)
-  params = variables["params"]
-  fingerprint = None
+                                     out_shardings=mesh_lib.replicated(mesh))
+  host_params = jax.device_get(variables["params"])
   if from_files is not None:  # the fresh leaves (still shapes) take their init values
-    params = jax.tree.map(
+    host_params = jax.tree.map(
         lambda loaded, initial: initial if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
-        from_files, jax.device_get(params))
-    params = mesh_lib.put_replicated(params, mesh)
-  if config.model.init_checkpoint:
-    fingerprint = npz_lib.fingerprint(config.model.init_checkpoint)
-  labels = partition.label_params(params, factory.trainable_rules(config))
-
+        from_files, host_params)
+  fingerprint = (npz_lib.fingerprint(config.model.init_checkpoint)
+                 if config.model.init_checkpoint else None)
+  labels = partition.label_params(host_params, factory.trainable_rules(config))
+  params = mesh_lib.put_replicated(host_params, mesh)
   steps_per_epoch = len(data.labels) / config.optim.batch_size
-  schedule = optimizers.make_schedule(
-      optimizers.scaled_learning_rate(config.optim.base_lr, config.optim.batch_size),
-      warmup_epochs=config.optim.warmup_epochs, total_epochs=config.optim.epochs,
-      steps_per_epoch=steps_per_epoch, unit=config.optim.schedule_unit)
-  tx = optimizers.make_optimizer(
-      labels, name=config.optim.name or methods_lib.get_method(config.method).optimizer,
-      learning_rate=schedule, weight_decay=config.optim.weight_decay,
-      momentum=config.optim.momentum)
-  # Built eagerly: compiling tx.init would cost seconds and save nothing.
-  host_params = jax.device_get(params)
-  state = mesh_lib.put_replicated({"step": np.zeros([], np.int32), "params": host_params,
-                                   "opt_state": tx.init(host_params)}, mesh)
-  if "batch_stats" in variables:  # BatchNorm running averages (MLP-k heads)
-    state["batch_stats"] = variables["batch_stats"]
-  manager = ckpt_lib.open_manager(os.path.join(workdir, "checkpoints"),
-                                  keep=config.checkpoint.keep,
-                                  every_steps=config.checkpoint.every_steps)
-  restored = ckpt_lib.restore_latest(manager, state, labels)
-  return Run(config=config, workdir=workdir, mesh=mesh, norm=norm, data=data, spec=spec,
-             model=model, labels=labels, state=restored or state, manager=manager,
-             schedule=schedule, tx=tx, fingerprint=fingerprint,
-             total_steps=math.ceil(config.optim.epochs * steps_per_epoch),
-             steps_per_epoch=steps_per_epoch, writer=metric_writers.MetricWriter(workdir))
+  runs = []
+  for setting, workdir in zip(configs, workdirs):
+    optim = setting.optim
+    schedule = optimizers.make_schedule(
+        optimizers.scaled_learning_rate(optim.base_lr, optim.batch_size),
+        warmup_epochs=optim.warmup_epochs, total_epochs=optim.epochs,
+        steps_per_epoch=steps_per_epoch, unit=optim.schedule_unit)
+    tx = optimizers.make_optimizer(
+        labels, name=optim.name or methods_lib.get_method(setting.method).optimizer,
+        learning_rate=schedule, weight_decay=optim.weight_decay, momentum=optim.momentum)
+    # Built eagerly: compiling tx.init would cost seconds and save nothing.
+    state = mesh_lib.put_replicated({"step": np.zeros([], np.int32),
+                                     "opt_state": tx.init(host_params)}, mesh)
+    state["params"] = params
+    if "batch_stats" in variables:  # BatchNorm running averages (MLP-k heads)
+      state["batch_stats"] = variables["batch_stats"]
+    manager = ckpt_lib.open_manager(os.path.join(workdir, "checkpoints"),
+                                    keep=setting.checkpoint.keep,
+                                    every_steps=setting.checkpoint.every_steps)
+    restored = ckpt_lib.restore_latest(manager, state, labels)
+    runs.append(Run(
+        config=setting, workdir=workdir, mesh=mesh, norm=norm, data=data, spec=spec,
+        model=model, labels=labels, state=restored or state, manager=manager,
+        schedule=schedule, tx=tx, fingerprint=fingerprint,
+        total_steps=math.ceil(optim.epochs * steps_per_epoch),
+        steps_per_epoch=steps_per_epoch, writer=metric_writers.MetricWriter(workdir)))
+  return runs
 
 
 def _eval_step(run: Run):
@@ -464,11 +506,10 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
       donate_argnums=(0,), in_shardings=(replicated, mesh_lib.batch_sharded(mesh), replicated),
       out_shardings=(replicated, replicated))
   eval_step = _eval_step(run)
-  rng = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=replicated)()
+  rng = run.dropout_rng()
   progress = metric_writers.Progress(run.total_steps, run.steps_per_epoch,
                                      config.optim.batch_size, start_step)
-  eval_every = (max(1, round(config.eval.every_epochs * run.steps_per_epoch))
-                if config.eval.every_epochs and config.data.eval_split else 0)
+  eval_every = run.eval_every
   pending = []  # device metrics, fetched only when needed (no per-step host sync)
   features = None
   if uses_cached_features(config, run.labels) and start_step < run.total_steps:
@@ -478,13 +519,13 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
                                 norm=run.norm)
     writer.print(f"head-only: training on cached backbone features {features.shape}, "
                  f"computed in {time.perf_counter() - began:.1f}s")
-  batches = _batches(run.data, config, start_step, features)
+  train_batches = batches(run.data, config, start_step, features)
   state = run.state
   # Crash-test hooks (ckpt_lib.TEST_HOOK_ENV); both None outside tests.
   kill_in_step, pause_after = ckpt_lib.hook_step("step"), ckpt_lib.hook_step("pause")
   with PreemptionNotice() as notice:
     for step in range(start_step + 1, run.total_steps + 1):
-      state, metrics = train_step(state, mesh_lib.global_batch(mesh, next(batches)), rng)
+      state, metrics = train_step(state, mesh_lib.global_batch(mesh, next(train_batches)), rng)
       if step == kill_in_step:
         _kill_inside_step(run)
       pending.append(metrics)
@@ -494,7 +535,7 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
       log_due = step % config.log_every_steps == 0 or step == run.total_steps
       if log_due or save_due:
         # Never checkpoint parameters produced by a non-finite loss.
-        window = _check_finite(jax.device_get(pending), step - len(pending) + 1, run)
+        window = check_finite(jax.device_get(pending), step - len(pending) + 1, run)
         pending = []
         if log_due:
           mean_metrics = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
@@ -542,8 +583,11 @@ def _pause_for_test(workdir: str, step: int) -> None:
     time.sleep(0.05)
 
 
-def _check_finite(window: list, first_step: int, run: Run) -> list:
-  """Raises, naming the first bad step, if any fetched loss is NaN or infinite."""
+def check_finite(window: list, first_step: int, run: Run) -> list:
+  """Raises, naming the first bad step, if any fetched loss is NaN or infinite.
+
+  ``window``: host metrics of the steps ``first_step``, ``first_step + 1``, ...
+  """
   for offset, metrics in enumerate(window):
     if not math.isfinite(float(metrics["loss"])):
       run.manager.wait_until_finished()
@@ -556,21 +600,35 @@ def _check_finite(window: list, first_step: int, run: Run) -> list:
 
 def finish(run: Run) -> dict:
   """Evaluates val and test, exports the task and writes results.json."""
-  config, params = run.config, run.state["params"]
+  config = run.config
   eval_step = _eval_step(run)
-  results = {"method": config.method, "step": run.step,
+  scores = {name: evaluate(eval_step, steps_lib.model_variables(run.state), run.mesh,
+                           source(config, split), config)
+            for name, split in final_splits(config)}
+  return write_results(run, scores)
+
+
+def final_splits(config) -> list[tuple[str, str]]:
+  """[("val", split), ("test", split)] of the splits a finished run is scored on."""
+  return [(name, split) for name, split in (("val", config.data.eval_split),
+                                            ("test", config.data.test_split)) if split]
+
+
+def write_results(run: Run, scores: dict, log_prefix: str = "") -> dict:
+  """Logs the run's ``scores`` ({"val": evaluate(...), ...}), exports the task
+  (``config.export``) and writes results.json; returns what it wrote."""
+  params = run.state["params"]
+  results = {"method": run.config.method, "step": run.step,
              "trainable_params": partition.count(partition.split(params, run.labels)[0]),
              "total_params": partition.count(partition.flatten(params)),
              "backbone_params": backbone_size(
-                 params, methods_lib.get_method(config.method).fresh_patterns)}
-  for name, split in (("val", config.data.eval_split), ("test", config.data.test_split)):
-    if split:
-      results[name] = evaluate(eval_step, steps_lib.model_variables(run.state), run.mesh,
-                               source(config, split), config)
-      run.writer.write(run.step, results[name], prefix=f"{name}/")
-      run.writer.print(f"{name} top-1 {results[name]['top1']:.4f}, top-5 "
-                       f"{results[name]['top5']:.4f} ({results[name]['count']} images)")
-  if config.export:
+                 params, methods_lib.get_method(run.config.method).fresh_patterns)}
+  for name, score in scores.items():
+    results[name] = score
+    run.writer.write(run.step, score, prefix=f"{name}/")
+    run.writer.print(f"{log_prefix}{name} top-1 {score['top1']:.4f}, top-5 "
+                     f"{score['top5']:.4f} ({score['count']} images)")
+  if run.config.export:
     results["export"] = export(run)
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
