@@ -54,6 +54,16 @@ def _config_and_workdir_given(values):
                                     and values["workdir"] is not None)
 
 
+@flags.multi_flags_validator(
+    ["tasks", "inputs", "backbone", "output"],
+    message="--inputs, --backbone and --output serve task exports: pass them with "
+            "--mode=predict --tasks=name=export_dir,... (a --config run reads its images from "
+            "--config.predict.images)")
+def _serving_flags_only_with_tasks(values):
+  return bool(values["tasks"]) or not any(
+      values[name] is not None for name in ("inputs", "backbone", "output"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -85,6 +85,9 @@ def test_evaluate_export_and_predict_modes(trained, tmp_path):
     assert len(probabilities) == 5 and abs(sum(probabilities) - 1) < 1e-5
     assert {name for name, _ in prediction["classes"]} <= {
         "square", "ellipse", "triangle", "cross", "heart"}
+    # The same record as serving's: the top class first, probabilities descending.
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert [prediction["class"], prediction["probability"]] == prediction["classes"][0]
 
 
 def test_predict_names_a_missing_image(trained):

@@ -242,3 +242,14 @@ def test_csv_inputs_and_unknown_tasks(workspace, tmp_path):
   assert cli.parse_predict_inputs(str(table)) == [("c", paths[0]), ("a", paths[1])]
   with pytest.raises(ValueError, match=r"names tasks \['zz'\] that --tasks does not load"):
     cli.predict_tasks(f"a={exports['a']}", f"zz:{paths[0]}", backbone)
+
+
+def test_run_py_refuses_serving_flags_without_tasks(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "run.py", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+       "--mode=predict", "--inputs=a:x.png", f"--output={tmp_path / 'p.jsonl'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2"))
+  assert out.returncode != 0
+  assert "pass them with --mode=predict --tasks=" in out.stderr
+  assert not list(tmp_path.iterdir())  # refused before anything was written

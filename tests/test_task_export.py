@@ -60,3 +60,22 @@ def test_incomplete_export_is_refused(tmp_path):
   directory.mkdir()
   with pytest.raises(task_export.ExportError, match="task.json is missing"):
     task_export.read_export(str(directory))
+
+
+def test_export_trained_from_scratch_loads_alone_and_refuses_a_backbone(tmp_path):
+  spec = dict(method="full", variant="test/4", image_size=16, dropout_rate=0.0,
+              skip_dead_work=True, dtype="float32", num_prompts=0, prompt_dropout=0.0,
+              prompt_projection=-1, pool="original")
+  model = factory.build_model(spec, 3)
+  params = model.init(jax.random.key(7), jnp.zeros((1, 16, 16, 3)))["params"]
+  labels = partition.label_params(params, methods.get_method("full").trainable_rules)
+  directory = task_export.export_task(
+      str(tmp_path / "export"), params, labels, spec=spec, num_classes=3, class_names=None,
+      normalization={"mean": (0.5,) * 3, "std": (0.5,) * 3}, backbone_path="",
+      backbone_fingerprint=None, init_seed=0)
+  _, variables, _ = task_export.load_task_variables(directory)
+  for path, value in partition.flatten(params).items():
+    np.testing.assert_array_equal(partition.flatten(variables["params"])[path], value)
+  # A backbone file would be silently unused: every parameter is in the export.
+  with pytest.raises(task_export.ExportError, match="trained from scratch"):
+    task_export.load_task_variables(directory, str(tmp_path / "ViT-B_16.npz"))

@@ -33,7 +33,7 @@ def read_images(paths: Sequence[str], image_size: int) -> np.ndarray:
 
 def predict_files(export_dir: str, paths: Sequence[str], *,
                   backbone_path: Optional[str] = None, top_k: int = 5) -> list[dict]:
-  """Top-k classes per file: [{"file", "classes": [(name_or_id, probability)]}]."""
+  """Top-k classes per file: [{"file", "class", "probability", "classes"}] (``top_classes``)."""
   model, variables, metadata = task_export.load_task_variables(export_dir, backbone_path)
   images = read_images(paths, metadata["image_size"])
   norm = metadata["normalization"]
@@ -41,8 +41,16 @@ def predict_files(export_dir: str, paths: Sequence[str], *,
       v, steps_lib.normalize_images(x, norm["mean"], norm["std"])))(variables, images)
   probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
   names = task_export.class_names(metadata)
-  results = []
-  for path, probs in zip(paths, probabilities):
-    best = np.argsort(-probs)[:top_k]
-    results.append({"file": path, "classes": [(names[i], float(probs[i])) for i in best]})
-  return results
+  return [{"file": path, **top_classes(probs, names, top_k)}
+          for path, probs in zip(paths, probabilities)]
+
+
+def top_classes(probabilities: np.ndarray, names: Sequence, top_k: int) -> dict:
+  """{"class": the most likely name, "probability": its probability,
+  "classes": [[name, probability], ...] of the ``top_k`` most likely}.
+
+  ``probabilities``: (num_classes,), one per name; ties go to the lower class id.
+  """
+  best = np.argsort(-probabilities, kind="stable")[:top_k]
+  return {"class": names[best[0]], "probability": float(probabilities[best[0]]),
+          "classes": [[names[i], float(probabilities[i])] for i in best]}

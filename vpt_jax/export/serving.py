@@ -465,8 +465,6 @@ class MultiTaskServer:
       probabilities = np.asarray(jax.nn.softmax(self.logits(images, tasks), axis=-1))
       for (task, path), probs in zip(chunk, probabilities):
         names = self.tasks[task].class_names
-        best = np.argsort(-probs[:len(names)], kind="stable")[:top_k]
-        results.append({"task": task, "file": path, "class": names[best[0]],
-                        "probability": float(probs[best[0]]),
-                        "classes": [[names[i], float(probs[i])] for i in best]})
+        results.append({"task": task, "file": path,
+                        **predict_lib.top_classes(probs[:len(names)], names, top_k)})
     return results

@@ -172,6 +172,10 @@ def load_task_variables(directory: str, backbone_path: Optional[str] = None, *,
   # some leaf is left over (no backbone file, or a fresh parameter kept frozen).
   variables = factory.variable_shapes(model, spec["image_size"])
   recorded = metadata["backbone"]
+  if backbone_path and recorded["sha256"] is None:
+    raise ExportError(
+        f"{directory} was trained from scratch (no backbone file): its export holds every "
+        f"parameter, so {backbone_path} would not be used; load it without backbone_path")
   backbone_path = backbone_path or recorded["path"]
   params = variables["params"]
   if recorded["sha256"] is not None:
