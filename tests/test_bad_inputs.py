@@ -20,7 +20,8 @@ Issue 5's list of bad inputs, and where each case is tested:
   test_data_formats.py::test_vtab1k_folder_errors_name_the_file (label out of range)
 * checkpoint missing: test_end_to_end.py::test_bad_input_fails_before_compute[init_checkpoint],
   test_npz_loading.py::test_missing_file; here the side-network file
-  (test_missing_side_network_checkpoint_fails_before_compute)
+  (test_missing_side_network_checkpoint_fails_before_compute), and one given to
+  another method (test_side_network_checkpoint_with_another_method_is_refused)
 * checkpoint truncated, not an npz, missing / extra / misshapen keys:
   test_npz_loading.py::test_truncated_file, test_not_an_npz, test_damaged_member,
   test_missing_key_is_named_in_model_terms, test_unexpected_key,
@@ -169,6 +170,18 @@ def test_missing_side_network_checkpoint_fails_before_compute(backbone, data_dir
   with pytest.raises(trainer.ConfigError,
                      match=r"Side-network checkpoint '/nonexistent/side.npz' does not exist.*"
                            r"--config.sidetune.checkpoint=''"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_side_network_checkpoint_with_another_method_is_refused(backbone, data_dir, tmp_path,
+                                                                 no_data):
+  side = tmp_path / "side.npz"
+  side.write_bytes(b"")  # exists: the method, not the file, is what is wrong
+  config = tiny_config(backbone, data_dir, **{"method": "vpt_deep",
+                                              "sidetune.checkpoint": str(side)})
+  with pytest.raises(trainer.ConfigError,
+                     match=r"only read by method 'sidetune', not 'vpt_deep'.*"
+                           r"--config.method=sidetune"):
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
 
 

@@ -86,6 +86,20 @@ def test_eval_batches_pad_and_mask(data_dir):
                                 labels)
 
 
+def test_a_reused_eval_dataset_streams_the_split_every_time(data_dir):
+  # A run builds its evaluation pipeline once and iterates it at every evaluation.
+  source = pipeline.ImageSource("vpt_sprites/tiny", "test", data_dir, label_key="count")
+  images, labels = pipeline.load_split_arrays(source, image_size=16)
+  dataset = pipeline.eval_dataset(source, image_size=16, local_batch=4)
+  for _ in range(3):
+    batches = list(pipeline.eval_batches(source, image_size=16, local_batch=4, dataset=dataset))
+    assert [int(b["mask"].sum()) for b in batches] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([b["image"][b["mask"]] for b in batches]),
+                                  images)
+    np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in batches]),
+                                  labels)
+
+
 def test_eval_batches_two_processes(data_dir):
   # 7 examples over 2 processes: shares of 4 and 3; batches of 3 -> 2 batches each.
   source = pipeline.ImageSource("vpt_sprites/tiny", "train[:7]", data_dir, label_key="shape")

@@ -284,7 +284,7 @@ def _fused_eval_step(run: trainer.Run):
                  out_shardings=replicated)
 
 
-def evaluate(eval_step, variables, mesh, eval_source, config) -> list[dict]:
+def evaluate(eval_step, variables, mesh, eval_source, config, dataset=None) -> list[dict]:
   """``trainer.evaluate`` for every setting in one pass over the split.
 
   Args:
@@ -294,7 +294,7 @@ def evaluate(eval_step, variables, mesh, eval_source, config) -> list[dict]:
   Returns:
     Per setting {"top1", "top5", "loss", "count"}.
   """
-  totals = trainer.eval_totals(eval_step, variables, mesh, eval_source, config)
+  totals = trainer.eval_totals(eval_step, variables, mesh, eval_source, config, dataset)
   return [steps_lib.summarize_eval({k: v[index] for k, v in totals.items()})
           for index in range(len(totals["count"]))]
 
@@ -418,8 +418,10 @@ def train(runs: Sequence[trainer.Run]) -> tuple[dict, dict[int, FloatingPointErr
               f"loss {' '.join(losses) or '-'} | {len(runs) - len(diverged)}/{len(runs)} "
               f"settings | {rate * len(runs):.2f} setting-steps/s")
       if eval_every and step % eval_every == 0 and step < first.total_steps:
-        vals = evaluate(eval_step, steps_lib.model_variables(state), mesh,
-                        trainer.source(config, config.data.eval_split), config)
+        # The settings share one data pipeline as they share the data.
+        eval_source, dataset = first.eval_input(config.data.eval_split)
+        vals = evaluate(eval_step, steps_lib.model_variables(state), mesh, eval_source, config,
+                        dataset)
         for index, run in enumerate(runs):
           if index not in diverged:
             run.writer.write(step, vals[index], prefix="val/")
@@ -456,8 +458,10 @@ def finish(runs: Sequence[trainer.Run], variables: dict,
   config = first.config
   splits = trainer.final_splits(config) if len(diverged) < len(runs) else []
   eval_step = _fused_eval_step(first) if splits else None
-  scores = {name: evaluate(eval_step, variables, first.mesh, trainer.source(config, split),
-                           config) for name, split in splits}
+  scores = {}
+  for name, split in splits:
+    eval_source, dataset = first.eval_input(split)
+    scores[name] = evaluate(eval_step, variables, first.mesh, eval_source, config, dataset)
   return [diverged[index] if index in diverged else trainer.write_results(
               run, {name: per_setting[index] for name, per_setting in scores.items()},
               log_prefix=f"{_setting_name(run.config)}: ")

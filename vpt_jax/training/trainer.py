@@ -146,7 +146,11 @@ def validate_config(config) -> None:
         "it (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
         "--config.model.init_checkpoint=PATH ('' trains from scratch).")
   side_checkpoint = config.sidetune.checkpoint
-  if side_checkpoint and method.name == "sidetune" and not tf.io.gfile.exists(side_checkpoint):
+  if side_checkpoint and method.name != "sidetune":
+    raise ConfigError(
+        f"sidetune.checkpoint={side_checkpoint!r} is only read by method 'sidetune', not "
+        f"{config.method!r}; drop --config.sidetune.checkpoint or use --config.method=sidetune")
+  if side_checkpoint and not tf.io.gfile.exists(side_checkpoint):
     raise ConfigError(
         f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
         "by factory.save_side_network, or --config.sidetune.checkpoint='' to start the "
@@ -264,24 +268,34 @@ def backbone_size(params, fresh=npz_lib.DEFAULT_FRESH) -> int:
              if not any(pattern.fullmatch(p) for pattern in patterns))
 
 
-def evaluate(eval_step, variables, mesh, eval_source, config) -> dict:
+def evaluate(eval_step, variables, mesh, eval_source, config, dataset=None) -> dict:
   """Top-1/top-5/loss over every example of a split exactly once.
 
-  ``variables``: ``steps_lib.model_variables(state)``.
+  ``variables``: ``steps_lib.model_variables(state)``; ``dataset``: as in
+  ``eval_totals``.
   """
-  return steps_lib.summarize_eval(eval_totals(eval_step, variables, mesh, eval_source, config))
+  return steps_lib.summarize_eval(
+      eval_totals(eval_step, variables, mesh, eval_source, config, dataset))
 
 
-def eval_totals(eval_step, variables, mesh, eval_source, config) -> dict:
-  """The sums of ``eval_step`` over every example of a split, on the host."""
-  global_batch = config.eval.batch_size
-  mesh_lib.check_batch_divisible(global_batch, mesh)
+def eval_stream_options(config) -> dict:
+  """This process's keyword arguments of ``pipeline.eval_dataset``/``eval_batches``."""
+  return dict(image_size=config.model.image_size,
+              local_batch=config.eval.batch_size // jax.process_count(),
+              resize=config.data.resize, process_index=jax.process_index(),
+              process_count=jax.process_count(), preprocess=config.data.preprocess)
+
+
+def eval_totals(eval_step, variables, mesh, eval_source, config, dataset=None) -> dict:
+  """The sums of ``eval_step`` over every example of a split, on the host.
+
+  ``dataset``: the split's ``pipeline.eval_dataset`` (``Run.eval_input``),
+  reused across evaluations; None builds one for this call.
+  """
+  mesh_lib.check_batch_divisible(config.eval.batch_size, mesh)
   totals = None
-  for batch in pipeline.eval_batches(
-      eval_source, image_size=config.model.image_size,
-      local_batch=global_batch // jax.process_count(), resize=config.data.resize,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      preprocess=config.data.preprocess):
+  for batch in pipeline.eval_batches(eval_source, **eval_stream_options(config),
+                                     dataset=dataset):
     sums = eval_step(variables, mesh_lib.global_batch(mesh, batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -374,6 +388,7 @@ class Run:
   total_steps: int
   steps_per_epoch: float
   writer: metric_writers.MetricWriter
+  eval_inputs: dict = dataclasses.field(default_factory=dict)  # split -> (source, dataset)
 
   @property
   def step(self) -> int:
@@ -386,6 +401,18 @@ class Run:
     if not (config.eval.every_epochs and config.data.eval_split):
       return 0
     return max(1, round(config.eval.every_epochs * self.steps_per_epoch))
+
+  def eval_input(self, split: str) -> tuple[pipeline.AnySource, tf.data.Dataset]:
+    """``split``'s source and evaluation pipeline, built on first use, then reused.
+
+    One pipeline per split for the whole run: TensorFlow keeps what it traces
+    for every pipeline built (``pipeline.eval_dataset``).
+    """
+    if split not in self.eval_inputs:
+      eval_source = source(self.config, split)
+      self.eval_inputs[split] = (eval_source, pipeline.eval_dataset(
+          eval_source, **eval_stream_options(self.config)))
+    return self.eval_inputs[split]
 
   def dropout_rng(self) -> jax.Array:
     """The rng that every step folds its step number into (replicated)."""
@@ -542,8 +569,9 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
           writer.write(step, mean_metrics, prefix="train/")
           writer.print(progress.line(step, mean_metrics))
       if eval_every and step % eval_every == 0 and step < run.total_steps:
-        val = evaluate(eval_step, steps_lib.model_variables(state), mesh,
-                       source(config, config.data.eval_split), config)
+        eval_source, dataset = run.eval_input(config.data.eval_split)
+        val = evaluate(eval_step, steps_lib.model_variables(state), mesh, eval_source, config,
+                       dataset)
         writer.write(step, val, prefix="val/")
         writer.print(f"step {step}: val top-1 {val['top1']:.4f} ({val['count']} images)")
       if save_due:
@@ -602,9 +630,11 @@ def finish(run: Run) -> dict:
   """Evaluates val and test, exports the task and writes results.json."""
   config = run.config
   eval_step = _eval_step(run)
-  scores = {name: evaluate(eval_step, steps_lib.model_variables(run.state), run.mesh,
-                           source(config, split), config)
-            for name, split in final_splits(config)}
+  scores = {}
+  for name, split in final_splits(config):
+    eval_source, dataset = run.eval_input(split)
+    scores[name] = evaluate(eval_step, steps_lib.model_variables(run.state), run.mesh,
+                            eval_source, config, dataset)
   return write_results(run, scores)
 
 
