@@ -487,7 +487,7 @@ def eval_dataset(source: AnySource, *, image_size: int, local_batch: int,
   What ``eval_batches`` iterates. Build it once and pass it to every
   evaluation of a run: TensorFlow keeps the functions it traces for each
   pipeline built, so a new pipeline per evaluation grows the process a little
-  (about 15 KB) each time.
+  (about 16 KB) each time.
   """
   _check_local_batch(local_batch)
   ds = _dataset(source, image_size=image_size, resize=resize, preprocess=preprocess,

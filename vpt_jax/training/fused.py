@@ -284,7 +284,7 @@ def _fused_eval_step(run: trainer.Run):
                  out_shardings=replicated)
 
 
-def evaluate(eval_step, variables, mesh, eval_source, config, dataset=None) -> list[dict]:
+def evaluate(run: trainer.Run, eval_step, variables, split: str) -> list[dict]:
   """``trainer.evaluate`` for every setting in one pass over the split.
 
   Args:
@@ -294,7 +294,7 @@ def evaluate(eval_step, variables, mesh, eval_source, config, dataset=None) -> l
   Returns:
     Per setting {"top1", "top5", "loss", "count"}.
   """
-  totals = trainer.eval_totals(eval_step, variables, mesh, eval_source, config, dataset)
+  totals = trainer.eval_totals(run, eval_step, variables, split)
   return [steps_lib.summarize_eval({k: v[index] for k, v in totals.items()})
           for index in range(len(totals["count"]))]
 
@@ -418,10 +418,9 @@ def train(runs: Sequence[trainer.Run]) -> tuple[dict, dict[int, FloatingPointErr
               f"loss {' '.join(losses) or '-'} | {len(runs) - len(diverged)}/{len(runs)} "
               f"settings | {rate * len(runs):.2f} setting-steps/s")
       if eval_every and step % eval_every == 0 and step < first.total_steps:
-        # The settings share one data pipeline as they share the data.
-        eval_source, dataset = first.eval_input(config.data.eval_split)
-        vals = evaluate(eval_step, steps_lib.model_variables(state), mesh, eval_source, config,
-                        dataset)
+        # The settings share the first run's data pipeline as they share the data.
+        vals = evaluate(first, eval_step, steps_lib.model_variables(state),
+                        config.data.eval_split)
         for index, run in enumerate(runs):
           if index not in diverged:
             run.writer.write(step, vals[index], prefix="val/")
@@ -458,10 +457,7 @@ def finish(runs: Sequence[trainer.Run], variables: dict,
   config = first.config
   splits = trainer.final_splits(config) if len(diverged) < len(runs) else []
   eval_step = _fused_eval_step(first) if splits else None
-  scores = {}
-  for name, split in splits:
-    eval_source, dataset = first.eval_input(split)
-    scores[name] = evaluate(eval_step, variables, first.mesh, eval_source, config, dataset)
+  scores = {name: evaluate(first, eval_step, variables, split) for name, split in splits}
   return [diverged[index] if index in diverged else trainer.write_results(
               run, {name: per_setting[index] for name, per_setting in scores.items()},
               log_prefix=f"{_setting_name(run.config)}: ")

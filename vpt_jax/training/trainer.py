@@ -268,14 +268,12 @@ def backbone_size(params, fresh=npz_lib.DEFAULT_FRESH) -> int:
              if not any(pattern.fullmatch(p) for pattern in patterns))
 
 
-def evaluate(eval_step, variables, mesh, eval_source, config, dataset=None) -> dict:
-  """Top-1/top-5/loss over every example of a split exactly once.
+def evaluate(run: Run, eval_step, variables, split: str) -> dict:
+  """Top-1/top-5/loss over every example of ``split`` exactly once.
 
-  ``variables``: ``steps_lib.model_variables(state)``; ``dataset``: as in
-  ``eval_totals``.
+  ``variables``: ``steps_lib.model_variables(state)``.
   """
-  return steps_lib.summarize_eval(
-      eval_totals(eval_step, variables, mesh, eval_source, config, dataset))
+  return steps_lib.summarize_eval(eval_totals(run, eval_step, variables, split))
 
 
 def eval_stream_options(config) -> dict:
@@ -286,17 +284,18 @@ def eval_stream_options(config) -> dict:
               process_count=jax.process_count(), preprocess=config.data.preprocess)
 
 
-def eval_totals(eval_step, variables, mesh, eval_source, config, dataset=None) -> dict:
-  """The sums of ``eval_step`` over every example of a split, on the host.
+def eval_totals(run: Run, eval_step, variables, split: str) -> dict:
+  """The sums of ``eval_step`` over every example of ``split``, on the host.
 
-  ``dataset``: the split's ``pipeline.eval_dataset`` (``Run.eval_input``),
-  reused across evaluations; None builds one for this call.
+  Reads the run's one pipeline for the split (``Run.eval_input``).
   """
-  mesh_lib.check_batch_divisible(config.eval.batch_size, mesh)
+  config = run.config
+  mesh_lib.check_batch_divisible(config.eval.batch_size, run.mesh)
+  eval_source, dataset = run.eval_input(split)
   totals = None
   for batch in pipeline.eval_batches(eval_source, **eval_stream_options(config),
                                      dataset=dataset):
-    sums = eval_step(variables, mesh_lib.global_batch(mesh, batch))
+    sums = eval_step(variables, mesh_lib.global_batch(run.mesh, batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ConfigError(f"split {eval_source.split!r} of {eval_source.builder} is empty")
@@ -569,9 +568,7 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
           writer.write(step, mean_metrics, prefix="train/")
           writer.print(progress.line(step, mean_metrics))
       if eval_every and step % eval_every == 0 and step < run.total_steps:
-        eval_source, dataset = run.eval_input(config.data.eval_split)
-        val = evaluate(eval_step, steps_lib.model_variables(state), mesh, eval_source, config,
-                       dataset)
+        val = evaluate(run, eval_step, steps_lib.model_variables(state), config.data.eval_split)
         writer.write(step, val, prefix="val/")
         writer.print(f"step {step}: val top-1 {val['top1']:.4f} ({val['count']} images)")
       if save_due:
@@ -630,12 +627,9 @@ def finish(run: Run) -> dict:
   """Evaluates val and test, exports the task and writes results.json."""
   config = run.config
   eval_step = _eval_step(run)
-  scores = {}
-  for name, split in final_splits(config):
-    eval_source, dataset = run.eval_input(split)
-    scores[name] = evaluate(eval_step, steps_lib.model_variables(run.state), run.mesh,
-                            eval_source, config, dataset)
-  return write_results(run, scores)
+  variables = steps_lib.model_variables(run.state)
+  return write_results(run, {name: evaluate(run, eval_step, variables, split)
+                             for name, split in final_splits(config)})
 
 
 def final_splits(config) -> list[tuple[str, str]]:
