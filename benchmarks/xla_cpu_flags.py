@@ -51,10 +51,12 @@ def time_kernels(args) -> tuple[float, float]:
   Scores: (B, T, 12, 64) x (B, T, 12, 64) -> (B, 12, T, T), as in ViT-B.
   Dense: (B * T, 768) x (768, 3072) then exact GELU, the MLP's first layer.
   """
-  import time  # pylint: disable=g-import-not-at-top
+  # Imported here: the parent process only launches workers and must not start XLA.
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import common as bench_lib  # pylint: disable=g-import-not-at-top
 
   batch, tokens, heads, head_dim, width, hidden = args.batch_size, args.tokens, 12, 64, 768, 3072
   rng = np.random.default_rng(0)
@@ -65,19 +67,10 @@ def time_kernels(args) -> tuple[float, float]:
   scores = jax.jit(lambda q, k: jnp.einsum("bqhd,bkhd->bhqk", q, k))
   dense = jax.jit(lambda x, w: jax.nn.gelu(x @ w, approximate=False))
 
-  def median_seconds(fn, *operands):
-    fn(*operands).block_until_ready()  # compile and warm up
-    times = []
-    for _ in range(args.calls):
-      began = time.perf_counter()
-      fn(*operands).block_until_ready()
-      times.append(time.perf_counter() - began)
-    return float(np.median(times))
-
   score_flops = 2 * batch * heads * tokens * tokens * head_dim
   dense_flops = 2 * batch * tokens * width * hidden
-  return (score_flops / median_seconds(scores, query, key) / 1e9,
-          dense_flops / median_seconds(dense, inputs, kernel) / 1e9)
+  return (score_flops / bench_lib.median_seconds(lambda: scores(query, key), args.calls) / 1e9,
+          dense_flops / bench_lib.median_seconds(lambda: dense(inputs, kernel), args.calls) / 1e9)
 
 
 def main(argv=None) -> int:
