@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+import checkpoint_fixtures as fixtures
 from test_end_to_end import tiny_config
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints.trees import flatten
@@ -70,10 +70,6 @@ def test_family_trains_exports_and_reloads(variant, image_size, method, tmp_path
 
 @pytest.mark.parametrize("variant", ["swin-test/4w2", "resnet-test", "convnext-test"])
 def test_remat_is_refused_where_the_family_does_not_implement_it(variant):
-  config = common.base_config()
-  config.model.variant = variant
-  config.model.image_size = 32
-  config.model.remat = "block"
-  common.apply_method(config, "linear")
+  config = fixtures.method_config("linear", variant, 32, **{"model.remat": "block"})
   with pytest.raises(ValueError, match="model.remat='block' is not implemented for"):
     factory.validate_spec(factory.model_spec(config))

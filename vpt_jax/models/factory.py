@@ -22,7 +22,6 @@ from vpt_jax.models import methods as methods_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import vit
 
-DTYPES = backbones.DTYPES
 REMAT_MODES = vit.REMAT_MODES
 # Side-network parameters that never come from the side network's own file.
 SIDE_FRESH = (r"projection/.*", r"alpha")
@@ -98,8 +97,8 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
   if method.uses_prompts and spec["num_prompts"] < 1:
     raise ValueError(f"method {method.name} needs prompt.num_prompts >= 1, got "
                      f"{spec['num_prompts']}")
-  if spec["dtype"] not in DTYPES:
-    raise ValueError(f"Unknown dtype {spec['dtype']!r}; choose one of {sorted(DTYPES)}")
+  if spec["dtype"] not in backbones.DTYPES:
+    raise ValueError(f"Unknown dtype {spec['dtype']!r}; choose one of {sorted(backbones.DTYPES)}")
   remat = spec.get("remat", "none")  # specs written before the field hold none
   if remat not in REMAT_MODES:
     raise ValueError(f"Unknown model.remat {remat!r}; choose one of {REMAT_MODES}")

@@ -86,9 +86,6 @@ class Head(nn.Module):
     return jnp.dot(x, kernel) + bias
 
 
-# The single-layer head under its historical name.
-LinearHead = Head
-
 
 def backbone_head(module: nn.Module) -> Head:
   """The ``Head`` named "head" of a backbone module, from the module's
