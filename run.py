@@ -34,8 +34,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "On a CPU host: split it into this many XLA devices and shard every "
-    "batch over them as over a pod's chips (the multi-device path on one machine); 0 keeps "
-    "JAX's default of one device.", lower_bound=0)
+    "batch over them as over a pod's chips. XLA:CPU runs attention's batched matmuls on one "
+    "thread per device, so one device per core is faster (about 15% for ViT-B/16 on 2 "
+    "cores); 0 keeps JAX's default of one device.", lower_bound=0)
 _TASKS = flags.DEFINE_string(
     "tasks", None, "--mode=predict on many tasks sharing one backbone: name=export_dir,... "
     "(then no --config/--workdir; the exports describe their models).")
