@@ -454,7 +454,7 @@ def setup_runs(configs, workdirs) -> list[Run]:
   data = load_train_data(config)
   spec = factory.model_spec(config)
   model = factory.build_model(spec, data.num_classes)
-  side_checkpoint = config.sidetune.checkpoint if spec["method"] == "sidetune" else ""
+  side_checkpoint = config.sidetune.checkpoint  # validate_config: set only for sidetune
   from_files = None
   if config.model.init_checkpoint or side_checkpoint:
     # Everything but the method's fresh parameters comes from the backbone file.
