@@ -18,7 +18,7 @@ from configs import common
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.training import optimizers
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
 
 # The values of vpt_jax.data.pipeline's IMAGENET_MEAN/STD and MINUS_ONE_TO_ONE,
 # as the {"mean", "std"} keywords of the steps. Not imported from there: that
@@ -60,7 +60,7 @@ def setup(config, num_classes: int, *, abstract: bool = False) -> Setup:
   model = factory.build_model(factory.model_spec(config), num_classes)
   variables = (factory.variable_shapes(model, config.model.image_size) if abstract
                else factory.init_variables(model, config.model.image_size, 0))
-  labels = partition.label_params(variables["params"], factory.trainable_rules(config))
+  labels = freezing.label_params(variables["params"], factory.trainable_rules(config))
   schedule = lambda step: LEARNING_RATE
   tx = optimizers.make_optimizer(
       labels, name=config.optim.name or methods.get_method(config.method).optimizer,

@@ -65,7 +65,8 @@ import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import fused  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
+from vpt_jax.params import freezing
+from vpt_jax.params import trees  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
 # The reference's VPT grid (base lr x wd), cycled to give each fused setting its own values.
@@ -178,10 +179,10 @@ def time_steps(run, lowered, state, count: int) -> dict:
 
 def on_paper(bench: Bench, args, flops_per_setting: float) -> list[str]:
   """The roofline estimate of fusing on an accelerator (see the module docstring)."""
-  frozen = partition.split(bench.params, bench.labels)[1]
-  weights = partition.count(frozen) * args.weight_bytes
+  frozen = freezing.split(bench.params, bench.labels)[1]
+  weights = freezing.count(frozen) * args.weight_bytes
   method = methods.get_method(args.method)
-  head_only = all(p.startswith("head/") for p, label in partition.flatten(bench.labels).items()
+  head_only = all(p.startswith("head/") for p, label in trees.flatten(bench.labels).items()
                   if label == methods.TRAIN)
   reads = 1 if head_only else 2  # forward; backward too when gradients cross the backbone
   peak, hbm = args.peak_tflops * 1e12, args.hbm_gbps * 1e9

@@ -54,7 +54,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
+from vpt_jax.params import freezing  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
 GIB = 2 ** 30
@@ -103,13 +103,13 @@ def element_bytes(short_dtype: str) -> int:
 
 def kept_activation_bytes(model, labels, param_shapes, batch_size: int, args) -> int:
   """Bytes of the activations the trainable gradient keeps, parameters excluded (no compute)."""
-  trainable, frozen = partition.split(param_shapes, labels)
+  trainable, frozen = freezing.split(param_shapes, labels)
   size = args.image_size
   listing = io.StringIO()
 
   def trace(trainable, frozen, images, labels_):
     def loss(trainable_params):
-      logits = model.apply({"params": partition.merge(trainable_params, frozen)},
+      logits = model.apply({"params": freezing.merge(trainable_params, frozen)},
                            steps.normalize_images(images, **bench_lib.IMAGENET_NORM),
                            train=True, rngs={"dropout": jax.random.key(0)})
       return steps.cross_entropy(logits, labels_).mean()

@@ -45,7 +45,8 @@ from vpt_jax.export import serving  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import task_export  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import partition  # pylint: disable=g-import-not-at-top
+from vpt_jax.params import freezing
+from vpt_jax.params import trees  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
 NORM = bench_lib.MINUS_ONE_TO_ONE_NORM  # written into the exports' metadata
@@ -85,7 +86,7 @@ def write_random_backbone(path: str, args) -> str:
   rng = np.random.default_rng(0)
   # The method's own parameters (head, prompts, ...) are never in a backbone file.
   flat = {name: (rng.standard_normal(shape.shape, np.float32) * 0.02)
-          for name, shape in partition.flatten(
+          for name, shape in trees.flatten(
               factory.variable_shapes(model, args.image_size)["params"]).items()
           if not any(re.fullmatch(p, name) for p in method.fresh_patterns)}
   npz_lib.save_npz(flat, path)
@@ -104,12 +105,12 @@ def write_exports(directory: str, backbone: str, args) -> dict[str, str]:
     num_classes = VTAB_CLASSES[k % len(VTAB_CLASSES)]
     model = factory.build_model(spec, num_classes)
     shapes = factory.variable_shapes(model, args.image_size)
-    labels = partition.label_params(shapes["params"], rules)
-    flat_labels = partition.flatten(labels)
-    params = partition.unflatten({
+    labels = freezing.label_params(shapes["params"], rules)
+    flat_labels = trees.flatten(labels)
+    params = trees.unflatten({
         path: (rng.standard_normal(shape.shape, np.float32) * 0.05
                if flat_labels[path] == methods.TRAIN else shape)
-        for path, shape in partition.flatten(shapes["params"]).items()})
+        for path, shape in trees.flatten(shapes["params"]).items()})
     stats = None
     if "batch_stats" in shapes:
       stats = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes["batch_stats"])

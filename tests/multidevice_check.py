@@ -19,7 +19,8 @@ from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import optimizers
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import steps
 
 
@@ -31,7 +32,7 @@ def trajectory(devices, num_steps=4, batch_size=8):
   mesh = mesh_lib.make_data_mesh(devices)
   replicated = mesh_lib.replicated(mesh)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  labels = partition.label_params(params, methods.get_method("vpt_deep").trainable_rules)
+  labels = freezing.label_params(params, methods.get_method("vpt_deep").trainable_rules)
   schedule = lambda step: 0.1
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=schedule,
                                  weight_decay=1e-4)
@@ -49,7 +50,7 @@ def trajectory(devices, num_steps=4, batch_size=8):
              "label": rng.integers(0, 5, (batch_size,)).astype(np.int32)}
     state, metrics = step_fn(state, mesh_lib.global_batch(mesh, batch), jax.random.key(1))
     losses.append(float(metrics["loss"]))
-  return losses, partition.flatten(jax.device_get(state["params"]))
+  return losses, trees.flatten(jax.device_get(state["params"]))
 
 
 def main():
@@ -57,8 +58,9 @@ def main():
   one_losses, one_params = trajectory(devices[:1])
   four_losses, four_params = trajectory(devices[:4])
   diff = max(float(np.max(np.abs(one_params[k] - four_params[k]))) for k in one_params)
+  largest = max(float(np.max(np.abs(one_params[k]))) for k in one_params)
   print(json.dumps({"devices": [1, len(devices[:4])], "losses": [one_losses, four_losses],
-                    "max_param_diff": diff}))
+                    "max_param_diff": diff, "max_param": largest}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import checkpoint_fixtures as fixtures
 from test_end_to_end import tiny_config
 from vpt_jax.checkpoints import npz
-from vpt_jax.checkpoints.trees import flatten
+from vpt_jax.params.trees import flatten
 from vpt_jax.export import task_export
 from vpt_jax.models import backbones
 from vpt_jax.models import factory

@@ -13,7 +13,8 @@ import checkpoint_fixtures
 from configs import common
 from vpt_jax.checkpoints import npz
 from vpt_jax.export import task_export
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import trainer
 
 
@@ -82,7 +83,7 @@ def test_train_evaluate_export_and_reload(backbone, data_dir, tmp_path):
   # the trained values from the export.
   model, params, metadata = task_export.load_task(results["export"])
   assert metadata["model"]["method"] == "vpt_deep"
-  flat = partition.flatten(params)
+  flat = trees.flatten(params)
   _, exported = task_export.read_export(results["export"])
   file_values = npz.to_model_layout(npz.read_npz(backbone), "vit_raw")
   for path, value in flat.items():

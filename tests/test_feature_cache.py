@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 import checkpoint_fixtures
 from vpt_jax.checkpoints import train_state as ckpt_lib
 from test_end_to_end import tiny_config
@@ -13,9 +14,12 @@ from vpt_jax.export import task_export
 from vpt_jax.models import factory
 from vpt_jax.models import vit
 from vpt_jax.training import mesh as mesh_lib
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import steps
 from vpt_jax.training import trainer
+
+pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,9 @@ def test_cached_features_give_the_uncached_result(backbone, data_dir, tmp_path, 
   for path in plain_params:
     np.testing.assert_allclose(cached_params[path], plain_params[path], rtol=1e-3, atol=3e-4,
                                err_msg=path)
-  assert cached["test"]["top1"] == plain["test"]["top1"]
+  # Rounding can flip the argmax of a near-tie only (10 test images).
+  assert abs(cached["test"]["top1"] - plain["test"]["top1"]) <= tolerances.one_example(
+      plain["test"]["count"])
   np.testing.assert_allclose(cached["test"]["loss"], plain["test"]["loss"], rtol=1e-3)
 
 
@@ -79,8 +85,8 @@ def test_checkpoints_carry_the_batch_norm_running_averages(tmp_path):
   empty = jax.tree.map(jnp.zeros_like, state)
   restored = ckpt_lib.restore_latest(manager, {**empty, "params": state["params"]}, labels)
   manager.close()
-  for path, value in partition.flatten(state).items():
-    np.testing.assert_array_equal(partition.flatten(restored)[path], value, err_msg=path)
+  for path, value in trees.flatten(state).items():
+    np.testing.assert_array_equal(trees.flatten(restored)[path], value, err_msg=path)
 
 
 def test_only_head_only_methods_use_the_cache(backbone, data_dir):
@@ -88,7 +94,7 @@ def test_only_head_only_methods_use_the_cache(backbone, data_dir):
     config = tiny_config(backbone, data_dir, method=method, **overrides)
     shapes = checkpoint_fixtures.param_shapes(
         factory.build_model(factory.model_spec(config), 3), 32)
-    labels = partition.label_params(shapes, factory.trainable_rules(config))
+    labels = freezing.label_params(shapes, factory.trainable_rules(config))
     return trainer.uses_cached_features(config, labels)
 
   assert uses_cache("linear") and uses_cache("mlp-3")
@@ -114,4 +120,7 @@ def test_extracted_features_equal_the_train_mode_features():
     return out.sum(), out
   _, uncached = jax.jit(jax.grad(features, has_aux=True))(
       variables["params"], steps.normalize_images(images, **norm))
-  np.testing.assert_allclose(cached, np.asarray(uncached), rtol=1e-5, atol=1e-6)
+  # Two programs fuse the backbone differently: 4 blocks of sums at most 65
+  # tokens long (attention over 1 + 64 patches), 4 chained sums per block.
+  atol = tolerances.rounding_atol(np.max(np.abs(uncached)), reduction_length=65, steps=4 * 4)
+  np.testing.assert_allclose(cached, np.asarray(uncached), rtol=0, atol=atol)

@@ -24,7 +24,8 @@ from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.models import vit
 from vpt_jax.training import optimizers
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import steps
 
 # The tiny backbones: width D 16, MLP 32, 2 heads, 16 px images with 4 px patches.
@@ -178,7 +179,7 @@ def trained(case: str, workspace: str) -> dict:
   variables = model.init(jax.random.key(0), jnp.zeros((1, IMAGE, IMAGE, 3)))
   path = backbone_file(CASES[case][2], workspace)
   params = factory.load_pretrained(variables["params"], spec, path)
-  labels = partition.label_params(params, factory.trainable_rules(config))
+  labels = freezing.label_params(params, factory.trainable_rules(config))
   optimizer = config.optim.name or method.optimizer
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8),
@@ -195,25 +196,25 @@ def trained(case: str, workspace: str) -> dict:
 @pytest.mark.parametrize("case", CASES)
 def test_only_the_intended_parameters_change(case, workspace):
   run = trained(case, workspace)
-  flat_labels = partition.flatten(run["labels"])
+  flat_labels = trees.flatten(run["labels"])
   stuck = STUCK.get(case)
   assert_only_trainable_changed(
-      partition.flatten(run["initial"]["params"]), partition.flatten(run["state"]["params"]),
+      trees.flatten(run["initial"]["params"]), trees.flatten(run["state"]["params"]),
       lambda path: flat_labels[path] == methods.TRAIN
       and not (stuck and re.fullmatch(stuck, path)))
   if "batch_stats" in run["initial"]:  # BatchNorm running averages follow the batches
-    for path, value in partition.flatten(run["initial"]["batch_stats"]).items():
-      assert not np.array_equal(value, partition.flatten(run["state"]["batch_stats"])[path])
+    for path, value in trees.flatten(run["initial"]["batch_stats"]).items():
+      assert not np.array_equal(value, trees.flatten(run["state"]["batch_stats"])[path])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_trainable_count_matches_the_closed_formula(case, workspace):
   run = trained(case, workspace)
-  trainable, _ = partition.split(run["state"]["params"], run["labels"])
-  assert partition.count(trainable) == expected_trainable(case, CASES[case][2])
+  trainable, _ = freezing.split(run["state"]["params"], run["labels"])
+  assert freezing.count(trainable) == expected_trainable(case, CASES[case][2])
   # The parameters not in the backbone file are exactly the method's own.
-  backbone = partition.count(
-      {p: v for p, v in partition.flatten(run["state"]["params"]).items()
+  backbone = freezing.count(
+      {p: v for p, v in trees.flatten(run["state"]["params"]).items()
        if not any(re.fullmatch(f, p) for f in run["method"].fresh_patterns)})
   assert backbone == _vit_params(CASES[case][2])
 
@@ -283,9 +284,9 @@ def test_side_network_loads_its_own_checkpoint(workspace, tmp_path):
   init = fixtures.randomize(shapes, seed=12)
   loaded = factory.load_pretrained(init, spec, backbone_file(2, workspace),
                                    side_checkpoint=str(tmp_path / "side.npz"))
-  for path, value in partition.flatten(loaded["side"]).items():
+  for path, value in trees.flatten(loaded["side"]).items():
     source = side_source if path.startswith("conv_") else init
-    np.testing.assert_array_equal(value, partition.flatten(source["side"])[path], err_msg=path)
+    np.testing.assert_array_equal(value, trees.flatten(source["side"])[path], err_msg=path)
   bad = {"conv_0/kernel": np.zeros((3, 3, 3, 5), np.float32)}
   npz.save_npz(bad, str(tmp_path / "bad.npz"))
   with pytest.raises(npz.CheckpointMismatchError, match="conv_1/kernel"):

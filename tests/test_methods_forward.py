@@ -11,13 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 import checkpoint_fixtures as fixtures
 import numpy_vit
 from vpt_jax.models import prompts as prompts_lib
 from vpt_jax.models import vit
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 
-TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
+
+TOLERANCE = tolerances.FORWARD_VS_NUMPY
 BASE = dict(num_classes=4, variant="test/4")  # width 16, 2 heads, 2 blocks, 16 px -> 17 tokens
 DEPTH, WIDTH, TOKENS = 2, 16, 17
 
@@ -58,14 +62,14 @@ def test_cvpt_insert_positions_differ():
 
 
 def test_cvpt_adds_only_its_prompts_to_the_parameter_tree():
-  plain = partition.flatten(fixtures.param_shapes(vit.VisionTransformer(**BASE), 16))
-  cvpt = partition.flatten(fixtures.param_shapes(
+  plain = trees.flatten(fixtures.param_shapes(vit.VisionTransformer(**BASE), 16))
+  cvpt = trees.flatten(fixtures.param_shapes(
       vit.VisionTransformer(**BASE, cvpt_options=vit.CvptOptions(num_prompts=7)), 16))
   # No attention copies: the cross-attention has no parameters of its own.
   assert set(cvpt) - set(plain) == {"cvpt/prompts"}
   assert set(plain) <= set(cvpt)
   assert cvpt["cvpt/prompts"].shape == (DEPTH, 7, WIDTH)
-  extra = partition.count(cvpt) - partition.count(plain)
+  extra = freezing.count(cvpt) - freezing.count(plain)
   assert extra == DEPTH * 7 * WIDTH
 
 
@@ -145,10 +149,10 @@ def test_adapter_matches_numpy_and_starts_at_the_backbone(init):
   model = vit.VisionTransformer(**BASE, adapter_options=options)
   params = _params(model)
   _compare(model, params, _images())  # random adapter values: the math
-  assert {p.split("/adapter/")[1] for p in partition.flatten(params) if "/adapter/" in p} == {
+  assert {p.split("/adapter/")[1] for p in trees.flatten(params) if "/adapter/" in p} == {
       "down/kernel", "down/bias", "up/kernel", "up/bias"}
   initial = vit.Adapter(4, init).init(jax.random.key(0), jnp.zeros((1, 1, WIDTH)))
-  for path, value in partition.flatten(initial["params"]).items():
+  for path, value in trees.flatten(initial["params"]).items():
     # Up (and every bias) starts at zero, so the model starts at the backbone;
     # the reference also zeroes Down's kernel.
     zero_expected = init == "vpt_reference" or path.startswith("up/") or path.endswith("bias")
@@ -161,10 +165,10 @@ def test_lora_matches_numpy_and_starts_exact():
   params = _params(model)
   _compare(model, params, _images(), lora_alpha=3.0)
   # B = 0: the LoRA model equals the plain one whatever A is.
-  flat = partition.flatten(params)
-  zeroed = partition.unflatten({p: (np.zeros_like(v) if p.endswith("/b") else v)
+  flat = trees.flatten(params)
+  zeroed = trees.unflatten({p: (np.zeros_like(v) if p.endswith("/b") else v)
                                 for p, v in flat.items()})
-  plain = partition.unflatten({p: v for p, v in flat.items() if "lora_" not in p})
+  plain = trees.unflatten({p: v for p, v in flat.items() if "lora_" not in p})
   np.testing.assert_allclose(np.asarray(model.apply({"params": zeroed}, _images())),
                              numpy_vit.vit_forward(plain, _images()), **TOLERANCE)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vpt_jax.training import optimizers
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
 
 VPT_RULES = (("vpt/.*", "train"), ("head/.*", "train"), (".*", "frozen"))
 
@@ -46,7 +46,7 @@ def test_step_schedule_is_smooth_within_an_epoch():
 
 def test_sgd_coupled_l2_skips_head_bias_and_frozen_leaves():
   params = _toy_params()
-  labels = partition.label_params(params, VPT_RULES)
+  labels = freezing.label_params(params, VPT_RULES)
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=lambda s: 0.1,
                                  weight_decay=0.5, momentum=0.9)
   state = tx.init(params)
@@ -65,7 +65,7 @@ def test_sgd_coupled_l2_skips_head_bias_and_frozen_leaves():
 
 def test_hf_adamw_matches_hand_computation():
   params = _toy_params()
-  labels = partition.label_params(params, (("head/.*", "train"), (".*", "frozen")))
+  labels = freezing.label_params(params, (("head/.*", "train"), (".*", "frozen")))
   tx = optimizers.make_optimizer(labels, name="adamw", learning_rate=lambda s: 0.1,
                                  weight_decay=1e-4)
   state = tx.init(params)
@@ -83,7 +83,7 @@ def test_hf_adamw_matches_hand_computation():
 
 def test_optimizer_state_exists_only_for_trainable_leaves():
   params = _toy_params()
-  labels = partition.label_params(params, VPT_RULES)
+  labels = freezing.label_params(params, VPT_RULES)
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=lambda s: 0.1,
                                  weight_decay=1e-4)
   state = tx.init(params)
@@ -94,7 +94,7 @@ def test_optimizer_state_exists_only_for_trainable_leaves():
 
 
 def test_unknown_optimizer_and_schedule_unit_fail():
-  labels = partition.label_params(_toy_params(), VPT_RULES)
+  labels = freezing.label_params(_toy_params(), VPT_RULES)
   with pytest.raises(ValueError, match="Unknown optimizer 'adam'"):
     optimizers.make_optimizer(labels, name="adam", learning_rate=lambda s: 0.1,
                               weight_decay=0.0)

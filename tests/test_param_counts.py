@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import pytest
 
 from vpt_jax.models import vit
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 
 
 def _shapes(**kwargs):
   model = vit.VisionTransformer(**kwargs)
-  return partition.flatten(jax.eval_shape(
+  return trees.flatten(jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))["params"])
 
 

@@ -19,23 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 import checkpoint_fixtures as fixtures
 import numpy_vit
 import torch_fixtures as tf
 from test_methods import train_steps
 from vpt_jax.checkpoints import npz
-from vpt_jax.checkpoints.trees import flatten, unflatten
+from vpt_jax.params.trees import flatten, unflatten
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.models import prompts as prompts_lib
 from vpt_jax.models import vit
 from vpt_jax.models import vit_family
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 
 # "test" size: width 16, MLP 32, 2 heads of 8, 2 blocks; 16 px images, 4 px patches.
 D, MLP, HEADS, HEAD_DIM, DEPTH, PATCH, IMAGE = 16, 32, 2, 8, 2, 4, 16
 GRID = IMAGE // PATCH
-TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+TOLERANCE = tolerances.FORWARD_VS_NUMPY
 MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 POSEMB = {"mae": "Transformer/posembed_input/pos_embedding",
           "moco": "Transformer/posembed_fixed/pos_embedding"}
@@ -311,6 +313,7 @@ def numpy_mae_features(params, images, pool="original"):
   return numpy_vit.layer_norm(pooled, p["fc_norm"]["scale"], p["fc_norm"]["bias"])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("method, pool, skip_dead_work", [
     ("vpt_deep", "original", True), ("vpt_deep", "original", False),
     ("vpt_shallow", "original", True), ("vpt_deep", "img_pool", True),
@@ -326,6 +329,7 @@ def test_mae_features_average_every_token_through_fc_norm(method, pool, skip_dea
   np.testing.assert_allclose(logits, numpy_vit.head_forward(head, expected), **TOLERANCE)
 
 
+@pytest.mark.numerics
 def test_moco_forward_is_cls_after_the_final_norm():
   spec = _spec("vpt_deep", f"moco-test/{PATCH}")
   model = factory.build_model(spec, 4)
@@ -365,7 +369,7 @@ def test_every_vit_method_builds_and_trains_the_right_parameters(flavour, method
   model = factory.build_model(spec, 5)
   # eval_shape traces init, i.e. the whole forward pass, without compiling.
   params = fixtures.param_shapes(model, IMAGE)
-  labels = partition.flatten(partition.label_params(params, factory.trainable_rules(config)))
+  labels = trees.flatten(freezing.label_params(params, factory.trainable_rules(config)))
   final_norm = r"fc_norm/.*" if flavour == "mae" else r"Transformer/encoder_norm/.*"
   patterns = [final_norm if p == "FINAL_NORM" else p for p in TRAINED[method]] + [r"head/.*"]
   for path, label in labels.items():
@@ -380,7 +384,7 @@ def _train(variant, method, path, num_steps):
   spec = factory.model_spec(config)
   model = factory.build_model(spec, 5)
   params = factory.load_pretrained(fixtures.make_model_params(model, IMAGE), spec, path)
-  labels = partition.label_params(params, factory.trainable_rules(config))
+  labels = freezing.label_params(params, factory.trainable_rules(config))
   name = methods.get_method(method).optimizer
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8),

@@ -23,11 +23,11 @@ import checkpoint_fixtures as fixtures
 from test_methods import assert_only_trainable_changed
 from test_methods import train_steps
 from vpt_jax.checkpoints import npz
-from vpt_jax.checkpoints import trees
+from vpt_jax.params import trees
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.models import swin
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
 from vpt_jax.training import steps
 
 # The tiny sizes of vpt_jax.models.swin (written out: the test's own expectation).
@@ -277,7 +277,7 @@ def np_swin_features(images, sd, variant, prompts=None, deep=False):
 def flax_params(model, variant, image_size, sd, prompts=None):
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, image_size, image_size, 3)))["params"]
-  flat = {k: np.zeros(v.shape, v.dtype) for k, v in partition.flatten(shapes).items()}
+  flat = {k: np.zeros(v.shape, v.dtype) for k, v in trees.flatten(shapes).items()}
   converted = swin.convert_torch(sd, variant)
   for key, value in converted.items():
     assert flat[key].shape == value.shape, key
@@ -296,6 +296,7 @@ def flax_features(variant, sd, images, prompts=None, deep=False, reference_order
   return np.asarray(apply(params, images))
 
 
+@pytest.mark.numerics
 # 32 px, window 2: swin-test has 16 then 4 windows (both stages shifted);
 # swin-test3 has 16, 4, then one unshifted window (the 2 x 2 map equals the window).
 @pytest.mark.parametrize("variant, kind", [
@@ -392,7 +393,7 @@ def test_conversion_puts_every_tensor_in_place(variant):
     np.testing.assert_array_equal(converted[key], value, err_msg=key)
   # Every converted key is a backbone parameter of the model, with its shape.
   model = swin.SwinTransformer(num_classes=3, variant=variant)
-  shapes = partition.flatten(jax.eval_shape(model.init, jax.random.key(0),
+  shapes = trees.flatten(jax.eval_shape(model.init, jax.random.key(0),
                                             jnp.zeros((1, 32, 32, 3)))["params"])
   backbone = {k: v.shape for k, v in shapes.items() if not k.startswith("head/")}
   assert {k: v.shape for k, v in converted.items()} == backbone
@@ -466,7 +467,7 @@ def test_partial_k_follows_the_reference_swin_rules():
   }
   for method, prefixes in expected.items():
     config.method = method
-    labels = partition.flatten(partition.label_params(shapes, factory.trainable_rules(config)))
+    labels = trees.flatten(freezing.label_params(shapes, factory.trainable_rules(config)))
     trained = {k for k, v in labels.items() if v == methods.TRAIN}
     want = {k for k in labels if k.startswith(prefixes + ("norm/", "head/"))}
     assert trained == want, method
@@ -476,7 +477,7 @@ def test_bias_trains_every_name_with_bias_like_the_reference():
   config = swin_config("bias")
   model = factory.build_model(factory.model_spec(config), 5)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  labels = partition.flatten(partition.label_params(shapes, factory.trainable_rules(config)))
+  labels = trees.flatten(freezing.label_params(shapes, factory.trainable_rules(config)))
   # torch names containing "bias" (the reference's rule) <-> our trainable backbone leaves.
   torch_bias = {key for key in swin.torch_layout("swin-test/4w2") if "bias" in key}
   ours = {swin.torch_layout("swin-test/4w2")[key][0].split(":")[0] for key in torch_bias}
@@ -567,9 +568,9 @@ def initial_variables(model, method: methods.Method, backbone: dict) -> dict:
                                     from_features=True))()
   rng = np.random.default_rng(7)
   flat = {}
-  for key, value in partition.flatten(shapes["params"]).items():
+  for key, value in trees.flatten(shapes["params"]).items():
     if key.startswith("head/"):
-      flat[key] = np.asarray(partition.flatten(head["params"])[key])
+      flat[key] = np.asarray(trees.flatten(head["params"])[key])
     elif key.startswith("vpt/"):
       flat[key] = rng.uniform(-0.3, 0.3, value.shape).astype(np.float32)
     else:
@@ -593,14 +594,14 @@ def trained(method_name: str) -> dict:
   backbone = swin.convert_torch(official_state_dict("swin-test/4w2", seed=5), "swin-test/4w2")
   variables = initial_variables(model, method, backbone)
   params = variables["params"]
-  labels = partition.label_params(params, factory.trainable_rules(config))
+  labels = freezing.label_params(params, factory.trainable_rules(config))
   name = config.optim.name or method.optimizer
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
   batch = {"image": images, "label": rng.integers(0, CLASSES, (8,)).astype(np.int32)}
   normalization = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
   # The trainer's uses_cached_features: only head/ trains and nothing is stochastic.
-  if all(path.startswith("head/") for path, label in partition.flatten(labels).items()
+  if all(path.startswith("head/") for path, label in trees.flatten(labels).items()
          if label == methods.TRAIN):
     if "features" not in _FEATURES:
       _FEATURES["features"] = np.asarray(jax.jit(
@@ -650,10 +651,10 @@ def test_trainable_sets_follow_the_closed_form(method):
   config = swin_config(method)
   model = factory.build_model(factory.model_spec(config), CLASSES)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  labels = partition.label_params(shapes, factory.trainable_rules(config))
-  trainable, frozen = partition.split(shapes, labels)
-  assert partition.count(trainable) == EXPECTED_TRAINABLE[method]
-  assert partition.count(trainable) + partition.count(frozen) == (
+  labels = freezing.label_params(shapes, factory.trainable_rules(config))
+  trainable, frozen = freezing.split(shapes, labels)
+  assert freezing.count(trainable) == EXPECTED_TRAINABLE[method]
+  assert freezing.count(trainable) + freezing.count(frozen) == (
       BACKBONE + HEAD + OWN_PARAMS.get(method, 0))
 
 
@@ -661,16 +662,16 @@ def test_trainable_sets_follow_the_closed_form(method):
 def test_each_method_trains_only_its_parameters(method):
   run = trained(method)
   assert all(np.isfinite(run["losses"])) and run["losses"][-1] < run["losses"][0], run["losses"]
-  before = partition.flatten(run["initial"]["params"])
-  labels = partition.flatten(run["labels"])
-  assert_only_trainable_changed(before, partition.flatten(run["state"]["params"]),
+  before = trees.flatten(run["initial"]["params"])
+  labels = trees.flatten(run["labels"])
+  assert_only_trainable_changed(before, trees.flatten(run["state"]["params"]),
                                 lambda path: labels[path] == methods.TRAIN)
-  trainable, _ = partition.split(run["state"]["params"], run["labels"])
-  assert partition.count(trainable) == EXPECTED_TRAINABLE[method]
+  trainable, _ = freezing.split(run["state"]["params"], run["labels"])
+  assert freezing.count(trainable) == EXPECTED_TRAINABLE[method]
   # The backbone came from the converted official weights.
   for key, value in run["backbone"].items():
     np.testing.assert_array_equal(before[key], value, err_msg=key)
-  assert partition.count(run["backbone"]) == BACKBONE
+  assert freezing.count(run["backbone"]) == BACKBONE
 
 
 # ---------------------------------------------------------------------------
@@ -683,13 +684,13 @@ def test_swin_b_vpt_deep_counts_follow_the_closed_form():
   config.prompt.num_prompts = num_prompts
   model = factory.build_model(factory.model_spec(config), num_classes)
   shapes = factory.variable_shapes(model, 224)["params"]
-  flat = partition.flatten(shapes)
+  flat = trees.flatten(shapes)
   count = lambda keys: sum(int(np.prod(flat[k].shape)) for k in keys)
   # One prompt set per block: 2 blocks at 128, 2 at 256, 18 at 512, 2 at 1024 channels.
   prompts = num_prompts * (2 * 128 + 2 * 256 + 18 * 512 + 2 * 1024)
   assert prompts == num_prompts * 12032
   assert count(k for k in flat if k.startswith("vpt/")) == prompts
-  labels = partition.flatten(partition.label_params(shapes, factory.trainable_rules(config)))
+  labels = trees.flatten(freezing.label_params(shapes, factory.trainable_rules(config)))
   assert count(k for k, v in labels.items() if v == methods.TRAIN) == (
       prompts + 1024 * num_classes + num_classes)
 

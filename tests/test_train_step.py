@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.training import optimizers
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import steps
 
 MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -33,7 +35,7 @@ def _setup(spec, rules=None, batch=8, num_classes=5):
   model = factory.build_model(spec, num_classes)
   size = spec["image_size"]
   params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
-  labels = partition.label_params(params, rules or methods.get_method(spec["method"]).trainable_rules)
+  labels = freezing.label_params(params, rules or methods.get_method(spec["method"]).trainable_rules)
   schedule = lambda step: 0.05
   tx = optimizers.make_optimizer(labels, name=methods.get_method(spec["method"]).optimizer,
                                  learning_rate=schedule, weight_decay=1e-4)
@@ -52,9 +54,9 @@ def _setup(spec, rules=None, batch=8, num_classes=5):
 ])
 def test_only_trainable_parameters_change(method, trained_prefixes):
   _, _, state, batch, step_fn = _setup(_spec(method))
-  before = partition.flatten(jax.device_get(state["params"]))
+  before = trees.flatten(jax.device_get(state["params"]))
   new_state, metrics = jax.jit(step_fn)(state, batch, jax.random.key(1))
-  after = partition.flatten(jax.device_get(new_state["params"]))
+  after = trees.flatten(jax.device_get(new_state["params"]))
   assert np.isfinite(metrics["loss"])
   for path, value in before.items():
     if path.startswith(trained_prefixes):
@@ -66,9 +68,9 @@ def test_only_trainable_parameters_change(method, trained_prefixes):
 
 def test_full_fine_tuning_updates_the_backbone():
   _, _, state, batch, step_fn = _setup(_spec("full"))
-  before = partition.flatten(jax.device_get(state["params"]))
+  before = trees.flatten(jax.device_get(state["params"]))
   new_state, _ = jax.jit(step_fn)(state, batch, jax.random.key(1))
-  after = partition.flatten(jax.device_get(new_state["params"]))
+  after = trees.flatten(jax.device_get(new_state["params"]))
   changed = [p for p in before if not np.array_equal(before[p], after[p])]
   assert len(changed) == len(before)
 
@@ -90,6 +92,7 @@ def test_frozen_backbone_costs_no_gradient_flops():
   assert _step_flops(dict(spec, skip_dead_work=True)) < 0.9 * vpt
 
 
+@pytest.mark.numerics
 def test_step_is_identical_on_one_and_four_devices():
   script = os.path.join(os.path.dirname(__file__), "multidevice_check.py")
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
@@ -99,5 +102,9 @@ def test_step_is_identical_on_one_and_four_devices():
                        timeout=300, check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["devices"] == [1, 4]
-  np.testing.assert_allclose(result["losses"][0], result["losses"][1], rtol=2e-5, atol=2e-6)
-  assert result["max_param_diff"] < 1e-5
+  # Four partial gradient sums instead of one: sums over batch x tokens
+  # (8 x (1 + 3 + 16)), 4 steps.
+  bound = lambda magnitude: tolerances.rounding_atol(magnitude, reduction_length=8 * 20, steps=4)
+  np.testing.assert_allclose(result["losses"][0], result["losses"][1], rtol=0,
+                             atol=bound(max(result["losses"][0])))
+  assert result["max_param_diff"] <= bound(result["max_param"])

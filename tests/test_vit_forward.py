@@ -6,9 +6,12 @@ import jax
 import numpy as np
 import pytest
 
+import tolerances
 import checkpoint_fixtures as fixtures
 import numpy_vit
 from vpt_jax.models import vit
+
+pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
 
 # (variant, image size): 4x4 patch grids with two different patch sizes.
 CONFIGS = {"p4_img16": ("test/4", 16), "p8_img32": ("test/8", 32)}
@@ -19,7 +22,7 @@ PROMPT_MODES = {
     "shallow_proj": dict(num_prompts=2, prompt_projection=5),
     "deep_proj": dict(num_prompts=2, deep_prompts=True, prompt_projection=5),
 }
-TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+TOLERANCE = tolerances.FORWARD_VS_NUMPY
 
 
 def _random_params(model, image_size, seed=3):

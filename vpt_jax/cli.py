@@ -184,8 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   """Dispatches one command; returns what the mode produced."""
   # Imported here so that `run.py --help` stays fast.
   from vpt_jax.export import predict  # pylint: disable=g-import-not-at-top
-  from vpt_jax.protocol import pretrain_sprites  # pylint: disable=g-import-not-at-top
-  from vpt_jax.protocol import quickstart  # pylint: disable=g-import-not-at-top
+  from vpt_jax.suites import pretrain_sprites  # pylint: disable=g-import-not-at-top
+  from vpt_jax.suites import quickstart  # pylint: disable=g-import-not-at-top
   from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
   suites = {"quickstart": quickstart.run_suite, "pretrain_sprites": pretrain_sprites.run}
 

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import scipy.ndimage
 
-from vpt_jax.checkpoints.trees import flatten, unflatten
+from vpt_jax.params.trees import flatten, unflatten
 
 __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CorruptCheckpointError",

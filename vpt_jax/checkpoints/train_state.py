@@ -15,7 +15,8 @@ from typing import Optional
 import jax
 import orbax.checkpoint as ocp
 
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 
 
 # Crash-test hook, read only by tests/test_preemption.py; never set it elsewhere.
@@ -70,8 +71,8 @@ def open_manager(directory: str, *, keep: int, every_steps: int) -> ocp.Checkpoi
 
 
 def _payload(state, labels) -> dict:
-  trainable, _ = partition.split(state["params"], labels)
-  payload = {"step": state["step"], "trainable": partition.unflatten(trainable),
+  trainable, _ = freezing.split(state["params"], labels)
+  payload = {"step": state["step"], "trainable": trees.unflatten(trainable),
              "opt_state": state["opt_state"]}
   if "batch_stats" in state:  # BatchNorm running averages (MLP-k heads)
     payload["batch_stats"] = state["batch_stats"]
@@ -102,8 +103,8 @@ def restore_latest(manager: ocp.CheckpointManager, state, labels):
     return None
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _payload(state, labels))
   restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  _, frozen = partition.split(state["params"], labels)
+  _, frozen = freezing.split(state["params"], labels)
   return {"step": restored["step"],
-          "params": partition.merge(partition.flatten(restored["trainable"]), frozen),
+          "params": freezing.merge(trees.flatten(restored["trainable"]), frozen),
           "opt_state": restored["opt_state"],
           **({"batch_stats": restored["batch_stats"]} if "batch_stats" in restored else {})}

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpt_jax.checkpoints import npz as npz_lib
-from vpt_jax.checkpoints import trees
+from vpt_jax.params import trees
 from vpt_jax.export import predict as predict_lib
 from vpt_jax.export import task_export
 from vpt_jax.models import factory

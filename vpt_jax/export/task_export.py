@@ -23,7 +23,8 @@ import tensorflow as tf
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import factory
 from vpt_jax.models import methods as methods_lib
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 
 FORMAT = "vpt_jax.task_export"
 FORMAT_VERSION = 1
@@ -63,8 +64,8 @@ def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
   The parameters are written first and the metadata last, each atomically, so
   a crash never leaves an export that loads.
   """
-  trainable, _ = partition.split(params, labels)
-  stats = partition.flatten(batch_stats or {})
+  trainable, _ = freezing.split(params, labels)
+  stats = trees.flatten(batch_stats or {})
   tf.io.gfile.makedirs(directory)
   arrays = {**trainable, **{BATCH_STATS_PREFIX + k: v for k, v in stats.items()}}
   npz_lib.save_npz({k: np.asarray(jax.device_get(v)) for k, v in arrays.items()},
@@ -77,7 +78,7 @@ def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
       "normalization": {k: [float(x) for x in v] for k, v in normalization.items()},
       "backbone": {"path": backbone_path, "sha256": backbone_fingerprint},
       "init_seed": int(init_seed),
-      "trainable_params": int(partition.count(trainable)),
+      "trainable_params": int(freezing.count(trainable)),
       "params": sorted(trainable),
       **({"batch_stats": sorted(stats)} if stats else {}),
       **(extra or {}),
@@ -194,19 +195,19 @@ def load_task_variables(directory: str, backbone_path: Optional[str] = None, *,
     # Running averages are never initialised meaningfully: all must be exported.
     variables["batch_stats"] = _replace(variables.get("batch_stats", {}), stats, directory,
                                         "batch statistic", require_all=True)
-  leftover = [p for p, v in partition.flatten(variables["params"]).items()
+  leftover = [p for p, v in trees.flatten(variables["params"]).items()
               if isinstance(v, jax.ShapeDtypeStruct)]
   if leftover:
-    initial = partition.flatten(
+    initial = trees.flatten(
         factory.init_variables(model, spec["image_size"], metadata["init_seed"])["params"])
-    variables["params"] = partition.unflatten(
-        {**partition.flatten(variables["params"]), **{p: initial[p] for p in leftover}})
+    variables["params"] = trees.unflatten(
+        {**trees.flatten(variables["params"]), **{p: initial[p] for p in leftover}})
   return model, variables, metadata
 
 
 def _replace(tree, flat: dict, directory: str, what: str, require_all: bool = False) -> dict:
   """``tree`` with the leaves in ``flat`` replaced; every one must exist with its shape."""
-  init_flat = partition.flatten(tree)
+  init_flat = trees.flatten(tree)
   for path, value in flat.items():
     if path not in init_flat or init_flat[path].shape != value.shape:
       raise ExportError(f"{directory}: {what} {path} {value.shape} does not fit the "
@@ -216,4 +217,4 @@ def _replace(tree, flat: dict, directory: str, what: str, require_all: bool = Fa
   if missing:
     raise ExportError(f"{directory}: the export lacks the {what}s {missing}; re-export "
                       "the task from its checkpoint")
-  return partition.unflatten(init_flat)
+  return trees.unflatten(init_flat)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vpt_jax.checkpoints import npz as npz_lib
-from vpt_jax.checkpoints.trees import flatten
+from vpt_jax.params.trees import flatten
 from vpt_jax.models import heads
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.models import backbones

@@ -39,8 +39,7 @@ import dataclasses
 import difflib
 import re
 
-TRAIN = "train"
-FROZEN = "frozen"
+from vpt_jax.params.freezing import FROZEN, TRAIN
 
 # The method parameters' names (regexes, fully matched against "/"-joined paths).
 HEAD_PARAMS = r"head/.*"

@@ -53,7 +53,8 @@ from vpt_jax.checkpoints import train_state as ckpt_lib
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import optimizers
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import steps as steps_lib
 from vpt_jax.training import trainer
 
@@ -165,9 +166,9 @@ def state_axes(state, labels) -> dict:
   Shared: the step and the frozen parameters. Per setting: the trainable
   parameters, the optimizer state and the BatchNorm running averages.
   """
-  flat_labels = partition.flatten(labels)
+  flat_labels = trees.flatten(labels)
   axes = {"step": None,
-          "params": partition.unflatten({p: 0 if label == methods_lib.TRAIN else None
+          "params": trees.unflatten({p: 0 if label == methods_lib.TRAIN else None
                                          for p, label in flat_labels.items()}),
           "opt_state": 0}
   if "batch_stats" in state:
@@ -181,11 +182,11 @@ def stack_states(states: Sequence[dict], labels) -> dict:
   Trainable leaves, optimizer state and batch_stats get a leading axis of
   size S; the step and the frozen leaves are taken from ``states[0]``.
   """
-  trainable = [partition.split(s["params"], labels)[0] for s in states]
-  _, frozen = partition.split(states[0]["params"], labels)
+  trainable = [freezing.split(s["params"], labels)[0] for s in states]
+  _, frozen = freezing.split(states[0]["params"], labels)
   stack = lambda *leaves: jnp.stack(leaves)
   fused = {"step": states[0]["step"],
-           "params": partition.merge(jax.tree.map(stack, *trainable), frozen),
+           "params": freezing.merge(jax.tree.map(stack, *trainable), frozen),
            "opt_state": jax.tree.map(stack, *[s["opt_state"] for s in states])}
   if "batch_stats" in states[0]:
     fused["batch_stats"] = jax.tree.map(stack, *[s["batch_stats"] for s in states])
@@ -346,27 +347,27 @@ def train(runs: Sequence[trainer.Run]) -> tuple[dict, dict[int, FloatingPointErr
   group_structure = jax.tree.structure(jax.eval_shape(group_tx.init, first.state["params"]))
   # The jitted helpers return no frozen leaf: a jit output is a new buffer, and
   # the backbone must not be copied (per setting, or at all).
-  _, frozen = partition.split(first.state["params"], labels)
+  _, frozen = freezing.split(first.state["params"], labels)
 
   def stack_own(states):
     fused_state = stack_states(states, labels)
-    return dict(fused_state, params=partition.split(fused_state["params"], labels)[0])
+    return dict(fused_state, params=freezing.split(fused_state["params"], labels)[0])
 
   def take_own(fused_state, index):
     own = unstack_state(fused_state, labels, index)
-    return dict(own, params=partition.split(own["params"], labels)[0])
+    return dict(own, params=freezing.split(own["params"], labels)[0])
   take = jax.jit(take_own, out_shardings=replicated)
 
   def unstack(fused_state, index):
     own = take(fused_state, index)
-    shared = partition.split(fused_state["params"], labels)[1]
-    return dict(own, params=partition.merge(own["params"], shared),
+    shared = freezing.split(fused_state["params"], labels)[1]
+    return dict(own, params=freezing.merge(own["params"], shared),
                 opt_state=restructure(own["opt_state"], own_structures[index]))
 
   state = jax.jit(stack_own, out_shardings=replicated)(
       [dict(run.state, opt_state=restructure(run.state["opt_state"], group_structure))
        for run in runs])
-  state["params"] = partition.merge(state["params"], frozen)
+  state["params"] = freezing.merge(state["params"], frozen)
   for run in runs:  # the stacked state is the only live one until the end
     run.state = None
   hparams = mesh_lib.put_replicated(hparams, mesh)
@@ -492,10 +493,10 @@ def train_and_evaluate_settings(configs: Sequence[ml_collections.ConfigDict],
         # The previous program's steps donated the shared frozen arrays; its
         # final state holds them now.
         for run in group:
-          trainable, _ = partition.split(run.state["params"], run.labels)
-          run.state["params"] = partition.merge(trainable, frozen)
+          trainable, _ = freezing.split(run.state["params"], run.labels)
+          run.state["params"] = freezing.merge(trainable, frozen)
       variables, diverged = train(group)
-      frozen = partition.split(group[0].state["params"], group[0].labels)[1]
+      frozen = freezing.split(group[0].state["params"], group[0].labels)[1]
       for index, outcome in zip(indices, finish(group, variables, diverged)):
         outcomes[index] = outcome
     return outcomes

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 
 
 def normalize_images(images, mean, std):
@@ -122,13 +123,13 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
   check_accumulation(accumulation_steps)
 
   def train_step(state, batch, rng):
-    trainable, frozen = partition.split(state["params"], labels)
+    trainable, frozen = freezing.split(state["params"], labels)
     dropout_rng = jax.random.fold_in(rng, state["step"])
     has_stats = "batch_stats" in state
 
     def loss_fn(trainable_params, micro_batch, micro_rng):
       inputs, input_kwargs = model_inputs(micro_batch, mean, std)
-      variables = {"params": partition.merge(trainable_params, frozen)}
+      variables = {"params": freezing.merge(trainable_params, frozen)}
       if has_stats:
         variables["batch_stats"] = state["batch_stats"]
       outputs = model.apply(variables, inputs, train=True, rngs={"dropout": micro_rng},
@@ -157,9 +158,9 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
       loss, updated = micro_losses.mean(), {}
     # Frozen leaves get constant zeros that set_to_zero never reads.
     zeros = {path: jnp.zeros_like(value) for path, value in frozen.items()}
-    updates, opt_state = tx.update(partition.merge(grads, zeros), state["opt_state"],
+    updates, opt_state = tx.update(freezing.merge(grads, zeros), state["opt_state"],
                                    state["params"])
-    flat_updates = partition.flatten(updates)
+    flat_updates = trees.flatten(updates)
     new_trainable = {path: value + flat_updates[path].astype(value.dtype)
                      for path, value in trainable.items()}
     metrics = {
@@ -169,7 +170,7 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
         "grad_norm": optax.tree.norm(grads),  # trainable gradients only
     }
     new_state = {"step": state["step"] + 1,
-                 "params": partition.merge(new_trainable, frozen),
+                 "params": freezing.merge(new_trainable, frozen),
                  "opt_state": opt_state,
                  **updated}  # the new batch_stats, if any
     return new_state, metrics

@@ -34,7 +34,8 @@ from vpt_jax.models import methods as methods_lib
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import metric_writers
 from vpt_jax.training import optimizers
-from vpt_jax.training import partition
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import steps as steps_lib
 
 NORMALIZATIONS = {
@@ -177,7 +178,7 @@ def config_fields(config) -> dict:
   """
   tree = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
   return {path.replace("/", "."): value
-          for path, value in partition.flatten(tree).items()}
+          for path, value in trees.flatten(tree).items()}
 
 
 def in_fields(field: str, prefixes) -> bool:
@@ -240,9 +241,9 @@ def load_train_data(config) -> TrainData:
 
 def parameter_overview(params, labels, backbone_size: int) -> str:
   """A table of trainable and frozen parameters per top-level module."""
-  flat_labels = partition.flatten(labels)
+  flat_labels = trees.flatten(labels)
   groups: dict[str, list[int]] = {}
-  for path, value in partition.flatten(params).items():
+  for path, value in trees.flatten(params).items():
     row = groups.setdefault(path.split("/")[0], [0, 0])
     row[flat_labels[path] != methods_lib.TRAIN] += int(np.prod(value.shape))
   lines = [f"{'module':<16}{'trainable':>14}{'frozen':>14}"]
@@ -264,7 +265,7 @@ def backbone_size(params, fresh=npz_lib.DEFAULT_FRESH) -> int:
   Pass the method's ``fresh_patterns`` (head and the method's own parameters).
   """
   patterns = [re.compile(p) for p in fresh]
-  return sum(int(np.prod(v.shape)) for p, v in partition.flatten(params).items()
+  return sum(int(np.prod(v.shape)) for p, v in trees.flatten(params).items()
              if not any(pattern.fullmatch(p) for pattern in patterns))
 
 
@@ -333,7 +334,7 @@ def uses_cached_features(config, labels) -> bool:
   pipeline decodes every image once), so linear and mlp-k qualify.
   """
   method = methods_lib.get_method(config.method)
-  trainable = [p for p, label in partition.flatten(labels).items()
+  trainable = [p for p, label in trees.flatten(labels).items()
                if label == methods_lib.TRAIN]
   return bool(config.cache_features and not method.fresh and not method.backbone_dropout
               and config.data.preprocess == "resize"  # no augmentation
@@ -472,7 +473,7 @@ def setup_runs(configs, workdirs) -> list[Run]:
         from_files, host_params)
   fingerprint = (npz_lib.fingerprint(config.model.init_checkpoint)
                  if config.model.init_checkpoint else None)
-  labels = partition.label_params(host_params, factory.trainable_rules(config))
+  labels = freezing.label_params(host_params, factory.trainable_rules(config))
   params = mesh_lib.put_replicated(host_params, mesh)
   steps_per_epoch = len(data.labels) / config.optim.batch_size
   runs = []
@@ -643,8 +644,8 @@ def write_results(run: Run, scores: dict, log_prefix: str = "") -> dict:
   (``config.export``) and writes results.json; returns what it wrote."""
   params = run.state["params"]
   results = {"method": run.config.method, "step": run.step,
-             "trainable_params": partition.count(partition.split(params, run.labels)[0]),
-             "total_params": partition.count(partition.flatten(params)),
+             "trainable_params": freezing.count(freezing.split(params, run.labels)[0]),
+             "total_params": freezing.count(trees.flatten(params)),
              "backbone_params": backbone_size(
                  params, methods_lib.get_method(run.config.method).fresh_patterns)}
   for name, score in scores.items():

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
-from vpt_jax.checkpoints.trees import flatten, unflatten  # pylint: disable=unused-import
-from vpt_jax.models.methods import FROZEN, TRAIN
+from vpt_jax.params.trees import flatten, unflatten
 
+TRAIN = "train"
+FROZEN = "frozen"
 LABELS = (TRAIN, FROZEN)
 
 

@@ -1,0 +1,1 @@
+"""Parameter trees: flat path views and trainable/frozen labels (the bottom layer)."""

@@ -1,0 +1,1 @@
+"""Self-contained suites of runs: the offline quickstart and its backbone's pretraining."""
