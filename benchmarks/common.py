@@ -15,17 +15,16 @@ import jax
 import numpy as np
 
 from configs import common
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
 
-# The values of vpt_jax.data.pipeline's IMAGENET_MEAN/STD and MINUS_ONE_TO_ONE,
-# as the {"mean", "std"} keywords of the steps. Not imported from there: that
-# module pulls in TensorFlow (and TFDS), which train_step.py and memory.py do
-# not otherwise load, and whose import would raise their peak-RSS figures.
-IMAGENET_NORM = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-MINUS_ONE_TO_ONE_NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+# The {"mean", "std"} keywords of the steps (data.normalization imports no
+# TensorFlow, which would raise the benchmarks' peak-RSS figures).
+IMAGENET_NORM = normalization_lib.mean_std("imagenet")
+MINUS_ONE_TO_ONE_NORM = normalization_lib.mean_std("minus_one_to_one")
 # The constant learning rate and weight decay of the timed steps (values do not
 # change a step's cost).
 LEARNING_RATE = 0.01

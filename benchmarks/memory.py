@@ -53,6 +53,7 @@ from jax import ad_checkpoint  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
 from vpt_jax.params import freezing  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
@@ -110,7 +111,7 @@ def kept_activation_bytes(model, labels, param_shapes, batch_size: int, args) ->
   def trace(trainable, frozen, images, labels_):
     def loss(trainable_params):
       logits = model.apply({"params": freezing.merge(trainable_params, frozen)},
-                           steps.normalize_images(images, **bench_lib.IMAGENET_NORM),
+                           normalization_lib.normalize_images(images, **bench_lib.IMAGENET_NORM),
                            train=True, rngs={"dropout": jax.random.key(0)})
       return steps.cross_entropy(logits, labels_).mean()
     with contextlib.redirect_stdout(listing):

@@ -40,6 +40,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.checkpoints import npz as npz_lib  # pylint: disable=g-import-not-at-top
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import vtab  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import serving  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import task_export  # pylint: disable=g-import-not-at-top
@@ -47,7 +48,6 @@ from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
 from vpt_jax.params import freezing
 from vpt_jax.params import trees  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
 NORM = bench_lib.MINUS_ONE_TO_ONE_NORM  # written into the exports' metadata
 # The VTAB-1k tasks' class counts, in the VPT paper's order.
@@ -175,7 +175,7 @@ def main(argv=None):
   # The plain single-task path last: it loads its own copy of the backbone.
   model, variables, metadata = task_export.load_task_variables(exports[names[0]], backbone)
   norm = metadata["normalization"]
-  apply = jax.jit(lambda v, x: model.apply(v, steps.normalize_images(x, norm["mean"],
+  apply = jax.jit(lambda v, x: model.apply(v, normalization_lib.normalize_images(x, norm["mean"],
                                                                       norm["std"])))
   variables = jax.device_put(variables)
   began = time.perf_counter()

@@ -10,13 +10,13 @@ import tolerances
 import checkpoint_fixtures
 from vpt_jax.checkpoints import train_state as ckpt_lib
 from test_end_to_end import tiny_config
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
 from vpt_jax.models import factory
 from vpt_jax.models import vit
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
-from vpt_jax.training import steps
 from vpt_jax.training import trainer
 
 pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
@@ -119,7 +119,7 @@ def test_extracted_features_equal_the_train_mode_features():
                          return_features=True)
     return out.sum(), out
   _, uncached = jax.jit(jax.grad(features, has_aux=True))(
-      variables["params"], steps.normalize_images(images, **norm))
+      variables["params"], normalization_lib.normalize_images(images, **norm))
   # Two programs fuse the backbone differently: 4 blocks of sums at most 65
   # tokens long (attention over 1 + 64 patches), 4 chained sums per block.
   atol = tolerances.rounding_atol(np.max(np.abs(uncached)), reduction_length=65, steps=4 * 4)

@@ -19,6 +19,7 @@ import pytest
 
 import checkpoint_fixtures as fixtures
 from vpt_jax.checkpoints import npz
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
 from vpt_jax.models import factory
 from vpt_jax.models import methods
@@ -239,7 +240,7 @@ def test_export_round_trip_gives_the_same_logits(case, workspace, tmp_path):
   assert metadata["model"]["method"] == run["method"].name
   assert sorted(variables) == sorted(steps.model_variables(state))
   assert model == run["model"]
-  images = steps.normalize_images(run["batch"]["image"], **MEAN_STD)
+  images = normalization_lib.normalize_images(run["batch"]["image"], **MEAN_STD)
   # On device arrays, the eager ops compiled for earlier cases are reused.
   logits = [np.asarray(m.apply(jax.device_put(v), images)) for m, v in (
       (model, variables), (run["model"], steps.model_variables(state)))]

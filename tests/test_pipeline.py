@@ -3,13 +3,15 @@
 import hashlib
 import itertools
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import pipeline
-from vpt_jax.training import steps
 
 
 def _take(iterator, n):
@@ -185,25 +187,20 @@ def test_unknown_resize_method():
 
 def test_normalize_images_by_hand():
   images = np.array([[0, 255, 51]], np.uint8)  # one pixel, three channels
-  out = steps.normalize_images(images, *pipeline.MINUS_ONE_TO_ONE)
+  out = normalization_lib.normalize_images(images, *normalization_lib.MINUS_ONE_TO_ONE)
   assert out.dtype == np.float32
   np.testing.assert_allclose(np.asarray(out), [[-1.0, 1.0, -0.6]], atol=1e-6)
-  out = steps.normalize_images(images, pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD)
+  out = normalization_lib.normalize_images(images, normalization_lib.IMAGENET_MEAN,
+                                           normalization_lib.IMAGENET_STD)
   np.testing.assert_allclose(
       np.asarray(out),
       [[-0.485 / 0.229, (1.0 - 0.456) / 0.224, (0.2 - 0.406) / 0.225]], rtol=1e-5)
 
 
-def test_benchmark_normalisation_constants_match_the_pipeline():
-  """benchmarks/common.py copies them (importing the pipeline loads TensorFlow)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "benchmarks", "common.py")
-  spec = importlib.util.spec_from_file_location("benchmarks_common", path)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  assert tuple(bench.IMAGENET_NORM["mean"]) == tuple(pipeline.IMAGENET_MEAN)
-  assert tuple(bench.IMAGENET_NORM["std"]) == tuple(pipeline.IMAGENET_STD)
-  assert (tuple(bench.MINUS_ONE_TO_ONE_NORM["mean"]),
-          tuple(bench.MINUS_ONE_TO_ONE_NORM["std"])) == tuple(
-              tuple(v) for v in pipeline.MINUS_ONE_TO_ONE)
+def test_normalization_imports_no_tensorflow():
+  """Models, exports and benchmarks normalise without loading TensorFlow (its
+  import would raise the benchmarks' peak-RSS figures)."""
+  code = ("import sys; import vpt_jax.data.normalization; "
+          "assert 'tensorflow' not in sys.modules")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, "-c", code], cwd=repo, check=True)

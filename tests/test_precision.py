@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.training import optimizers
@@ -92,7 +93,7 @@ def test_bfloat16_keeps_parameters_optimizer_state_and_loss_float32():
   assert sum(leaf.size for leaf in jax.tree.leaves(final["opt_state"])) > 0
   for name in ("loss", "grad_norm"):
     assert history[-1][name].dtype == jnp.float32, name
-  images = steps.normalize_images(batch["image"], **MEAN_STD)
+  images = normalization_lib.normalize_images(batch["image"], **MEAN_STD)
   apply = jax.jit(model.apply, static_argnames="return_features")
   variables = {"params": final["params"]}
   assert apply(variables, images).dtype == jnp.float32

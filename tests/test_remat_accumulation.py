@@ -23,6 +23,7 @@ import pytest
 
 import tolerances
 from configs import common
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.training import optimizers
@@ -60,7 +61,7 @@ def _images(batch, size, seed=0):
 def _loss_and_grads(spec, params, batch):
   """Training-mode loss (dropout, drop path on) and its gradient for every parameter."""
   model = factory.build_model(spec, NUM_CLASSES)
-  images = steps.normalize_images(batch["image"], **MEAN_STD)
+  images = normalization_lib.normalize_images(batch["image"], **MEAN_STD)
   logits_fn = lambda p: model.apply({"params": p}, images, train=True,
                                     rngs={"dropout": jax.random.key(3)})
   return jax.value_and_grad(
@@ -111,7 +112,8 @@ def test_remat_gives_the_same_loss_and_gradients(method, overrides):
 def _eval_loss(spec, params, batch):
   """The loss without dropout or drop path."""
   model = factory.build_model(spec, NUM_CLASSES)
-  logits = model.apply({"params": params}, steps.normalize_images(batch["image"], **MEAN_STD))
+  logits = model.apply({"params": params},
+                       normalization_lib.normalize_images(batch["image"], **MEAN_STD))
   return steps.cross_entropy(logits, batch["label"]).mean()
 
 
@@ -174,7 +176,7 @@ def _saved_residual_bytes(spec, batch_size=8):
   model = factory.build_model(spec, NUM_CLASSES)
   params = _random_params(factory.variable_shapes(model, spec["image_size"])["params"])
   batch = _images(batch_size, spec["image_size"])
-  images = steps.normalize_images(batch["image"], **MEAN_STD)
+  images = normalization_lib.normalize_images(batch["image"], **MEAN_STD)
 
   def loss(prompts):
     logits = model.apply({"params": dict(params, vpt=prompts)}, images)

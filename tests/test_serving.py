@@ -14,6 +14,7 @@ from PIL import Image
 import tolerances
 import checkpoint_fixtures as fixtures
 from vpt_jax import cli
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import predict
 from vpt_jax.export import serving
 from vpt_jax.export import task_export
@@ -22,7 +23,6 @@ from vpt_jax.models import methods
 from vpt_jax.models import vit_family
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
-from vpt_jax.training import steps
 
 pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
 
@@ -91,7 +91,7 @@ def _alone(directory, backbone, images):
     model, variables, metadata = task_export.load_task_variables(directory, backbone)
     norm = metadata["normalization"]
     _ALONE[directory] = jax.jit(lambda v, x: model.apply(
-        v, steps.normalize_images(x, norm["mean"], norm["std"]))), variables
+        v, normalization_lib.normalize_images(x, norm["mean"], norm["std"]))), variables
   apply, variables = _ALONE[directory]
   return np.stack([np.asarray(apply(variables, image[None]))[0] for image in images])
 

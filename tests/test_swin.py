@@ -23,12 +23,12 @@ import checkpoint_fixtures as fixtures
 from test_methods import assert_only_trainable_changed
 from test_methods import train_steps
 from vpt_jax.checkpoints import npz
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import trees
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.models import swin
 from vpt_jax.params import freezing
-from vpt_jax.training import steps
 
 # The tiny sizes of vpt_jax.models.swin (written out: the test's own expectation).
 TINY = {
@@ -606,7 +606,7 @@ def trained(method_name: str) -> dict:
     if "features" not in _FEATURES:
       _FEATURES["features"] = np.asarray(jax.jit(
           lambda p, x: model.apply({"params": p}, x, return_features=True))(
-              params, steps.normalize_images(images, **normalization)))
+              params, normalization_lib.normalize_images(images, **normalization)))
     batch = {"features": _FEATURES["features"], "label": batch["label"]}
   initial, state, losses = train_steps(
       model, params, labels, batch, optimizer=name, learning_rate=LEARNING_RATES[name],

@@ -8,7 +8,7 @@ them with tf.data, one share per process, padded so every process runs the same
 number of steps (the big_vision ``make_for_inference`` convention: padding rows
 are zero images with ``mask=False``).
 
-Images leave this module as uint8; ``training.steps.normalize_images`` maps them to floats on
+Images leave this module as uint8; ``data.normalization.normalize_images`` maps them to floats on
 the device, which keeps host-to-device transfers four times smaller.
 
 Resizing follows the VTAB reference (task_adaptation, TF1): bilinear without
@@ -41,11 +41,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vpt_jax.data import local_builders
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# (mean, std) that map [0, 1] to [-1, 1], the input range of the Google ViTs.
-MINUS_ONE_TO_ONE = ((0.5,) * 3, (0.5,) * 3)
 
 RESIZE_METHODS = ("tf1_bilinear", "bilinear", "bicubic", "nearest",
                   "antialias_bilinear")

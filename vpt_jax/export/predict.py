@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
-from vpt_jax.training import steps as steps_lib
 
 
 def read_images(paths: Sequence[str], image_size: int) -> np.ndarray:
@@ -38,7 +38,7 @@ def predict_files(export_dir: str, paths: Sequence[str], *,
   images = read_images(paths, metadata["image_size"])
   norm = metadata["normalization"]
   logits = jax.jit(lambda v, x: model.apply(
-      v, steps_lib.normalize_images(x, norm["mean"], norm["std"])))(variables, images)
+      v, normalization_lib.normalize_images(x, norm["mean"], norm["std"])))(variables, images)
   probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
   names = task_export.class_names(metadata)
   return [{"file": path, **top_classes(probs, names, top_k)}

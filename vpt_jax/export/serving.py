@@ -60,12 +60,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import trees
 from vpt_jax.export import predict as predict_lib
 from vpt_jax.export import task_export
 from vpt_jax.models import factory
 from vpt_jax.models import methods as methods_lib
-from vpt_jax.training import steps as steps_lib
 
 ExportError = task_export.ExportError
 PARAMS = "params"
@@ -208,7 +208,7 @@ def mixed_task_logits(model: nn.Module, shared: Mapping[str, Any],
 
   def one_example(task_variables, image, image_mean, image_std):
     variables = trees.unflatten({**shared, **task_variables})
-    inputs = steps_lib.normalize_images(image[None], image_mean, image_std)
+    inputs = normalization_lib.normalize_images(image[None], image_mean, image_std)
     return model.apply(variables, inputs)[0]
 
   # The backbone is closed over, i.e. broadcast: vmap batches the example axis

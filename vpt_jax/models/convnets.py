@@ -47,15 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import methods as methods_lib
 
 # The reference normalises its pad prompts (drawn in [0, 1] pixel units) with
-# torchvision's ImageNet Normalize whatever the data pipeline does; the same
-# values as data.pipeline.IMAGENET_MEAN/STD (not imported: that pulls in TF).
-PROMPT_MEAN = (0.485, 0.456, 0.406)
-PROMPT_STD = (0.229, 0.224, 0.225)
+# torchvision's ImageNet Normalize whatever the data pipeline does.
+PROMPT_MEAN, PROMPT_STD = normalization_lib.IMAGENET_MEAN, normalization_lib.IMAGENET_STD
 BATCH_NORM_EPSILON = 1e-5   # torchvision BatchNorm2d
 LAYER_NORM_EPSILON = 1e-6   # every ConvNeXt LayerNorm
 LAYER_SCALE_INIT = 1e-6     # ConvNeXt's gamma

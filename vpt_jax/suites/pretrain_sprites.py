@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sprites
 from vpt_jax.models import vit
 from vpt_jax.training import steps as steps_lib
@@ -66,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   def train_step(state, opt_state, images, labels):
     def loss_fn(state):
       features = model.apply({"params": state["backbone"]},
-                             steps_lib.normalize_images(images, mean, std),
+                             normalization_lib.normalize_images(images, mean, std),
                              return_features=True)
       losses, accuracies = [], []
       for i, attribute in enumerate(config.attributes):

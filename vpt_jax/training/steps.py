@@ -19,21 +19,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
-
-
-def normalize_images(images, mean, std):
-  """uint8 (B, H, W, 3) -> float32 ((x / 255) - mean) / std."""
-  images = images.astype(jnp.float32) / 255.0
-  return (images - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def model_inputs(batch, mean, std) -> tuple:
   """(model input, extra apply kwargs) of a batch: normalised images or cached features."""
   if "features" in batch:
     return batch["features"], {"from_features": True}
-  return normalize_images(batch["image"], mean, std), {}
+  return normalization_lib.normalize_images(batch["image"], mean, std), {}
 
 
 def model_variables(state) -> dict:

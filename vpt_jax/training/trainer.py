@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import train_state as ckpt_lib
+from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import pipeline
 from vpt_jax.data import sources
 from vpt_jax.export import task_export
@@ -38,10 +39,6 @@ from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import steps as steps_lib
 
-NORMALIZATIONS = {
-    "imagenet": (pipeline.IMAGENET_MEAN, pipeline.IMAGENET_STD),
-    "minus_one_to_one": pipeline.MINUS_ONE_TO_ONE,
-}
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 # Fields (dotted names, as ``config_fields`` gives them; a trailing "." covers a
@@ -103,12 +100,10 @@ class PreemptionNotice:
 
 def normalization(config) -> dict:
   """{"mean": (3,), "std": (3,)} for config.data.normalization."""
-  name = config.data.normalization
-  if name not in NORMALIZATIONS:
-    raise ConfigError(f"Unknown data.normalization {name!r}; choose one of "
-                      f"{sorted(NORMALIZATIONS)}")
-  mean, std = NORMALIZATIONS[name]
-  return {"mean": mean, "std": std}
+  try:
+    return normalization_lib.mean_std(config.data.normalization)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def source(config, split: str) -> pipeline.AnySource:
@@ -352,7 +347,7 @@ def compute_features(model, variables, images: np.ndarray, mesh, *, batch_size: 
   mesh_lib.check_batch_divisible(batch_size, mesh)
   replicated = mesh_lib.replicated(mesh)
   extract = jax.jit(
-      lambda v, x: model.apply(v, steps_lib.normalize_images(x, **norm), train=False,
+      lambda v, x: model.apply(v, normalization_lib.normalize_images(x, **norm), train=False,
                                return_features=True),
       in_shardings=(replicated, mesh_lib.batch_sharded(mesh)), out_shardings=replicated)
   local = batch_size // jax.process_count()
