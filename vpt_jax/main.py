@@ -5,13 +5,21 @@
 """
 
 
+import os
 import sys
 
+# TensorFlow's C++ INFO lines (oneDNN notices) stay off the console; set before
+# anything imports TensorFlow. --verbosity brings absl's (and orbax's) INFO back.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from vpt_jax import cli
+from vpt_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: file.py:key=value,...",
@@ -41,6 +49,8 @@ _INPUTS = flags.DEFINE_string("inputs", None, "With --tasks: task:image_path,...
 _BACKBONE = flags.DEFINE_string("backbone", None, "With --tasks: the backbone file (default: "
                                 "the path the exports recorded).")
 _OUTPUT = flags.DEFINE_string("output", None, "With --tasks: also write the JSON lines here.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the Python traceback of a user error (bad "
+                           "config, flags, files or data) instead of its one-line message.")
 
 
 @flags.multi_flags_validator(
@@ -62,6 +72,19 @@ def _serving_flags_only_with_tasks(values):
 
 
 def main(argv):
+  """Runs the mode; a user's mistake ends as one line and exit status 2."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # absl and orbax INFO lines off by default
+  try:
+    _dispatch(argv)
+  except errors.UserError as error:
+    if _DEBUG.value:
+      raise
+    print(f"run.py: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _dispatch(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CPU_DEVICES.value:
