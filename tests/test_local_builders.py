@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vpt_jax.data import local_builders
-from vpt_jax.data import pipeline
+from vpt_jax.data import source_protocols
 from vpt_jax.data import sprites
 
 
@@ -94,16 +94,16 @@ def test_digits_splits_features_and_values(data_dir):
 
 
 def test_num_classes_and_examples_from_metadata(data_dir):
-  count = pipeline.ImageSource("vpt_sprites/tiny", "train[:10]+validation", data_dir,
-                               label_key="count")
-  assert pipeline.num_classes(count) == 3
-  assert pipeline.num_examples(count) == 18
-  digits = pipeline.ImageSource("vpt_digits", "test", data_dir)
-  assert pipeline.num_classes(digits) == 10
-  assert pipeline.num_examples(digits) == 797
+  count = source_protocols.ImageSource("vpt_sprites/tiny", "train[:10]+validation", data_dir,
+                                       label_key="count")
+  assert source_protocols.num_classes(count) == 3
+  assert source_protocols.num_examples(count) == 18
+  digits = source_protocols.ImageSource("vpt_digits", "test", data_dir)
+  assert source_protocols.num_classes(digits) == 10
+  assert source_protocols.num_examples(digits) == 797
 
 
 def test_unknown_label_key_names_the_features(data_dir):
-  source = pipeline.ImageSource("vpt_digits", "test", data_dir, label_key="digit")
+  source = source_protocols.ImageSource("vpt_digits", "test", data_dir, label_key="digit")
   with pytest.raises(KeyError, match="label"):
-    pipeline.num_classes(source)
+    source_protocols.num_classes(source)

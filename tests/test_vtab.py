@@ -9,8 +9,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from configs import common
-from vpt_jax.data import pipeline
+from vpt_jax.data import eval_stream
+from vpt_jax.data import source_protocols
 from vpt_jax.data import sources
+from vpt_jax.data import training_stream
 from vpt_jax.data import vtab
 
 NATURAL = ["cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn",
@@ -229,23 +231,23 @@ def test_task_through_the_pipeline_on_mock_data(name, mock_dir):
     for split in vtab.SPLIT_NAMES:
       source = sources.make_source(_data_config(name, mock_dir), split)
       assert source.split == task.splits[split]  # computed from the injected sizes
-      assert pipeline.num_classes(source) == task.num_classes
-    assert pipeline.num_examples(source) == task.test_size
-    images, labels = pipeline.load_split_arrays(source, image_size=8)
+      assert source_protocols.num_classes(source) == task.num_classes
+    assert source_protocols.num_examples(source) == task.test_size
+    images, labels = training_stream.load_split_arrays(source, image_size=8)
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8
     assert labels.shape == (3,) and labels.dtype == np.int32
     assert ((0 <= labels) & (labels < task.num_classes)).all(), labels
     if scenes:
       assert labels.tolist() == EXPECTED_SCENE_LABELS[name]
-    batch = next(pipeline.eval_batches(source, image_size=8, local_batch=4))
+    batch = next(eval_stream.eval_batches(source, image_size=8, local_batch=4))
     assert batch["image"].shape == (4, 8, 8, 3) and batch["mask"].tolist() == [1, 1, 1, 0]
 
 
 def test_missing_data_shows_the_manual_download_steps(tmp_path):
   source = sources.make_source(_data_config("resisc45", str(tmp_path)), "train800val200")
   with pytest.raises(FileNotFoundError, match="NWPU-RESISC45") as error:
-    pipeline.load_split_arrays(source, image_size=8)
+    training_stream.load_split_arrays(source, image_size=8)
   assert "--manual_dir" in str(error.value)
   source = sources.make_source(_data_config("dmlab", str(tmp_path)), "test")
   with pytest.raises(FileNotFoundError, match="vpt_jax.data.vtab prepare dmlab"):
-    pipeline.num_examples(source)
+    source_protocols.num_examples(source)

@@ -27,7 +27,8 @@ import tensorflow_datasets as tfds
 
 from vpt_jax.data import fgvc
 from vpt_jax.data import files
-from vpt_jax.data import pipeline
+from vpt_jax.data import preprocessing
+from vpt_jax.data import source_protocols
 from vpt_jax.data import vtab
 
 TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json")
@@ -37,7 +38,7 @@ TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json")
 class TfdsTaskSource:
   """A TFDS split read through a task's preprocess (label) function.
 
-  Implements pipeline.ExampleSource.
+  Implements source_protocols.ExampleSource.
 
   Attributes:
     builder: TFDS name[/config]:version.
@@ -68,12 +69,12 @@ class TfdsTaskSource:
     return builder
 
   def examples(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-    split = pipeline.process_split(self.split, process_index, process_count)
+    split = source_protocols.process_split(self.split, process_index, process_count)
     ds = self._prepared().as_dataset(split=split, shuffle_files=False)
     return ds.map(self.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
 
   def size(self, process_index: int = 0, process_count: int = 1) -> int:
-    split = pipeline.process_split(self.split, process_index, process_count)
+    split = source_protocols.process_split(self.split, process_index, process_count)
     return self._prepared().info.splits[split].num_examples
 
   def num_classes(self) -> int:
@@ -120,13 +121,13 @@ def _vtab_folder(path: str, task: vtab.VtabTask) -> str:
       f"{', '.join(spellings)}")
 
 
-def make_source(data, split: str) -> pipeline.AnySource:
+def make_source(data, split: str) -> source_protocols.AnySource:
   """The source of one split described by ``config.data``."""
   task = data.task
   data_dir = data.data_dir or None
   if not task:
-    return pipeline.ImageSource(builder=data.builder, split=split, data_dir=data_dir,
-                                image_key=data.image_key, label_key=data.label_key)
+    return source_protocols.ImageSource(builder=data.builder, split=split, data_dir=data_dir,
+                                        image_key=data.image_key, label_key=data.label_key)
   kind, _, name = task.partition("/")
   if kind == "vtab":
     if data.path:
@@ -160,11 +161,11 @@ def make_source(data, split: str) -> pipeline.AnySource:
 
 def check_data_config(data) -> Optional[str]:
   """The problem with ``config.data`` that needs no data to see, or None."""
-  if data.preprocess not in pipeline.PREPROCESS_MODES:
+  if data.preprocess not in preprocessing.PREPROCESS_MODES:
     return (f"Unknown data.preprocess {data.preprocess!r}; choose one of "
-            f"{pipeline.PREPROCESS_MODES}")
-  if data.resize not in pipeline.RESIZE_METHODS:
-    return f"Unknown data.resize {data.resize!r}; choose one of {pipeline.RESIZE_METHODS}"
+            f"{preprocessing.PREPROCESS_MODES}")
+  if data.resize not in preprocessing.RESIZE_METHODS:
+    return f"Unknown data.resize {data.resize!r}; choose one of {preprocessing.RESIZE_METHODS}"
   task = data.task
   if not task:
     return None if data.builder else (
