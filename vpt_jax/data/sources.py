@@ -4,7 +4,7 @@
 
 =====================  ==========================================================
 ``""``                 the TFDS dataset ``data.builder`` (``image_key``, ``label_key``)
-``"vtab/<task>"``      one of the 19 VTAB-1k tasks (``vtab.TASKS``) through TFDS,
+``"vtab/<task>"``      one of the 19 VTAB-1k tasks (``vtab_tasks.TASKS``) through TFDS,
                        or, with ``data.path``, the extracted VTAB-1k folder
 ``"fgvc/<dataset>"``   CUB, NABirds, Oxford Flowers, Stanford Dogs or Cars through
                        TFDS, or, with ``data.path``, VPT's JSON split files
@@ -30,6 +30,8 @@ from vpt_jax.data import files
 from vpt_jax.data import preprocessing
 from vpt_jax.data import source_protocols
 from vpt_jax.data import vtab
+from vpt_jax.data import vtab_labels
+from vpt_jax.data import vtab_tasks
 
 TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json")
 
@@ -99,18 +101,18 @@ def _split_sizes(builder_name: str, data_dir: Optional[str]) -> Optional[dict]:
 
 def vtab_source(name: str, split: str, data_dir: Optional[str]) -> TfdsTaskSource:
   """A VTAB-1k task through TFDS; split is a VTAB split name or a TFDS string."""
-  task = vtab.get_task(name)
+  task = vtab_tasks.get_task(name)
   tfds_split = vtab.resolve_split(task, split, _split_sizes(task.builder, data_dir))
   return TfdsTaskSource(task.builder, tfds_split, data_dir, task.preprocess,
                         task.num_classes, task.class_names,
                         missing_message=vtab.missing_data_message(task, data_dir))
 
 
-def _vtab_folder(path: str, task: vtab.VtabTask) -> str:
+def _vtab_folder(path: str, task: vtab_tasks.VtabTask) -> str:
   """The task's folder: path itself, or path/<name> under any of its spellings."""
   if tf.io.gfile.glob(os.path.join(path, "*.txt")):
     return path
-  spellings = [task.name] + [a for a, target in vtab.ALIASES.items() if target == task.name]
+  spellings = [task.name] + [a for a, target in vtab_tasks.ALIASES.items() if target == task.name]
   for spelling in spellings:
     candidate = os.path.join(path, spelling)
     if tf.io.gfile.glob(os.path.join(candidate, "*.txt")):
@@ -131,7 +133,7 @@ def make_source(data, split: str) -> source_protocols.AnySource:
   kind, _, name = task.partition("/")
   if kind == "vtab":
     if data.path:
-      vtab_task = vtab.get_task(name)
+      vtab_task = vtab_tasks.get_task(name)
       return files.list_folder(_vtab_folder(data.path, vtab_task), split,
                                num_classes=vtab_task.num_classes,
                                skip_corrupt=data.skip_corrupt, names=vtab_task.class_names)
@@ -145,7 +147,7 @@ def make_source(data, split: str) -> source_protocols.AnySource:
     if not dataset.tfds_builder:
       raise ValueError(f"{dataset.title} has no TFDS builder. {dataset.notes}")
     return TfdsTaskSource(dataset.tfds_builder, dataset.tfds_splits.get(split, split),
-                          data_dir, vtab.plain_label, dataset.num_classes)
+                          data_dir, vtab_labels.plain_label, dataset.num_classes)
   if kind == "folder":
     return files.image_folder(data.path, split, num_classes=data.num_classes,
                               skip_corrupt=data.skip_corrupt)
@@ -177,7 +179,7 @@ def check_data_config(data) -> Optional[str]:
             "or json")
   try:
     if kind == "vtab":
-      vtab.get_task(name)
+      vtab_tasks.get_task(name)
     elif kind == "fgvc":
       dataset = fgvc.get_dataset(name)
       if not dataset.tfds_builder and not data.path:

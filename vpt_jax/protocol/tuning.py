@@ -110,7 +110,7 @@ def parse_tasks(spec: str) -> list[str]:
   datasets.
   """
   from vpt_jax.data import fgvc  # pylint: disable=g-import-not-at-top
-  from vpt_jax.data import vtab  # pylint: disable=g-import-not-at-top
+  from vpt_jax.data import vtab_tasks  # pylint: disable=g-import-not-at-top
   tasks = []
   for item in filter(None, spec.split("+")):
     if item.startswith("tfds:"):
@@ -121,7 +121,7 @@ def parse_tasks(spec: str) -> list[str]:
       tasks.extend(f"fgvc/{n}" for n in names)
     else:
       item = item[len("vtab/"):] if item.startswith("vtab/") else item
-      tasks.extend(f"vtab/{n}" for n in vtab.task_names(item))
+      tasks.extend(f"vtab/{n}" for n in vtab_tasks.task_names(item))
   if not tasks:
     raise ProtocolError("protocol.tasks is empty; e.g. tasks=dmlab+eurosat, all, "
                         "structured or fgvc/cub")
