@@ -32,7 +32,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
-from vpt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from vpt_jax.data import training_stream  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
@@ -75,8 +75,8 @@ def run_epochs(step_fn, state, inputs: dict, targets, *, batch_size: int, epochs
                start_epoch: int = 0):
   """Runs whole epochs of steps; returns (state, seconds), blocking on the result."""
   steps_per_epoch = len(targets) // batch_size
-  batches = pipeline.train_batches(len(targets), global_batch=batch_size, seed=0,
-                                   start_step=start_epoch * steps_per_epoch)
+  batches = training_stream.train_batches(len(targets), global_batch=batch_size, seed=0,
+                                          start_step=start_epoch * steps_per_epoch)
   rng = jax.random.key(1)
   began = time.perf_counter()
   for _ in range(epochs * steps_per_epoch):

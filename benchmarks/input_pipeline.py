@@ -33,8 +33,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from PIL import Image  # pylint: disable=g-import-not-at-top
 
 from configs import common  # pylint: disable=g-import-not-at-top
-from vpt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+from vpt_jax.data import eval_stream  # pylint: disable=g-import-not-at-top
 from vpt_jax.data import sources  # pylint: disable=g-import-not-at-top
+from vpt_jax.data import training_stream  # pylint: disable=g-import-not-at-top
 
 IMAGE_SIZE = 224
 BATCH = 128
@@ -67,17 +68,17 @@ def rate(fn, images_per_call: int, repeats: int) -> float:
 
 def train_gather(cache, labels, steps: int, preprocess: str):
   def run():
-    batches = pipeline.train_batches(len(labels), global_batch=BATCH, seed=0)
+    batches = training_stream.train_batches(len(labels), global_batch=BATCH, seed=0)
     for step in range(steps):
-      pipeline.train_batch(cache, labels, next(batches), image_size=IMAGE_SIZE,
-                           preprocess=preprocess, seed=0, step=step)
+      training_stream.train_batch(cache, labels, next(batches), image_size=IMAGE_SIZE,
+                                  preprocess=preprocess, seed=0, step=step)
   return run
 
 
-def eval_stream(source, preprocess: str):
+def eval_streaming(source, preprocess: str):
   def run():
-    for _ in pipeline.eval_batches(source, image_size=IMAGE_SIZE, local_batch=BATCH,
-                                   preprocess=preprocess):
+    for _ in eval_stream.eval_batches(source, image_size=IMAGE_SIZE, local_batch=BATCH,
+                                      preprocess=preprocess):
       pass
   return run
 
@@ -99,11 +100,11 @@ def pipeline_rates(folder: str, count: int, repeats: int) -> list[tuple[str, flo
        rate(train_gather(fgvc_cache, labels, steps, "resize_crop_flip"), steps * BATCH,
             repeats)),
       ("training cache build: JPEG decode + resize to 224 (once per run)",
-       rate(lambda: pipeline.load_train_set(source, image_size=IMAGE_SIZE), count, repeats)),
+       rate(lambda: training_stream.load_train_set(source, image_size=IMAGE_SIZE), count, repeats)),
       ("eval streaming: JPEG decode + resize to 224 (tf1_bilinear), padded batches",
-       rate(eval_stream(source, "resize"), count, repeats)),
+       rate(eval_streaming(source, "resize"), count, repeats)),
       ("eval streaming: JPEG decode + resize 256 + centre crop 224 (FGVC)",
-       rate(eval_stream(source, "resize_crop_flip"), count, repeats)),
+       rate(eval_streaming(source, "resize_crop_flip"), count, repeats)),
   ]
   return rows
 

@@ -41,7 +41,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.checkpoints import npz as npz_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.data import vtab  # pylint: disable=g-import-not-at-top
+from vpt_jax.data import vtab_tasks  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import serving  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import task_export  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
@@ -51,7 +51,7 @@ from vpt_jax.params import trees  # pylint: disable=g-import-not-at-top
 
 NORM = bench_lib.MINUS_ONE_TO_ONE_NORM  # written into the exports' metadata
 # The VTAB-1k tasks' class counts, in the VPT paper's order.
-VTAB_CLASSES = [task.num_classes for task in vtab.TASKS.values()]
+VTAB_CLASSES = [task.num_classes for task in vtab_tasks.TASKS.values()]
 
 
 def parse_args(argv=None):

@@ -14,13 +14,13 @@ configs/vtab_protocol.py.
 """
 
 from configs import common
-from vpt_jax.data import vtab
+from vpt_jax.data import vtab_tasks
 from vpt_jax.protocol import hparams
 
 
 def get_config(arg: str = ""):
   args = common.parse_arg(arg, task="dmlab", **common.DATA_ARGS, **common.MODEL_ARGS)
-  task = vtab.get_task(args.task)
+  task = vtab_tasks.get_task(args.task)
   config = common.model_config(args)
   config.data.task = f"vtab/{task.name}"
   config.data.train_split = "train800val200"

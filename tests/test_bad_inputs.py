@@ -206,11 +206,12 @@ def test_variant_typos_suggest_the_other_families(typo, suggestion):
 
 
 def test_a_tfds_dataset_needing_a_manual_download_says_where_to_put_it(tmp_path):
-  from vpt_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  source = pipeline.ImageSource(builder="diabetic_retinopathy_detection",
-                                data_dir=str(tmp_path), split="train")
+  from vpt_jax.data import source_protocols  # pylint: disable=g-import-not-at-top
+  from vpt_jax.data import training_stream  # pylint: disable=g-import-not-at-top
+  source = source_protocols.ImageSource(builder="diabetic_retinopathy_detection",
+                                        data_dir=str(tmp_path), split="train")
   manual_dir = os.path.join(str(tmp_path), "downloads", "manual")
   with pytest.raises(FileNotFoundError, match="needs a manual download") as error:
-    pipeline.load_split_arrays(source, image_size=32)
+    training_stream.load_split_arrays(source, image_size=32)
   assert f"Put the files in {manual_dir}" in str(error.value)
   assert "--manual_dir" in str(error.value)

@@ -17,6 +17,8 @@ from configs import common
 from configs import vtab_protocol
 from vpt_jax.export import task_export
 from vpt_jax.models import factory
+from vpt_jax.protocol import run_plan
+from vpt_jax.protocol import run_records
 from vpt_jax.protocol import tuning
 from vpt_jax.training import fused
 from vpt_jax.training import optimizers
@@ -74,8 +76,8 @@ def sweeps(tmp_path_factory):
     records = {}
     for lr in lrs:
       for wd in GRID_WDS:
-        run_dir = os.path.join(workdir, tuning.RunSpec(TASK, "tune", lr, wd).folder("vpt_deep"))
-        with open(os.path.join(run_dir, tuning.RUN_FILE)) as f:
+        run_dir = os.path.join(workdir, run_plan.RunSpec(TASK, "tune", lr, wd).folder("vpt_deep"))
+        with open(os.path.join(run_dir, run_records.RUN_FILE)) as f:
           records[(lr, wd)] = (run_dir, json.load(f))
     out[fuse] = {"config": config, "summary": summary, "records": records}
   return out
@@ -165,7 +167,7 @@ def test_a_rerun_resumes_each_setting_from_its_own_checkpoint(sweeps):
   config, records = sweeps[8]["config"], sweeps[8]["records"]
   settings = [(lr, wd) for lr in FUSED_LRS for wd in GRID_WDS]
   outcomes = fused.train_and_evaluate_settings(
-      [tuning.run_config(config, tuning.RunSpec(TASK, "tune", *s)) for s in settings],
+      [run_plan.run_config(config, run_plan.RunSpec(TASK, "tune", *s)) for s in settings],
       [records[s][0] for s in settings])
   for setting, outcome in zip(settings, outcomes):
     previous = records[setting][1]["results"]

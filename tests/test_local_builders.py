@@ -7,7 +7,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vpt_jax.data import local_builders
-from vpt_jax.data import pipeline
 from vpt_jax.data import sprites
 
 
@@ -91,19 +90,3 @@ def test_digits_splits_features_and_values(data_dir):
   # Every value is a multiple of 255/16, rounded.
   levels = set(np.round(np.arange(17) * 255 / 16).astype(int))
   assert set(np.unique(all_images)) <= levels
-
-
-def test_num_classes_and_examples_from_metadata(data_dir):
-  count = pipeline.ImageSource("vpt_sprites/tiny", "train[:10]+validation", data_dir,
-                               label_key="count")
-  assert pipeline.num_classes(count) == 3
-  assert pipeline.num_examples(count) == 18
-  digits = pipeline.ImageSource("vpt_digits", "test", data_dir)
-  assert pipeline.num_classes(digits) == 10
-  assert pipeline.num_examples(digits) == 797
-
-
-def test_unknown_label_key_names_the_features(data_dir):
-  source = pipeline.ImageSource("vpt_digits", "test", data_dir, label_key="digit")
-  with pytest.raises(KeyError, match="label"):
-    pipeline.num_classes(source)

@@ -84,7 +84,7 @@ def _read_and_decode(index, path, label):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FileSource:
-  """Labelled image files, in a fixed order; implements pipeline.ExampleSource.
+  """Labelled image files, in a fixed order; implements source_protocols.ExampleSource.
 
   Attributes:
     builder: what the data is, for messages (e.g. "image folder /data/pets").

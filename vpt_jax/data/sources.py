@@ -4,7 +4,7 @@
 
 =====================  ==========================================================
 ``""``                 the TFDS dataset ``data.builder`` (``image_key``, ``label_key``)
-``"vtab/<task>"``      one of the 19 VTAB-1k tasks (``vtab.TASKS``) through TFDS,
+``"vtab/<task>"``      one of the 19 VTAB-1k tasks (``vtab_tasks.TASKS``) through TFDS,
                        or, with ``data.path``, the extracted VTAB-1k folder
 ``"fgvc/<dataset>"``   CUB, NABirds, Oxford Flowers, Stanford Dogs or Cars through
                        TFDS, or, with ``data.path``, VPT's JSON split files
@@ -27,8 +27,11 @@ import tensorflow_datasets as tfds
 
 from vpt_jax.data import fgvc
 from vpt_jax.data import files
-from vpt_jax.data import pipeline
+from vpt_jax.data import preprocessing
+from vpt_jax.data import source_protocols
 from vpt_jax.data import vtab
+from vpt_jax.data import vtab_labels
+from vpt_jax.data import vtab_tasks
 
 TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json")
 
@@ -37,7 +40,7 @@ TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json")
 class TfdsTaskSource:
   """A TFDS split read through a task's preprocess (label) function.
 
-  Implements pipeline.ExampleSource.
+  Implements source_protocols.ExampleSource.
 
   Attributes:
     builder: TFDS name[/config]:version.
@@ -68,12 +71,12 @@ class TfdsTaskSource:
     return builder
 
   def examples(self, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-    split = pipeline.process_split(self.split, process_index, process_count)
+    split = source_protocols.process_split(self.split, process_index, process_count)
     ds = self._prepared().as_dataset(split=split, shuffle_files=False)
     return ds.map(self.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
 
   def size(self, process_index: int = 0, process_count: int = 1) -> int:
-    split = pipeline.process_split(self.split, process_index, process_count)
+    split = source_protocols.process_split(self.split, process_index, process_count)
     return self._prepared().info.splits[split].num_examples
 
   def num_classes(self) -> int:
@@ -98,18 +101,18 @@ def _split_sizes(builder_name: str, data_dir: Optional[str]) -> Optional[dict]:
 
 def vtab_source(name: str, split: str, data_dir: Optional[str]) -> TfdsTaskSource:
   """A VTAB-1k task through TFDS; split is a VTAB split name or a TFDS string."""
-  task = vtab.get_task(name)
+  task = vtab_tasks.get_task(name)
   tfds_split = vtab.resolve_split(task, split, _split_sizes(task.builder, data_dir))
   return TfdsTaskSource(task.builder, tfds_split, data_dir, task.preprocess,
                         task.num_classes, task.class_names,
                         missing_message=vtab.missing_data_message(task, data_dir))
 
 
-def _vtab_folder(path: str, task: vtab.VtabTask) -> str:
+def _vtab_folder(path: str, task: vtab_tasks.VtabTask) -> str:
   """The task's folder: path itself, or path/<name> under any of its spellings."""
   if tf.io.gfile.glob(os.path.join(path, "*.txt")):
     return path
-  spellings = [task.name] + [a for a, target in vtab.ALIASES.items() if target == task.name]
+  spellings = [task.name] + [a for a, target in vtab_tasks.ALIASES.items() if target == task.name]
   for spelling in spellings:
     candidate = os.path.join(path, spelling)
     if tf.io.gfile.glob(os.path.join(candidate, "*.txt")):
@@ -120,17 +123,17 @@ def _vtab_folder(path: str, task: vtab.VtabTask) -> str:
       f"{', '.join(spellings)}")
 
 
-def make_source(data, split: str) -> pipeline.AnySource:
+def make_source(data, split: str) -> source_protocols.AnySource:
   """The source of one split described by ``config.data``."""
   task = data.task
   data_dir = data.data_dir or None
   if not task:
-    return pipeline.ImageSource(builder=data.builder, split=split, data_dir=data_dir,
-                                image_key=data.image_key, label_key=data.label_key)
+    return source_protocols.ImageSource(builder=data.builder, split=split, data_dir=data_dir,
+                                        image_key=data.image_key, label_key=data.label_key)
   kind, _, name = task.partition("/")
   if kind == "vtab":
     if data.path:
-      vtab_task = vtab.get_task(name)
+      vtab_task = vtab_tasks.get_task(name)
       return files.list_folder(_vtab_folder(data.path, vtab_task), split,
                                num_classes=vtab_task.num_classes,
                                skip_corrupt=data.skip_corrupt, names=vtab_task.class_names)
@@ -144,7 +147,7 @@ def make_source(data, split: str) -> pipeline.AnySource:
     if not dataset.tfds_builder:
       raise ValueError(f"{dataset.title} has no TFDS builder. {dataset.notes}")
     return TfdsTaskSource(dataset.tfds_builder, dataset.tfds_splits.get(split, split),
-                          data_dir, vtab.plain_label, dataset.num_classes)
+                          data_dir, vtab_labels.plain_label, dataset.num_classes)
   if kind == "folder":
     return files.image_folder(data.path, split, num_classes=data.num_classes,
                               skip_corrupt=data.skip_corrupt)
@@ -160,11 +163,11 @@ def make_source(data, split: str) -> pipeline.AnySource:
 
 def check_data_config(data) -> Optional[str]:
   """The problem with ``config.data`` that needs no data to see, or None."""
-  if data.preprocess not in pipeline.PREPROCESS_MODES:
+  if data.preprocess not in preprocessing.PREPROCESS_MODES:
     return (f"Unknown data.preprocess {data.preprocess!r}; choose one of "
-            f"{pipeline.PREPROCESS_MODES}")
-  if data.resize not in pipeline.RESIZE_METHODS:
-    return f"Unknown data.resize {data.resize!r}; choose one of {pipeline.RESIZE_METHODS}"
+            f"{preprocessing.PREPROCESS_MODES}")
+  if data.resize not in preprocessing.RESIZE_METHODS:
+    return f"Unknown data.resize {data.resize!r}; choose one of {preprocessing.RESIZE_METHODS}"
   task = data.task
   if not task:
     return None if data.builder else (
@@ -176,7 +179,7 @@ def check_data_config(data) -> Optional[str]:
             "or json")
   try:
     if kind == "vtab":
-      vtab.get_task(name)
+      vtab_tasks.get_task(name)
     elif kind == "fgvc":
       dataset = fgvc.get_dataset(name)
       if not dataset.tfds_builder and not data.path:

@@ -28,6 +28,7 @@ images per second come out of one core.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -186,6 +187,121 @@ def _rasterise(centres, radii, angles, shapes, colors, present, backgrounds, *,
   return images
 
 
+@dataclasses.dataclass(frozen=True)
+class _Scenes:
+  """Every random quantity of N scenes with K object slots (slots sorted by radius).
+
+  counts (N,) sprites per image; present (N, K) bool; centres (N, K, 2) and
+  radii (N, K) in pixels; shapes, color_ids (N, K) int; colors (N, K, 3)
+  float32; angles_deg (N, K); tint (N, 1, 1, 3) float32 background tint;
+  noise_seed seeds the background noise.
+  """
+  counts: np.ndarray
+  present: np.ndarray
+  centres: np.ndarray
+  radii: np.ndarray
+  shapes: np.ndarray
+  color_ids: np.ndarray
+  colors: np.ndarray
+  angles_deg: np.ndarray
+  tint: np.ndarray
+  noise_seed: int
+
+
+def _scale_range(num_images: int, min_objects: int, max_objects: int,
+                 min_scale: Optional[float], max_scale: Optional[float],
+                 supersample: int) -> tuple[float, float]:
+  """Checks ``generate``'s arguments; returns (min_scale, max_scale) with defaults filled."""
+  if num_images < 0:
+    raise ValueError(f"num_images must be >= 0, got {num_images}")
+  if not 1 <= min_objects <= max_objects:
+    raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+  default_low, default_high = default_scale_range(max_objects)
+  min_scale = default_low if min_scale is None else min_scale
+  max_scale = default_high if max_scale is None else max_scale
+  if not 0 < min_scale <= max_scale < 0.5:
+    raise ValueError(f"need 0 < min_scale <= max_scale < 0.5, got {min_scale}, {max_scale}")
+  if supersample < 1:
+    raise ValueError(f"supersample must be >= 1, got {supersample}")
+  return min_scale, max_scale
+
+
+def _draw_scenes(rng: np.random.Generator, num: int, slots: int, *, min_objects: int,
+                 max_objects: int, min_scale: float, max_scale: float, size: float,
+                 low: float, high: float) -> _Scenes:
+  """Draws every random quantity up front, in a fixed order, so the output does
+  not depend on how the images are chunked. Scales are fractions of ``size``."""
+  counts = rng.integers(min_objects, max_objects + 1, size=num)
+  present = np.arange(slots)[None, :] < counts[:, None]
+  radii = -np.sort(-rng.uniform(min_scale, max_scale, size=(num, slots)) * size, axis=1)
+  shapes = rng.integers(0, len(SHAPES), size=(num, slots))
+  color_ids = rng.integers(0, len(COLOR_NAMES), size=(num, slots))
+  # Brightness jitter keeps colour a category, not an exact RGB value.
+  colors = PALETTE[color_ids] * rng.uniform(0.75, 1.0, size=(num, slots, 1)).astype(np.float32)
+  angles_deg = rng.uniform(0.0, 360.0, size=(num, slots))
+  tint = rng.uniform(0.0, 30.0, size=(num, 1, 1, 3)).astype(np.float32)
+  noise_seed = int(rng.integers(0, 2**31))
+  centres, radii = _place(rng, radii, present, low, high,
+                          min_radius=min(min_scale * size, 1.5))
+  return _Scenes(counts, present, centres, radii, shapes, color_ids, colors, angles_deg,
+                 tint, noise_seed)
+
+
+def _draw_images(scenes: _Scenes, *, image_size: int, supersample: int, noise_std: float,
+                 chunk_size: int) -> np.ndarray:
+  """Rasterises the scenes over noisy backgrounds, chunk_size at a time -> uint8 (N, S, S, 3)."""
+  num = len(scenes.counts)
+  images = np.empty((num, image_size, image_size, 3), np.uint8)
+  noise_rng = np.random.default_rng(scenes.noise_seed)
+  for start in range(0, num, chunk_size):
+    stop = min(start + chunk_size, num)
+    backgrounds = scenes.tint[start:stop] + noise_rng.normal(
+        0.0, noise_std, size=(stop - start, image_size, image_size, 3)).astype(np.float32)
+    drawn = _rasterise(
+        scenes.centres[start:stop], scenes.radii[start:stop],
+        np.radians(scenes.angles_deg[start:stop]), scenes.shapes[start:stop],
+        scenes.colors[start:stop], scenes.present[start:stop],
+        backgrounds, image_size=image_size, supersample=supersample)
+    images[start:stop] = np.clip(np.round(drawn), 0, 255).astype(np.uint8)
+  return images
+
+
+def _scene_labels(scenes: _Scenes, *, low: float, high: float, min_radius: float,
+                  max_radius: float, num_scale_bins: int, num_orientation_bins: int,
+                  num_position_bins: int) -> dict[str, np.ndarray]:
+  """``ATTRIBUTES`` (N,) and the per-sprite "objects/..." arrays (N, K), padded with -1."""
+  present, centres, shapes = scenes.present, scenes.centres, scenes.shapes
+  color_ids, angles_deg = scenes.color_ids, scenes.angles_deg
+  symmetry = np.asarray(SYMMETRY_DEGREES)[shapes[:, 0]]
+  x_bins = _bin(centres[..., 0], low, high, num_position_bins)
+  y_bins = _bin(centres[..., 1], low, high, num_position_bins)
+  lowest = np.where(present, centres[..., 1], -np.inf).argmax(axis=1)
+  rows = np.arange(len(scenes.counts))
+  out = {
+      "shape": shapes[:, 0].astype(np.int64),
+      "color": color_ids[:, 0].astype(np.int64),
+      "scale_bin": _bin(scenes.radii[:, 0], min_radius, max_radius, num_scale_bins),
+      "orientation_bin": np.minimum(
+          np.floor(np.mod(angles_deg[:, 0], symmetry) / symmetry * num_orientation_bins),
+          num_orientation_bins - 1).astype(np.int64),
+      "x_bin": x_bins[:, 0],
+      "y_bin": y_bins[:, 0],
+      "count": (scenes.counts - 1).astype(np.int64),
+      "lowest_y_bin": y_bins[rows, lowest],
+      "shape_color": (shapes[:, 0] * len(COLOR_NAMES) + color_ids[:, 0]).astype(np.int64),
+  }
+  pad = lambda a, dtype: np.where(present, a, -1).astype(dtype)
+  out.update({
+      "objects/shape": pad(shapes, np.int64),
+      "objects/color": pad(color_ids, np.int64),
+      "objects/x": pad(centres[..., 0], np.float32),
+      "objects/y": pad(centres[..., 1], np.float32),
+      "objects/radius": pad(scenes.radii, np.float32),
+      "objects/angle": pad(angles_deg, np.float32),
+  })
+  return out
+
+
 def generate(num_images: int, seed: int, *, image_size: int = 32,
              min_objects: int = 1, max_objects: int = 1,
              min_scale: Optional[float] = None, max_scale: Optional[float] = None,
@@ -220,77 +336,19 @@ def generate(num_images: int, seed: int, *, image_size: int = 32,
       "objects/x", "objects/y", "objects/radius" (pixels), "objects/angle"
       (degrees in [0, 360)) as float32.
   """
-  if num_images < 0:
-    raise ValueError(f"num_images must be >= 0, got {num_images}")
-  if not 1 <= min_objects <= max_objects:
-    raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-  default_low, default_high = default_scale_range(max_objects)
-  min_scale = default_low if min_scale is None else min_scale
-  max_scale = default_high if max_scale is None else max_scale
-  if not 0 < min_scale <= max_scale < 0.5:
-    raise ValueError(f"need 0 < min_scale <= max_scale < 0.5, got {min_scale}, {max_scale}")
-  if supersample < 1:
-    raise ValueError(f"supersample must be >= 1, got {supersample}")
-
+  min_scale, max_scale = _scale_range(num_images, min_objects, max_objects, min_scale,
+                                      max_scale, supersample)
   size = float(image_size)
   margin = max_scale * size
   low, high = margin, size - margin
   rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5b717e5]))
-  num, slots = num_images, max_objects
-
-  # Draw every random quantity up front, in a fixed order, so the output does
-  # not depend on chunk_size.
-  counts = rng.integers(min_objects, max_objects + 1, size=num)
-  present = np.arange(slots)[None, :] < counts[:, None]
-  radii = -np.sort(-rng.uniform(min_scale, max_scale, size=(num, slots)) * size, axis=1)
-  shapes = rng.integers(0, len(SHAPES), size=(num, slots))
-  color_ids = rng.integers(0, len(COLOR_NAMES), size=(num, slots))
-  # Brightness jitter keeps colour a category, not an exact RGB value.
-  colors = PALETTE[color_ids] * rng.uniform(0.75, 1.0, size=(num, slots, 1)).astype(np.float32)
-  angles_deg = rng.uniform(0.0, 360.0, size=(num, slots))
-  tint = rng.uniform(0.0, 30.0, size=(num, 1, 1, 3)).astype(np.float32)
-  noise_seed = int(rng.integers(0, 2**31))
-  centres, radii = _place(rng, radii, present, low, high,
-                          min_radius=min(min_scale * size, 1.5))
-
-  images = np.empty((num, image_size, image_size, 3), np.uint8)
-  noise_rng = np.random.default_rng(noise_seed)
-  for start in range(0, num, chunk_size):
-    stop = min(start + chunk_size, num)
-    backgrounds = tint[start:stop] + noise_rng.normal(
-        0.0, noise_std, size=(stop - start, image_size, image_size, 3)).astype(np.float32)
-    drawn = _rasterise(
-        centres[start:stop], radii[start:stop], np.radians(angles_deg[start:stop]),
-        shapes[start:stop], colors[start:stop], present[start:stop],
-        backgrounds, image_size=image_size, supersample=supersample)
-    images[start:stop] = np.clip(np.round(drawn), 0, 255).astype(np.uint8)
-
-  symmetry = np.asarray(SYMMETRY_DEGREES)[shapes[:, 0]]
-  x_bins = _bin(centres[..., 0], low, high, num_position_bins)
-  y_bins = _bin(centres[..., 1], low, high, num_position_bins)
-  lowest = np.where(present, centres[..., 1], -np.inf).argmax(axis=1)
-  rows = np.arange(num)
-  out = {
-      "image": images,
-      "shape": shapes[:, 0].astype(np.int64),
-      "color": color_ids[:, 0].astype(np.int64),
-      "scale_bin": _bin(radii[:, 0], min_scale * size, max_scale * size, num_scale_bins),
-      "orientation_bin": np.minimum(
-          np.floor(np.mod(angles_deg[:, 0], symmetry) / symmetry * num_orientation_bins),
-          num_orientation_bins - 1).astype(np.int64),
-      "x_bin": x_bins[:, 0],
-      "y_bin": y_bins[:, 0],
-      "count": (counts - 1).astype(np.int64),
-      "lowest_y_bin": y_bins[rows, lowest],
-      "shape_color": (shapes[:, 0] * len(COLOR_NAMES) + color_ids[:, 0]).astype(np.int64),
-  }
-  pad = lambda a, dtype: np.where(present, a, -1).astype(dtype)
-  out.update({
-      "objects/shape": pad(shapes, np.int64),
-      "objects/color": pad(color_ids, np.int64),
-      "objects/x": pad(centres[..., 0], np.float32),
-      "objects/y": pad(centres[..., 1], np.float32),
-      "objects/radius": pad(radii, np.float32),
-      "objects/angle": pad(angles_deg, np.float32),
-  })
-  return out
+  scenes = _draw_scenes(rng, num_images, max_objects, min_objects=min_objects,
+                        max_objects=max_objects, min_scale=min_scale, max_scale=max_scale,
+                        size=size, low=low, high=high)
+  images = _draw_images(scenes, image_size=image_size, supersample=supersample,
+                        noise_std=noise_std, chunk_size=chunk_size)
+  labels = _scene_labels(scenes, low=low, high=high, num_scale_bins=num_scale_bins,
+                         num_orientation_bins=num_orientation_bins,
+                         num_position_bins=num_position_bins, min_radius=min_scale * size,
+                         max_radius=max_scale * size)
+  return {"image": images, **labels}

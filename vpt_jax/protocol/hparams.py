@@ -9,7 +9,7 @@ Every entry names where it comes from and how sure we are:
 * "recalled": the paper's tables as recalled in ../shared/reference/vpt.md,
   NOT checked against the PDF. Use for orientation, never as a test target.
 
-Task keys are those of ``vpt_jax.data.vtab.TASKS`` and ``vpt_jax.data.fgvc``.
+Task keys are those of ``vpt_jax.data.vtab_tasks.TASKS`` and ``vpt_jax.data.fgvc``.
 """
 
 from __future__ import annotations

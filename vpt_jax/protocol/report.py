@@ -30,7 +30,7 @@ from typing import Optional
 import numpy as np
 
 from vpt_jax.data import fgvc
-from vpt_jax.data import vtab
+from vpt_jax.data import vtab_tasks
 from vpt_jax.protocol import hparams
 
 SUMMARY_FILE = "summary.json"
@@ -60,7 +60,7 @@ def _benchmark_tasks(kind: str, summaries: list[dict]) -> list[tuple[str, str, s
   """[(task key, title, group)] of a benchmark in paper order (all of them for
   VTAB and FGVC, so missing tasks show), or the tasks present for "custom"."""
   if kind == "vtab":
-    return [(f"vtab/{t.name}", t.title, t.group) for t in vtab.TASKS.values()]
+    return [(f"vtab/{t.name}", t.title, t.group) for t in vtab_tasks.TASKS.values()]
   if kind == "fgvc":
     return [(f"fgvc/{d.name}", d.title, "fgvc") for d in fgvc.DATASETS.values()]
   tasks = sorted({s["task"] for s in summaries
@@ -122,7 +122,7 @@ def summary_rows(kind: str, methods: list[str], rows: list[dict]) -> list[dict]:
   if kind != "vtab":
     return [_mean_row("Mean", rows, methods, len(rows))]
   groups = [_mean_row(f"{g.capitalize()} mean", [r for r in rows if r["group"] == g],
-                      methods, sum(r["group"] == g for r in rows)) for g in vtab.GROUPS]
+                      methods, sum(r["group"] == g for r in rows)) for g in vtab_tasks.GROUPS]
   out = groups + [_mean_row(f"Mean of {len(rows)} tasks", rows, methods, len(rows))]
   of_groups = {}
   for method in methods:

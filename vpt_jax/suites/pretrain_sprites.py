@@ -39,10 +39,8 @@ def _epoch_data(config, epoch: int) -> tuple[np.ndarray, np.ndarray]:
   return data["image"], labels
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Pretrains and writes the backbone .npz; returns its path."""
-  os.makedirs(workdir, exist_ok=True)
-  model = vit.VisionTransformer(num_classes=1, variant=config.variant)
+def _initial_state(config, model: vit.VisionTransformer) -> dict:
+  """{"backbone": the ViT's parameters, "heads": {attribute: linear head (width, classes)}}."""
   size, _ = vit.decode_variant(config.variant)
   classes = sprites.attribute_num_classes(max_objects=1)
   image = jnp.zeros((1, config.image_size, config.image_size, 3))
@@ -52,15 +50,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   heads = {a: {"kernel": 0.01 * jax.random.normal(k, (size.width, classes[a])),
                "bias": jnp.zeros((classes[a],))}
            for a, k in zip(config.attributes, head_keys)}
-  state = {"backbone": backbone, "heads": heads}
-  steps_per_epoch = config.images_per_epoch // config.batch_size
-  total_steps = steps_per_epoch * config.epochs
+  return {"backbone": backbone, "heads": heads}
+
+
+def _optimizer(config, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and a warmup-cosine schedule over ``total_steps``."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, max(1, int(total_steps * config.warmup_fraction)),
       total_steps)
-  tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                   optax.adamw(schedule, weight_decay=config.weight_decay))
-  opt_state = tx.init(state)
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                     optax.adamw(schedule, weight_decay=config.weight_decay))
+
+
+def _make_train_step(config, model: vit.VisionTransformer, tx: optax.GradientTransformation):
+  """The jitted step: (state, opt_state, images uint8 (B, S, S, 3), labels int32 (B, A))
+  -> (state, opt_state, summed loss, accuracies (A,))."""
   mean, std = (0.5,) * 3, (0.5,) * 3  # [-1, 1], as the Google ViTs
 
   @jax.jit
@@ -79,18 +83,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
     (loss, accuracies), grads = jax.value_and_grad(loss_fn, has_aux=True)(state)
     updates, opt_state = tx.update(grads, opt_state, state)
     return optax.apply_updates(state, updates), opt_state, loss, accuracies
+  return train_step
+
+
+def _train_epoch(config, train_step, state, opt_state, epoch: int, steps_per_epoch: int):
+  """One epoch on fresh sprites; returns (state, opt_state, losses, accuracies) per step."""
+  images, labels = _epoch_data(config, epoch)
+  order = np.random.default_rng([config.shuffle_seed, epoch]).permutation(len(images))
+  metrics = []
+  for step in range(steps_per_epoch):
+    rows = order[step * config.batch_size:(step + 1) * config.batch_size]
+    state, opt_state, loss, accuracies = train_step(state, opt_state, images[rows],
+                                                    labels[rows])
+    metrics.append((loss, accuracies))
+  losses, accuracies = zip(*jax.device_get(metrics))
+  return state, opt_state, losses, accuracies
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Pretrains and writes the backbone .npz; returns its path."""
+  os.makedirs(workdir, exist_ok=True)
+  model = vit.VisionTransformer(num_classes=1, variant=config.variant)
+  state = _initial_state(config, model)
+  steps_per_epoch = config.images_per_epoch // config.batch_size
+  tx = _optimizer(config, steps_per_epoch * config.epochs)
+  opt_state = tx.init(state)
+  train_step = _make_train_step(config, model, tx)
 
   start = time.perf_counter()
   for epoch in range(config.epochs):
-    images, labels = _epoch_data(config, epoch)
-    order = np.random.default_rng([config.shuffle_seed, epoch]).permutation(len(images))
-    metrics = []
-    for step in range(steps_per_epoch):
-      rows = order[step * config.batch_size:(step + 1) * config.batch_size]
-      state, opt_state, loss, accuracies = train_step(state, opt_state, images[rows],
-                                                      labels[rows])
-      metrics.append((loss, accuracies))
-    losses, accuracies = zip(*jax.device_get(metrics))
+    state, opt_state, losses, accuracies = _train_epoch(config, train_step, state, opt_state,
+                                                        epoch, steps_per_epoch)
     print(f"epoch {epoch + 1}/{config.epochs} | loss {np.mean(losses):.3f} | accuracy "
           + ", ".join(f"{a} {v:.3f}" for a, v in
                       zip(config.attributes, np.mean(accuracies, axis=0)))

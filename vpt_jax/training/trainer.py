@@ -26,9 +26,11 @@ import tensorflow as tf
 
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import train_state as ckpt_lib
+from vpt_jax.data import eval_stream
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.data import pipeline
+from vpt_jax.data import source_protocols
 from vpt_jax.data import sources
+from vpt_jax.data import training_stream
 from vpt_jax.export import task_export
 from vpt_jax.models import factory
 from vpt_jax.models import methods as methods_lib
@@ -106,7 +108,7 @@ def normalization(config) -> dict:
     raise ConfigError(str(e)) from None
 
 
-def source(config, split: str) -> pipeline.AnySource:
+def source(config, split: str) -> source_protocols.AnySource:
   """The split of config.data (a TFDS dataset, a VTAB/FGVC task or image files)."""
   return sources.make_source(config.data, split)
 
@@ -207,7 +209,7 @@ def check_resume_config(workdir: str, config) -> None:
 class TrainData:
   """The (small) training split, decoded once and kept as uint8."""
   # uint8 (N, S, S, 3), or for data.preprocess="resize_crop_flip" a list of N
-  # uint8 (H, W, 3) with shorter side 256/224 * S (pipeline.load_train_set).
+  # uint8 (H, W, 3) with shorter side 256/224 * S (training_stream.load_train_set).
   images: np.ndarray
   labels: np.ndarray  # (N,) int32
   num_classes: int
@@ -217,7 +219,7 @@ class TrainData:
 def load_train_data(config) -> TrainData:
   """Decodes the training split and checks the labels against the classes."""
   train_source = source(config, config.data.train_split)
-  meta_classes = pipeline.num_classes(train_source)
+  meta_classes = source_protocols.num_classes(train_source)
   num_classes = config.data.num_classes or meta_classes
   if config.data.num_classes and meta_classes and config.data.num_classes != meta_classes:
     raise ConfigError(
@@ -225,13 +227,13 @@ def load_train_data(config) -> TrainData:
         f"(label {config.data.label_key!r}) has {meta_classes} classes; set "
         f"--config.data.num_classes={meta_classes} (or 0 to take it from the dataset)")
   # Every process keeps the whole split; train_batch picks its rows.
-  images, labels = pipeline.load_train_set(
+  images, labels = training_stream.load_train_set(
       train_source, image_size=config.model.image_size, resize=config.data.resize,
       preprocess=config.data.preprocess)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ConfigError(f"training labels span [{labels.min()}, {labels.max()}] but the "
                       f"model has {num_classes} classes; fix data.num_classes")
-  return TrainData(images, labels, num_classes, pipeline.class_names(train_source))
+  return TrainData(images, labels, num_classes, source_protocols.class_names(train_source))
 
 
 def parameter_overview(params, labels, backbone_size: int) -> str:
@@ -273,7 +275,7 @@ def evaluate(run: Run, eval_step, variables, split: str) -> dict:
 
 
 def eval_stream_options(config) -> dict:
-  """This process's keyword arguments of ``pipeline.eval_dataset``/``eval_batches``."""
+  """This process's keyword arguments of ``eval_stream.eval_dataset``/``eval_batches``."""
   return dict(image_size=config.model.image_size,
               local_batch=config.eval.batch_size // jax.process_count(),
               resize=config.data.resize, process_index=jax.process_index(),
@@ -289,8 +291,8 @@ def eval_totals(run: Run, eval_step, variables, split: str) -> dict:
   mesh_lib.check_batch_divisible(config.eval.batch_size, run.mesh)
   eval_source, dataset = run.eval_input(split)
   totals = None
-  for batch in pipeline.eval_batches(eval_source, **eval_stream_options(config),
-                                     dataset=dataset):
+  for batch in eval_stream.eval_batches(eval_source, **eval_stream_options(config),
+                                        dataset=dataset):
     sums = eval_step(variables, mesh_lib.global_batch(run.mesh, batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -306,14 +308,14 @@ def batches(data: TrainData, config, start_step: int,
   or flip) is a function of (seed, step), so a resumed or fused run gets the
   batches of an uninterrupted separate one.
   """
-  for step, indices in enumerate(pipeline.train_batches(
+  for step, indices in enumerate(training_stream.train_batches(
       len(data.labels), global_batch=config.optim.batch_size, seed=config.seed,
       start_step=start_step, process_index=jax.process_index(),
       process_count=jax.process_count()), start_step):
     if features is not None:
       yield {"features": features[indices], "label": data.labels[indices]}
     else:  # crops and flips (data.preprocess) are a function of (seed, step)
-      yield pipeline.train_batch(
+      yield training_stream.train_batch(
           data.images, data.labels, indices, image_size=config.model.image_size,
           preprocess=config.data.preprocess, seed=config.seed, step=step,
           process_index=jax.process_index(), process_count=jax.process_count())
@@ -397,15 +399,15 @@ class Run:
       return 0
     return max(1, round(config.eval.every_epochs * self.steps_per_epoch))
 
-  def eval_input(self, split: str) -> tuple[pipeline.AnySource, tf.data.Dataset]:
+  def eval_input(self, split: str) -> tuple[source_protocols.AnySource, tf.data.Dataset]:
     """``split``'s source and evaluation pipeline, built on first use, then reused.
 
     One pipeline per split for the whole run: TensorFlow keeps what it traces
-    for every pipeline built (``pipeline.eval_dataset``).
+    for every pipeline built (``eval_stream.eval_dataset``).
     """
     if split not in self.eval_inputs:
       eval_source = source(self.config, split)
-      self.eval_inputs[split] = (eval_source, pipeline.eval_dataset(
+      self.eval_inputs[split] = (eval_source, eval_stream.eval_dataset(
           eval_source, **eval_stream_options(self.config)))
     return self.eval_inputs[split]
 

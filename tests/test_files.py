@@ -1,39 +1,25 @@
 """File-based datasets (VPT's FGVC JSON splits, the extracted VTAB-1k folder,
-class folders), unreadable files, and the FGVC crop/flip preprocessing, on small
-files the tests write."""
+class folders) and unreadable files, on small files the tests write."""
 
-import itertools
 import json
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from configs import common
+import data_fixtures
+from vpt_jax.data import eval_stream
 from vpt_jax.data import files
-from vpt_jax.data import pipeline
+from vpt_jax.data import source_protocols
 from vpt_jax.data import sources
+from vpt_jax.data import training_stream
 
-
-def _write_image(path, value, size=(6, 5)):
-  """A PNG (lossless, so decoded pixels are known) of constant ``value``."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  pixels = np.full(size + (3,), value, np.uint8)
-  pixels[0, 0] = (value, 0, 255 - value)
-  Image.fromarray(pixels).save(path)
-  return pixels
-
-
-def _data(**fields):
-  config = common.base_config()
-  for key, value in fields.items():
-    config.data[key] = value
-  return config.data
+_write_image = data_fixtures.write_image
+_data = data_fixtures.data_config
 
 
 def _load(source, image_size=4):
-  return pipeline.load_split_arrays(source, image_size=image_size)
+  return training_stream.load_split_arrays(source, image_size=image_size)
 
 
 # ----------------------------------------------------------------- VPT JSON splits
@@ -58,7 +44,7 @@ def cub(tmp_path):
 def test_vpt_json_splits_remap_ids_in_file_order(cub):
   source = sources.make_source(_data(task="fgvc/cub", path=cub), "train")
   assert isinstance(source, files.FileSource)
-  assert pipeline.num_classes(source) == 200  # the dataset's, from the registry
+  assert source_protocols.num_classes(source) == 200  # the dataset's, from the registry
   images, labels = _load(source, image_size=6)
   assert labels.tolist() == [0, 1, 0, 2]  # ids 5, 12, 5, 30 in the file's order
   assert images.shape == (4, 6, 6, 3) and images.dtype == np.uint8
@@ -78,12 +64,6 @@ def test_a_split_missing_a_class_keeps_the_shared_mapping(cub, capsys):
 def test_json_folder_without_split_files(tmp_path):
   with pytest.raises(FileNotFoundError, match="train.json"):
     sources.make_source(_data(task="json", path=str(tmp_path)), "train")
-
-
-def test_nabirds_needs_its_split_files():
-  config = common.base_config()
-  config.data.task = "fgvc/nabirds"
-  assert "no TFDS builder" in sources.check_data_config(config.data)
 
 
 # ----------------------------------------------------------------- VTAB-1k folders
@@ -107,10 +87,10 @@ def vtab1k(tmp_path):
 def test_vtab1k_folder_by_task_name(vtab1k):
   data = _data(task="vtab/smallnorb_azim", path=vtab1k)
   source = sources.make_source(data, "train800val200")
-  assert pipeline.num_classes(source) == 18  # the registry's, not the lists'
+  assert source_protocols.num_classes(source) == 18  # the registry's, not the lists'
   images, labels = _load(source)
   assert labels.tolist() == [3, 17, 0] and images.shape == (3, 4, 4, 3)
-  assert pipeline.num_examples(sources.make_source(data, "test")) == 3
+  assert source_protocols.num_examples(sources.make_source(data, "test")) == 3
   assert _load(sources.make_source(data, "test[1:]"))[1].tolist() == [9, 1]
 
 
@@ -141,8 +121,8 @@ def test_image_folder_flat_layout(tmp_path):
       _write_image(str(root / cls / f"{i}.png"), 20 * i + (cls == "dog"))
   (root / "cat" / "notes.txt").write_text("not an image")
   source = sources.make_source(_data(task="folder", path=str(root)), "all")
-  assert pipeline.class_names(source) == ["cat", "dog"]
-  assert pipeline.num_classes(source) == 2
+  assert source_protocols.class_names(source) == ["cat", "dog"]
+  assert source_protocols.num_classes(source) == 2
   images, labels = _load(source)
   assert sorted(labels.tolist()) == [0, 0, 0, 0, 1, 1, 1]
   # The hashed order mixes classes, and "all[:50%]" + "all[50%:]" is everything.
@@ -159,7 +139,8 @@ def test_image_folder_split_layout_shares_class_ids(tmp_path):
       _write_image(str(root / split / cls / "x.png"), 7)
   train = sources.make_source(_data(task="folder", path=str(root)), "train")
   test = sources.make_source(_data(task="folder", path=str(root)), "test")
-  assert pipeline.class_names(train) == pipeline.class_names(test) == ["a", "b", "c"]
+  assert (source_protocols.class_names(train) == source_protocols.class_names(test)
+          == ["a", "b", "c"])
   assert sorted(_load(train)[1].tolist()) == [1, 2]
   with pytest.raises(ValueError, match="Unknown split 'val'"):
     sources.make_source(_data(task="folder", path=str(root)), "val")
@@ -199,8 +180,8 @@ def test_skipping_corrupt_images_reports_the_count(with_corrupt, capfd):
   err = capfd.readouterr().err  # tf.print writes to the file descriptor
   assert "skipped 1 unreadable image(s) of 6" in err and "broken.jpg" in err
   # Evaluation pads what was skipped and counts only real images.
-  batches = list(pipeline.eval_batches(sources.make_source(data, "all"), image_size=4,
-                                       local_batch=4))
+  batches = list(eval_stream.eval_batches(sources.make_source(data, "all"), image_size=4,
+                                          local_batch=4))
   assert sum(int(b["mask"].sum()) for b in batches) == 5 and len(batches) == 2
 
 
@@ -211,137 +192,20 @@ def test_file_source_shares_cover_every_image_once(tmp_path):
   source = sources.make_source(_data(task="folder", path=str(root)), "all")
   seen = []
   for process in range(3):
-    for batch in pipeline.eval_batches(source, image_size=4, local_batch=2,
-                                       process_index=process, process_count=3):
+    for batch in eval_stream.eval_batches(source, image_size=4, local_batch=2,
+                                          process_index=process, process_count=3):
       seen += [b.tobytes() for b in batch["image"][batch["mask"]]]
   assert len(seen) == 7 and sorted(seen) == sorted(i.tobytes() for i in _load(source)[0])
 
 
-# ----------------------------------------------------------------- FGVC preprocessing
-
-def test_shorter_side_and_centre_crop_like_torchvision():
-  image = np.arange(16 * 32 * 3, dtype=np.int64).reshape(16, 32, 3) % 251
-  image = image.astype(np.uint8)
-  resized = pipeline.resize_shorter_side(image, 8, "tf1_bilinear").numpy()
-  # Exactly 2x smaller: TF1 bilinear samples input pixel 2 * o.
-  np.testing.assert_array_equal(resized, image[::2, ::2])
-  assert pipeline.resize_shorter_side(np.zeros((10, 15, 3), np.uint8), 8).shape == (8, 12, 3)
-  assert pipeline.resize_shorter_side(np.zeros((15, 10, 1), np.uint8), 8).shape == (12, 8, 3)
-  # Centre 7 x 7 of 8 x 16: top round(0.5) = 0 (half to even), left round(4.5) = 4.
-  np.testing.assert_array_equal(pipeline.center_crop(resized, 7).numpy(),
-                                resized[0:7, 4:11])
-  assert pipeline.crop_resize_size(224) == 256 and pipeline.crop_resize_size(384) == 438
-
-
-def test_antialias_resize_smooths_when_shrinking():
-  stripes = np.zeros((8, 8, 3), np.uint8)
-  stripes[:, ::2] = 255
-  plain = pipeline.resize_images(stripes, 4, "tf1_bilinear").numpy()
-  smooth = pipeline.resize_images(stripes, 4, "antialias_bilinear").numpy()
-  assert plain.min() == 255  # samples only the white columns: aliasing
-  assert 100 < smooth.mean() < 155
-
-
-def _ragged_cache():
-  rng = np.random.default_rng(0)
-  images = [rng.integers(0, 256, size=(8, 8 + i, 3), dtype=np.uint8) for i in range(6)]
-  return images, np.arange(6, dtype=np.int32)
-
-
-def test_crop_flip_is_a_function_of_seed_and_step():
-  images, labels = _ragged_cache()
-  indices = np.array([0, 5, 2, 2])
-  kwargs = dict(image_size=7, preprocess="resize_crop_flip", seed=3)
-  a = pipeline.train_batch(images, labels, indices, step=4, **kwargs)
-  b = pipeline.train_batch(images, labels, indices, step=4, **kwargs)
-  np.testing.assert_array_equal(a["image"], b["image"])
-  assert a["image"].shape == (4, 7, 7, 3) and a["label"].tolist() == [0, 5, 2, 2]
-  others = [pipeline.train_batch(images, labels, indices, step=s, **kwargs)["image"]
-            for s in range(5, 9)]
-  assert not all(np.array_equal(a["image"], o) for o in others)
-  # Every row is a (possibly flipped) 7 x 7 window of its image.
-  for row, index in zip(a["image"], indices):
-    image = images[index]
-    windows = [image[t:t + 7, l:l + 7] for t, l in itertools.product(
-        range(image.shape[0] - 6), range(image.shape[1] - 6))]
-    assert any(np.array_equal(row, w) or np.array_equal(row, w[:, ::-1]) for w in windows)
-  # Two processes' rows are the one-process batch's rows.
-  halves = [pipeline.train_batch(images, labels, indices[2 * p:2 * p + 2], step=4,
-                                 process_index=p, process_count=2, **kwargs)["image"]
-            for p in range(2)]
-  np.testing.assert_array_equal(np.concatenate(halves), a["image"])
-
-
-def test_both_flips_and_many_offsets_occur():
-  images, labels = _ragged_cache()
-  flips, offsets = set(), set()
-  for step in range(40):
-    row = pipeline.train_batch(images, labels, np.array([5]), image_size=7,
-                               preprocess="resize_crop_flip", seed=0, step=step)["image"][0]
-    for left in range(images[5].shape[1] - 6):
-      for top in range(2):
-        window = images[5][top:top + 7, left:left + 7]
-        if np.array_equal(row, window):
-          flips.add(False), offsets.add((top, left))
-        if np.array_equal(row, window[:, ::-1]):
-          flips.add(True), offsets.add((top, left))
-  assert flips == {False, True} and len(offsets) > 5
-
+# ----------------------------------------------------------------- FGVC preprocessing from files
 
 def test_crop_mode_cache_and_eval_from_files(cub):
   data = _data(task="fgvc/cub", path=cub)
-  images, labels = pipeline.load_train_set(sources.make_source(data, "train"), image_size=4,
-                                           preprocess="resize_crop_flip")
+  images, labels = training_stream.load_train_set(sources.make_source(data, "train"), image_size=4,
+                                                  preprocess="resize_crop_flip")
   # 6 x 5 images, shorter side -> 4 * 256 // 224 = 4: 4 x int(4 * 6 / 5) = 4 x 4.
   assert [im.shape for im in images] == [(4, 4, 3)] * 4 and labels.tolist() == [0, 1, 0, 2]
-  batch = next(pipeline.eval_batches(sources.make_source(data, "val"), image_size=3,
-                                     local_batch=4, preprocess="resize_crop_flip"))
+  batch = next(eval_stream.eval_batches(sources.make_source(data, "val"), image_size=3,
+                                        local_batch=4, preprocess="resize_crop_flip"))
   assert batch["image"].shape == (4, 3, 3, 3) and batch["mask"].sum() == 3
-
-
-# ----------------------------------------------------------------- through the trainer
-
-def test_trainer_reads_a_folder_with_fgvc_augmentation(tmp_path):
-  from configs import fgvc as fgvc_config  # pylint: disable=g-import-not-at-top
-  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  root = tmp_path / "flowers"
-  for cls in ("daisy", "rose", "tulip"):
-    for i in range(3):
-      _write_image(str(root / "train" / cls / f"{i}.png"), 25 * i, size=(12, 10))
-  config = fgvc_config.get_config("dataset=cub,runlocal")
-  config.unlock()
-  config.data.task, config.data.path = "folder", str(root)
-  config.model.variant, config.model.image_size = "test/4", 8
-  config.model.init_checkpoint = ""
-  config.optim.batch_size = 4
-  config.lock()
-  trainer.validate_config(config)
-  data = trainer.load_train_data(config)
-  assert data.num_classes == 3 and data.class_names == ["daisy", "rose", "tulip"]
-  # Shorter side 8 * 256 // 224 = 9: (12, 10) -> (10, 9).
-  assert len(data.images) == 9 and data.images[0].shape == (10, 9, 3)
-  first, second = trainer.batches(data, config, 0), trainer.batches(data, config, 1)
-  next(first)
-  np.testing.assert_array_equal(next(first)["image"], next(second)["image"])  # resume
-  batch = next(trainer.batches(data, config, 5))
-  assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].dtype == np.int32
-  assert not trainer.uses_cached_features(config, {"head": {"kernel": "train"}})
-
-
-def test_task_configs_validate():
-  from configs import fgvc as fgvc_config  # pylint: disable=g-import-not-at-top
-  from configs import vtab as vtab_config  # pylint: disable=g-import-not-at-top
-  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  dmlab = vtab_config.get_config("task=dmlab,checkpoint=")
-  trainer.validate_config(dmlab)
-  assert (dmlab.data.task, dmlab.data.train_split, dmlab.prompt.num_prompts,
-          dmlab.optim.batch_size, dmlab.optim.base_lr) == (
-              "vtab/dmlab", "train800val200", 100, 64, 1.0)
-  assert vtab_config.get_config("task=clevr_dist,num_prompts=7").prompt.num_prompts == 7
-  cars = fgvc_config.get_config("dataset=cars,checkpoint=")
-  trainer.validate_config(cars)
-  assert cars.data.task == "fgvc/stanford_cars" and cars.data.preprocess == "resize_crop_flip"
-  bad = vtab_config.get_config("task=dmlab,checkpoint=")
-  bad.data.preprocess = "crop"
-  with pytest.raises(trainer.ConfigError, match="resize_crop_flip"):
-    trainer.validate_config(bad)

@@ -1,0 +1,124 @@
+"""Task exports written by the real export function on a tiny backbone, and the
+single-task path the serving tests compare the multi-task server with."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+import checkpoint_fixtures as fixtures
+import tolerances
+from vpt_jax.data import normalization as normalization_lib
+from vpt_jax.export import task_export
+from vpt_jax.models import factory
+from vpt_jax.models import methods
+from vpt_jax.models import vit_family
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
+
+VARIANT = "test/4"
+IMAGE = 16
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+HALF = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+def export_spec(method, image_size=IMAGE, **overrides):
+  """The model spec of a tiny ``method`` model (2 prompts, LoRA rank 2)."""
+  return factory.model_spec(fixtures.method_config(
+      method, VARIANT, image_size, num_prompts=2, **{"lora.rank": 2, **overrides}))
+
+
+def write_export(directory, backbone, method, num_classes, seed, *, normalization=HALF,
+                 image_size=IMAGE, fingerprint=None, **overrides):
+  """An export with random trained leaves, written by the real export function.
+
+  Every trained leaf (prompts, head, LoRA factors, biases, ...) gets random
+  values, so no task sits at an initialisation another task shares.
+  """
+  spec = export_spec(method, image_size, **overrides)
+  model = factory.build_model(spec, num_classes)
+  shapes = factory.variable_shapes(model, image_size)  # traced only: no compile
+  rules = methods.get_method(spec["method"]).rules(
+      vit_family.block_patterns(VARIANT), r"Transformer/encoder_norm/.*")
+  labels = freezing.label_params(shapes["params"], rules)
+  flat_labels = trees.flatten(labels)
+  trained = fixtures.randomize(shapes["params"], seed=seed)
+  params = trees.unflatten({
+      path: trees.flatten(trained)[path] if flat_labels[path] == "train" else shape
+      for path, shape in trees.flatten(shapes["params"]).items()})
+  batch_stats = None
+  if "batch_stats" in shapes:  # MLP-k: running variances must be positive
+    batch_stats = jax.tree.map(lambda x: np.abs(x) + 0.5,
+                               fixtures.randomize(shapes["batch_stats"], seed=seed + 1))
+  return task_export.export_task(
+      str(directory), params, labels, spec=spec, num_classes=num_classes,
+      class_names=[f"c{seed}_{i}" for i in range(num_classes)], normalization=normalization,
+      backbone_path=backbone, init_seed=0, batch_stats=batch_stats,
+      backbone_fingerprint=fingerprint or task_export.npz_lib.fingerprint(backbone))
+
+
+def write_workspace(root):
+  """(root, backbone path, {task: export directory}) of three exports of one structure."""
+  backbone = fixtures.write_tiny_backbone(root / "backbone.npz", image_size=IMAGE, seed=3)
+  exports = {
+      # One structure, three class counts, two normalisations; "b" trained with
+      # another prompt dropout (training-only: it still shares the forward).
+      "a": write_export(root / "a", backbone, "vpt_deep", 3, 10),
+      "b": write_export(root / "b", backbone, "vpt_deep", 5, 11, normalization=IMAGENET,
+                        **{"prompt.dropout": 0.0}),
+      "c": write_export(root / "c", backbone, "vpt_deep", 2, 12),
+  }
+  return root, backbone, exports
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+  """``write_workspace`` once per test module (assign it in the module to use it)."""
+  return write_workspace(tmp_path_factory.mktemp("serving"))
+
+
+# export directory -> (jitted single-task apply, its variables)
+_ALONE = {}
+
+
+def single_task_logits(directory, backbone, images):
+  """The normal single-task path: load_task_variables, normalise, apply; one image at a time."""
+  if directory not in _ALONE:
+    model, variables, metadata = task_export.load_task_variables(directory, backbone)
+    norm = metadata["normalization"]
+    _ALONE[directory] = jax.jit(lambda v, x: model.apply(
+        v, normalization_lib.normalize_images(x, norm["mean"], norm["std"]))), variables
+  apply, variables = _ALONE[directory]
+  return np.stack([np.asarray(apply(variables, image[None]))[0] for image in images])
+
+
+def random_images(n, seed=0):
+  """uint8 (n, IMAGE, IMAGE, 3) random pixels."""
+  return np.random.default_rng(seed).integers(0, 256, (n, IMAGE, IMAGE, 3), dtype=np.uint8)
+
+
+def check_mixed_batch(server, exports, backbone, tasks, images):
+  """Asserts that the server's mixed batch gives each example its task's logits alone."""
+  logits = server.logits(images, tasks)
+  assert logits.shape == (len(tasks), max(server.num_classes(t) for t in set(exports)))
+  for i, task in enumerate(tasks):
+    classes = server.num_classes(task)
+    expected = single_task_logits(exports[task], backbone, images[i:i + 1])[0]
+    assert expected.shape == (classes,)
+    # Batched with other tasks, the sums run in other orders: 2 blocks (test/4
+    # has 4; 4 chained sums each) of sums at most 1 + 3 + 16 tokens long.
+    atol = tolerances.rounding_atol(max(np.max(np.abs(expected)), 1.0), reduction_length=20,
+                                    steps=4 * 4)
+    np.testing.assert_allclose(logits[i, :classes], expected, rtol=0, atol=atol)
+    assert np.all(np.isneginf(logits[i, classes:]))
+
+
+def write_pngs(directory, n):
+  """n random PNGs in ``directory``; returns their paths."""
+  paths = []
+  for i, image in enumerate(random_images(n, seed=7)):
+    paths.append(str(directory / f"image{i}.png"))
+    Image.fromarray(image).save(paths[-1])
+  return paths
