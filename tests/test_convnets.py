@@ -22,6 +22,7 @@ import numpy_convnets as ref
 import torch_fixtures
 from test_methods import assert_only_trainable_changed
 from test_methods import train_steps
+from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import npz
 from vpt_jax.models import convnets
 from vpt_jax.models import factory
@@ -133,8 +134,8 @@ def converted_variables(variant, state, image_size, prompts=None, p=0):
   model = model_for(variant, p if prompts is not None else 0)
   params = random_variables(model, image_size)["params"]
   family = convnets.FAMILIES[variant.split("-")[0]]
-  params = npz.merge_backbone(params, family.convert_torch(state, variant),
-                              fresh=(r"head/.*", r"vpt/.*"), source="test")
+  params = merge.merge_backbone(params, family.convert_torch(state, variant),
+                                fresh=(r"head/.*", r"vpt/.*"), source="test")
   if prompts is not None:
     params = {**params, "vpt": flax_prompts(*prompts)}
   return model, {"params": params}
@@ -333,7 +334,7 @@ def trained(family: str, method: str) -> dict:
   model = factory.build_model(spec, CLASSES)
   variables = random_variables(model, IMAGE)
   variant = VARIANTS[family]
-  params = npz.merge_backbone(
+  params = merge.merge_backbone(
       variables["params"], convnets.FAMILIES[family].convert_torch(torch_state(variant), variant),
       fresh=method_spec.fresh_patterns, source="test")
   labels = freezing.label_params(params, factory.trainable_rules(config))

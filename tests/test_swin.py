@@ -22,6 +22,7 @@ from scipy import special
 import checkpoint_fixtures as fixtures
 from test_methods import assert_only_trainable_changed
 from test_methods import train_steps
+from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import npz
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import trees
@@ -575,7 +576,7 @@ def initial_variables(model, method: methods.Method, backbone: dict) -> dict:
       flat[key] = rng.uniform(-0.3, 0.3, value.shape).astype(np.float32)
     else:
       flat[key] = np.zeros(value.shape, value.dtype)  # replaced by the backbone below
-  params = npz.merge_backbone(trees.unflatten(flat), backbone, fresh=method.fresh_patterns)
+  params = merge.merge_backbone(trees.unflatten(flat), backbone, fresh=method.fresh_patterns)
   return {"params": params, **({"batch_stats": head["batch_stats"]} if "batch_stats" in head
                                else {})}
 

@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import trees
@@ -360,7 +361,7 @@ class MultiTaskServer:
     exported = [k[len(PARAMS) + 1:] for k in per_task if k.startswith(f"{PARAMS}/")]
     param_shapes = trees.unflatten({k[len(PARAMS) + 1:]: v for k, v in shapes.items()
                                     if k.startswith(f"{PARAMS}/")})
-    merged = trees.flatten(npz_lib.merge_backbone(
+    merged = trees.flatten(merge_lib.merge_backbone(
         param_shapes, backbone_arrays, fresh=task_export.fresh_patterns(spec, exported),
         source=self._backbone_source))
     leftover = sorted(p for p, v in merged.items()

@@ -62,7 +62,7 @@ class Family:
     always_frozen: regexes no method trains (fixed position embeddings,
       BatchNorm statistics), put ahead of the method's rules.
     convert_torch: (state_dict of numpy arrays, variant) -> {model key: array}
-      for ``checkpoints.npz.merge_backbone``; None if the family has no
+      for ``checkpoints.merge.merge_backbone``; None if the family has no
       PyTorch checkpoints.
     supported_methods: method names (or prefixes ending in "-") the family
       defines; None = all.
