@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from vpt_jax.checkpoints import merge
+from vpt_jax.checkpoints import vit_layouts
 from vpt_jax.models import vit
 
 # Released-block names -> our model's names, one entry per leaf, written out.
@@ -249,3 +251,14 @@ def make_checkpoint(directory, layout: str, *, variant: str = "test/4",
   else:
     raise ValueError(f"unknown fixture layout {layout!r}")
   return TinyCheckpoint(model, init_params, source, arrays, path, image_size)
+
+
+def load_backbone(init_params, path: str, *, fresh=merge.DEFAULT_FRESH, ignore=()) -> dict:
+  """A ViT ``.npz`` (any official layout) merged strictly into a copy of ``init_params``.
+
+  What the factory does for a ViT file (``vit_layouts.read_model_layout``, then
+  ``merge.merge_backbone``), with the merge's ``ignore=`` reachable for tests.
+  """
+  converted, source = vit_layouts.read_model_layout(path)
+  return merge.merge_backbone(init_params, converted, fresh=fresh, ignore=ignore,
+                              source=source)

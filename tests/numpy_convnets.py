@@ -1,9 +1,9 @@
 """Reference ResNet / ConvNeXt forwards in NumPy float64, on PyTorch state dicts.
 
-The yardstick for ``vpt_jax.models.convnets``. It works in PyTorch's own
-layout (NCHW activations, (O, I/groups, kh, kw) conv weights, (out, in)
-Linear weights, the official key names), so it shares nothing with the Flax
-model, not even the key conversion:
+The yardstick for ``vpt_jax.models.resnet`` and ``vpt_jax.models.convnext``. It
+works in PyTorch's own layout (NCHW activations, (O, I/groups, kh, kw) conv
+weights, (out, in) Linear weights, the official key names), so it shares
+nothing with the Flax model, not even the key conversion:
 
 * torchvision ResNet (v1.5): conv1 7x7/2 pad 3, BatchNorm (eval: running
   statistics, eps 1e-5), ReLU, max-pool 3x3/2 pad 1; bottlenecks 1x1 -> 3x3

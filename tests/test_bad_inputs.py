@@ -19,12 +19,12 @@ Issue 5's list of bad inputs, and where each case is tested:
   test_data_formats.py::test_image_folder_split_layout_shares_class_ids (folders),
   test_data_formats.py::test_vtab1k_folder_errors_name_the_file (label out of range)
 * checkpoint missing: test_end_to_end.py::test_bad_input_fails_before_compute[init_checkpoint],
-  test_npz_loading.py::test_missing_file; here the side-network file
+  test_npz.py::test_missing_file; here the side-network file
   (test_missing_side_network_checkpoint_fails_before_compute), and one given to
   another method (test_side_network_checkpoint_with_another_method_is_refused)
 * checkpoint truncated, not an npz, missing / extra / misshapen keys:
-  test_npz_loading.py::test_truncated_file, test_not_an_npz, test_damaged_member,
-  test_missing_key_is_named_in_model_terms, test_unexpected_key,
+  test_npz.py::test_truncated_file, test_not_an_npz, test_damaged_member,
+  test_merge.py::test_missing_key_is_named_in_model_terms, test_unexpected_key,
   test_misshapen_key_lists_both_shapes, test_all_problems_reported_at_once_sorted;
   here test_broken_backbone_file_fails_before_anything_is_compiled (through the
   trainer, before the model is initialised)

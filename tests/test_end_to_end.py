@@ -12,6 +12,7 @@ import pytest
 import checkpoint_fixtures
 from configs import common
 from vpt_jax.checkpoints import npz
+from vpt_jax.checkpoints import vit_layouts
 from vpt_jax.export import task_export
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
@@ -85,7 +86,7 @@ def test_train_evaluate_export_and_reload(backbone, data_dir, tmp_path):
   assert metadata["model"]["method"] == "vpt_deep"
   flat = trees.flatten(params)
   _, exported = task_export.read_export(results["export"])
-  file_values = npz.to_model_layout(npz.read_npz(backbone), "vit_raw")
+  file_values = vit_layouts.to_model_layout(npz.read_npz(backbone), "vit_raw")
   for path, value in flat.items():
     expected = exported[path] if path in exported else file_values[path]
     np.testing.assert_array_equal(np.asarray(value), expected, err_msg=path)

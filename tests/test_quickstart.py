@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from vpt_jax.checkpoints import npz
+from vpt_jax.checkpoints import vit_layouts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKBONE = os.path.join(REPO, "assets", "sprites_vit_nano8.npz")
@@ -14,7 +15,7 @@ BACKBONE = os.path.join(REPO, "assets", "sprites_vit_nano8.npz")
 def test_shipped_backbone_is_small_and_in_the_official_layout():
   assert os.path.getsize(BACKBONE) < 5 * 2**20
   flat = npz.read_npz(BACKBONE)
-  assert npz.detect_layout(flat) == "vit_linen"
+  assert vit_layouts.detect_layout(flat) == "vit_linen"
   # nano/8: width 64, 4 blocks; no head and no prompts are shipped.
   assert flat["Transformer/encoderblock_3/MlpBlock_0/Dense_0/kernel"].shape == (64, 128)
   assert "Transformer/encoderblock_4/LayerNorm_0/scale" not in flat

@@ -25,6 +25,7 @@ import numpy_vit
 import torch_fixtures as tf
 from test_methods import train_steps
 from vpt_jax.checkpoints import npz
+from vpt_jax.checkpoints import vit_layouts
 from vpt_jax.params.trees import flatten, unflatten
 from vpt_jax.models import factory
 from vpt_jax.models import methods
@@ -229,7 +230,7 @@ def test_supervised_timm_vits_convert_to_the_usual_names():
   state = official_state_dict("moco")  # timm names, a classifier head
   state["pre_logits.fc.weight"] = np.zeros((D, D), np.float32)  # timm's 21k layer
   converted = vit_family.convert_torch(state, f"test/{PATCH}")
-  np.testing.assert_array_equal(converted[npz.POSEMB_KEY], state["pos_embed"])
+  np.testing.assert_array_equal(converted[vit_layouts.POSEMB_KEY], state["pos_embed"])
   np.testing.assert_array_equal(converted["Transformer/encoder_norm/scale"],
                                 state["norm.weight"])
   assert not any(k.startswith(("head", "pre_logits")) for k in converted)
@@ -476,9 +477,9 @@ def test_large_21k_npz_layouts_match_the_model(filename):
   variant, patch, width, mlp, heads, layers = OFFICIAL_SIZES[filename]
   official = official_21k_layout(patch, width, mlp, heads, layers)
   # The layout functions only read names: they run on shape-only leaves.
-  layout = npz.detect_layout(official)
+  layout = vit_layouts.detect_layout(official)
   assert layout == "vit_raw"
-  converted = npz.to_model_layout(official, layout)
+  converted = vit_layouts.to_model_layout(official, layout)
   model = vit.VisionTransformer(num_classes=10, variant=variant, num_prompts=50,
                                 deep_prompts=True)
   expected = {key: leaf for key, leaf in flatten(fixtures.param_shapes(model, 224)).items()

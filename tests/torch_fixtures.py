@@ -151,3 +151,8 @@ def write_safetensors(entries: list[tuple[str, str, tuple, bytes]], path,
   blob = json.dumps(header).encode("utf-8")
   with open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def rng_array(shape, dtype=np.float32, seed=0) -> np.ndarray:
+  """Standard-normal values of ``shape`` in ``dtype``, reproducible by ``seed``."""
+  return np.random.default_rng(seed).standard_normal(shape).astype(dtype)

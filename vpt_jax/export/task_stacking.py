@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import served_exports
 from vpt_jax.export import task_export
@@ -199,7 +199,7 @@ def _merged_backbone(first: served_exports.LoadedExport, per_task: Mapping[str, 
   exported = [k[len(prefix):] for k in per_task if k.startswith(prefix)]
   param_shapes = trees.unflatten({k[len(prefix):]: v for k, v in shapes.items()
                                   if k.startswith(prefix)})
-  merged = trees.flatten(npz_lib.merge_backbone(
+  merged = trees.flatten(merge_lib.merge_backbone(
       param_shapes, backbone_arrays,
       fresh=task_export.fresh_patterns(first.metadata["model"], exported),
       source=backbone_source))

@@ -8,9 +8,9 @@ family          variants                        module
 ==============  ==============================  =====================================
 vit             "B/16", "L/16", "H/14",         ``vit_family`` (MAE and MoCo v3 are
                 "mae-B/16", "moco-B/16"          ViT flavours, see ``vit``)
-swin            "swin-B/4w7"                    ``swin``
-convnext        "convnext-B"                    ``convnets``
-resnet          "resnet-50"                     ``convnets``
+swin            "swin-B/4w7"                    ``swin_family`` (model: ``swin``)
+convnext        "convnext-B"                    ``convnet_family`` (model: ``convnext``)
+resnet          "resnet-50"                     ``convnet_family`` (model: ``resnet``)
 ==============  ==============================  =====================================
 
 Each family module exposes ``FAMILIES``, {name: ``Family``}, whose functions take the
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 # family name -> (variant prefix, module); the first matching prefix wins and
 # "" (the plain ViT) comes last.
 FAMILY_MODULES = (
-    ("swin", "swin-", "vpt_jax.models.swin"),
-    ("convnext", "convnext-", "vpt_jax.models.convnets"),
-    ("resnet", "resnet-", "vpt_jax.models.convnets"),
+    ("swin", "swin-", "vpt_jax.models.swin_family"),
+    ("convnext", "convnext-", "vpt_jax.models.convnet_family"),
+    ("resnet", "resnet-", "vpt_jax.models.convnet_family"),
     ("vit", "", "vpt_jax.models.vit_family"),
 )
 # The backbones of the VPT paper, for "did you mean" suggestions across families.
@@ -62,7 +62,7 @@ class Family:
     always_frozen: regexes no method trains (fixed position embeddings,
       BatchNorm statistics), put ahead of the method's rules.
     convert_torch: (state_dict of numpy arrays, variant) -> {model key: array}
-      for ``checkpoints.npz.merge_backbone``; None if the family has no
+      for ``checkpoints.merge.merge_backbone``; None if the family has no
       PyTorch checkpoints.
     supported_methods: method names (or prefixes ending in "-") the family
       defines; None = all.

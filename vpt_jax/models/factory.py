@@ -15,7 +15,9 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.checkpoints import vit_layouts
 from vpt_jax.params.trees import flatten
 from vpt_jax.models import heads
 from vpt_jax.models import methods as methods_lib
@@ -146,8 +148,8 @@ def load_side_network(params, path: str) -> dict:
   if "side" not in params:
     raise ValueError(f"sidetune.checkpoint={path!r} is set but the model has no side "
                      "network; use method=sidetune or clear the setting")
-  side = npz_lib.merge_backbone(params["side"], npz_lib.read_npz(path), fresh=SIDE_FRESH,
-                                source=path)
+  side = merge_lib.merge_backbone(params["side"], npz_lib.read_npz(path), fresh=SIDE_FRESH,
+                                  source=path)
   return {**params, "side": side}
 
 
@@ -161,7 +163,7 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
   """A backbone checkpoint's arrays in the model's layout, and how to name it.
 
   ViT ``.npz`` files (vision_transformer, big_vision, ours) go through the
-  layout detection of ``checkpoints.npz``, other families' ``.npz`` files hold
+  layout detection of ``checkpoints.vit_layouts``, other families' ``.npz`` files hold
   the model's own names; PyTorch files (``backbones.TORCH_SUFFIXES``)
   are read without executing pickled code and converted by the variant's
   family (MAE, MoCo v3, Swin, ConvNeXt, ResNet).
@@ -179,13 +181,13 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
     # Only ViTs have official .npz layouts; other families' .npz files are
     # ours (``save_npz`` of the model's own parameter names).
     return npz_lib.read_npz(path), f"{path} ({family.name}, model layout)"
-  return npz_lib.read_model_layout(path)
+  return vit_layouts.read_model_layout(path)
 
 
 def load_backbone_file(params, path: str, variant: str, fresh) -> dict:
   """``params`` with everything but the ``fresh`` regexes read from ``path``, strictly."""
   arrays, source = read_backbone_file(path, variant)
-  return npz_lib.merge_backbone(params, arrays, fresh=fresh, source=source)
+  return merge_lib.merge_backbone(params, arrays, fresh=fresh, source=source)
 
 
 def load_pretrained(params, spec: Mapping[str, Any], backbone_path: str = "",

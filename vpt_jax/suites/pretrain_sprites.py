@@ -27,6 +27,7 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sprites
 from vpt_jax.models import vit
+from vpt_jax.params import trees
 from vpt_jax.training import steps as steps_lib
 
 
@@ -120,6 +121,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
           + f" | {time.perf_counter() - start:.0f}s", flush=True)
   path = os.path.join(workdir, config.output_name)
   npz_lib.save_npz({k: np.asarray(v) for k, v in
-                    npz_lib.flatten(jax.device_get(state["backbone"])).items()}, path)
+                    trees.flatten(jax.device_get(state["backbone"])).items()}, path)
   print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
   return path

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import train_state as ckpt_lib
 from vpt_jax.data import eval_stream
@@ -256,7 +257,7 @@ def parameter_overview(params, labels, backbone_size: int) -> str:
   return "\n".join(lines)
 
 
-def backbone_size(params, fresh=npz_lib.DEFAULT_FRESH) -> int:
+def backbone_size(params, fresh=merge_lib.DEFAULT_FRESH) -> int:
   """Parameters of the backbone alone: all but those matching a ``fresh`` regex.
 
   Pass the method's ``fresh_patterns`` (head and the method's own parameters).

@@ -1,4 +1,4 @@
-"""ResNet and ConvNeXt backbones with VPT's pad prompts (vpt.md 1.11).
+"""The ResNet and ConvNeXt families with VPT's pad prompts (vpt.md 1.11).
 
 The Flax models are checked against NumPy forwards that read the official
 PyTorch state dicts directly (tests/numpy_convnets.py), the conversion against
@@ -8,7 +8,6 @@ the full-size models by closed-form parameter counts.
 
 from __future__ import annotations
 
-import functools
 import re
 
 import jax
@@ -20,124 +19,28 @@ import tolerances
 import checkpoint_fixtures as fixtures
 import numpy_convnets as ref
 import torch_fixtures
+from convnet_fixtures import CLASSES
+from convnet_fixtures import converted_variables
+from convnet_fixtures import forward
+from convnet_fixtures import images_of
+from convnet_fixtures import model_for
+from convnet_fixtures import numpy_features
+from convnet_fixtures import random_variables
+from convnet_fixtures import torch_state
 from test_methods import assert_only_trainable_changed
 from test_methods import train_steps
+from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import npz
-from vpt_jax.models import convnets
+from vpt_jax.models import convnet_base
+from vpt_jax.models import convnet_family
 from vpt_jax.models import factory
 from vpt_jax.models import methods
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
-CLASSES = 5
-# The tiny sizes of convnets.RESNET_SIZES["test"] / CONVNEXT_SIZES["test"].
-RESNET_TEST = dict(stem=8, widths=(4, 8), blocks=(1, 2))
-CONVNEXT_TEST = dict(dims=(8, 16), depths=(1, 2))
-
-
-def torch_state(variant: str, seed: int = 0) -> dict:
-  if variant == "resnet-test":
-    return ref.torch_resnet_state_dict(**RESNET_TEST, seed=seed)
-  return ref.torch_convnext_state_dict(**CONVNEXT_TEST, seed=seed)
-
-
-def numpy_features(variant, state, images, prompts=None, p=0):
-  forward = ref.resnet_features if variant.startswith("resnet") else ref.convnext_features
-  return forward(state, images, prompts, p)
-
-
-def model_for(variant: str, num_prompts: int = 0):
-  module = convnets.ResNet if variant.startswith("resnet") else convnets.ConvNeXt
-  return module(num_classes=CLASSES, variant=variant, num_prompts=num_prompts)
-
-
-def flax_prompts(tb, lr) -> dict:
-  """The reference's NCHW prompt tensors in the model's NHWC layout."""
-  return {"top_bottom": tb[0].transpose(1, 2, 0).astype(np.float32),
-          "left_right": lr[0].transpose(1, 2, 0).astype(np.float32)}
-
-
-def images_of(size: int, seed: int = 1, batch: int = 2) -> np.ndarray:
-  return np.random.default_rng(seed).normal(0, 1, (batch, size, size, 3)).astype(np.float32)
-
-
-def random_variables(model, image_size: int, seed: int = 0) -> dict:
-  """Values for every variable of ``model`` without running (compiling) its init.
-
-  Random N(0, 0.1) weights, U(0, 1) prompt pixels, BatchNorm scales and
-  variances 1, means 0; tests overwrite the backbone from a state dict.
-  """
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, image_size, image_size, 3)))
-  rng = np.random.default_rng(seed)
-
-  def value(path, shape):
-    if path.startswith("vpt/"):
-      return rng.uniform(0, 1, shape.shape).astype(np.float32)
-    if path.endswith(("/var", "/scale")):
-      return np.ones(shape.shape, np.float32)
-    if path.endswith("/mean"):
-      return np.zeros(shape.shape, np.float32)
-    return rng.normal(0, 0.1, shape.shape).astype(np.float32)
-  return {collection: trees.unflatten({p: value(p, s) for p, s in
-                                           trees.flatten(tree).items()})
-          for collection, tree in shapes.items()}
-
-
-@functools.cache
-def forward(model):
-  """One compiled program per model: (features, logits)."""
-  return jax.jit(lambda variables, images: (
-      model.apply(variables, images, return_features=True), model.apply(variables, images)))
-
-
-# ----------------------------------------------------------------------------
-# Pad prompts.
-
-
-def test_pad_prompts_frame_the_image_like_the_reference():
-  p, height, width = 2, 3, 4  # non-square, so rows and columns cannot be confused
-  rng = np.random.default_rng(0)
-  top_bottom = rng.uniform(0, 1, (2 * p, width + 2 * p, 3)).astype(np.float32)
-  left_right = rng.uniform(0, 1, (height, 2 * p, 3)).astype(np.float32)
-  images = rng.normal(0, 1, (2, height, width, 3)).astype(np.float32)
-  framed = np.asarray(convnets.PadPrompts(p).apply(
-      {"params": {"top_bottom": top_bottom, "left_right": left_right}}, images))
-
-  norm = lambda t: (t - ref.IMAGENET_MEAN) / ref.IMAGENET_STD
-  expected = np.zeros((2, height + 2 * p, width + 2 * p, 3))
-  expected[:, p:p + height, p:p + width] = images
-  expected[:, p:p + height, :p] = norm(left_right[:, :p])
-  expected[:, p:p + height, p + width:] = norm(left_right[:, p:])
-  expected[:, :p, :] = norm(top_bottom[:p])
-  expected[:, p + height:, :] = norm(top_bottom[p:])
-  np.testing.assert_allclose(framed, expected, rtol=1e-6, atol=1e-6)
-
-
-def test_pad_prompts_start_uniform_in_pixel_units_with_the_reference_shapes():
-  shapes = jax.eval_shape(convnets.PadPrompts(5).init, jax.random.key(0),
-                          jnp.zeros((1, 224, 224, 3)))["params"]
-  assert shapes["top_bottom"].shape == (10, 234, 3)   # reference (1, 3, 2p, S + 2p)
-  assert shapes["left_right"].shape == (224, 10, 3)   # reference (1, 3, S, 2p)
-  params = convnets.PadPrompts(5).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
-  values = np.concatenate([np.ravel(v) for v in params.values()])  # 2,220 draws
-  assert values.min() >= 0 and values.max() < 1 and abs(values.mean() - 0.5) < 0.03
-
 
 # ----------------------------------------------------------------------------
 # Forward against NumPy on converted official state dicts.
-
-
-def converted_variables(variant, state, image_size, prompts=None, p=0):
-  """The model's variables with the backbone merged from ``state`` and, if given, the prompts."""
-  model = model_for(variant, p if prompts is not None else 0)
-  params = random_variables(model, image_size)["params"]
-  family = convnets.FAMILIES[variant.split("-")[0]]
-  params = npz.merge_backbone(params, family.convert_torch(state, variant),
-                              fresh=(r"head/.*", r"vpt/.*"), source="test")
-  if prompts is not None:
-    params = {**params, "vpt": flax_prompts(*prompts)}
-  return model, {"params": params}
 
 
 @pytest.mark.numerics
@@ -169,7 +72,7 @@ def test_forward_matches_numpy_on_the_official_state_dict(variant, image_size, p
 @pytest.mark.parametrize("variant", ["resnet-test", "convnext-test"])
 def test_conversion_covers_exactly_the_backbone(variant):
   state = torch_state(variant)
-  converted = convnets.FAMILIES[variant.split("-")[0]].convert_torch(state, variant)
+  converted = convnet_family.FAMILIES[variant.split("-")[0]].convert_torch(state, variant)
   shapes = trees.flatten(jax.eval_shape(
       model_for(variant, 2).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
   backbone = {k: v.shape for k, v in shapes.items() if not k.startswith(("head/", "vpt/"))}
@@ -181,7 +84,7 @@ def test_conversion_covers_exactly_the_backbone(variant):
 
 def test_resnet_tensors_land_in_place():
   state = torch_state("resnet-test")
-  converted = convnets.convert_resnet(state, "resnet-test")
+  converted = convnet_family.convert_resnet(state, "resnet-test")
   # Conv (O, I, kh, kw) -> (kh, kw, I, O): checked elementwise, not by transpose.
   weight = state["layer2.0.conv2.weight"]          # (8, 8, 3, 3)
   kernel = converted["layer2_0/conv2/kernel"]
@@ -201,7 +104,7 @@ def test_resnet_tensors_land_in_place():
 
 def test_convnext_tensors_land_in_place():
   state = torch_state("convnext-test")
-  converted = convnets.convert_convnext(state, "convnext-test")
+  converted = convnet_family.convert_convnext(state, "convnext-test")
   dw = state["stages.1.1.dwconv.weight"]          # (16, 1, 7, 7)
   assert converted["stage1_1/dwconv/kernel"].shape == (7, 7, 1, 16)
   for c, y, x in [(0, 0, 6), (15, 3, 1), (9, 6, 6)]:
@@ -239,7 +142,7 @@ def test_conversion_refuses_missing_and_unknown_keys(variant, drop, add, message
     del state[drop]
   if add:
     state[add] = np.zeros((1,), np.float32)
-  family = convnets.FAMILIES[variant.split("-")[0]]
+  family = convnet_family.FAMILIES[variant.split("-")[0]]
   with pytest.raises(npz.CheckpointError, match=re.escape(message)):
     family.convert_torch(state, variant)
 
@@ -247,14 +150,14 @@ def test_conversion_refuses_missing_and_unknown_keys(variant, drop, add, message
 def test_conversion_names_a_wrapper_prefix_and_a_wrong_rank():
   state = {f"module.{k}": v for k, v in torch_state("resnet-test").items()}
   with pytest.raises(npz.CheckpointError, match="strip the wrapper prefix 'module.'"):
-    convnets.convert_resnet(state, "resnet-test")
+    convnet_family.convert_resnet(state, "resnet-test")
   state = torch_state("convnext-test")
   state["stages.0.0.pwconv1.weight"] = state["stages.0.0.pwconv1.weight"][None]
   with pytest.raises(npz.CheckpointError, match="stages.0.0.pwconv1.weight has shape"):
-    convnets.convert_convnext(state, "convnext-test")
+    convnet_family.convert_convnext(state, "convnext-test")
   # The smaller variant's file for the bigger model: every extra block is missing.
   with pytest.raises(npz.CheckpointError, match="is it a resnet-50 checkpoint"):
-    convnets.convert_resnet(torch_state("resnet-test"), "resnet-50")
+    convnet_family.convert_resnet(torch_state("resnet-test"), "resnet-50")
 
 
 @pytest.mark.parametrize("family", ["resnet", "convnext"])
@@ -333,9 +236,9 @@ def trained(family: str, method: str) -> dict:
   model = factory.build_model(spec, CLASSES)
   variables = random_variables(model, IMAGE)
   variant = VARIANTS[family]
-  params = npz.merge_backbone(
-      variables["params"], convnets.FAMILIES[family].convert_torch(torch_state(variant), variant),
-      fresh=method_spec.fresh_patterns, source="test")
+  backbone = convnet_family.FAMILIES[family].convert_torch(torch_state(variant), variant)
+  params = merge.merge_backbone(variables["params"], backbone,
+                                fresh=method_spec.fresh_patterns, source="test")
   labels = freezing.label_params(params, factory.trainable_rules(config))
   if method in LABELS_ONLY:
     _RUNS[(family, method)] = dict(labels=labels, initial={"params": params})
@@ -343,14 +246,14 @@ def trained(family: str, method: str) -> dict:
   rng = np.random.default_rng(0)
   batch = {"label": rng.integers(0, CLASSES, (8,)).astype(np.int32)}
   if method in HEAD_ONLY:
-    batch["features"] = rng.normal(0, 1, (8, convnets.decode_variant(variant)[1].feature_dim))
+    batch["features"] = rng.normal(0, 1, (8, convnet_base.decode_variant(variant)[1].feature_dim))
   else:
     batch["image"] = rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8)
   optimizer = method_spec.optimizer
   initial, state, losses = train_steps(
       model, params, labels, batch, optimizer=optimizer,
       learning_rate=LEARNING_RATES[optimizer], weight_decay=config.optim.weight_decay,
-      normalization=dict(mean=convnets.PROMPT_MEAN, std=convnets.PROMPT_STD),
+      normalization=dict(mean=convnet_base.PROMPT_MEAN, std=convnet_base.PROMPT_STD),
       num_steps=STEPS, batch_stats=variables.get("batch_stats"))
   _RUNS[(family, method)] = dict(labels=labels, initial=initial, state=state, losses=losses)
   return _RUNS[(family, method)]
@@ -373,22 +276,6 @@ def test_every_supported_method_trains_only_its_parameters(family, method):
   assert len(statistics) == (0 if family == "convnext" else 2 * 12)  # 12 BatchNorms
   for path in statistics:
     np.testing.assert_array_equal(before[path], after[path], err_msg=path)
-
-
-def test_frozen_batch_norm_is_inference_batch_norm_without_statistic_gradients():
-  """Independent of any trainable rule: d loss / d (mean, var) is exactly zero."""
-  rng = np.random.default_rng(0)
-  params = {"scale": rng.uniform(0.5, 1.5, 4), "bias": rng.normal(0, 1, 4),
-            "mean": rng.normal(0, 1, 4), "var": rng.uniform(0.5, 1.5, 4)}
-  params = {k: v.astype(np.float32) for k, v in params.items()}
-  x = rng.normal(0, 1, (2, 3, 3, 4)).astype(np.float32)
-  norm = convnets.FrozenBatchNorm()
-  expected = ((x - params["mean"]) / np.sqrt(params["var"] + 1e-5) * params["scale"]
-              + params["bias"])
-  np.testing.assert_allclose(norm.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda p: jnp.sum(norm.apply({"params": p}, x) ** 2))(params)
-  assert not np.any(grads["mean"]) and not np.any(grads["var"])
-  assert np.all(grads["scale"] != 0) and np.all(grads["bias"] != 0)
 
 
 @pytest.mark.parametrize("method", ["vpt_deep", "vpt+bias", "adapter", "lora", "cvpt",
