@@ -14,7 +14,6 @@ from configs import common
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints import vit_layouts
 from vpt_jax.export import task_export
-from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import trainer
 

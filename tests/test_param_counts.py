@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import pytest
 
 from vpt_jax.models import vit
-from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
 
