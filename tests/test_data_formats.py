@@ -303,7 +303,9 @@ def test_crop_mode_cache_and_eval_from_files(cub):
 
 def test_trainer_reads_a_folder_with_fgvc_augmentation(tmp_path):
   from configs import fgvc as fgvc_config  # pylint: disable=g-import-not-at-top
-  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import feature_cache  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import inputs  # pylint: disable=g-import-not-at-top
   root = tmp_path / "flowers"
   for cls in ("daisy", "rose", "tulip"):
     for i in range(3):
@@ -315,33 +317,33 @@ def test_trainer_reads_a_folder_with_fgvc_augmentation(tmp_path):
   config.model.init_checkpoint = ""
   config.optim.batch_size = 4
   config.lock()
-  trainer.validate_config(config)
-  data = trainer.load_train_data(config)
+  config_checks.validate_config(config)
+  data = inputs.load_train_data(config)
   assert data.num_classes == 3 and data.class_names == ["daisy", "rose", "tulip"]
   # Shorter side 8 * 256 // 224 = 9: (12, 10) -> (10, 9).
   assert len(data.images) == 9 and data.images[0].shape == (10, 9, 3)
-  first, second = trainer.batches(data, config, 0), trainer.batches(data, config, 1)
+  first, second = inputs.batches(data, config, 0), inputs.batches(data, config, 1)
   next(first)
   np.testing.assert_array_equal(next(first)["image"], next(second)["image"])  # resume
-  batch = next(trainer.batches(data, config, 5))
+  batch = next(inputs.batches(data, config, 5))
   assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].dtype == np.int32
-  assert not trainer.uses_cached_features(config, {"head": {"kernel": "train"}})
+  assert not feature_cache.uses_cached_features(config, {"head": {"kernel": "train"}})
 
 
 def test_task_configs_validate():
   from configs import fgvc as fgvc_config  # pylint: disable=g-import-not-at-top
   from configs import vtab as vtab_config  # pylint: disable=g-import-not-at-top
-  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import config_checks  # pylint: disable=g-import-not-at-top
   dmlab = vtab_config.get_config("task=dmlab,checkpoint=")
-  trainer.validate_config(dmlab)
+  config_checks.validate_config(dmlab)
   assert (dmlab.data.task, dmlab.data.train_split, dmlab.prompt.num_prompts,
           dmlab.optim.batch_size, dmlab.optim.base_lr) == (
               "vtab/dmlab", "train800val200", 100, 64, 1.0)
   assert vtab_config.get_config("task=clevr_dist,num_prompts=7").prompt.num_prompts == 7
   cars = fgvc_config.get_config("dataset=cars,checkpoint=")
-  trainer.validate_config(cars)
+  config_checks.validate_config(cars)
   assert cars.data.task == "fgvc/stanford_cars" and cars.data.preprocess == "resize_crop_flip"
   bad = vtab_config.get_config("task=dmlab,checkpoint=")
   bad.data.preprocess = "crop"
-  with pytest.raises(trainer.ConfigError, match="resize_crop_flip"):
-    trainer.validate_config(bad)
+  with pytest.raises(config_checks.ConfigError, match="resize_crop_flip"):
+    config_checks.validate_config(bad)

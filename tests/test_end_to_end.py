@@ -15,6 +15,7 @@ from vpt_jax.checkpoints import npz
 from vpt_jax.export import task_export
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
+from vpt_jax.training import config_checks
 from vpt_jax.training import trainer
 
 
@@ -140,7 +141,7 @@ def test_resuming_with_a_different_config_is_refused(backbone, data_dir, tmp_pat
   trainer.train_and_evaluate(
       tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0}),
       workdir)
-  with pytest.raises(trainer.ConfigError, match=r"optim.base_lr: 2.0 -> 0.5"):
+  with pytest.raises(config_checks.ConfigError, match=r"optim.base_lr: 2.0 -> 0.5"):
     trainer.train_and_evaluate(
         tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0,
                                            "optim.base_lr": 0.5}), workdir)

@@ -43,7 +43,8 @@ import tensorflow as tf
 
 from vpt_jax.models import methods as methods_lib
 from vpt_jax.protocol import hparams
-from vpt_jax.training import fused
+from vpt_jax.training import config_checks
+from vpt_jax.training import sweeps
 from vpt_jax.training import trainer
 
 RUN_FILE = "run.json"
@@ -59,7 +60,7 @@ DEFAULT_SPLITS = {
 }
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
 # (run configs, run folders) -> per run a results dict or a FloatingPointError
-# (training/fused.py: train_and_evaluate_settings).
+# (training/sweeps.py: train_and_evaluate_settings).
 FusedFn = Callable[[list, list], list]
 
 
@@ -232,10 +233,10 @@ def _comparable(config) -> dict:
   versions wrote "/"-joined).
   """
   if isinstance(config, ml_collections.ConfigDict):
-    fields = trainer.config_fields(config)
+    fields = config_checks.config_fields(config)
   else:
     fields = {k.replace("/", "."): v for k, v in config.items()}
-  return {k: v for k, v in fields.items() if not trainer.in_fields(k, NEUTRAL_FIELDS)}
+  return {k: v for k, v in fields.items() if not config_checks.in_fields(k, NEUTRAL_FIELDS)}
 
 
 def finished_run(run_dir: str, config) -> Optional[dict]:
@@ -295,7 +296,7 @@ def ensure_fused_runs(specs: list[RunSpec], config, workdir: str, fused_fn: Fuse
   """``ensure_run`` for grid runs, ``protocol.fuse_settings`` of a task per program.
 
   The unfinished grid points of each task train in groups that share one
-  compiled program and the frozen backbone (training/fused.py); each run gets
+  compiled program and the frozen backbone (training/sweeps.py); each run gets
   the folder and record a separate run would ("seconds": its share of the
   group's time).
   """
@@ -304,7 +305,7 @@ def ensure_fused_runs(specs: list[RunSpec], config, workdir: str, fused_fn: Fuse
     todo = [spec for spec in specs if spec.task == task and finished_run(
         os.path.join(workdir, spec.folder(name)), run_config(config, spec)) is None]
     configs = [run_config(config, spec) for spec in todo]
-    for group in fused.group_settings(configs, config.protocol.fuse_settings):
+    for group in sweeps.group_settings(configs, config.protocol.fuse_settings):
       run_dirs = [os.path.join(workdir, todo[i].folder(name)) for i in group]
       print(f"\n=== {task} tune, {len(group)} settings in one program: "
             + ", ".join(f"lr {todo[i].lr:g} wd {todo[i].weight_decay:g}" for i in group),
@@ -382,10 +383,10 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
       ["test"]["top1"]; default ``trainer.train_and_evaluate``.
     write_report: rewrite the report at the end.
     fused_fn: trains a group of grid runs when ``protocol.fuse_settings`` > 1;
-      default ``fused.train_and_evaluate_settings``.
+      default ``sweeps.train_and_evaluate_settings``.
   """
   run_fn = run_fn or trainer.train_and_evaluate
-  fused_fn = fused_fn or fused.train_and_evaluate_settings
+  fused_fn = fused_fn or sweeps.train_and_evaluate_settings
   shard, num_shards = parse_shard(config.protocol.shard)
   runs = plan(config)
   mine = {k for k in range(len(runs)) if k % num_shards == shard}
