@@ -316,7 +316,8 @@ def test_config_checks_and_spec_field():
   from vpt_jax.training import config_checks  # pylint: disable=g-import-not-at-top
   config_checks.validate_config(_config(**{"optim.accumulation_steps": 4, "optim.batch_size": 16}))
   with pytest.raises(ValueError, match="not divisible by optim.accumulation_steps=3"):
-    config_checks.validate_config(_config(**{"optim.accumulation_steps": 3, "optim.batch_size": 16}))
+    config_checks.validate_config(
+        _config(**{"optim.accumulation_steps": 3, "optim.batch_size": 16}))
   mlp = _config(**{"optim.accumulation_steps": 2, "optim.batch_size": 16})
   mlp.method = "mlp-3"
   with pytest.raises(ValueError, match="BatchNorm head"):
