@@ -3,14 +3,14 @@ r"""Head-only training with and without the feature cache: a 100-epoch VTAB-1k-s
 VTAB-1k trains on 1,000 images for 100 epochs. A head-only method (linear,
 mlp-k) leaves the backbone frozen and the inputs unaugmented, so the trainer
 computes the backbone features once and trains the head on them
-(``trainer.uses_cached_features``); this script measures what that saves, with
+(``feature_cache.uses_cached_features``); this script measures what that saves, with
 the library's own train step and feature extraction:
 
 * uncached: every step runs the frozen backbone on the batch's images (what
   any other method does); a few epochs are timed after compilation and the
   100-epoch time is extrapolated (``--measure_epochs``; ``--measure_epochs 100``
   runs them all);
-* cached: ``trainer.compute_features`` once, then all 100 epochs of head steps.
+* cached: ``feature_cache.compute_features`` once, then all 100 epochs of head steps.
 
 Compile time is reported separately and excluded from the per-epoch figures.
 The backbone has random weights (speed does not depend on the values).
@@ -35,7 +35,7 @@ import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.data import training_stream  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import feature_cache  # pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv=None):
@@ -57,7 +57,7 @@ def build(args):
   config = bench_lib.method_config(args.method, args.variant, args.image_size)
   config.optim.batch_size = args.batch_size
   model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes)
-  if not trainer.uses_cached_features(config, labels):
+  if not feature_cache.uses_cached_features(config, labels):
     raise SystemExit(f"{args.method} is not head-only; the feature cache does not apply")
   data = bench_lib.random_batch(args.num_images, args.image_size, args.num_classes)
   return model, variables, labels, tx, schedule, data["image"], data["label"]
@@ -109,8 +109,9 @@ def main(argv=None):
 
   # Cached: features once, then the head on them.
   began = time.perf_counter()
-  features = trainer.compute_features(model, variables, images, mesh_lib.make_data_mesh(),
-                                      batch_size=256, norm=bench_lib.IMAGENET_NORM)
+  features = feature_cache.compute_features(model, variables, images,
+                                            mesh_lib.make_data_mesh(), batch_size=256,
+                                            norm=bench_lib.IMAGENET_NORM)
   extraction = time.perf_counter() - began
   began = time.perf_counter()
   state, _ = run_epochs(step_fn, initial_state(variables, tx), {"features": features},

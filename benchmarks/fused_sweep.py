@@ -1,14 +1,14 @@
 r"""Fused sweeps: settings per hour with k settings in one program versus one by one.
 
 The tuning protocol trains up to 40 (lr, weight decay) settings of a task on
-one frozen backbone. ``vpt_jax.training.fused`` trains k of them in one
+one frozen backbone. ``vpt_jax.training.sweeps`` trains k of them in one
 compiled step (vmap over prompts, head and optimizer state; backbone, batch and
 dropout rng shared). This script times, on random weights and random uint8
 images:
 
 * one by one: the trainer's own jitted step (``steps.make_train_step``, one
   setting, constants for lr and decay);
-* fused: ``fused.make_fused_train_step`` with k settings (default 1, 4, 8);
+* fused: ``sweep_steps.make_fused_train_step`` with k settings (default 1, 4, 8);
 
 each compiled first, one warm-up step, then the median of ``--steps`` steps.
 Settings per hour = 3600 * k / (steps per run * seconds per fused step), with
@@ -63,7 +63,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import fused  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import sweep_steps  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
 from vpt_jax.params import freezing
 from vpt_jax.params import trees  # pylint: disable=g-import-not-at-top
@@ -130,8 +130,8 @@ class Bench:
   def one_by_one(self):
     """The trainer's step for one setting: (jitted step, state)."""
     lr, wd = GRID[0]
-    # The schedule and optimizer trainer.setup builds, from Python constants.
-    tx, schedule = fused.make_setting_optimizer(
+    # The schedule and optimizer setup.build_runs builds, from Python constants.
+    tx, schedule = sweep_steps.make_setting_optimizer(
         self.config, self.labels, self.steps_per_epoch, decay=wd != 0)(
             optimizers.scaled_learning_rate(lr, self.config.optim.batch_size), wd)
     state = {"step": jnp.zeros([], jnp.int32), "params": self.fresh_params(),
@@ -145,16 +145,16 @@ class Bench:
   def fused(self, k: int):
     """The fused step for k settings: (jitted step, state)."""
     configs = self.setting_configs(k)
-    hparams = fused.setting_hparams(configs)
-    make_tx = fused.make_setting_optimizer(
+    hparams = sweep_steps.setting_hparams(configs)
+    make_tx = sweep_steps.make_setting_optimizer(
         self.config, self.labels, self.steps_per_epoch,
         decay=any(c.optim.weight_decay != 0 for c in configs))
     tx, _ = make_tx(hparams["peak_lr"][0], hparams["weight_decay"][0])
     one = {"step": jnp.zeros([], jnp.int32), "params": self.fresh_params(),
            "opt_state": tx.init(self.params)}
-    state = fused.stack_states([one] * k, self.labels)
-    step = jax.jit(fused.make_fused_train_step(self.model, self.labels, make_tx,
-                                               **bench_lib.IMAGENET_NORM),
+    state = sweep_steps.stack_states([one] * k, self.labels)
+    step = jax.jit(sweep_steps.make_fused_train_step(self.model, self.labels, make_tx,
+                                                     **bench_lib.IMAGENET_NORM),
                    donate_argnums=(0,))
     return (lambda s: step(s, hparams, self.batch, jax.random.key(0))), step.lower(
         state, hparams, self.batch, jax.random.key(0)), state

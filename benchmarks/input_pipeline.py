@@ -114,7 +114,8 @@ def step_rate(folder: str, batch: int, steps: int) -> tuple[float, float]:
   import jax  # pylint: disable=g-import-not-at-top
   from vpt_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from vpt_jax.training import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import inputs  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import setup  # pylint: disable=g-import-not-at-top
   config = common.base_config()
   config.method, config.model.variant, config.prompt.num_prompts = "vpt_deep", "B/16", 50
   config.data.task, config.data.path, config.data.train_split = "folder", folder, f"all[:{batch}]"
@@ -122,14 +123,14 @@ def step_rate(folder: str, batch: int, steps: int) -> tuple[float, float]:
   config.optim.batch_size = batch
   config.lock()
   workdir = tempfile.TemporaryDirectory(prefix="step_bench_")
-  run = trainer.setup(config, workdir.name)
+  run = setup.setup_run(config, workdir.name)
   replicated = mesh_lib.replicated(run.mesh)
   train_step = jax.jit(
       steps_lib.make_train_step(run.model, run.labels, run.tx, run.schedule, **run.norm),
       donate_argnums=(0,), in_shardings=(replicated, mesh_lib.batch_sharded(run.mesh),
                                          replicated),
       out_shardings=(replicated, replicated))
-  batch_arrays = mesh_lib.global_batch(run.mesh, next(trainer.batches(run.data, config, 0)))
+  batch_arrays = mesh_lib.global_batch(run.mesh, next(inputs.batches(run.data, config, 0)))
   rng = jax.jit(lambda: jax.random.key(0), out_shardings=replicated)()
   state = run.state
   start = time.perf_counter()
@@ -142,7 +143,7 @@ def step_rate(folder: str, batch: int, steps: int) -> tuple[float, float]:
     state, metrics = train_step(state, batch_arrays, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
-  trainer.close(run)
+  setup.close(run)
   workdir.cleanup()
   seconds = statistics.median(times)
   return seconds, batch / seconds

@@ -48,6 +48,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from configs import common  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import results  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import setup  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
 # vpt_sprites/tiny's train split, all in every batch: one step per epoch, so the
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
                     "live_arrays": len(jax.live_arrays()),
                     "elapsed_s": time.perf_counter() - began})
 
-  run = trainer.setup(config, os.path.join(workdir, "run"))
+  run = setup.setup_run(config, os.path.join(workdir, "run"))
   if run.total_steps != args.steps or run.step:
     raise SystemExit(f"the run has {run.total_steps} steps from step {run.step}; "
                      f"expected {args.steps} from 0 (use a new --workdir)")
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
       traced["start"] = tracemalloc.take_snapshot()
     if step % args.export_every == 0:
       run.state = state  # the current parameters; read before the next step donates them
-      trainer.export(run)
+      results.export(run)
       exports += 1
     if step % args.sample_every == 0:
       sample(step)
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
     trainer.train(run, on_step=on_step)
     trainer.finish(run)
   finally:
-    trainer.close(run)
+    setup.close(run)
   sample(args.steps, "final")  # after the test evaluation, the export and closing
   if "start" in traced:
     gc.collect()

@@ -47,7 +47,7 @@ def get_config(arg: str = ""):
       # FGVC: train, val, train, test).
       tune_train_split="", tune_eval_split="", final_train_split="", final_test_split="",
       # Grid points of a task trained together in one compiled program on the
-      # shared frozen backbone (vpt_jax/training/fused.py); 0 = one by one.
+      # shared frozen backbone (vpt_jax/training/sweeps.py); 0 = one by one.
       fuse_settings=0,
   ))
   if args.runlocal:  # one grid point and one seed

@@ -194,6 +194,27 @@ def method_config(method: str, variant: str, image_size: int, *, num_prompts: in
   return config
 
 
+def override(config, overrides: dict):
+  """``config`` with dotted overrides ("optim.base_lr", "protocol.lrs", "seed") set, locked."""
+  config.unlock()
+  for key, value in overrides.items():
+    section, _, field = key.rpartition(".")
+    node = config
+    for name in filter(None, section.split(".")):
+      node = node[name]
+    node[field] = value
+  config.lock()
+  return config
+
+
+def sprites_run_config(**overrides):
+  """``configs.common.base_config()`` on vpt_sprites/tiny with dotted ``overrides``, locked."""
+  config = common.base_config()
+  config.data.builder = "vpt_sprites/tiny"
+  config.lock()
+  return override(config, overrides)
+
+
 @dataclasses.dataclass
 class TinyCheckpoint:
   """What `make_checkpoint` built: the model, its init, the weights in the file."""

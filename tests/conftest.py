@@ -3,6 +3,8 @@
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests run tiny models: LLVM's optimisations would cost ~5x the compile time
@@ -19,3 +21,18 @@ def pytest_configure(config):
   # computation paths that holds on one CPU only fails there, not on a user's.
   config.addinivalue_line(
       "markers", "numerics: compares two float32 computation paths (see tests/tolerances.py)")
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+  """A tiny 'pretrained' backbone written in the raw vision_transformer layout."""
+  # Imported here: it imports JAX, which must start after the setup above.
+  import checkpoint_fixtures  # pylint: disable=g-import-not-at-top
+  return checkpoint_fixtures.write_tiny_backbone(
+      tmp_path_factory.mktemp("backbone") / "ViT-test_4.npz")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A TFDS data_dir of the module's own: local builders prepare into it."""
+  return str(tmp_path_factory.mktemp("tfds"))

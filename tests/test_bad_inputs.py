@@ -51,6 +51,8 @@ import checkpoint_fixtures
 from test_end_to_end import tiny_config
 from vpt_jax.checkpoints import npz
 from vpt_jax.models import factory
+from vpt_jax.training import config_checks
+from vpt_jax.training import inputs
 from vpt_jax.training import trainer
 
 
@@ -80,7 +82,7 @@ def no_model_init(monkeypatch):
 @pytest.fixture()
 def no_data(monkeypatch, no_model_init):
   """Fails the test if the training data is decoded or the model initialised."""
-  monkeypatch.setattr(trainer, "load_train_data", _refuse("trainer.load_train_data"))
+  monkeypatch.setattr(inputs, "load_train_data", _refuse("inputs.load_train_data"))
 
 
 def _unwritable(tmp_path, kind):
@@ -97,7 +99,7 @@ def _unwritable(tmp_path, kind):
 def test_unwritable_workdir_fails_before_anything_is_loaded(
     backbone, data_dir, tmp_path, no_data, kind):
   workdir = _unwritable(tmp_path, kind)
-  with pytest.raises(trainer.ConfigError,
+  with pytest.raises(config_checks.ConfigError,
                      match=rf"workdir '{re.escape(workdir)}' is not writable .*--workdir"):
     trainer.train_and_evaluate(tiny_config(backbone, data_dir), workdir)
 
@@ -167,7 +169,7 @@ def test_missing_side_network_checkpoint_fails_before_compute(backbone, data_dir
                                                               no_data):
   config = tiny_config(backbone, data_dir, **{"method": "sidetune",
                                               "sidetune.checkpoint": "/nonexistent/side.npz"})
-  with pytest.raises(trainer.ConfigError,
+  with pytest.raises(config_checks.ConfigError,
                      match=r"Side-network checkpoint '/nonexistent/side.npz' does not exist.*"
                            r"--config.sidetune.checkpoint=''"):
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
@@ -179,7 +181,7 @@ def test_side_network_checkpoint_with_another_method_is_refused(backbone, data_d
   side.write_bytes(b"")  # exists: the method, not the file, is what is wrong
   config = tiny_config(backbone, data_dir, **{"method": "vpt_deep",
                                               "sidetune.checkpoint": str(side)})
-  with pytest.raises(trainer.ConfigError,
+  with pytest.raises(config_checks.ConfigError,
                      match=r"only read by method 'sidetune', not 'vpt_deep'.*"
                            r"--config.method=sidetune"):
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
@@ -188,7 +190,7 @@ def test_side_network_checkpoint_with_another_method_is_refused(backbone, data_d
 def test_dataset_without_a_builder_says_where_to_put_what(backbone, data_dir, tmp_path,
                                                           no_data):
   config = tiny_config(backbone, data_dir, **{"data.task": "fgvc/nabirds"})
-  with pytest.raises(trainer.ConfigError) as error:
+  with pytest.raises(config_checks.ConfigError) as error:
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
   message = str(error.value)
   # Where to get it, what goes where, and which setting points at it.

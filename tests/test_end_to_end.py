@@ -1,15 +1,13 @@
 """The main job end to end on a locally built dataset and a fixture backbone:
-train, evaluate, checkpoint, resume, export, reload."""
+train, evaluate, checkpoint, export, reload (resuming: test_loop.py)."""
 
 import json
 import os
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import checkpoint_fixtures
 from configs import common
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints import vit_layouts
@@ -17,17 +15,7 @@ from vpt_jax.export import task_export
 from vpt_jax.params import trees
 from vpt_jax.training import trainer
 
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  """A tiny 'pretrained' backbone written in the raw vision_transformer layout."""
-  return checkpoint_fixtures.write_tiny_backbone(
-      tmp_path_factory.mktemp("backbone") / "ViT-test_4.npz")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
+# backbone and data_dir: fixtures of conftest.py.
 
 
 def tiny_config(backbone_path, data_dir, **overrides):
@@ -110,42 +98,6 @@ def test_export_refuses_a_different_backbone_or_method(backbone, data_dir, tmp_p
     task_export.load_task(results["export"], expected_method="linear")
 
 
-def test_resume_after_restart_is_bit_identical(backbone, data_dir, tmp_path):
-  config = tiny_config(backbone, data_dir)
-  uninterrupted = str(tmp_path / "uninterrupted")
-  trainer.train_and_evaluate(config, uninterrupted)
-  _, expected = trained_params(uninterrupted)
-
-  # A run that "died" after its step-3 checkpoint: later checkpoints and
-  # results are gone; rerunning the same command resumes at step 3.
-  interrupted = str(tmp_path / "interrupted")
-  trainer.train_and_evaluate(config, interrupted)
-  for name in os.listdir(os.path.join(interrupted, "checkpoints")):
-    if name.isdigit() and int(name) > 3:
-      shutil.rmtree(os.path.join(interrupted, "checkpoints", name))
-  shutil.rmtree(os.path.join(interrupted, "export"))
-  os.remove(os.path.join(interrupted, "results.json"))
-  trainer.train_and_evaluate(config, interrupted)
-  with open(os.path.join(interrupted, "metrics.jsonl")) as f:
-    steps_logged = [json.loads(line)["step"] for line in f if "train/loss" in line]
-  assert steps_logged.count(6) == 2 and steps_logged.count(3) == 1  # resumed after step 3
-  _, resumed = trained_params(interrupted)
-  assert sorted(resumed) == sorted(expected)
-  for path in expected:
-    np.testing.assert_array_equal(resumed[path], expected[path], err_msg=path)
-
-
-def test_resuming_with_a_different_config_is_refused(backbone, data_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  trainer.train_and_evaluate(
-      tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0}),
-      workdir)
-  with pytest.raises(trainer.ConfigError, match=r"optim.base_lr: 2.0 -> 0.5"):
-    trainer.train_and_evaluate(
-        tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0,
-                                           "optim.base_lr": 0.5}), workdir)
-
-
 @pytest.mark.parametrize("overrides, message", [
     ({"method": "vpt_dep"}, "did you mean vpt_deep"),
     ({"model.variant": "B/17x"}, "Unknown ViT variant"),
@@ -159,16 +111,3 @@ def test_bad_input_fails_before_compute(backbone, data_dir, tmp_path, overrides,
     trainer.train_and_evaluate(tiny_config(backbone, data_dir, **overrides),
                                str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(backbone, data_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  config = tiny_config(backbone, data_dir, **{
-      "optim.warmup_epochs": 0, "optim.base_lr": 1e30, "log_every_steps": 100,
-      "checkpoint.every_steps": 1})
-  with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at step (\d+)") as err:
-    trainer.train_and_evaluate(config, workdir)
-  bad_step = int(err.value.args[0].split(" at step ")[1].split(";")[0])
-  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-  assert saved and max(saved) < bad_step
-  assert "last good checkpoint (step %d)" % max(saved) in err.value.args[0]

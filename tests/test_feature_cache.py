@@ -17,6 +17,7 @@ from vpt_jax.models import vit
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
+from vpt_jax.training import feature_cache
 from vpt_jax.training import trainer
 
 pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
@@ -42,12 +43,12 @@ def test_cached_features_give_the_uncached_result(backbone, data_dir, tmp_path, 
   # reproduce the head's train-mode randomness and running averages.
   overrides = {"method": "mlp-2", "optim.base_lr": 0.5}
   extracted = []
-  compute_features = trainer.compute_features
+  compute_features = feature_cache.compute_features
 
   def counting_compute_features(*args, **kwargs):
     extracted.append(compute_features(*args, **kwargs))
     return extracted[-1]
-  monkeypatch.setattr(trainer, "compute_features", counting_compute_features)
+  monkeypatch.setattr(feature_cache, "compute_features", counting_compute_features)
   runs = {}
   for cache in (True, False):
     workdir = str(tmp_path / f"cache_{cache}")
@@ -95,7 +96,7 @@ def test_only_head_only_methods_use_the_cache(backbone, data_dir):
     shapes = checkpoint_fixtures.param_shapes(
         factory.build_model(factory.model_spec(config), 3), 32)
     labels = freezing.label_params(shapes, factory.trainable_rules(config))
-    return trainer.uses_cached_features(config, labels)
+    return feature_cache.uses_cached_features(config, labels)
 
   assert uses_cache("linear") and uses_cache("mlp-3")
   assert not uses_cache("linear", cache_features=False)
@@ -109,8 +110,8 @@ def test_extracted_features_equal_the_train_mode_features():
   variables = checkpoint_fixtures.randomize(shapes, seed=2)
   images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
   norm = {"mean": (0.5,) * 3, "std": (0.25,) * 3}
-  cached = trainer.compute_features(model, variables, images, mesh_lib.make_data_mesh(),
-                                    batch_size=4, norm=norm)  # 3 batches, the last padded
+  cached = feature_cache.compute_features(model, variables, images, mesh_lib.make_data_mesh(),
+                                          batch_size=4, norm=norm)  # 3 batches, the last padded
   assert cached.shape == (10, 16)
   # What the uncached train step computes: train mode, under a gradient.
   def features(params, x):

@@ -32,6 +32,8 @@ from vpt_jax import cli
 from vpt_jax.checkpoints import train_state
 from vpt_jax.data import local_builders  # pylint: disable=unused-import
 from vpt_jax.export import task_export
+from vpt_jax.training import config_checks
+from vpt_jax.training import preemption
 from vpt_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,14 +141,14 @@ def uninterrupted(files, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
   results = trainer.train_and_evaluate(config, workdir)
   assert results["step"] == TOTAL_STEPS
-  with open(os.path.join(workdir, trainer.CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, config_checks.CONFIG_FILE)) as f:
     written = json.load(f)
   return written, _exported(workdir)
 
 
 def _check_same_config(workdir, uninterrupted) -> None:
   """The subprocesses ran the config of the reference run."""
-  with open(os.path.join(workdir, trainer.CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, config_checks.CONFIG_FILE)) as f:
     assert json.load(f) == uninterrupted[0]
 
 
@@ -179,7 +181,7 @@ def test_sigkill_in_a_step_and_mid_save_then_sigterm_resume_bit_identically(
     _wait_for(marker, [process])
     process.send_signal(signal.SIGTERM)
     os.remove(marker)
-    assert process.wait(timeout=STOP_TIMEOUT) == trainer.PREEMPTED_EXIT_CODE == 75
+    assert process.wait(timeout=STOP_TIMEOUT) == preemption.PREEMPTED_EXIT_CODE == 75
   finally:
     process.kill()
   log = (tmp_path / "sigterm.log").read_text()
@@ -231,7 +233,7 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
     for p in processes:
       p.kill()
   logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
-  assert codes == [trainer.PREEMPTED_EXIT_CODE] * 2, [log[-3000:] for log in logs]
+  assert codes == [preemption.PREEMPTED_EXIT_CODE] * 2, [log[-3000:] for log in logs]
   saved = [re.findall(r"preempted: saved step (\d+)", log) for log in logs]
   # Both stopped at the same step (one past the latest step any host had
   # reached when the notice was shared), after the pause and before the end.

@@ -311,18 +311,19 @@ def _config(**fields):
 
 
 def test_config_checks_and_spec_field():
-  # Imported here: the trainer pulls in TensorFlow, which the subprocess of the
-  # remat memory test should not have to load.
-  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
-  trainer.validate_config(_config(**{"optim.accumulation_steps": 4, "optim.batch_size": 16}))
+  # Imported here: the config checks pull in TensorFlow, which the subprocess of
+  # the remat memory test should not have to load.
+  from vpt_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  config_checks.validate_config(_config(**{"optim.accumulation_steps": 4, "optim.batch_size": 16}))
   with pytest.raises(ValueError, match="not divisible by optim.accumulation_steps=3"):
-    trainer.validate_config(_config(**{"optim.accumulation_steps": 3, "optim.batch_size": 16}))
+    config_checks.validate_config(
+        _config(**{"optim.accumulation_steps": 3, "optim.batch_size": 16}))
   mlp = _config(**{"optim.accumulation_steps": 2, "optim.batch_size": 16})
   mlp.method = "mlp-3"
   with pytest.raises(ValueError, match="BatchNorm head"):
-    trainer.validate_config(mlp)
+    config_checks.validate_config(mlp)
   with pytest.raises(ValueError, match="Unknown model.remat 'blocks'"):
-    trainer.validate_config(_config(**{"model.remat": "blocks"}))
+    config_checks.validate_config(_config(**{"model.remat": "blocks"}))
   spec = factory.model_spec(_config(**{"model.remat": "block"}))
   assert spec["remat"] == "block"
   assert factory.build_model(spec, NUM_CLASSES).remat == "block"

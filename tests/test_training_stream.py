@@ -124,7 +124,9 @@ def test_both_flips_and_many_offsets_occur():
 
 def test_trainer_reads_a_folder_with_fgvc_augmentation(tmp_path):
   from configs import fgvc as fgvc_config  # pylint: disable=g-import-not-at-top
-  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import config_checks  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import feature_cache  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import inputs  # pylint: disable=g-import-not-at-top
   root = tmp_path / "flowers"
   for cls in ("daisy", "rose", "tulip"):
     for i in range(3):
@@ -136,14 +138,14 @@ def test_trainer_reads_a_folder_with_fgvc_augmentation(tmp_path):
   config.model.init_checkpoint = ""
   config.optim.batch_size = 4
   config.lock()
-  trainer.validate_config(config)
-  data = trainer.load_train_data(config)
+  config_checks.validate_config(config)
+  data = inputs.load_train_data(config)
   assert data.num_classes == 3 and data.class_names == ["daisy", "rose", "tulip"]
   # Shorter side 8 * 256 // 224 = 9: (12, 10) -> (10, 9).
   assert len(data.images) == 9 and data.images[0].shape == (10, 9, 3)
-  first, second = trainer.batches(data, config, 0), trainer.batches(data, config, 1)
+  first, second = inputs.batches(data, config, 0), inputs.batches(data, config, 1)
   next(first)
   np.testing.assert_array_equal(next(first)["image"], next(second)["image"])  # resume
-  batch = next(trainer.batches(data, config, 5))
+  batch = next(inputs.batches(data, config, 5))
   assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].dtype == np.int32
-  assert not trainer.uses_cached_features(config, {"head": {"kernel": "train"}})
+  assert not feature_cache.uses_cached_features(config, {"head": {"kernel": "train"}})

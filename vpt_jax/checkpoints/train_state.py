@@ -25,7 +25,7 @@ from vpt_jax.params import trees
 # directory and before the commit (rename); "pause:N": after step N, create
 # WORKDIR/test-paused-at-N.<process index> and wait until it is deleted, so a
 # test can signal the process at a known step. open_manager acts on "save",
-# trainer.train on "step" and "pause".
+# training/loop.py on "step" and "pause".
 TEST_HOOK_ENV = "VPT_JAX_TEST_KILL_AT"
 TEST_HOOK_KINDS = ("step", "save", "pause")
 

@@ -20,8 +20,8 @@ import ml_collections
 import tensorflow as tf
 
 from vpt_jax.protocol import run_plan
-from vpt_jax.training import fused
-from vpt_jax.training import trainer
+from vpt_jax.training import config_checks
+from vpt_jax.training import sweeps
 
 RUN_FILE = "run.json"
 # Fields that may change between invocations without changing a run's result.
@@ -29,7 +29,7 @@ NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export", "predict.
                   "data.data_dir", "data.path")
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
 # (run configs, run folders) -> per run a results dict or a FloatingPointError
-# (training/fused.py: train_and_evaluate_settings).
+# (training/sweeps.py: train_and_evaluate_settings).
 FusedFn = Callable[[list, list], list]
 
 
@@ -55,10 +55,10 @@ def _comparable(config) -> dict:
   versions wrote "/"-joined).
   """
   if isinstance(config, ml_collections.ConfigDict):
-    fields = trainer.config_fields(config)
+    fields = config_checks.config_fields(config)
   else:
     fields = {k.replace("/", "."): v for k, v in config.items()}
-  return {k: v for k, v in fields.items() if not trainer.in_fields(k, NEUTRAL_FIELDS)}
+  return {k: v for k, v in fields.items() if not config_checks.in_fields(k, NEUTRAL_FIELDS)}
 
 
 def finished_run(run_dir: str, config) -> Optional[dict]:
@@ -126,7 +126,7 @@ def ensure_fused_runs(specs: list[run_plan.RunSpec], config, workdir: str,
   """``ensure_run`` for grid runs, ``protocol.fuse_settings`` of a task per program.
 
   The unfinished grid points of each task train in groups that share one
-  compiled program and the frozen backbone (training/fused.py); each run gets
+  compiled program and the frozen backbone (training/sweeps.py); each run gets
   the folder and record a separate run would ("seconds": its share of the
   group's time).
   """
@@ -135,7 +135,7 @@ def ensure_fused_runs(specs: list[run_plan.RunSpec], config, workdir: str,
     todo = [spec for spec in specs
             if spec.task == task and record_of(spec, config, workdir) is None]
     configs = [run_plan.run_config(config, spec) for spec in todo]
-    for group in fused.group_settings(configs, config.protocol.fuse_settings):
+    for group in sweeps.group_settings(configs, config.protocol.fuse_settings):
       run_dirs = [os.path.join(workdir, todo[i].folder(name)) for i in group]
       print(f"\n=== {task} tune, {len(group)} settings in one program: "
             + ", ".join(f"lr {todo[i].lr:g} wd {todo[i].weight_decay:g}" for i in group),

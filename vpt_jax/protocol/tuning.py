@@ -43,7 +43,7 @@ import tensorflow as tf
 from vpt_jax.protocol import run_plan
 from vpt_jax.protocol import run_records
 from vpt_jax.protocol import selection
-from vpt_jax.training import fused
+from vpt_jax.training import sweeps
 from vpt_jax.training import trainer
 
 SUMMARY_FILE = "summary.json"
@@ -102,10 +102,10 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
       ["test"]["top1"]; default ``trainer.train_and_evaluate``.
     write_report: rewrite the report at the end.
     fused_fn: trains a group of grid runs when ``protocol.fuse_settings`` > 1;
-      default ``fused.train_and_evaluate_settings``.
+      default ``sweeps.train_and_evaluate_settings``.
   """
   run_fn = run_fn or trainer.train_and_evaluate
-  fused_fn = fused_fn or fused.train_and_evaluate_settings
+  fused_fn = fused_fn or sweeps.train_and_evaluate_settings
   shard, num_shards = run_plan.parse_shard(config.protocol.shard)
   runs = run_plan.plan(config)
   mine = {k for k in range(len(runs)) if k % num_shards == shard}

@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vpt_jax.data import local_builders  # pylint: disable=unused-import  (registers builders)
+from vpt_jax.training import results as results_lib
 from vpt_jax.training import trainer
 
 RESULTS_FILE = "results.json"
@@ -69,7 +70,7 @@ def run_pair(suite: ml_collections.ConfigDict, task: str, method_run: str,
              workdir: str) -> dict:
   """Trains one (task, method) pair unless its results exist; returns its results."""
   run_dir = os.path.join(workdir, task, method_run)
-  results_path = os.path.join(run_dir, trainer.RESULTS_FILE)
+  results_path = os.path.join(run_dir, results_lib.RESULTS_FILE)
   if tf.io.gfile.exists(results_path):
     with tf.io.gfile.GFile(results_path) as f:
       return json.load(f)

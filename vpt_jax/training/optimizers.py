@@ -165,7 +165,7 @@ def make_optimizer(labels, *, name: str, learning_rate: optax.Schedule,
       "torch_adamw" (torch.optim.AdamW, ``weight_decay`` on every leaf).
     learning_rate: schedule of the step.
     weight_decay: L2 coefficient for SGD; a float, or a traced scalar when one
-      compiled program trains several settings (``fused``, which then passes
+      compiled program trains several settings (``sweeps``, which then passes
       ``decay``).
     decay: whether the optimizer has a weight-decay term; None means
       ``weight_decay != 0``. True with a zero ``weight_decay`` adds 0 * theta,

@@ -1,0 +1,109 @@
+"""The house rules, read from the code: layers import only downwards, no import
+cycles, no module over 400 lines and no function over 60 (docs/architecture.md)."""
+
+import ast
+import collections
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, "vpt_jax")
+# Bottom to top; a module may import its own layer and the layers below it.
+LAYERS = ("errors", "params", "data", "checkpoints", "models", "methods", "export", "training",
+          "protocol", "suites", "cli", "main", "__main__")
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict:
+  """{"vpt_jax.models.vit": path} for every module of the package."""
+  found = {}
+  for folder, _, files in os.walk(PACKAGE):
+    for name in files:
+      if name.endswith(".py"):
+        path = os.path.join(folder, name)
+        dotted = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
+        found[dotted.removesuffix(".__init__")] = path
+  return found
+
+
+def _layer(module: str) -> str:
+  """vpt_jax.models.vit -> "models"; vpt_jax.cli -> "cli"."""
+  return module.split(".")[1] if "." in module else "__init__"
+
+
+def _imports(path: str) -> set:
+  """The vpt_jax modules a file imports (at any depth of the file)."""
+  targets = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Import):
+      targets.update(a.name for a in node.names if a.name.startswith("vpt_jax."))
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vpt_jax"):
+      for alias in node.names:  # "from vpt_jax.models import vit" names a module
+        targets.add(f"{node.module}.{alias.name}")
+  return targets
+
+
+def _graph() -> dict:
+  modules = _modules()
+  return {m: {t if t in modules else t.rpartition(".")[0] for t in _imports(p)} - {m}
+          for m, p in modules.items()}
+
+
+def test_every_module_belongs_to_a_layer():
+  unknown = sorted(m for m in _modules() if _layer(m) not in LAYERS + ("__init__",))
+  assert not unknown, f"add their packages to LAYERS (and docs/architecture.md): {unknown}"
+
+
+def test_layers_import_only_downwards():
+  upward = []
+  for module, targets in _graph().items():
+    here = LAYERS.index(_layer(module)) if _layer(module) in LAYERS else -1
+    for target in targets:
+      if _layer(target) in LAYERS and LAYERS.index(_layer(target)) > here:
+        upward.append(f"{module} -> {target}")
+  assert not upward, "\n".join(sorted(upward))
+
+
+def test_no_import_cycles():
+  graph, state, cycles = _graph(), {}, []
+
+  def visit(module, stack):
+    state[module] = "open"
+    for target in sorted(graph.get(module, ())):
+      if state.get(target) == "open":
+        cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+      elif target not in state:
+        visit(target, stack + [target])
+    state[module] = "done"
+  for module in sorted(graph):
+    if module not in state:
+      visit(module, [module])
+  assert not cycles, "\n".join(cycles)
+
+
+def test_no_module_over_400_lines():
+  sizes = {m: open(p).read().count("\n") for m, p in _modules().items()}
+  big = {m: n for m, n in sizes.items() if n > MAX_MODULE_LINES}
+  assert not big, big
+
+
+def test_no_function_over_60_lines():
+  long = collections.Counter()
+  for module, path in _modules().items():
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        length = node.end_lineno - node.lineno + 1
+        if length > MAX_FUNCTION_LINES:
+          long[f"{module}.{node.name}"] = length
+  assert not long, dict(long)
+
+
+@pytest.mark.parametrize("bad_import, layer", [("vpt_jax.training.steps", "models")])
+def test_the_layer_check_sees_an_upward_import(tmp_path, bad_import, layer):
+  """The checker itself: a models-layer file importing training is reported."""
+  path = tmp_path / "probe.py"
+  path.write_text(f"from {bad_import.rpartition('.')[0]} import {bad_import.rpartition('.')[2]}\n")
+  assert _imports(str(path)) == {bad_import}
+  assert LAYERS.index(_layer(bad_import)) > LAYERS.index(layer)

@@ -1,0 +1,21 @@
+"""The config checks through the main job: resuming a workdir whose checkpoint
+came from a different config is refused, naming the fields that differ."""
+
+import pytest
+
+from test_end_to_end import tiny_config
+from vpt_jax.training import config_checks
+from vpt_jax.training import trainer
+
+# backbone and data_dir: fixtures of conftest.py.
+
+
+def test_resuming_with_a_different_config_is_refused(backbone, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(
+      tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0}),
+      workdir)
+  with pytest.raises(config_checks.ConfigError, match=r"optim.base_lr: 2.0 -> 0.5"):
+    trainer.train_and_evaluate(
+        tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0,
+                                           "optim.base_lr": 0.5}), workdir)

@@ -1,0 +1,138 @@
+"""Everything about a run's config that can be checked before data or compute.
+
+``validate_config`` refuses configs that cannot run; ``prepare_workdir`` proves
+the workdir writable; ``check_resume_config`` refuses to resume a checkpoint
+written by a different config and records the config as config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import tensorflow as tf
+
+from vpt_jax.data import normalization as normalization_lib
+from vpt_jax.data import sources
+from vpt_jax.models import factory
+from vpt_jax.models import methods as methods_lib
+from vpt_jax.params import trees
+from vpt_jax.training import optimizers
+from vpt_jax.training import steps as steps_lib
+
+# Written by ``check_resume_config``: the config of the run in the workdir.
+CONFIG_FILE = "config.json"
+# Fields (dotted names, as ``config_fields`` gives them; a trailing "." covers a
+# section) that may differ between the run that wrote a checkpoint and a resume.
+RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
+                         "predict.", "data.data_dir",
+                         # memory/time trade-offs of the same step (e.g. resuming
+                         # on a smaller device): remat is exact, accumulation
+                         # equal up to float summation order
+                         "model.remat", "optim.accumulation_steps")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; raised before any compute."""
+
+
+def normalization(config) -> dict:
+  """{"mean": (3,), "std": (3,)} for config.data.normalization."""
+  try:
+    return normalization_lib.mean_std(config.data.normalization)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def validate_config(config) -> None:
+  """Everything that can be checked without data or compute."""
+  method = methods_lib.get_method(config.method)
+  factory.validate_spec(factory.model_spec(config))
+  data_problem = sources.check_data_config(config.data)
+  if data_problem:
+    raise ConfigError(data_problem)
+  optim = config.optim
+  if optim.name and optim.name not in optimizers.OPTIMIZERS:
+    raise ConfigError(f"Unknown optim.name {optim.name!r}; choose one of "
+                      f"{optimizers.OPTIMIZERS} or '' for the method's default")
+  if optim.schedule_unit not in optimizers.SCHEDULE_UNITS:
+    raise ConfigError(f"optim.schedule_unit must be one of {optimizers.SCHEDULE_UNITS}")
+  if optim.batch_size < 1 or optim.epochs <= 0:
+    raise ConfigError("optim.batch_size and optim.epochs must be positive")
+  if not 0 <= optim.warmup_epochs <= optim.epochs:
+    raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
+                      f"[0, epochs={optim.epochs}]")
+  try:
+    steps_lib.check_accumulation(
+        optim.accumulation_steps, optim.batch_size,
+        batch_norm=method.head_hidden_layers > 0)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  normalization(config)
+  if config.model.init_checkpoint and not tf.io.gfile.exists(config.model.init_checkpoint):
+    raise ConfigError(
+        f"Backbone checkpoint {config.model.init_checkpoint!r} does not exist. Download "
+        "it (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
+        "--config.model.init_checkpoint=PATH ('' trains from scratch).")
+  side_checkpoint = config.sidetune.checkpoint
+  if side_checkpoint and method.name != "sidetune":
+    raise ConfigError(
+        f"sidetune.checkpoint={side_checkpoint!r} is only read by method 'sidetune', not "
+        f"{config.method!r}; drop --config.sidetune.checkpoint or use --config.method=sidetune")
+  if side_checkpoint and not tf.io.gfile.exists(side_checkpoint):
+    raise ConfigError(
+        f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
+        "by factory.save_side_network, or --config.sidetune.checkpoint='' to start the "
+        "side network from its initialisation.")
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it is writable, before any compute."""
+  try:
+    tf.io.gfile.makedirs(workdir)
+    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("ok")
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    raise ConfigError(f"workdir {workdir!r} is not writable ({e}); choose a directory "
+                      "you can write to with --workdir") from e
+
+
+def config_fields(config) -> dict:
+  """Every field of a config by its dotted name: {"optim.batch_size": 128, ...}.
+
+  ``config``: a ConfigDict, or the nested dict of its JSON (e.g. config.json).
+  """
+  tree = config if isinstance(config, dict) else json.loads(config.to_json_best_effort())
+  return {path.replace("/", "."): value
+          for path, value in trees.flatten(tree).items()}
+
+
+def in_fields(field: str, prefixes) -> bool:
+  """Whether the dotted ``field`` starts with one of ``prefixes`` ("eval." covers a section)."""
+  return any(field.startswith(p) for p in prefixes)
+
+
+def check_resume_config(workdir: str, config) -> None:
+  """Refuses to resume a workdir whose checkpoint came from a different config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = config_fields(config)
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      previous = config_fields(json.load(f))
+    differing = sorted(key for key in set(previous) | set(current)
+                       if previous.get(key) != current.get(key)
+                       and not in_fields(key, RESUME_NEUTRAL_FIELDS))
+    has_checkpoint = tf.io.gfile.exists(os.path.join(workdir, "checkpoints"))
+    if differing and has_checkpoint and not config.get("allow_config_change", False):
+      details = "; ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}"
+                          for k in differing)
+      raise ConfigError(
+          f"{workdir} holds a checkpoint from a different config ({details}). Use a new "
+          "--workdir, or rerun with the original config.")
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(path, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+

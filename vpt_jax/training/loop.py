@@ -1,0 +1,240 @@
+"""The one training loop of separate runs and sweeps.
+
+A ``Program`` is one compiled step that trains k runs at once: a separate run
+(``trainer``) is k = 1, a sweep (``sweeps``) k settings vmapped over a leading
+axis. Everything else is shared: the batches (a function of the seed and the
+step, so every run draws those of an uninterrupted separate run), the dropout
+rng, the finite-loss check, logging, validation, the checkpoint policy and
+the preemption path. What differs between the two kinds is in the
+``Program`` (how to step, score, and take one run's metrics and state out of
+the program's) and in its ``Console`` (what the runs print).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from vpt_jax.checkpoints import train_state as ckpt_lib
+from vpt_jax.models import methods as methods_lib
+from vpt_jax.training import config_checks
+from vpt_jax.training import feature_cache
+from vpt_jax.training import inputs
+from vpt_jax.training import mesh as mesh_lib
+from vpt_jax.training import preemption
+from vpt_jax.training import results
+from vpt_jax.training import setup
+from vpt_jax.training import steps as steps_lib
+
+
+@dataclasses.dataclass
+class Program:
+  """One compiled training step of k runs, and how to read each run out of it.
+
+  state: the program's initial state (donated to the first step).
+  step: (state, batch, rng) -> (state, metrics), jitted.
+  evaluate: (model variables of the program's state, split) -> per run
+    {"top1", "top5", "loss", "count"}.
+  own_metrics: (host metrics of one step, index) -> run ``index``'s metrics.
+  own_state: (program state, index) -> run ``index``'s trainer state (what it
+    checkpoints and ends with).
+  raise_divergence: a non-finite loss stops everything (a separate run: the
+    error propagates); otherwise only the run it concerns stops logging and
+    checkpointing, and ``train`` returns its error.
+  """
+  state: dict
+  step: Callable
+  evaluate: Callable[[dict, str], list]
+  own_metrics: Callable[[dict, int], dict]
+  own_state: Callable[[dict, int], dict]
+  raise_divergence: bool
+
+
+class Console:
+  """What a program's runs print while training; the defaults print nothing."""
+
+  def start(self, start_step: int) -> None:
+    """After the parameter overview: what is about to train."""
+
+  def features(self, shape: tuple, seconds: float) -> None:
+    """The cached backbone features (N, D) were computed in ``seconds``."""
+
+  def steps_begin(self, start_step: int) -> None:
+    """Right before the first step (throughput is measured from here)."""
+
+  def train_line(self, step: int, means: dict[int, dict]) -> None:
+    """A log step: {run index: mean train metrics of the window} of the live runs."""
+
+  def validated(self, step: int, vals: list) -> None:
+    """Validation scores per run during training (already written to metrics)."""
+
+  def diverged(self, index: int, error: FloatingPointError) -> None:
+    """Run ``index``'s loss became non-finite; the others go on."""
+
+  def preempted(self, step: int) -> None:
+    """Every run saved ``step`` after a preemption notice; the process exits next."""
+
+
+def check_finite(window: list, first_step: int, run: setup.Run) -> list:
+  """Raises, naming the first bad step, if any fetched loss is NaN or infinite.
+
+  ``window``: host metrics of the steps ``first_step``, ``first_step + 1``, ...
+  """
+  for offset, metrics in enumerate(window):
+    if not math.isfinite(float(metrics["loss"])):
+      run.manager.wait_until_finished()
+      raise FloatingPointError(
+          f"loss became {float(metrics['loss'])} at step {first_step + offset}; stopping. "
+          f"The last good checkpoint (step {run.manager.latest_step()}) is kept in "
+          f"{run.workdir}/checkpoints; lower optim.base_lr and rerun in a new workdir.")
+  return window
+
+
+def jit_train_step(train_step: Callable, mesh, *, replicated_inputs: int = 0) -> Callable:
+  """``train_step(state, *inputs, batch, rng) -> (state, metrics)`` compiled for the mesh.
+
+  The state is donated; the state, the ``replicated_inputs`` inputs, the rng
+  and the outputs are replicated; the batch is split over the devices.
+  """
+  replicated = mesh_lib.replicated(mesh)
+  return jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=((replicated,) * (1 + replicated_inputs)
+                               + (mesh_lib.batch_sharded(mesh), replicated)),
+                 out_shardings=(replicated, replicated))
+
+
+def train(runs: Sequence[setup.Run], console: Console, build_program: Callable[[], Program],
+          on_step: Optional[Callable[[int, dict], None]] = None
+          ) -> tuple[dict, dict[int, FloatingPointError]]:
+  """Trains ``runs`` (all at one step) to the end, checkpointing as configured.
+
+  Args:
+    runs: the runs of one program; ``runs[0]`` holds what they share (data,
+      model, evaluation pipelines, the save and preemption schedule).
+    console: what the runs print.
+    build_program: returns the ``Program``; called once the cached features
+      (if any) are computed from the runs' states.
+    on_step: ``on_step(step, state)``, if given, runs after every step
+      (monitoring, e.g. benchmarks/soak.py); ``state`` is donated to the next
+      step, so read it there.
+
+  Returns:
+    (the program's final state, {position in ``runs``: the error} of the runs
+    whose loss became non-finite); each run's ``state`` is set to its own
+    final state.
+
+  Raises:
+    preemption.Preempted: after saving every run, on a preemption notice.
+  """
+  first = runs[0]
+  start_step = first.step
+  if any(run.step != start_step for run in runs):
+    raise config_checks.ConfigError(f"fused runs must start at one step, got "
+                                    f"{[run.step for run in runs]}")
+  params = first.state["params"]
+  first.writer.print(results.parameter_overview(params, first.labels, results.backbone_size(
+      params, methods_lib.get_method(first.config.method).fresh_patterns)))
+  console.start(start_step)
+  features = _cached_features(first, start_step, console)
+  program = build_program()
+  batches = inputs.batches(first.data, first.config, start_step, features)
+  rng = first.dropout_rng()
+  console.steps_begin(start_step)
+  with preemption.PreemptionNotice() as notice:
+    state, diverged = _steps(runs, program, console, batches, rng, start_step, notice,
+                             on_step)
+  for index, run in enumerate(runs):
+    run.manager.wait_until_finished()
+    run.state = program.own_state(state, index)
+  return state, diverged
+
+
+def _cached_features(run: setup.Run, start_step: int, console: Console):
+  """The training split's backbone features (N, D) for a head-only run, else None."""
+  if not (feature_cache.uses_cached_features(run.config, run.labels)
+          and start_step < run.total_steps):
+    return None
+  began = time.perf_counter()
+  features = feature_cache.compute_features(
+      run.model, steps_lib.model_variables(run.state), run.data.images, run.mesh,
+      batch_size=run.config.eval.batch_size, norm=run.norm)
+  console.features(features.shape, time.perf_counter() - began)
+  return features
+
+
+def _steps(runs, program: Program, console: Console, batches, rng, start_step: int,
+           notice: preemption.PreemptionNotice, on_step) -> tuple[dict, dict]:
+  """The steps from ``start_step + 1`` to the end; see ``train``."""
+  first = runs[0]
+  config, manager, total_steps = first.config, first.manager, first.total_steps
+  state, pending, diverged = program.state, [], {}
+  # Crash-test hooks (ckpt_lib.TEST_HOOK_ENV); both None outside tests.
+  kill_in_step, pause_after = ckpt_lib.hook_step("step"), ckpt_lib.hook_step("pause")
+  for step in range(start_step + 1, total_steps + 1):
+    state, metrics = program.step(state, mesh_lib.global_batch(first.mesh, next(batches)),
+                                  rng)
+    if step == kill_in_step:
+      preemption.kill_inside_step([run.manager for run in runs])
+    pending.append(metrics)  # device metrics, fetched only when needed (no per-step sync)
+    preempted = notice.received or manager.reached_preemption(step)
+    save_due = preempted or step == total_steps or ckpt_lib.save_due(manager, step)
+    log_due = step % config.log_every_steps == 0 or step == total_steps
+    if log_due or save_due:
+      # Never checkpoint parameters produced by a non-finite loss.
+      _check_and_log(runs, program, console, jax.device_get(pending), step, log_due,
+                     diverged)
+      pending = []
+    if first.eval_every and step % first.eval_every == 0 and step < total_steps:
+      # The runs share the first run's data pipeline as they share the data.
+      vals = program.evaluate(steps_lib.model_variables(state), config.data.eval_split)
+      for index, run in _live(runs, diverged):
+        run.writer.write(step, vals[index], prefix="val/")
+      console.validated(step, vals)
+    if save_due:
+      for index, run in _live(runs, diverged):
+        ckpt_lib.save(run.manager, program.own_state(state, index), run.labels)
+    if preempted:
+      for run in runs:
+        run.manager.wait_until_finished()
+      console.preempted(step)
+      raise preemption.Preempted(step)
+    if step == pause_after:
+      preemption.pause_for_test(first.workdir, step)
+    if on_step is not None:
+      on_step(step, state)
+  return state, diverged
+
+
+def _live(runs, diverged: dict):
+  """(index, run) of the runs whose loss stayed finite."""
+  return [(index, run) for index, run in enumerate(runs) if index not in diverged]
+
+
+def _check_and_log(runs, program: Program, console: Console, window: list, step: int,
+                   log_due: bool, diverged: dict) -> None:
+  """Checks each live run's window of host metrics; on a log step writes their means.
+
+  A run whose window holds a non-finite loss joins ``diverged`` (or, with
+  ``program.raise_divergence``, the error propagates).
+  """
+  means = {}
+  for index, run in _live(runs, diverged):
+    own = [program.own_metrics(metrics, index) for metrics in window]
+    try:  # the same step and message for a run of any program
+      check_finite(own, step - len(own) + 1, run)
+    except FloatingPointError as e:
+      if program.raise_divergence:
+        raise
+      diverged[index] = e
+      console.diverged(index, e)
+      continue
+    if log_due:
+      means[index] = {k: float(np.mean([m[k] for m in own])) for k in own[0]}
+      run.writer.write(step, means[index], prefix="train/")
+  if log_due:
+    console.train_line(step, means)

@@ -1,0 +1,119 @@
+"""What a finished run reports: its parameter counts, its scores, its export, results.json.
+
+``finish`` is the one results path of separate runs and sweeps: it scores the
+runs that did not diverge on the final splits, exports each task and writes
+each run's results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable, Optional, Sequence, Union
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from vpt_jax.checkpoints import merge as merge_lib
+from vpt_jax.export import task_export
+from vpt_jax.models import methods as methods_lib
+from vpt_jax.params import freezing
+from vpt_jax.params import trees
+from vpt_jax.training import evaluation
+from vpt_jax.training import setup
+
+RESULTS_FILE = "results.json"
+# What a run ends with: results.json's dict, or the error of a diverged run.
+Outcome = Union[dict, FloatingPointError]
+
+
+def parameter_overview(params, labels, backbone_size: int) -> str:
+  """A table of trainable and frozen parameters per top-level module."""
+  flat_labels = trees.flatten(labels)
+  groups: dict[str, list[int]] = {}
+  for path, value in trees.flatten(params).items():
+    row = groups.setdefault(path.split("/")[0], [0, 0])
+    row[flat_labels[path] != methods_lib.TRAIN] += int(np.prod(value.shape))
+  lines = [f"{'module':<16}{'trainable':>14}{'frozen':>14}"]
+  for name, (trainable, frozen) in sorted(groups.items()):
+    lines.append(f"{name:<16}{trainable:>14,}{frozen:>14,}")
+  total_trainable = sum(t for t, _ in groups.values())
+  total = sum(t + f for t, f in groups.values())
+  lines.append(f"{'total':<16}{total_trainable:>14,}{total - total_trainable:>14,}")
+  lines.append(f"trainable: {total_trainable:,} of {total:,} = "
+               f"{100 * total_trainable / max(total, 1):.3f}% "
+               f"({100 * total_trainable / max(backbone_size, 1):.3f}% of the "
+               f"{backbone_size:,}-parameter backbone)")
+  return "\n".join(lines)
+
+
+def backbone_size(params, fresh=merge_lib.DEFAULT_FRESH) -> int:
+  """Parameters of the backbone alone: all but those matching a ``fresh`` regex.
+
+  Pass the method's ``fresh_patterns`` (head and the method's own parameters).
+  """
+  patterns = [re.compile(p) for p in fresh]
+  return sum(int(np.prod(v.shape)) for p, v in trees.flatten(params).items()
+             if not any(pattern.fullmatch(p) for pattern in patterns))
+
+
+
+def finish(runs: Sequence[setup.Run], evaluate_split: Callable[[str], list],
+           diverged: Optional[dict] = None,
+           log_prefix: Callable[[setup.Run], str] = lambda run: "") -> list[Outcome]:
+  """Scores ``runs`` on the final splits, exports them and writes their results.json.
+
+  Args:
+    runs: runs whose ``state`` is final.
+    evaluate_split: split -> per run {"top1", "top5", "loss", "count"}; one
+      pass over the split serves all runs.
+    diverged: {position in ``runs``: the error} of runs whose loss became
+      non-finite; they get their error back and are not scored.
+    log_prefix: what starts each console line of a run's scores.
+
+  Returns:
+    Per run what ``write_results`` wrote, or its error.
+  """
+  diverged = diverged or {}
+  splits = evaluation.final_splits(runs[0].config) if len(diverged) < len(runs) else []
+  scores = {name: evaluate_split(split) for name, split in splits}
+  return [diverged[index] if index in diverged else write_results(
+              run, {name: per_run[index] for name, per_run in scores.items()},
+              log_prefix=log_prefix(run))
+          for index, run in enumerate(runs)]
+
+
+def write_results(run: setup.Run, scores: dict, log_prefix: str = "") -> dict:
+  """Logs the run's ``scores`` ({"val": evaluate(...), ...}), exports the task
+  (``config.export``) and writes results.json; returns what it wrote."""
+  params = run.state["params"]
+  results = {"method": run.config.method, "step": run.step,
+             "trainable_params": freezing.count(freezing.split(params, run.labels)[0]),
+             "total_params": freezing.count(trees.flatten(params)),
+             "backbone_params": backbone_size(
+                 params, methods_lib.get_method(run.config.method).fresh_patterns)}
+  for name, score in scores.items():
+    results[name] = score
+    run.writer.write(run.step, score, prefix=f"{name}/")
+    run.writer.print(f"{log_prefix}{name} top-1 {score['top1']:.4f}, top-5 "
+                     f"{score['top5']:.4f} ({score['count']} images)")
+  if run.config.export:
+    results["export"] = export(run)
+  if jax.process_index() == 0:
+    with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+def export(run: setup.Run) -> Optional[str]:
+  """Writes the task export of the run's current parameters (process 0)."""
+  if jax.process_index() != 0:
+    return None
+  return task_export.export_task(
+      os.path.join(run.workdir, "export"), run.state["params"], run.labels, spec=run.spec,
+      num_classes=run.data.num_classes, class_names=run.data.class_names,
+      normalization=run.norm, backbone_path=run.config.model.init_checkpoint or None,
+      backbone_fingerprint=run.fingerprint, init_seed=run.config.seed,
+      batch_stats=run.state.get("batch_stats"))
