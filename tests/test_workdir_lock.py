@@ -82,3 +82,23 @@ def test_release_leaves_another_runs_lock(tmp_path):
   _write_holder(workdir, host="another-host", pid=1, start="5")
   workdir_lock.release(_lock_file(workdir))
   assert os.path.exists(_lock_file(workdir))
+
+
+def test_training_on_a_held_workdir_is_refused_before_any_compute(backbone, data_dir, tmp_path,
+                                                                  monkeypatch):
+  from test_end_to_end import tiny_config  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import inputs  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", HOLD, workdir], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  loaded = []
+  monkeypatch.setattr(inputs, "load_train_data", lambda *a, **k: loaded.append(1))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f"pid {holder.pid}"):
+      trainer.train_and_evaluate(tiny_config(backbone, data_dir), workdir)
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  assert not loaded  # refused before the data was read

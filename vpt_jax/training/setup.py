@@ -29,6 +29,7 @@ from vpt_jax.training import inputs
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import metric_writers
 from vpt_jax.training import optimizers
+from vpt_jax.training import workdir_lock
 
 
 @dataclasses.dataclass
@@ -51,6 +52,7 @@ class Run:
   steps_per_epoch: float
   writer: metric_writers.MetricWriter
   eval_inputs: dict = dataclasses.field(default_factory=dict)  # split -> (source, dataset)
+  lock: Optional[str] = None  # the workdir lock this process holds (workdir_lock)
 
   @property
   def step(self) -> int:
@@ -89,8 +91,28 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """
   config_checks.validate_config(config)
   config_checks.prepare_workdir(workdir)
-  config_checks.check_resume_config(workdir, config)
-  return build_runs([config], [workdir])[0]
+  return build_locked_runs([config], [workdir])[0]
+
+
+def build_locked_runs(configs, workdirs) -> list[Run]:
+  """Takes the workdirs' locks, checks each resume, then ``build_runs``.
+
+  One run per workdir: a workdir another live run holds is refused before any
+  compute (``workdir_lock``); the locks are released if anything here fails,
+  else by ``close``.
+  """
+  locks = []
+  try:
+    for workdir in workdirs:  # process 0 holds them for a multi-host run
+      locks.append(workdir_lock.acquire(workdir) if jax.process_index() == 0 else None)
+    for config, workdir in zip(configs, workdirs):
+      config_checks.check_resume_config(workdir, config)
+    runs = build_runs(configs, workdirs)
+  except BaseException:
+    for path in locks:
+      workdir_lock.release(path)
+    raise
+  return [dataclasses.replace(run, lock=lock) for run, lock in zip(runs, locks)]
 
 
 def build_runs(configs, workdirs) -> list[Run]:
@@ -183,6 +205,7 @@ def _initial_parameters(config, spec: dict, model, mesh) -> tuple[dict, dict]:
 
 
 def close(run: Run) -> None:
-  """Closes the run's metric writer and checkpoint manager."""
+  """Closes the run's metric writer and checkpoint manager; releases its workdir."""
   run.writer.close()
   run.manager.close()
+  workdir_lock.release(run.lock)

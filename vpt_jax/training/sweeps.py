@@ -125,10 +125,9 @@ def setup_settings(configs: Sequence[ml_collections.ConfigDict],
         f"need one distinct workdir per setting, got {list(workdirs)}")
   for config in configs:
     config_checks.validate_config(config)
-  for config, workdir in zip(configs, workdirs):
+  for workdir in workdirs:
     config_checks.prepare_workdir(workdir)
-    config_checks.check_resume_config(workdir, config)
-  return setup.build_runs(configs, workdirs)
+  return setup.build_locked_runs(configs, workdirs)
 
 
 def _setting_name(config) -> str:
