@@ -231,7 +231,7 @@ def make_checkpoint(directory, layout: str, *, variant: str = "test/4",
     directory: where to write (e.g. pytest's ``tmp_path``).
     layout: "vit_raw", "vit_raw_opt" (under opt/target/), "big_vision",
       "big_vision_scan".
-    model_kwargs: more VisionTransformer attributes (num_prompts, ...).
+    model_kwargs: more VisionTransformer attributes (hooks, pool, ...).
   """
   model = vit.VisionTransformer(num_classes=model_kwargs.pop("num_classes", 5),
                                 variant=variant, **model_kwargs)

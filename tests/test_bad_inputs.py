@@ -50,7 +50,7 @@ import pytest
 import checkpoint_fixtures
 from test_end_to_end import tiny_config
 from vpt_jax.checkpoints import npz
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 from vpt_jax.training import trainer
 
 

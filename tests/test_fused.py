@@ -16,7 +16,7 @@ import tolerances
 from configs import common
 from configs import vtab_protocol
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 from vpt_jax.protocol import tuning
 from vpt_jax.training import fused
 from vpt_jax.training import optimizers

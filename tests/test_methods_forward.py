@@ -14,7 +14,11 @@ import pytest
 import tolerances
 import checkpoint_fixtures as fixtures
 import numpy_vit
-from vpt_jax.models import prompts as prompts_lib
+from vpt_jax.methods import adapter
+from vpt_jax.methods import cvpt as cvpt_lib
+from vpt_jax.methods import lora
+from vpt_jax.methods import prompts
+from vpt_jax.methods import sidetune
 from vpt_jax.models import vit
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
@@ -43,17 +47,17 @@ def _compare(model, params, images, **numpy_kwargs):
 
 # Every insert position; the exact "CLS only in the last block" shortcut on the default.
 @pytest.mark.parametrize("insert, skip_dead_work",
-                         [(i, False) for i in vit.CVPT_INSERTS] + [(3, True)])
+                         [(i, False) for i in cvpt_lib.CVPT_INSERTS] + [(3, True)])
 def test_cvpt_matches_numpy(insert, skip_dead_work):
   model = vit.VisionTransformer(**BASE, skip_dead_work=skip_dead_work,
-                                cvpt_options=vit.CvptOptions(num_prompts=3, insert=insert))
+                                hooks=cvpt_lib.CvptOptions(num_prompts=3, insert=insert))
   _compare(model, _params(model), _images(), cvpt_insert=insert)
 
 
 def test_cvpt_insert_positions_differ():
   params, outputs = None, []
-  for insert in vit.CVPT_INSERTS:
-    model = vit.VisionTransformer(**BASE, cvpt_options=vit.CvptOptions(3, insert=insert))
+  for insert in cvpt_lib.CVPT_INSERTS:
+    model = vit.VisionTransformer(**BASE, hooks=cvpt_lib.CvptOptions(3, insert=insert))
     params = params or _params(model)
     outputs.append(numpy_vit.vit_forward(params, _images(), cvpt_insert=insert))
   for i in range(len(outputs)):
@@ -64,7 +68,7 @@ def test_cvpt_insert_positions_differ():
 def test_cvpt_adds_only_its_prompts_to_the_parameter_tree():
   plain = trees.flatten(fixtures.param_shapes(vit.VisionTransformer(**BASE), 16))
   cvpt = trees.flatten(fixtures.param_shapes(
-      vit.VisionTransformer(**BASE, cvpt_options=vit.CvptOptions(num_prompts=7)), 16))
+      vit.VisionTransformer(**BASE, hooks=cvpt_lib.CvptOptions(num_prompts=7)), 16))
   # No attention copies: the cross-attention has no parameters of its own.
   assert set(cvpt) - set(plain) == {"cvpt/prompts"}
   assert set(plain) <= set(cvpt)
@@ -75,7 +79,7 @@ def test_cvpt_adds_only_its_prompts_to_the_parameter_tree():
 
 def test_cvpt_sequence_stays_one_plus_n_in_every_block():
   model = vit.VisionTransformer(**BASE, skip_dead_work=False,
-                                cvpt_options=vit.CvptOptions(num_prompts=5))
+                                hooks=cvpt_lib.CvptOptions(num_prompts=5))
   params = _params(model)
   _, state = model.apply({"params": params}, _images(), capture_intermediates=True,
                          mutable=["intermediates"])
@@ -91,7 +95,7 @@ def test_cvpt_sequence_stays_one_plus_n_in_every_block():
 
 
 def test_cvpt_cross_attention_reads_the_blocks_attention_parameters():
-  model = vit.VisionTransformer(**BASE, cvpt_options=vit.CvptOptions(num_prompts=3))
+  model = vit.VisionTransformer(**BASE, hooks=cvpt_lib.CvptOptions(num_prompts=3))
   params = _params(model)
   images = _images()
   before = np.asarray(model.apply({"params": params}, images))
@@ -108,7 +112,7 @@ def test_cvpt_cross_attention_reads_the_blocks_attention_parameters():
 
 def test_cvpt_prompt_init_is_xavier_uniform_over_the_3d_tensor():
   # ViT-B's shapes: 12 blocks of m = 10 prompts of width 768.
-  module = prompts_lib.CrossPrompts(num_prompts=10, depth=12, width=768)
+  module = cvpt_lib.CrossPrompts(num_prompts=10, depth=12, width=768)
   variables = module.init(jax.random.key(0), 1, train=False)
   prompts = np.asarray(variables["params"]["prompts"])
   bound = math.sqrt(6 / (768 * (10 + 12)))  # sqrt(6 / (D (m + depth))) = 0.0188
@@ -121,7 +125,7 @@ def test_cvpt_prompt_init_is_xavier_uniform_over_the_3d_tensor():
 
 def _cvpt_train_logits(copies, **options):
   """A CVPT model, its params, and train-mode logits of one image repeated."""
-  model = vit.VisionTransformer(**BASE, cvpt_options=vit.CvptOptions(3, **options))
+  model = vit.VisionTransformer(**BASE, hooks=cvpt_lib.CvptOptions(3, **options))
   params = _params(model)
   images = np.repeat(_images(batch=1), copies, axis=0)
   logits = np.asarray(model.apply({"params": params}, images, train=True,
@@ -143,15 +147,15 @@ def test_cvpt_drop_path_is_per_example_and_spares_the_first_block():
   assert 1 < len(distinct) <= 4
 
 
-@pytest.mark.parametrize("init", vit.ADAPTER_INITS)
+@pytest.mark.parametrize("init", adapter.ADAPTER_INITS)
 def test_adapter_matches_numpy_and_starts_at_the_backbone(init):
-  options = vit.AdapterOptions(reduction=4, init=init)
-  model = vit.VisionTransformer(**BASE, adapter_options=options)
+  options = adapter.AdapterOptions(reduction=4, init=init)
+  model = vit.VisionTransformer(**BASE, hooks=options)
   params = _params(model)
   _compare(model, params, _images())  # random adapter values: the math
   assert {p.split("/adapter/")[1] for p in trees.flatten(params) if "/adapter/" in p} == {
       "down/kernel", "down/bias", "up/kernel", "up/bias"}
-  initial = vit.Adapter(4, init).init(jax.random.key(0), jnp.zeros((1, 1, WIDTH)))
+  initial = adapter.Adapter(4, init).init(jax.random.key(0), jnp.zeros((1, 1, WIDTH)))
   for path, value in trees.flatten(initial["params"]).items():
     # Up (and every bias) starts at zero, so the model starts at the backbone;
     # the reference also zeroes Down's kernel.
@@ -160,8 +164,8 @@ def test_adapter_matches_numpy_and_starts_at_the_backbone(init):
 
 
 def test_lora_matches_numpy_and_starts_exact():
-  options = vit.LoraOptions(rank=2, alpha=3.0, targets=("query", "key", "value", "out"))
-  model = vit.VisionTransformer(**BASE, lora_options=options)
+  options = lora.LoraOptions(rank=2, alpha=3.0, targets=("query", "key", "value", "out"))
+  model = vit.VisionTransformer(**BASE, hooks=options)
   params = _params(model)
   _compare(model, params, _images(), lora_alpha=3.0)
   # B = 0: the LoRA model equals the plain one whatever A is.
@@ -175,14 +179,14 @@ def test_lora_matches_numpy_and_starts_exact():
 
 @pytest.mark.parametrize("dimension", ["all", "hidden", "sequence"])
 def test_vfpt_matches_numpy(dimension):
-  model = vit.VisionTransformer(**BASE, num_prompts=4, deep_prompts=True,
-                                vfpt_options=vit.VfptOptions(0.5, dimension))
+  model = vit.VisionTransformer(**BASE, hooks=prompts.VfptOptions(
+                                    4, deep=True, percentage=0.5, dimension=dimension))
   _compare(model, _params(model), _images(), fourier_prompts=2, fourier_dimension=dimension)
 
 
 def test_e2vpt_matches_numpy():
-  model = vit.VisionTransformer(**BASE, num_prompts=3, deep_prompts=True,
-                                e2vpt_options=vit.E2vptOptions(num_prompts=2))
+  model = vit.VisionTransformer(**BASE, hooks=prompts.E2vptOptions(
+                                    3, deep=True, kv_prompts=2))
   params = _params(model)
   assert params["e2vpt"]["kv_prompts"].shape == (DEPTH, 2, 2, 8)  # (L, H, N_kv, D/H)
   _compare(model, params, _images())
@@ -200,9 +204,9 @@ def test_mlp_head_matches_numpy_in_eval():
 
 
 def test_sidetune_matches_numpy_and_starts_as_an_even_blend():
-  model = vit.VisionTransformer(**BASE, side_options=vit.SideOptions((4, 8)))
+  model = vit.VisionTransformer(**BASE, hooks=sidetune.SideOptions((4, 8)))
   params = _params(model)
   _compare(model, params, _images())
-  initial = vit.SideNetwork((4, 8)).init(jax.random.key(0), _images(),
+  initial = sidetune.SideNetwork((4, 8)).init(jax.random.key(0), _images(),
                                          np.zeros((2, WIDTH), np.float32))
   assert float(initial["params"]["alpha"]) == 0.0  # sigmoid(0) = 1/2

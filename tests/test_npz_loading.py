@@ -17,8 +17,9 @@ import checkpoint_fixtures as fixtures
 import numpy_vit
 from vpt_jax.checkpoints import npz
 from vpt_jax.params.trees import flatten, unflatten
+from vpt_jax.methods import prompts
 
-PROMPTED = dict(num_prompts=3, deep_prompts=True)
+PROMPTED = dict(hooks=prompts.VptOptions(3, deep=True))
 
 
 def _is_fresh(key):
@@ -466,7 +467,7 @@ def test_flatten_unflatten():
 
 @pytest.mark.numerics
 def test_big_vision_weights_match_numpy_forward(tmp_path):
-  ckpt = fixtures.make_checkpoint(tmp_path, "big_vision", num_prompts=3, deep_prompts=True,
+  ckpt = fixtures.make_checkpoint(tmp_path, "big_vision", **PROMPTED,
                                   pool="img_pool", num_classes=4)
   loaded = npz.load_backbone(ckpt.init_params, ckpt.path)
   images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)

@@ -18,8 +18,8 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import predict
 from vpt_jax.export import serving
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.models import vit_family
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
@@ -48,7 +48,7 @@ def _write_export(directory, backbone, method, num_classes, seed, *, normalizati
   spec = _spec(method, image_size, **overrides)
   model = factory.build_model(spec, num_classes)
   shapes = factory.variable_shapes(model, image_size)  # traced only: no compile
-  rules = methods.get_method(spec["method"]).rules(
+  rules = registry.get_method(spec["method"]).rules(
       vit_family.block_patterns(VARIANT), r"Transformer/encoder_norm/.*")
   labels = freezing.label_params(shapes["params"], rules)
   flat_labels = trees.flatten(labels)

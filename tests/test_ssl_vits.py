@@ -26,8 +26,9 @@ import torch_fixtures as tf
 from test_methods import train_steps
 from vpt_jax.checkpoints import npz
 from vpt_jax.params.trees import flatten, unflatten
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import prompts
+from vpt_jax.methods import registry
 from vpt_jax.models import prompts as prompts_lib
 from vpt_jax.models import vit
 from vpt_jax.models import vit_family
@@ -271,7 +272,7 @@ def _spec(method, variant, **overrides):
   spec = dict(method=method, variant=variant, image_size=IMAGE, dropout_rate=0.0,
               skip_dead_work=True, dtype="float32", num_prompts=0, prompt_dropout=0.0,
               prompt_projection=-1, pool="original")
-  if methods.get_method(method).uses_prompts:
+  if registry.get_method(method).uses_prompts:
     spec.update(num_prompts=3)
   spec.update(overrides)
   return spec
@@ -376,7 +377,7 @@ def test_every_vit_method_builds_and_trains_the_right_parameters(flavour, method
     expected = any(re.fullmatch(p, path) for p in patterns)
     if path == POSEMB["moco"]:
       expected = False  # fixed for every method
-    assert (label == methods.TRAIN) == expected, (path, label)
+    assert (label == freezing.TRAIN) == expected, (path, label)
 
 
 def _train(variant, method, path, num_steps):
@@ -385,7 +386,7 @@ def _train(variant, method, path, num_steps):
   model = factory.build_model(spec, 5)
   params = factory.load_pretrained(fixtures.make_model_params(model, IMAGE), spec, path)
   labels = freezing.label_params(params, factory.trainable_rules(config))
-  name = methods.get_method(method).optimizer
+  name = registry.get_method(method).optimizer
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8),
            "label": rng.integers(0, 5, (8,)).astype(np.int32)}
@@ -479,8 +480,8 @@ def test_large_21k_npz_layouts_match_the_model(filename):
   layout = npz.detect_layout(official)
   assert layout == "vit_raw"
   converted = npz.to_model_layout(official, layout)
-  model = vit.VisionTransformer(num_classes=10, variant=variant, num_prompts=50,
-                                deep_prompts=True)
+  model = vit.VisionTransformer(num_classes=10, variant=variant,
+                                hooks=prompts.VptOptions(50, deep=True))
   expected = {key: leaf for key, leaf in flatten(fixtures.param_shapes(model, 224)).items()
               if not key.startswith(("head/", "vpt/"))}
   assert sorted(converted) == sorted(expected)

@@ -64,8 +64,8 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import trees
 from vpt_jax.export import predict as predict_lib
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 
 ExportError = task_export.ExportError
 PARAMS = "params"
@@ -117,7 +117,7 @@ def backbone_overrides(export: LoadedExport) -> list[str]:
   adapters, ...) are never in the backbone file; anything else it exported was
   a backbone weight it trained (bias vectors for BitFit, blocks for partial-k).
   """
-  method = methods_lib.get_method(export.metadata["model"]["method"])
+  method = registry.get_method(export.metadata["model"]["method"])
   fresh = [re.compile(p) for p in method.fresh_patterns]
   prefix = f"{PARAMS}/"
   return sorted(k[len(prefix):] for k in export.variables if k.startswith(prefix)

@@ -50,7 +50,7 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.models import hooks as methods_lib
 
 # The reference normalises its pad prompts (drawn in [0, 1] pixel units) with
 # torchvision's ImageNet Normalize whatever the data pipeline does.

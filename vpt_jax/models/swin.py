@@ -75,7 +75,7 @@ import numpy as np
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.models import hooks as methods_lib
 from vpt_jax.models import prompts as prompts_lib
 
 LAYER_NORM_EPSILON = 1e-5  # PyTorch's nn.LayerNorm default, as the official Swin

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
 from vpt_jax.protocol import hparams
 from vpt_jax.training import fused
 from vpt_jax.training import trainer
@@ -146,7 +146,7 @@ def method_name(config) -> str:
 
 def grid(config, task: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(base lrs, weight decays) in the reference's visiting order (descending)."""
-  method = methods_lib.get_method(config.method)
+  method = registry.get_method(config.method)
   optimizer = config.optim.name or method.optimizer
   lrs = tuple(config.protocol.lrs) or hparams.lr_grid(config.method, optimizer,
                                                      benchmark(task))

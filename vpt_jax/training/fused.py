@@ -50,7 +50,7 @@ import ml_collections
 import numpy as np
 
 from vpt_jax.checkpoints import train_state as ckpt_lib
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
@@ -67,7 +67,7 @@ Outcome = Union[dict, FloatingPointError]
 
 def optimizer_name(config) -> str:
   """The run's optimizer: ``optim.name`` or the method's default."""
-  return config.optim.name or methods_lib.get_method(config.method).optimizer
+  return config.optim.name or registry.get_method(config.method).optimizer
 
 
 def structure_key(config) -> tuple:
@@ -168,7 +168,7 @@ def state_axes(state, labels) -> dict:
   """
   flat_labels = trees.flatten(labels)
   axes = {"step": None,
-          "params": trees.unflatten({p: 0 if label == methods_lib.TRAIN else None
+          "params": trees.unflatten({p: 0 if label == freezing.TRAIN else None
                                          for p, label in flat_labels.items()}),
           "opt_state": 0}
   if "batch_stats" in state:
@@ -325,7 +325,7 @@ def train(runs: Sequence[trainer.Run]) -> tuple[dict, dict[int, FloatingPointErr
   replicated = mesh_lib.replicated(mesh)
   first.writer.print(trainer.parameter_overview(
       first.state["params"], labels, trainer.backbone_size(
-          first.state["params"], methods_lib.get_method(config.method).fresh_patterns)))
+          first.state["params"], registry.get_method(config.method).fresh_patterns)))
   first.writer.print(
       f"{len(runs)} settings in one program ({', '.join(_setting_name(r.config) for r in runs)}"
       f"): {len(first.data.labels)} training images, batch {config.optim.batch_size}, "

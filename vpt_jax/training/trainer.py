@@ -30,8 +30,9 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import pipeline
 from vpt_jax.data import sources
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
+from vpt_jax.methods import sidetune
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import metric_writers
 from vpt_jax.training import optimizers
@@ -113,7 +114,7 @@ def source(config, split: str) -> pipeline.AnySource:
 
 def validate_config(config) -> None:
   """Everything that can be checked without data or compute."""
-  method = methods_lib.get_method(config.method)
+  method = registry.get_method(config.method)
   factory.validate_spec(factory.model_spec(config))
   data_problem = sources.check_data_config(config.data)
   if data_problem:
@@ -149,7 +150,7 @@ def validate_config(config) -> None:
   if side_checkpoint and not tf.io.gfile.exists(side_checkpoint):
     raise ConfigError(
         f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
-        "by factory.save_side_network, or --config.sidetune.checkpoint='' to start the "
+        "by sidetune.save_side_network, or --config.sidetune.checkpoint='' to start the "
         "side network from its initialisation.")
 
 
@@ -240,7 +241,7 @@ def parameter_overview(params, labels, backbone_size: int) -> str:
   groups: dict[str, list[int]] = {}
   for path, value in trees.flatten(params).items():
     row = groups.setdefault(path.split("/")[0], [0, 0])
-    row[flat_labels[path] != methods_lib.TRAIN] += int(np.prod(value.shape))
+    row[flat_labels[path] != freezing.TRAIN] += int(np.prod(value.shape))
   lines = [f"{'module':<16}{'trainable':>14}{'frozen':>14}"]
   for name, (trainable, frozen) in sorted(groups.items()):
     lines.append(f"{name:<16}{trainable:>14,}{frozen:>14,}")
@@ -328,9 +329,9 @@ def uses_cached_features(config, labels) -> bool:
   backbone runs without dropout. The training data is not augmented (the
   pipeline decodes every image once), so linear and mlp-k qualify.
   """
-  method = methods_lib.get_method(config.method)
+  method = registry.get_method(config.method)
   trainable = [p for p, label in trees.flatten(labels).items()
-               if label == methods_lib.TRAIN]
+               if label == freezing.TRAIN]
   return bool(config.cache_features and not method.fresh and not method.backbone_dropout
               and config.data.preprocess == "resize"  # no augmentation
               and all(p.startswith("head/") for p in trainable))
@@ -479,7 +480,7 @@ def setup_runs(configs, workdirs) -> list[Run]:
         warmup_epochs=optim.warmup_epochs, total_epochs=optim.epochs,
         steps_per_epoch=steps_per_epoch, unit=optim.schedule_unit)
     tx = optimizers.make_optimizer(
-        labels, name=optim.name or methods_lib.get_method(setting.method).optimizer,
+        labels, name=optim.name or registry.get_method(setting.method).optimizer,
         learning_rate=schedule, weight_decay=optim.weight_decay, momentum=optim.momentum)
     # Built eagerly: compiling tx.init would cost seconds and save nothing.
     state = mesh_lib.put_replicated({"step": np.zeros([], np.int32),
@@ -516,7 +517,7 @@ def train(run: Run, on_step: Optional[Callable[[int, dict], None]] = None) -> No
   start_step = run.step
   params = run.state["params"]
   writer.print(parameter_overview(params, run.labels, backbone_size(
-      params, methods_lib.get_method(config.method).fresh_patterns)))
+      params, registry.get_method(config.method).fresh_patterns)))
   writer.print(f"{len(run.data.labels)} training images, {run.data.num_classes} classes, "
                f"batch {config.optim.batch_size}, {run.total_steps} steps "
                f"({config.optim.epochs} epochs) on {mesh.devices.size} device(s)"
@@ -642,7 +643,7 @@ def write_results(run: Run, scores: dict, log_prefix: str = "") -> dict:
              "trainable_params": freezing.count(freezing.split(params, run.labels)[0]),
              "total_params": freezing.count(trees.flatten(params)),
              "backbone_params": backbone_size(
-                 params, methods_lib.get_method(run.config.method).fresh_patterns)}
+                 params, registry.get_method(run.config.method).fresh_patterns)}
   for name, score in scores.items():
     results[name] = score
     run.writer.write(run.step, score, prefix=f"{name}/")
