@@ -252,21 +252,6 @@ def test_every_registered_method_is_covered():
   assert {CASES[c][0] for c in CASES} >= set(registry.METHODS) - {"mlp-2", "mlp-5", "mlp-9"}
 
 
-@pytest.mark.parametrize("method, backbone_dropout", [
-    ("full", True), ("linear", False), ("partial-2", False), ("bias", False),
-    ("adapter", False), ("sidetune", False), ("vpt_deep", False), ("cvpt", False)])
-def test_backbone_mode_follows_the_reference(method, backbone_dropout):
-  assert registry.get_method(method).backbone_dropout == backbone_dropout
-
-
-@pytest.mark.parametrize("name, message", [
-    ("mlp-1", "k must be >= 2"), ("partial-0", "k must be >= 1"), ("lorra", "did you mean lora"),
-])
-def test_bad_method_names_are_refused(name, message):
-  with pytest.raises(ValueError, match=message):
-    registry.get_method(name)
-
-
 def test_partial_k_deeper_than_the_backbone_is_refused():
   config = case_config("partial-4")
   config.model.variant = "test/4"

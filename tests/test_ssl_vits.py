@@ -30,6 +30,8 @@ from vpt_jax.methods import factory
 from vpt_jax.methods import prompts
 from vpt_jax.methods import registry
 from vpt_jax.models import prompts as prompts_lib
+from vpt_jax.models import position_embeddings
+from vpt_jax.models import vit_variants
 from vpt_jax.models import vit
 from vpt_jax.models import vit_family
 from vpt_jax.params import freezing
@@ -92,17 +94,17 @@ def write_official_file(flavour: str, path, seed: int = 0) -> dict[str, np.ndarr
 def test_variant_prefixes_select_the_flavour():
   for variant, flavour in [("mae-B/16", "mae"), ("moco-B/16", "moco"), ("B/16", ""),
                            ("mae-L/16", "mae"), ("mae-test/4", "mae")]:
-    assert vit.variant_flavour(variant) == flavour
-  assert vit.decode_variant("mae-H/14") == (vit.VIT_SIZES["H"], 14)
-  assert vit.decode_variant("moco-B/16") == vit.decode_variant("B/16")
+    assert vit_variants.variant_flavour(variant) == flavour
+  assert vit_variants.decode_variant("mae-H/14") == (vit_variants.VIT_SIZES["H"], 14)
+  assert vit_variants.decode_variant("moco-B/16") == vit_variants.decode_variant("B/16")
   with pytest.raises(ValueError, match="mae-B/16"):
-    vit.decode_variant("simclr-B/16")
+    vit_variants.decode_variant("simclr-B/16")
 
 
 @pytest.mark.parametrize("rows_first", [True, False])
 def test_sincos_embedding_matches_the_closed_form(rows_first):
   side, width = 3, 16
-  table = vit.sincos_posemb(side, width, rows_first)
+  table = position_embeddings.sincos_posemb(side, width, rows_first)
   assert table.shape == (1, 1 + side * side, width) and table.dtype == np.float32
   np.testing.assert_array_equal(table[0, 0], 0.0)  # the CLS row
   quarter = width // 4
@@ -127,8 +129,8 @@ def test_flavour_layouts_follow_the_official_meshgrids():
   tokens = np.arange(side * side)
   np.testing.assert_array_equal(moco_first, tokens // side)  # the row
   np.testing.assert_array_equal(mae_first, tokens % side)  # the column
-  assert vit.FLAVOUR_POSEMB["moco"][1] == "sincos_rows_first"
-  assert vit.FLAVOUR_POSEMB["mae"][1] == "sincos_columns_first"
+  assert vit_variants.FLAVOUR_POSEMB["moco"][1] == "sincos_rows_first"
+  assert vit_variants.FLAVOUR_POSEMB["mae"][1] == "sincos_columns_first"
 
 
 @pytest.mark.parametrize("flavour, rows_first", [("mae", False), ("moco", True)])
@@ -138,10 +140,10 @@ def test_from_scratch_models_start_from_their_sincos_embedding(flavour, rows_fir
   assert POSEMB[flavour] in names
   assert any("encoder_norm" in n for n in names) == (flavour == "moco")
   assert ("fc_norm/scale" in names) == (flavour == "mae")
-  init_scheme = vit.FLAVOUR_POSEMB[flavour][1]
-  posemb = vit.AddPositionEmbs(init_scheme).init(
+  init_scheme = vit_variants.FLAVOUR_POSEMB[flavour][1]
+  posemb = position_embeddings.AddPositionEmbs(init_scheme).init(
       jax.random.key(0), jnp.zeros((1, 1 + GRID * GRID, D)))["params"]["pos_embedding"]
-  np.testing.assert_array_equal(posemb, vit.sincos_posemb(GRID, D, rows_first))
+  np.testing.assert_array_equal(posemb, position_embeddings.sincos_posemb(GRID, D, rows_first))
 
 
 # --------------------------------------------------------------------------

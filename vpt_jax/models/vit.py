@@ -12,7 +12,7 @@ The math is that of the official ViT as used by the VPT reference (KMnP/vpt):
 patch convolution, CLS token, learned position embedding added before any
 prompt, pre-LN blocks with LayerNorm eps 1e-6, exact (erf) GELU, separate
 q/k/v projections, final ``encoder_norm``. The MAE and MoCo v3 ViTs (variant
-prefixes "mae-" and "moco-", see FLAVOURS) are the same blocks with their
+prefixes "mae-" and "moco-", see ``vit_variants``) are the same blocks with their
 checkpoints' sin-cos position embeddings; MAE pools through ``fc_norm``.
 
 Adaptation methods add themselves through one ``hooks.Hooks`` object
@@ -23,107 +23,19 @@ never imports a method.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import position_embeddings
+from vpt_jax.models import vit_variants
 
 LAYER_NORM_EPSILON = 1e-6
 POOL_TYPES = ("original", "prompt_pool", "img_pool", "imgprompt_pool")
-
-
-@dataclasses.dataclass(frozen=True)
-class ViTSize:
-  """Width, MLP width, heads and depth of one ViT family member."""
-  width: int
-  mlp_dim: int
-  num_heads: int
-  depth: int
-
-
-# The vision_transformer sizes, plus small members for tests and the quickstart.
-VIT_SIZES = {
-    "Ti": ViTSize(width=192, mlp_dim=768, num_heads=3, depth=12),
-    "S": ViTSize(width=384, mlp_dim=1536, num_heads=6, depth=12),
-    "B": ViTSize(width=768, mlp_dim=3072, num_heads=12, depth=12),
-    "L": ViTSize(width=1024, mlp_dim=4096, num_heads=16, depth=24),
-    "H": ViTSize(width=1280, mlp_dim=5120, num_heads=16, depth=32),
-    "micro": ViTSize(width=96, mlp_dim=192, num_heads=3, depth=6),
-    "nano": ViTSize(width=64, mlp_dim=128, num_heads=4, depth=4),  # the quickstart's
-    "test": ViTSize(width=16, mlp_dim=32, num_heads=2, depth=2),
-    "test4": ViTSize(width=16, mlp_dim=32, num_heads=2, depth=4),  # partial-k tests
-}
-# The variants users name (the checkpoints that exist); any "<size>/<patch>" works.
-NAMED_VARIANTS = ("Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14")
-
-
-# Self-supervised flavours of the same architecture, selected by a variant
-# prefix ("mae-B/16", "moco-B/16"; "" = the supervised ViT). What differs is
-# the position embedding, the final norm and the pooling (vpt.md 1.8):
-#   mae:  MAE's fixed 2-D sin-cos embedding as loaded from its checkpoint (a
-#         parameter, trained only by `full`, like the reference's timm model);
-#         no final norm; the features are fc_norm(mean of the non-CLS tokens),
-#         prompts included, with a fresh LayerNorm ``fc_norm``.
-#   moco: MoCo v3's fixed 2-D sin-cos embedding, never trained (it lives under
-#         ``Transformer/posembed_fixed`` so the family can freeze it for every
-#         method); CLS after the final norm, as the supervised ViT.
-FLAVOURS = ("", "mae", "moco")
-# Flavour -> the position embedding's module name and initialisation (see
-# AddPositionEmbs.init_scheme).
-FLAVOUR_POSEMB = {"": ("posembed_input", "learned"),
-                  "mae": ("posembed_input", "sincos_columns_first"),
-                  "moco": ("posembed_fixed", "sincos_rows_first")}
-# The reference fine-tunes MAE with stochastic depth 0.1 (its `full` baseline,
-# timm drop_path_rate); the supervised ViT and MoCo v3 use none.
-FLAVOUR_DROP_PATH = {"": 0.0, "mae": 0.1, "moco": 0.0}
-
-
-def _split_flavour(variant: str) -> tuple[str, str]:
-  """"mae-B/16" -> ("mae", "B/16"); "B/16" -> ("", "B/16")."""
-  prefix, sep, rest = variant.partition("-")
-  if sep and prefix in FLAVOURS[1:]:
-    return prefix, rest
-  return "", variant
-
-
-def variant_flavour(variant: str) -> str:
-  """The flavour of a variant: "" (supervised), "mae" or "moco"."""
-  decode_variant(variant)  # unknown variants fail here, with the choices
-  return _split_flavour(variant)[0]
-
-
-def decode_variant(variant: str) -> tuple[ViTSize, int]:
-  """Parses "B/16" (or "mae-B/16", "moco-B/16") into (ViTSize, patch_size).
-
-  The flavour prefix is ignored here (see ``variant_flavour``); unknown
-  variants raise ValueError with the choices.
-  """
-  _, rest = _split_flavour(variant)
-  size_name, sep, patch = rest.partition("/")
-  if not sep or size_name not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
-    raise ValueError(
-        f"Unknown ViT variant {variant!r} (other families: swin-, convnext-, resnet-). "
-        f"Use '<size>/<patch>' with size in "
-        f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}, optionally prefixed "
-        f"by a self-supervised flavour ({', '.join(f + '-' for f in FLAVOURS[1:])}, "
-        "e.g. mae-B/16)"
-        + (backbones.did_you_mean(variant, sorted(set(NAMED_VARIANTS + backbones.PAPER_VARIANTS)),
-                                  cutoff=0.5) or "."))
-  return VIT_SIZES[size_name], int(patch)
-
-
-def geometry(variant: str) -> hooks_lib.Geometry:
-  """The sizes of a ViT variant that shape a method's additions (``hooks.Geometry``)."""
-  size, patch = decode_variant(variant)
-  return hooks_lib.Geometry(size.depth, size.width, size.num_heads, patch)
 
 
 class MlpBlock(nn.Module):
@@ -264,58 +176,6 @@ class Encoder1DBlock(nn.Module):
     return hooks.block_output(x, context)
 
 
-def sincos_posemb(grid_side: int, width: int, rows_first: bool) -> np.ndarray:
-  """2-D sin-cos position embedding of a square grid, with a zero CLS row.
-
-  Token t = r * grid_side + c (row-major patches) gets
-  [sin(a w), cos(a w), sin(b w), cos(b w)] with w_k = 10000^(-k / (width/4)),
-  k < width / 4, where (a, b) = (r, c) if ``rows_first`` (MoCo v3's layout:
-  its meshgrid puts the row first) and (c, r) otherwise (MAE's layout).
-
-  Returns:
-    float32 (1, 1 + grid_side^2, width); row 0 (CLS) is zero.
-  """
-  if width % 4:
-    raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, "
-                     f"got {width}")
-  omega = 1.0 / 10000.0 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))
-  rows, cols = np.divmod(np.arange(grid_side * grid_side, dtype=np.float64), grid_side)
-  first, second = (rows, cols) if rows_first else (cols, rows)
-  angles_a, angles_b = np.outer(first, omega), np.outer(second, omega)
-  grid = np.concatenate([np.sin(angles_a), np.cos(angles_a), np.sin(angles_b),
-                         np.cos(angles_b)], axis=1)
-  return np.concatenate([np.zeros((1, width)), grid])[None].astype(np.float32)
-
-
-POSEMB_INITS = ("learned", "sincos_rows_first", "sincos_columns_first")
-
-
-class AddPositionEmbs(nn.Module):
-  """Adds a position embedding parameter (1, N, D) to (B, N, D) tokens.
-
-  ``init_scheme``: "learned" draws N(0, 0.02); the sin-cos schemes start from
-  ``sincos_posemb`` (N = 1 + a square grid; row 0 is CLS's).
-  """
-  init_scheme: str = "learned"
-
-  @nn.compact
-  def __call__(self, x):
-    if self.init_scheme == "learned":
-      init = nn.initializers.normal(stddev=0.02)
-    elif self.init_scheme in POSEMB_INITS:
-      grid_side = math.isqrt(x.shape[1] - 1)
-      if grid_side * grid_side != x.shape[1] - 1:
-        raise ValueError(f"a sin-cos position embedding needs a square patch grid, got "
-                         f"{x.shape[1] - 1} patches")
-      table = sincos_posemb(grid_side, x.shape[2], self.init_scheme == "sincos_rows_first")
-      init = lambda key, shape: jnp.asarray(table)
-    else:
-      raise ValueError(f"Unknown position embedding init {self.init_scheme!r}; choose one "
-                       f"of {POSEMB_INITS}")
-    pos_embedding = self.param("pos_embedding", init, (1,) + x.shape[1:])
-    return x + pos_embedding.astype(x.dtype)
-
-
 def insert_after_cls(tokens, inserted):
   """[CLS, rest] + inserted -> [CLS, inserted, rest]. (B,1+N,D),(B,P,D)->(B,1+P+N,D)."""
   return jnp.concatenate([tokens[:, :1], inserted, tokens[:, 1:]], axis=1)
@@ -340,13 +200,15 @@ class Encoder(nn.Module):
   only CLS is computed in the last block, so the output is (B, 1, D).
 
   ``method_inputs`` (``Hooks.block_inputs``: arrays with a leading depth
-  axis) reach block l as their slice l. Block l's drop path rate is ``stochastic_depth * l / (depth - 1)`` (timm's linear ramp),
+  axis) reach block l as their slice l. Block l's drop path rate is
+  ``stochastic_depth * l / (depth - 1)`` (timm's linear ramp),
   active when ``drop_path_deterministic`` is False.
 
   ``remat`` (one of REMAT_MODES): with "block" every block is wrapped in
   ``nn.remat``; the parameters, outputs and gradients are unchanged.
 
-  ``flavour`` (FLAVOURS) picks the position embedding (FLAVOUR_POSEMB); "mae"
+  ``flavour`` (``vit_variants.FLAVOURS``) picks the position embedding
+  (``vit_variants.FLAVOUR_POSEMB``); "mae"
   returns the last block's tokens without the final norm. The caller passes
   the pool the head really reads (MAE's mean is "imgprompt_pool"), so that
   ``skip_dead_work`` keeps every token it averages.
@@ -370,8 +232,8 @@ class Encoder(nn.Module):
       raise ValueError(f"Unknown remat {self.remat!r}; choose one of {REMAT_MODES}")
     block_class = (nn.remat(Encoder1DBlock, static_argnums=BLOCK_STATIC_ARGNUMS)
                    if self.remat == "block" else Encoder1DBlock)
-    posemb_name, posemb_init = FLAVOUR_POSEMB[self.flavour]
-    x = AddPositionEmbs(posemb_init, name=posemb_name)(x)
+    posemb_name, posemb_init = vit_variants.FLAVOUR_POSEMB[self.flavour]
+    x = position_embeddings.AddPositionEmbs(posemb_init, name=posemb_name)(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     num_prompts = 0 if prompts is None else prompts.shape[2]
     deep = num_prompts > 0 and prompts.shape[0] > 1
@@ -431,7 +293,7 @@ class VisionTransformer(nn.Module):
   Attributes:
     num_classes: classifier outputs.
     variant: "<size>/<patch>", e.g. "B/16", optionally with a flavour prefix
-      ("mae-B/16", "moco-B/16"; see FLAVOURS).
+      ("mae-B/16", "moco-B/16"; see ``vit_variants.FLAVOURS``).
     dropout_rate: backbone dropout (embedding and MLP), active only when
       ``backbone_dropout`` and training (full fine-tuning, as the reference).
     pool: "original" (CLS after encoder_norm; for MAE fc_norm of the mean of
@@ -479,7 +341,7 @@ class VisionTransformer(nn.Module):
         raise ValueError("side-tuning reads the images, so it cannot run from cached "
                          "features; call the model on images")
       return head(images, train=train)
-    size, patch = decode_variant(self.variant)
+    size, patch = vit_variants.decode_variant(self.variant)
     if images.shape[1] % patch or images.shape[2] % patch:
       raise ValueError(f"image size {images.shape[1:3]} is not divisible by the patch "
                        f"size {patch}; resize to a multiple of {patch}")
@@ -491,20 +353,20 @@ class VisionTransformer(nn.Module):
     tokens = jnp.concatenate(
         [jnp.broadcast_to(cls.astype(tokens.dtype), (batch, 1, channels)), tokens], axis=1)
 
-    sizes = geometry(self.variant)
+    sizes = vit_variants.geometry(self.variant)
     prompts = self.hooks.prompts(batch, sizes, train=train)
     if prompts is not None:
       prompts = prompts.astype(tokens.dtype)
     method_inputs = self.hooks.block_inputs(batch, sizes, tokens.dtype, train=train)
 
-    flavour = variant_flavour(self.variant)
+    flavour = vit_variants.variant_flavour(self.variant)
     # MAE's "original" representation is the mean of every non-CLS token,
     # prompts included (the reference's global pool), i.e. imgprompt_pool.
     pool = "imgprompt_pool" if flavour == "mae" and self.pool == "original" else self.pool
     # The flavour's stochastic depth, only when the backbone trains in train
     # mode (full), unless the method has its own.
     drop_path, drop_path_deterministic = self.hooks.stochastic_depth(
-        FLAVOUR_DROP_PATH[flavour], not (train and self.backbone_dropout), train=train)
+        vit_variants.FLAVOUR_DROP_PATH[flavour], not (train and self.backbone_dropout), train=train)
     encoded = Encoder(
         depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads,
         dropout_rate=self.dropout_rate, pool=pool,

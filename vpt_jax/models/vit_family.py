@@ -16,13 +16,14 @@ import numpy as np
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import vit_variants
 from vpt_jax.models import vit
 
 
 def validate(spec: Mapping[str, Any], method: hooks_lib.Method) -> None:
   """ViT-specific checks: patch divisibility, pool and the method's settings."""
-  size, patch = vit.decode_variant(spec["variant"])
-  if vit.variant_flavour(spec["variant"]) and size.width % 4:
+  size, patch = vit_variants.decode_variant(spec["variant"])
+  if vit_variants.variant_flavour(spec["variant"]) and size.width % 4:
     raise ValueError(f"{spec['variant']} uses a 2-D sin-cos position embedding, which "
                      f"needs a width divisible by 4 (got {size.width})")
   if spec["image_size"] < patch or spec["image_size"] % patch:
@@ -31,7 +32,7 @@ def validate(spec: Mapping[str, Any], method: hooks_lib.Method) -> None:
         f"{spec['variant']}; use e.g. {max(patch, spec['image_size'] // patch * patch)}")
   if spec["pool"] not in vit.POOL_TYPES:
     raise ValueError(f"Unknown pool {spec['pool']!r}; choose one of {vit.POOL_TYPES}")
-  method.check_settings(spec, vit.geometry(spec["variant"]))
+  method.check_settings(spec, vit_variants.geometry(spec["variant"]))
 
 
 def build(spec: Mapping[str, Any], num_classes: int,
@@ -52,7 +53,7 @@ def build(spec: Mapping[str, Any], num_classes: int,
 
 def block_patterns(variant: str) -> list[str]:
   """``Transformer/encoderblock_i`` for every block, in order."""
-  size, _ = vit.decode_variant(variant)
+  size, _ = vit_variants.decode_variant(variant)
   return [f"Transformer/encoderblock_{i}" for i in range(size.depth)]
 
 
@@ -91,10 +92,10 @@ def _torch_layout(variant: str) -> dict[str, tuple[str, tuple[int, ...]]]:
   The position embedding's token count is left as -1: it is resampled on
   merge when the image size differs.
   """
-  size, patch = vit.decode_variant(variant)
-  flavour = vit.variant_flavour(variant)
+  size, patch = vit_variants.decode_variant(variant)
+  flavour = vit_variants.variant_flavour(variant)
   width, mlp = size.width, size.mlp_dim
-  posemb_module = vit.FLAVOUR_POSEMB[flavour][0]
+  posemb_module = vit_variants.FLAVOUR_POSEMB[flavour][0]
   layout = {
       "cls_token": ("cls", (1, 1, width)),
       "pos_embed": (f"Transformer/{posemb_module}/pos_embedding", (1, -1, width)),
@@ -164,8 +165,8 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
     npz.CheckpointMismatchError: listing the missing keys, the unexpected keys
       and the shape mismatches (file names), with the file's architecture.
   """
-  flavour = vit.variant_flavour(variant)
-  size, _ = vit.decode_variant(variant)
+  flavour = vit_variants.variant_flavour(variant)
+  size, _ = vit_variants.decode_variant(variant)
   arrays, _ = _strip_wrappers(state_dict)
   dropped = _TORCH_DROPPED + (_MAE_DROPPED if flavour == "mae" else ())
   arrays = {key: value for key, value in arrays.items()

@@ -26,6 +26,7 @@ import optax
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sprites
+from vpt_jax.models import vit_variants
 from vpt_jax.models import vit
 from vpt_jax.training import steps as steps_lib
 
@@ -43,7 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Pretrains and writes the backbone .npz; returns its path."""
   os.makedirs(workdir, exist_ok=True)
   model = vit.VisionTransformer(num_classes=1, variant=config.variant)
-  size, _ = vit.decode_variant(config.variant)
+  size, _ = vit_variants.decode_variant(config.variant)
   classes = sprites.attribute_num_classes(max_objects=1)
   image = jnp.zeros((1, config.image_size, config.image_size, 3))
   backbone = model.init(jax.random.key(config.init_seed), image,

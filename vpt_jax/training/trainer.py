@@ -32,7 +32,6 @@ from vpt_jax.data import sources
 from vpt_jax.export import task_export
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
-from vpt_jax.methods import sidetune
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import metric_writers
 from vpt_jax.training import optimizers
