@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import numpy_vit
+import tolerances
 from configs import common
 from vpt_jax.models import vit
 
@@ -249,3 +251,27 @@ def make_checkpoint(directory, layout: str, *, variant: str = "test/4",
   else:
     raise ValueError(f"unknown fixture layout {layout!r}")
   return TinyCheckpoint(model, init_params, source, arrays, path, image_size)
+
+
+# The tiny ViT the methods' forward tests share: width 16, 2 heads, 2 blocks;
+# 16 px images -> 17 tokens.
+TINY_VIT = dict(num_classes=4, variant="test/4")
+
+
+def random_params(model: vit.VisionTransformer, image_size: int = 16, seed: int = 3):
+  """Random values in every leaf of the model's parameter tree (no trivial init)."""
+  return randomize(param_shapes(model, image_size), seed)
+
+
+def uniform_images(batch: int = 2, seed: int = 0, image_size: int = 16) -> np.ndarray:
+  """(batch, size, size, 3) float32 images drawn from U(-1, 1)."""
+  shape = (batch, image_size, image_size, 3)
+  return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+def assert_matches_numpy(model, params, images, **numpy_kwargs) -> np.ndarray:
+  """The model's eval logits, checked against ``numpy_vit.vit_forward``; returns them."""
+  logits = np.asarray(model.apply({"params": params}, images))
+  np.testing.assert_allclose(logits, numpy_vit.vit_forward(params, images, **numpy_kwargs),
+                             **tolerances.FORWARD_VS_NUMPY)
+  return logits

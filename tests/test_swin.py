@@ -25,8 +25,8 @@ from test_methods import train_steps
 from vpt_jax.checkpoints import npz
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import trees
-from vpt_jax.methods import factory
 from vpt_jax.methods import base
+from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 from vpt_jax.models import swin
 from vpt_jax.params import freezing

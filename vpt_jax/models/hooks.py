@@ -21,7 +21,8 @@ Model level (``vit.VisionTransformer``, names relative to the model):
 
 Block level (``vit.Encoder1DBlock`` and its ``Attention``, names relative to
 ``Transformer/encoderblock_{i}`` resp. its ``MultiHeadDotProductAttention_0``):
-  * ``projection_output``: the output of a q/k/v/out projection (LoRA), in Attention;
+  * ``projection_output``: the output of a q/k/v/out projection, in Attention
+    (LoRA);
   * ``extra_keys_values``: already projected (B, N_kv, H, D/H) tokens
     prepended to the keys and the values (E2VPT);
   * ``block_input``, ``attention_branch``, ``after_attention``, ``mlp_input``,
@@ -31,7 +32,10 @@ Block level (``vit.Encoder1DBlock`` and its ``Attention``, names relative to
 
 Block hooks must treat every token row independently (or see all of them):
 a block may compute only the first rows (``num_outputs``) or see prompts only
-as keys and values (``kv_only``).
+as keys and values (``kv_only``). Prompts are made in float32 and cast to the
+compute dtype by the backbone; ``block_inputs`` get the dtype and cast as
+their method needs. A hook object's fields must not reuse a hook's name (the
+field would hide the hook).
 
 ``Method`` is the view of an adaptation method the backbone families read
 (``backbones.Family.build`` / ``validate``); ``vpt_jax.methods.base.Method``
