@@ -16,8 +16,8 @@ import numpy as np
 
 from configs import common
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
 
@@ -62,7 +62,7 @@ def setup(config, num_classes: int, *, abstract: bool = False) -> Setup:
   labels = freezing.label_params(variables["params"], factory.trainable_rules(config))
   schedule = lambda step: LEARNING_RATE
   tx = optimizers.make_optimizer(
-      labels, name=config.optim.name or methods.get_method(config.method).optimizer,
+      labels, name=config.optim.name or registry.get_method(config.method).optimizer,
       learning_rate=schedule, weight_decay=WEIGHT_DECAY)
   return Setup(model, variables, labels, tx, schedule)
 

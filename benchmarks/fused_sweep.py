@@ -62,7 +62,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
+from vpt_jax.methods import registry  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import sweep_steps  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import optimizers  # pylint: disable=g-import-not-at-top
 from vpt_jax.params import freezing
@@ -181,9 +181,9 @@ def on_paper(bench: Bench, args, flops_per_setting: float) -> list[str]:
   """The roofline estimate of fusing on an accelerator (see the module docstring)."""
   frozen = freezing.split(bench.params, bench.labels)[1]
   weights = freezing.count(frozen) * args.weight_bytes
-  method = methods.get_method(args.method)
+  method = registry.get_method(args.method)
   head_only = all(p.startswith("head/") for p, label in trees.flatten(bench.labels).items()
-                  if label == methods.TRAIN)
+                  if label == freezing.TRAIN)
   reads = 1 if head_only else 2  # forward; backward too when gradients cross the backbone
   peak, hbm = args.peak_tflops * 1e12, args.hbm_gbps * 1e9
   compute, memory = flops_per_setting / peak, reads * weights / hbm

@@ -54,7 +54,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
+from vpt_jax.methods import factory  # pylint: disable=g-import-not-at-top
 from vpt_jax.params import freezing  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 

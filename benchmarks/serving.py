@@ -44,8 +44,8 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import vtab_tasks  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import serving  # pylint: disable=g-import-not-at-top
 from vpt_jax.export import task_export  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import factory  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
+from vpt_jax.methods import factory  # pylint: disable=g-import-not-at-top
+from vpt_jax.methods import registry  # pylint: disable=g-import-not-at-top
 from vpt_jax.params import freezing
 from vpt_jax.params import trees  # pylint: disable=g-import-not-at-top
 
@@ -81,7 +81,7 @@ def _config(args):
 def write_random_backbone(path: str, args) -> str:
   """A backbone file of random N(0, 0.02^2) weights in the model's own (Linen) layout."""
   spec = factory.model_spec(_config(args))
-  method = methods.get_method(spec["method"])
+  method = registry.get_method(spec["method"])
   model = factory.build_model(spec, 10)
   rng = np.random.default_rng(0)
   # The method's own parameters (head, prompts, ...) are never in a backbone file.
@@ -109,7 +109,7 @@ def write_exports(directory: str, backbone: str, args) -> dict[str, str]:
     flat_labels = trees.flatten(labels)
     params = trees.unflatten({
         path: (rng.standard_normal(shape.shape, np.float32) * 0.05
-               if flat_labels[path] == methods.TRAIN else shape)
+               if flat_labels[path] == freezing.TRAIN else shape)
         for path, shape in trees.flatten(shapes["params"]).items()})
     stats = None
     if "batch_stats" in shapes:

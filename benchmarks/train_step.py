@@ -33,7 +33,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
-from vpt_jax.models import methods  # pylint: disable=g-import-not-at-top
+from vpt_jax.methods import registry  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
@@ -158,7 +158,7 @@ def main(argv=None):
   counts = [int(c) for c in args.prompt_counts.split(",")] if args.prompt_counts else [
       args.num_prompts]
   def prompted(method):
-    return methods.get_method(method.partition(":")[0]).uses_prompts
+    return registry.get_method(method.partition(":")[0]).uses_prompts
   rows = [(method, skip, count) for count in counts for method in args.methods.split(",")
           for skip in ((True, False) if args.no_skip and prompted(method) else (True,))]
   for method, skip, count in rows:

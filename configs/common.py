@@ -12,7 +12,7 @@ import difflib
 
 import ml_collections
 
-from vpt_jax.models import methods
+from vpt_jax.methods import registry
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -155,7 +155,7 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
 
 def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
   """Sets the method and the reference's per-method defaults (vpt.md 2, 5.4)."""
-  spec = methods.get_method(method)
+  spec = registry.get_method(method)
   config.method = spec.name
   if method == "vpt_shallow":
     config.prompt.dropout = 0.0  # the reference uses no dropout for VPT-shallow

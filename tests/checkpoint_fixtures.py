@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import numpy_vit
+import tolerances
 from configs import common
 from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import vit_layouts
@@ -254,7 +256,7 @@ def make_checkpoint(directory, layout: str, *, variant: str = "test/4",
     directory: where to write (e.g. pytest's ``tmp_path``).
     layout: "vit_raw", "vit_raw_opt" (under opt/target/), "big_vision",
       "big_vision_scan".
-    model_kwargs: more VisionTransformer attributes (num_prompts, ...).
+    model_kwargs: more VisionTransformer attributes (hooks, pool, ...).
   """
   model = vit.VisionTransformer(num_classes=model_kwargs.pop("num_classes", 5),
                                 variant=variant, **model_kwargs)
@@ -283,3 +285,27 @@ def load_backbone(init_params, path: str, *, fresh=merge.DEFAULT_FRESH, ignore=(
   converted, source = vit_layouts.read_model_layout(path)
   return merge.merge_backbone(init_params, converted, fresh=fresh, ignore=ignore,
                               source=source)
+
+
+# The tiny ViT the methods' forward tests share: width 16, 2 heads, 2 blocks;
+# 16 px images -> 17 tokens.
+TINY_VIT = dict(num_classes=4, variant="test/4")
+
+
+def random_params(model: vit.VisionTransformer, image_size: int = 16, seed: int = 3):
+  """Random values in every leaf of the model's parameter tree (no trivial init)."""
+  return randomize(param_shapes(model, image_size), seed)
+
+
+def uniform_images(batch: int = 2, seed: int = 0, image_size: int = 16) -> np.ndarray:
+  """(batch, size, size, 3) float32 images drawn from U(-1, 1)."""
+  shape = (batch, image_size, image_size, 3)
+  return np.random.default_rng(seed).uniform(-1, 1, shape).astype(np.float32)
+
+
+def assert_matches_numpy(model, params, images, **numpy_kwargs) -> np.ndarray:
+  """The model's eval logits, checked against ``numpy_vit.vit_forward``; returns them."""
+  logits = np.asarray(model.apply({"params": params}, images))
+  np.testing.assert_allclose(logits, numpy_vit.vit_forward(params, images, **numpy_kwargs),
+                             **tolerances.FORWARD_VS_NUMPY)
+  return logits

@@ -12,8 +12,8 @@ import checkpoint_fixtures as fixtures
 import tolerances
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.models import vit_family
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
@@ -40,7 +40,7 @@ def write_export(directory, backbone, method, num_classes, seed, *, normalizatio
   spec = export_spec(method, image_size, **overrides)
   model = factory.build_model(spec, num_classes)
   shapes = factory.variable_shapes(model, image_size)  # traced only: no compile
-  rules = methods.get_method(spec["method"]).rules(
+  rules = registry.get_method(spec["method"]).rules(
       vit_family.block_patterns(VARIANT), r"Transformer/encoder_norm/.*")
   labels = freezing.label_params(shapes["params"], rules)
   flat_labels = trees.flatten(labels)

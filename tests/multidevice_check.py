@@ -15,8 +15,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
@@ -32,7 +32,7 @@ def trajectory(devices, num_steps=4, batch_size=8):
   mesh = mesh_lib.make_data_mesh(devices)
   replicated = mesh_lib.replicated(mesh)
   params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  labels = freezing.label_params(params, methods.get_method("vpt_deep").trainable_rules)
+  labels = freezing.label_params(params, registry.get_method("vpt_deep").trainable_rules)
   schedule = lambda step: 0.1
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=schedule,
                                  weight_decay=1e-4)

@@ -14,7 +14,7 @@ from vpt_jax.checkpoints import npz
 from vpt_jax.params.trees import flatten
 from vpt_jax.export import task_export
 from vpt_jax.models import backbones
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 from vpt_jax.training import trainer
 
 # (variant, image size, method): the tiny member of each non-ViT family with

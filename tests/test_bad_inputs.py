@@ -3,7 +3,7 @@
 Issue 5's list of bad inputs, and where each case is tested:
 
 * unknown method: test_end_to_end.py::test_bad_input_fails_before_compute[method],
-  test_methods.py::test_bad_method_names_are_refused (closest names)
+  test_registry.py::test_bad_method_names_are_refused (closest names)
 * unknown task: test_vtab.py::test_unknown_task_names_the_close_ones (VTAB
   registry); here test_unknown_task_names_the_closest_ones (VTAB, FGVC, task
   kind, through the trainer)
@@ -50,7 +50,7 @@ import pytest
 import checkpoint_fixtures
 from test_end_to_end import tiny_config
 from vpt_jax.checkpoints import npz
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 from vpt_jax.training import config_checks
 from vpt_jax.training import inputs
 from vpt_jax.training import trainer
@@ -202,9 +202,9 @@ def test_dataset_without_a_builder_says_where_to_put_what(backbone, data_dir, tm
 @pytest.mark.parametrize("typo,suggestion", [
     ("resnet50", "resnet-50"), ("convnxt-B", "convnext-B"), ("swim-B/4w7", "swin-B/4w7")])
 def test_variant_typos_suggest_the_other_families(typo, suggestion):
-  from vpt_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from vpt_jax.models import vit_variants  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=f"did you mean .*{re.escape(suggestion)}"):
-    vit.decode_variant(typo)
+    vit_variants.decode_variant(typo)
 
 
 def test_a_tfds_dataset_needing_a_manual_download_says_where_to_put_it(tmp_path):

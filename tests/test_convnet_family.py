@@ -31,10 +31,10 @@ from test_methods import assert_only_trainable_changed
 from test_methods import train_steps
 from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import npz
+from vpt_jax.methods import registry
 from vpt_jax.models import convnet_base
 from vpt_jax.models import convnet_family
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
@@ -231,7 +231,7 @@ def trained(family: str, method: str) -> dict:
   if (family, method) in _RUNS:
     return _RUNS[(family, method)]
   config = method_config(family, method)
-  method_spec = methods.get_method(config.method)
+  method_spec = registry.get_method(config.method)
   spec = factory.model_spec(config)
   model = factory.build_model(spec, CLASSES)
   variables = random_variables(model, IMAGE)
@@ -265,7 +265,7 @@ def test_every_supported_method_trains_only_its_parameters(family, method):
   before = trees.flatten(run["initial"]["params"])
   labels = trees.flatten(run["labels"])
   for path in before:
-    assert (labels[path] == methods.TRAIN) == expected_trainable(family, method, path), path
+    assert (labels[path] == freezing.TRAIN) == expected_trainable(family, method, path), path
   if method in LABELS_ONLY:
     return
   assert all(np.isfinite(run["losses"])) and run["losses"][-1] < run["losses"][0], run["losses"]

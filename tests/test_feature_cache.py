@@ -12,7 +12,7 @@ from vpt_jax.checkpoints import train_state as ckpt_lib
 from test_end_to_end import tiny_config
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 from vpt_jax.models import vit
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.params import freezing

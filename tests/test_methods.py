@@ -21,8 +21,9 @@ import checkpoint_fixtures as fixtures
 from vpt_jax.checkpoints import npz
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import sidetune
+from vpt_jax.methods import registry
 from vpt_jax.models import vit
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
@@ -172,7 +173,7 @@ def trained(case: str, workspace: str) -> dict:
   if case in _RUNS:
     return _RUNS[case]
   config = case_config(case)
-  method = methods.get_method(config.method)
+  method = registry.get_method(config.method)
   spec = factory.model_spec(config)
   model = factory.build_model(spec, CLASSES)
   # Eager: the tiny model's ops compile once for all cases (a jit would compile
@@ -201,7 +202,7 @@ def test_only_the_intended_parameters_change(case, workspace):
   stuck = STUCK.get(case)
   assert_only_trainable_changed(
       trees.flatten(run["initial"]["params"]), trees.flatten(run["state"]["params"]),
-      lambda path: flat_labels[path] == methods.TRAIN
+      lambda path: flat_labels[path] == freezing.TRAIN
       and not (stuck and re.fullmatch(stuck, path)))
   if "batch_stats" in run["initial"]:  # BatchNorm running averages follow the batches
     for path, value in trees.flatten(run["initial"]["batch_stats"]).items():
@@ -248,22 +249,7 @@ def test_export_round_trip_gives_the_same_logits(case, workspace, tmp_path):
 
 
 def test_every_registered_method_is_covered():
-  assert {CASES[c][0] for c in CASES} >= set(methods.METHODS) - {"mlp-2", "mlp-5", "mlp-9"}
-
-
-@pytest.mark.parametrize("method, backbone_dropout", [
-    ("full", True), ("linear", False), ("partial-2", False), ("bias", False),
-    ("adapter", False), ("sidetune", False), ("vpt_deep", False), ("cvpt", False)])
-def test_backbone_mode_follows_the_reference(method, backbone_dropout):
-  assert methods.get_method(method).backbone_dropout == backbone_dropout
-
-
-@pytest.mark.parametrize("name, message", [
-    ("mlp-1", "k must be >= 2"), ("partial-0", "k must be >= 1"), ("lorra", "did you mean lora"),
-])
-def test_bad_method_names_are_refused(name, message):
-  with pytest.raises(ValueError, match=message):
-    methods.get_method(name)
+  assert {CASES[c][0] for c in CASES} >= set(registry.METHODS) - {"mlp-2", "mlp-5", "mlp-9"}
 
 
 def test_partial_k_deeper_than_the_backbone_is_refused():
@@ -279,7 +265,7 @@ def test_side_network_loads_its_own_checkpoint(workspace, tmp_path):
   model = factory.build_model(spec, CLASSES)
   shapes = fixtures.param_shapes(model, IMAGE)
   side_source = fixtures.randomize(shapes, seed=11)
-  factory.save_side_network(side_source, str(tmp_path / "side.npz"))
+  sidetune.save_side_network(side_source, str(tmp_path / "side.npz"))
   assert sorted(npz.read_npz(str(tmp_path / "side.npz"))) == [
       "conv_0/bias", "conv_0/kernel", "conv_1/bias", "conv_1/kernel"]
   init = fixtures.randomize(shapes, seed=12)
@@ -291,4 +277,4 @@ def test_side_network_loads_its_own_checkpoint(workspace, tmp_path):
   bad = {"conv_0/kernel": np.zeros((3, 3, 3, 5), np.float32)}
   npz.save_npz(bad, str(tmp_path / "bad.npz"))
   with pytest.raises(npz.CheckpointMismatchError, match="conv_1/kernel"):
-    factory.load_side_network(init, str(tmp_path / "bad.npz"))
+    sidetune.load_side_network(init, str(tmp_path / "bad.npz"))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from vpt_jax.methods import prompts
 from vpt_jax.models import vit
 from vpt_jax.params import trees
 
@@ -24,8 +25,8 @@ def _count(flat, prefixes=None):
     (5, 397, 351_373, 86_150_029),   # the demo's SUN397 run
 ])
 def test_vpt_deep_b16_counts_equal_the_reference(num_prompts, num_classes, trainable, total):
-  flat = _shapes(num_classes=num_classes, variant="B/16", num_prompts=num_prompts,
-                 deep_prompts=True)
+  flat = _shapes(num_classes=num_classes, variant="B/16",
+                 hooks=prompts.VptOptions(num_prompts, deep=True))
   assert _count(flat, ("vpt/", "head/")) == trainable
   assert _count(flat) == total
 
@@ -36,5 +37,5 @@ def test_b16_backbone_has_the_reference_size():
 
 
 def test_vpt_shallow_trains_one_prompt_set():
-  flat = _shapes(num_classes=10, variant="B/16", num_prompts=50)
+  flat = _shapes(num_classes=10, variant="B/16", hooks=prompts.VptOptions(50))
   assert _count(flat, ("vpt/",)) == 50 * 768

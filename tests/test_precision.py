@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
 from vpt_jax.training import steps
@@ -49,7 +49,7 @@ def _run(dtype, num_steps=5):
   spec = _spec(dtype)
   model = factory.build_model(spec, NUM_CLASSES)
   params = factory.init_variables(model, 16, seed=0)["params"]
-  labels = freezing.label_params(params, methods.get_method("vpt_deep").trainable_rules)
+  labels = freezing.label_params(params, registry.get_method("vpt_deep").trainable_rules)
   schedule = lambda step: 0.1
   # SGD with momentum (VPT's optimizer): its update is proportional to the
   # gradient, so rounding noise is not amplified as by Adam's normalised first

@@ -24,8 +24,8 @@ import pytest
 import tolerances
 from configs import common
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
@@ -41,7 +41,7 @@ def _spec(method, **overrides):
   spec = dict(method=method, variant="test/4", image_size=16, dropout_rate=0.1,
               skip_dead_work=True, dtype="float32", num_prompts=0, prompt_dropout=0.0,
               prompt_projection=-1, pool="original", remat="none")
-  method_spec = methods.get_method(method)
+  method_spec = registry.get_method(method)
   if method_spec.uses_prompts:
     spec.update(num_prompts=3, prompt_dropout=0.1)
   if method_spec.settings == "cvpt":
@@ -120,7 +120,7 @@ def _eval_loss(spec, params, batch):
 def _state_and_step(spec, batch_size, accumulation_steps=1, optimizer=None, lr=0.05):
   model = factory.build_model(spec, NUM_CLASSES)
   params = factory.init_variables(model, spec["image_size"], seed=0)["params"]
-  method = methods.get_method(spec["method"])
+  method = registry.get_method(spec["method"])
   labels = freezing.label_params(params, method.trainable_rules)
   schedule = lambda step: lr
   tx = optimizers.make_optimizer(labels, name=optimizer or method.optimizer,
@@ -142,7 +142,7 @@ def _abstract_step(spec, batch_size):
   """(state shapes, batch, jitted step) without computing any parameter."""
   model = factory.build_model(spec, NUM_CLASSES)
   params = factory.variable_shapes(model, spec["image_size"])["params"]
-  labels = freezing.label_params(params, methods.get_method(spec["method"]).trainable_rules)
+  labels = freezing.label_params(params, registry.get_method(spec["method"]).trainable_rules)
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=lambda s: 0.1,
                                  weight_decay=1e-4)
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
@@ -260,7 +260,7 @@ def test_each_micro_batch_draws_its_own_dropout_mask(k):
   width, batch = 4096, 8
   model = _MaskedScale(width)
   params = {"w": jnp.ones((width,))}
-  labels = {"w": methods.TRAIN}
+  labels = {"w": freezing.TRAIN}
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=lambda s: 1.0,
                                  weight_decay=0.0, momentum=0.0)
   step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 1.0, **MEAN_STD,
@@ -280,7 +280,7 @@ def test_accumulation_refuses_bad_settings_before_compute():
   spec = _spec("vpt_deep")
   model = factory.build_model(spec, NUM_CLASSES)
   params = factory.variable_shapes(model, 16)["params"]
-  labels = freezing.label_params(params, methods.get_method("vpt_deep").trainable_rules)
+  labels = freezing.label_params(params, registry.get_method("vpt_deep").trainable_rules)
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=lambda s: 0.1,
                                  weight_decay=0.0)
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,

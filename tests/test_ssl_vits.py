@@ -27,9 +27,12 @@ from test_methods import train_steps
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints import vit_layouts
 from vpt_jax.params.trees import flatten, unflatten
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import prompts
+from vpt_jax.methods import registry
 from vpt_jax.models import prompts as prompts_lib
+from vpt_jax.models import position_embeddings
+from vpt_jax.models import vit_variants
 from vpt_jax.models import vit
 from vpt_jax.models import vit_family
 from vpt_jax.params import freezing
@@ -92,17 +95,17 @@ def write_official_file(flavour: str, path, seed: int = 0) -> dict[str, np.ndarr
 def test_variant_prefixes_select_the_flavour():
   for variant, flavour in [("mae-B/16", "mae"), ("moco-B/16", "moco"), ("B/16", ""),
                            ("mae-L/16", "mae"), ("mae-test/4", "mae")]:
-    assert vit.variant_flavour(variant) == flavour
-  assert vit.decode_variant("mae-H/14") == (vit.VIT_SIZES["H"], 14)
-  assert vit.decode_variant("moco-B/16") == vit.decode_variant("B/16")
+    assert vit_variants.variant_flavour(variant) == flavour
+  assert vit_variants.decode_variant("mae-H/14") == (vit_variants.VIT_SIZES["H"], 14)
+  assert vit_variants.decode_variant("moco-B/16") == vit_variants.decode_variant("B/16")
   with pytest.raises(ValueError, match="mae-B/16"):
-    vit.decode_variant("simclr-B/16")
+    vit_variants.decode_variant("simclr-B/16")
 
 
 @pytest.mark.parametrize("rows_first", [True, False])
 def test_sincos_embedding_matches_the_closed_form(rows_first):
   side, width = 3, 16
-  table = vit.sincos_posemb(side, width, rows_first)
+  table = position_embeddings.sincos_posemb(side, width, rows_first)
   assert table.shape == (1, 1 + side * side, width) and table.dtype == np.float32
   np.testing.assert_array_equal(table[0, 0], 0.0)  # the CLS row
   quarter = width // 4
@@ -127,8 +130,8 @@ def test_flavour_layouts_follow_the_official_meshgrids():
   tokens = np.arange(side * side)
   np.testing.assert_array_equal(moco_first, tokens // side)  # the row
   np.testing.assert_array_equal(mae_first, tokens % side)  # the column
-  assert vit.FLAVOUR_POSEMB["moco"][1] == "sincos_rows_first"
-  assert vit.FLAVOUR_POSEMB["mae"][1] == "sincos_columns_first"
+  assert vit_variants.FLAVOUR_POSEMB["moco"][1] == "sincos_rows_first"
+  assert vit_variants.FLAVOUR_POSEMB["mae"][1] == "sincos_columns_first"
 
 
 @pytest.mark.parametrize("flavour, rows_first", [("mae", False), ("moco", True)])
@@ -138,10 +141,10 @@ def test_from_scratch_models_start_from_their_sincos_embedding(flavour, rows_fir
   assert POSEMB[flavour] in names
   assert any("encoder_norm" in n for n in names) == (flavour == "moco")
   assert ("fc_norm/scale" in names) == (flavour == "mae")
-  init_scheme = vit.FLAVOUR_POSEMB[flavour][1]
-  posemb = vit.AddPositionEmbs(init_scheme).init(
+  init_scheme = vit_variants.FLAVOUR_POSEMB[flavour][1]
+  posemb = position_embeddings.AddPositionEmbs(init_scheme).init(
       jax.random.key(0), jnp.zeros((1, 1 + GRID * GRID, D)))["params"]["pos_embedding"]
-  np.testing.assert_array_equal(posemb, vit.sincos_posemb(GRID, D, rows_first))
+  np.testing.assert_array_equal(posemb, position_embeddings.sincos_posemb(GRID, D, rows_first))
 
 
 # --------------------------------------------------------------------------
@@ -272,7 +275,7 @@ def _spec(method, variant, **overrides):
   spec = dict(method=method, variant=variant, image_size=IMAGE, dropout_rate=0.0,
               skip_dead_work=True, dtype="float32", num_prompts=0, prompt_dropout=0.0,
               prompt_projection=-1, pool="original")
-  if methods.get_method(method).uses_prompts:
+  if registry.get_method(method).uses_prompts:
     spec.update(num_prompts=3)
   spec.update(overrides)
   return spec
@@ -377,7 +380,7 @@ def test_every_vit_method_builds_and_trains_the_right_parameters(flavour, method
     expected = any(re.fullmatch(p, path) for p in patterns)
     if path == POSEMB["moco"]:
       expected = False  # fixed for every method
-    assert (label == methods.TRAIN) == expected, (path, label)
+    assert (label == freezing.TRAIN) == expected, (path, label)
 
 
 def _train(variant, method, path, num_steps):
@@ -386,7 +389,7 @@ def _train(variant, method, path, num_steps):
   model = factory.build_model(spec, 5)
   params = factory.load_pretrained(fixtures.make_model_params(model, IMAGE), spec, path)
   labels = freezing.label_params(params, factory.trainable_rules(config))
-  name = methods.get_method(method).optimizer
+  name = registry.get_method(method).optimizer
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (8, IMAGE, IMAGE, 3), dtype=np.uint8),
            "label": rng.integers(0, 5, (8,)).astype(np.int32)}
@@ -480,8 +483,8 @@ def test_large_21k_npz_layouts_match_the_model(filename):
   layout = vit_layouts.detect_layout(official)
   assert layout == "vit_raw"
   converted = vit_layouts.to_model_layout(official, layout)
-  model = vit.VisionTransformer(num_classes=10, variant=variant, num_prompts=50,
-                                deep_prompts=True)
+  model = vit.VisionTransformer(num_classes=10, variant=variant,
+                                hooks=prompts.VptOptions(50, deep=True))
   expected = {key: leaf for key, leaf in flatten(fixtures.param_shapes(model, 224)).items()
               if not key.startswith(("head/", "vpt/"))}
   assert sorted(converted) == sorted(expected)

@@ -8,7 +8,7 @@ import pytest
 
 import checkpoint_fixtures
 import tolerances
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 from vpt_jax.params import freezing
 from vpt_jax.training import optimizers
 from vpt_jax.training import steps

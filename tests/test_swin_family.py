@@ -17,8 +17,9 @@ from test_methods import train_steps
 from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import npz
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import base
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.models import swin
 from vpt_jax.models import swin_family
 from vpt_jax.params import freezing
@@ -150,7 +151,7 @@ def test_partial_k_follows_the_reference_swin_rules():
   for method, prefixes in expected.items():
     config.method = method
     labels = trees.flatten(freezing.label_params(shapes, factory.trainable_rules(config)))
-    trained = {k for k, v in labels.items() if v == methods.TRAIN}
+    trained = {k for k, v in labels.items() if v == freezing.TRAIN}
     want = {k for k in labels if k.startswith(prefixes + ("norm/", "head/"))}
     assert trained == want, method
 
@@ -163,7 +164,7 @@ def test_bias_trains_every_name_with_bias_like_the_reference():
   # torch names containing "bias" (the reference's rule) <-> our trainable backbone leaves.
   torch_bias = {key for key in swin_family.torch_layout("swin-test/4w2") if "bias" in key}
   ours = {swin_family.torch_layout("swin-test/4w2")[key][0].split(":")[0] for key in torch_bias}
-  assert {k for k, v in labels.items() if v == methods.TRAIN and not k.startswith("head/")} == ours
+  assert {k for k, v in labels.items() if v == freezing.TRAIN and not k.startswith("head/")} == ours
   assert "layers_1/blocks_0/attn/relative_position/bias" in ours
 
 
@@ -186,7 +187,7 @@ _RUNS = {}
 _FEATURES = {}
 
 
-def initial_variables(model, method: methods.Method, backbone: dict) -> dict:
+def initial_variables(model, method: base.Method, backbone: dict) -> dict:
   """The model's variables: the converted backbone, the head's own init, prompts
   U(-0.3, 0.3) (compiling only the head's init keeps the test fast)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
@@ -215,7 +216,7 @@ def trained(method_name: str) -> dict:
   if method_name in _RUNS:
     return _RUNS[method_name]
   config = swin_config(method_name)
-  method = methods.get_method(method_name)
+  method = registry.get_method(method_name)
   model = factory.build_model(factory.model_spec(config), CLASSES)
   backbone = swin_family.convert_torch(ref.official_state_dict("swin-test/4w2", seed=5),
                                        "swin-test/4w2")
@@ -229,7 +230,7 @@ def trained(method_name: str) -> dict:
   normalization = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
   # The trainer's uses_cached_features: only head/ trains and nothing is stochastic.
   if all(path.startswith("head/") for path, label in trees.flatten(labels).items()
-         if label == methods.TRAIN):
+         if label == freezing.TRAIN):
     if "features" not in _FEATURES:
       _FEATURES["features"] = np.asarray(jax.jit(
           lambda p, x: model.apply({"params": p}, x, return_features=True))(
@@ -292,7 +293,7 @@ def test_each_method_trains_only_its_parameters(method):
   before = trees.flatten(run["initial"]["params"])
   labels = trees.flatten(run["labels"])
   assert_only_trainable_changed(before, trees.flatten(run["state"]["params"]),
-                                lambda path: labels[path] == methods.TRAIN)
+                                lambda path: labels[path] == freezing.TRAIN)
   trainable, _ = freezing.split(run["state"]["params"], run["labels"])
   assert freezing.count(trainable) == EXPECTED_TRAINABLE[method]
   # The backbone came from the converted official weights.
@@ -318,7 +319,7 @@ def test_swin_b_vpt_deep_counts_follow_the_closed_form():
   assert prompts == num_prompts * 12032
   assert count(k for k in flat if k.startswith("vpt/")) == prompts
   labels = trees.flatten(freezing.label_params(shapes, factory.trainable_rules(config)))
-  assert count(k for k, v in labels.items() if v == methods.TRAIN) == (
+  assert count(k for k, v in labels.items() if v == freezing.TRAIN) == (
       prompts + 1024 * num_classes + num_classes)
 
   def block(c, heads):  # 12 C^2 + 13 C weights and biases, a 13 x 13 table per head

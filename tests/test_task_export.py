@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
@@ -24,7 +24,7 @@ def _b16_vpt_deep_params(num_prompts=50, num_classes=10):
   model = factory.build_model(spec, num_classes)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
                                              jnp.zeros((1, 224, 224, 3))))["params"]
-  labels = freezing.label_params(shapes, methods.get_method("vpt_deep").trainable_rules)
+  labels = freezing.label_params(shapes, registry.get_method("vpt_deep").trainable_rules)
   flat_labels = trees.flatten(labels)
   params = trees.unflatten({
       path: (np.full(s.shape, 0.5, np.float32) if flat_labels[path] == "train" else s)
@@ -69,7 +69,7 @@ def test_export_trained_from_scratch_loads_alone_and_refuses_a_backbone(tmp_path
               prompt_projection=-1, pool="original")
   model = factory.build_model(spec, 3)
   params = model.init(jax.random.key(7), jnp.zeros((1, 16, 16, 3)))["params"]
-  labels = freezing.label_params(params, methods.get_method("full").trainable_rules)
+  labels = freezing.label_params(params, registry.get_method("full").trainable_rules)
   directory = task_export.export_task(
       str(tmp_path / "export"), params, labels, spec=spec, num_classes=3, class_names=None,
       normalization={"mean": (0.5,) * 3, "std": (0.5,) * 3}, backbone_path="",

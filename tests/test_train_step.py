@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import tolerances
-from vpt_jax.models import factory
-from vpt_jax.models import methods
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
@@ -25,7 +25,7 @@ def _spec(method, **overrides):
   spec = dict(method=method, variant="test/4", image_size=16, dropout_rate=0.1,
               skip_dead_work=True, dtype="float32", num_prompts=0, prompt_dropout=0.0,
               prompt_projection=-1, pool="original")
-  if methods.get_method(method).uses_prompts:
+  if registry.get_method(method).uses_prompts:
     spec.update(num_prompts=3, prompt_dropout=0.1)
   spec.update(overrides)
   return spec
@@ -35,9 +35,9 @@ def _setup(spec, rules=None, batch=8, num_classes=5):
   model = factory.build_model(spec, num_classes)
   size = spec["image_size"]
   params = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
-  labels = freezing.label_params(params, rules or methods.get_method(spec["method"]).trainable_rules)
+  labels = freezing.label_params(params, rules or registry.get_method(spec["method"]).trainable_rules)
   schedule = lambda step: 0.05
-  tx = optimizers.make_optimizer(labels, name=methods.get_method(spec["method"]).optimizer,
+  tx = optimizers.make_optimizer(labels, name=registry.get_method(spec["method"]).optimizer,
                                  learning_rate=schedule, weight_decay=1e-4)
   state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
   rng = np.random.default_rng(0)

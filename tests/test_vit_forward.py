@@ -9,6 +9,7 @@ import pytest
 import tolerances
 import checkpoint_fixtures as fixtures
 import numpy_vit
+from vpt_jax.methods import prompts
 from vpt_jax.models import vit
 
 pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
@@ -17,10 +18,10 @@ pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
 CONFIGS = {"p4_img16": ("test/4", 16), "p8_img32": ("test/8", 32)}
 PROMPT_MODES = {
     "none": {},
-    "shallow": dict(num_prompts=3),
-    "deep": dict(num_prompts=3, deep_prompts=True),
-    "shallow_proj": dict(num_prompts=2, prompt_projection=5),
-    "deep_proj": dict(num_prompts=2, deep_prompts=True, prompt_projection=5),
+    "shallow": dict(hooks=prompts.VptOptions(3)),
+    "deep": dict(hooks=prompts.VptOptions(3, deep=True)),
+    "shallow_proj": dict(hooks=prompts.VptOptions(2, projection=5)),
+    "deep_proj": dict(hooks=prompts.VptOptions(2, deep=True, projection=5)),
 }
 TOLERANCE = tolerances.FORWARD_VS_NUMPY
 
@@ -104,11 +105,13 @@ def test_prompt_pool_without_prompts_is_refused():
 
 # The dropout tests share one prompt configuration and the batch shape of the
 # tests above, so the eagerly compiled kernels are reused.
-DROPOUT_PROMPTS = dict(num_classes=4, variant="test/4", **PROMPT_MODES["deep"])
+DROPOUT_PROMPTS = dict(num_classes=4, variant="test/4")
 
 
-def _dropout_model(**kwargs):
-  model = vit.VisionTransformer(**DROPOUT_PROMPTS, **kwargs)
+def _dropout_model(prompt_dropout=0.0, **kwargs):
+  model = vit.VisionTransformer(
+      **DROPOUT_PROMPTS, hooks=prompts.VptOptions(3, deep=True, dropout=prompt_dropout),
+      **kwargs)
   return model, _random_params(model, 16)
 
 

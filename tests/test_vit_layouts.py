@@ -11,9 +11,10 @@ import checkpoint_fixtures as fixtures
 import numpy_vit
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints import vit_layouts
+from vpt_jax.methods import prompts
 from vpt_jax.params.trees import flatten, unflatten
 
-PROMPTED = dict(num_prompts=3, deep_prompts=True)
+PROMPTED = dict(hooks=prompts.VptOptions(3, deep=True))
 
 
 def _is_fresh(key):
@@ -190,7 +191,7 @@ def test_resample_posemb_rejects_non_square_target_and_bad_rank():
 
 @pytest.mark.numerics
 def test_big_vision_weights_match_numpy_forward(tmp_path):
-  ckpt = fixtures.make_checkpoint(tmp_path, "big_vision", num_prompts=3, deep_prompts=True,
+  ckpt = fixtures.make_checkpoint(tmp_path, "big_vision", **PROMPTED,
                                   pool="img_pool", num_classes=4)
   loaded = fixtures.load_backbone(ckpt.init_params, ckpt.path)
   images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)

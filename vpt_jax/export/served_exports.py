@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from vpt_jax.export import task_export
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
 
 PARAMS = "params"
 BATCH_STATS = "batch_stats"
@@ -67,7 +67,7 @@ def backbone_overrides(export: LoadedExport) -> list[str]:
   adapters, ...) are never in the backbone file; anything else it exported was
   a backbone weight it trained (bias vectors for BitFit, blocks for partial-k).
   """
-  method = methods_lib.get_method(export.metadata["model"]["method"])
+  method = registry.get_method(export.metadata["model"]["method"])
   fresh = [re.compile(p) for p in method.fresh_patterns]
   prefix = f"{PARAMS}/"
   return sorted(k[len(prefix):] for k in export.variables if k.startswith(prefix)

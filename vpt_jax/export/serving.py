@@ -37,7 +37,7 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.export import predict as predict_lib
 from vpt_jax.export import served_exports
 from vpt_jax.export import task_stacking
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 
 
 def _nbytes(tree) -> int:

@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from vpt_jax.checkpoints import npz as npz_lib
-from vpt_jax.models import factory
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
@@ -121,7 +121,7 @@ def fresh_patterns(spec: dict, exported) -> tuple[str, ...]:
   The method's own parameters are never in the backbone file; the exported
   ones (which include every trained backbone parameter) come from the export.
   """
-  method = methods_lib.get_method(spec["method"])
+  method = registry.get_method(spec["method"])
   return method.fresh_patterns + tuple(re.escape(p) for p in exported)
 
 

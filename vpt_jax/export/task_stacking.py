@@ -31,7 +31,7 @@ from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import served_exports
 from vpt_jax.export import task_export
-from vpt_jax.models import factory
+from vpt_jax.methods import factory
 from vpt_jax.params import trees
 
 # The head's output layer: the only per-task leaves whose shape depends on the

@@ -1,1 +1,1 @@
-"""Flax Linen models: the ViT backbone, prompts and heads."""
+"""Flax Linen backbones, the hook points they offer methods (hooks.py), heads and prompt blocks."""

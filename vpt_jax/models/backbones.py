@@ -14,7 +14,8 @@ resnet          "resnet-50"                     ``convnet_family`` (model: ``res
 ==============  ==============================  =====================================
 
 Each family module exposes ``FAMILIES``, {name: ``Family``}, whose functions take the
-model spec of ``factory.model_spec`` (a plain dict) and the ``methods.Method``.
+model spec of ``methods.factory.model_spec`` (a plain dict) and the method
+(read through ``hooks.Method``: families never import a method).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Family:
       ``from_features`` keywords like ``vit.VisionTransformer``.
     validate: (spec, method) -> None; raises ValueError naming the problem and
       the fix (unknown size, image size, settings the family does not take).
-      ``factory.validate_spec`` calls it after ``check_method``.
+      ``methods.factory.validate_spec`` calls it after ``check_method``.
     block_patterns: variant -> regexes (without "/.*") of every block's
       parameters in forward order; partial-k trains the last k.
     final_norm: regex of the parameters after the last block that partial-k

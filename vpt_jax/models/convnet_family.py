@@ -22,7 +22,7 @@ import numpy as np
 
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.models import hooks
 from vpt_jax.models.convnet_base import ConvNeXtSize
 from vpt_jax.models.convnet_base import ResNetSize
 from vpt_jax.models.convnet_base import decode_variant
@@ -33,7 +33,7 @@ from vpt_jax.models.resnet import ResNet
 SUPPORTED_METHODS = ("linear", "full", "partial-", "mlp-", "bias", "vpt_shallow")
 
 
-def validate(spec: Mapping[str, Any], method: methods_lib.Method) -> None:
+def validate(spec: Mapping[str, Any], method: hooks.Method) -> None:
   """ConvNet checks: variant, pool, prompt settings and image size."""
   _, size = decode_variant(spec["variant"])
   if spec["pool"] != "original":
@@ -57,7 +57,7 @@ def validate(spec: Mapping[str, Any], method: methods_lib.Method) -> None:
         "(the reference: 224)")
 
 
-def build(spec: Mapping[str, Any], num_classes: int, method: methods_lib.Method):
+def build(spec: Mapping[str, Any], num_classes: int, method: hooks.Method):
   """The ``ResNet`` or ``ConvNeXt`` of a (validated) spec."""
   family, _ = decode_variant(spec["variant"])
   module = ResNet if family == "resnet" else ConvNeXt

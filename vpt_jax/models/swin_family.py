@@ -13,7 +13,7 @@ import numpy as np
 
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.models import hooks
 from vpt_jax.models.swin import NAMED_VARIANTS
 from vpt_jax.models.swin import SwinTransformer
 from vpt_jax.models.swin import decode_variant
@@ -25,7 +25,7 @@ SUPPORTED_METHODS = ("linear", "full", "partial-", "mlp-", "bias", "vpt_shallow"
                      "vpt+bias")
 
 
-def validate(spec: Mapping[str, Any], method: methods_lib.Method) -> None:
+def validate(spec: Mapping[str, Any], method: hooks.Method) -> None:
   """Swin checks: size, image size, pool, prompt projection."""
   unit = image_size_unit(spec["variant"])  # unknown variants fail here
   image_size = spec["image_size"]
@@ -43,7 +43,7 @@ def validate(spec: Mapping[str, Any], method: methods_lib.Method) -> None:
 
 
 def build(spec: Mapping[str, Any], num_classes: int,
-          method: methods_lib.Method) -> SwinTransformer:
+          method: hooks.Method) -> SwinTransformer:
   """The ``SwinTransformer`` of a (validated) spec; ``dropout_rate`` is the drop-path rate."""
   return SwinTransformer(
       num_classes=num_classes,

@@ -16,7 +16,7 @@ from typing import Optional
 
 import ml_collections
 
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
 from vpt_jax.protocol import hparams
 
 # Split names per benchmark: (tune train, tune eval, final train, final test).
@@ -109,7 +109,7 @@ def method_name(config) -> str:
 
 def grid(config, task: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """(base lrs, weight decays) in the reference's visiting order (descending)."""
-  method = methods_lib.get_method(config.method)
+  method = registry.get_method(config.method)
   optimizer = config.optim.name or method.optimizer
   lrs = tuple(config.protocol.lrs) or hparams.lr_grid(config.method, optimizer,
                                                      benchmark(task))

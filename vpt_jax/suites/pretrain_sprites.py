@@ -27,6 +27,7 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sprites
 from vpt_jax.models import vit
+from vpt_jax.models import vit_variants
 from vpt_jax.params import trees
 from vpt_jax.training import steps as steps_lib
 
@@ -42,7 +43,7 @@ def _epoch_data(config, epoch: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _initial_state(config, model: vit.VisionTransformer) -> dict:
   """{"backbone": the ViT's parameters, "heads": {attribute: linear head (width, classes)}}."""
-  size, _ = vit.decode_variant(config.variant)
+  size, _ = vit_variants.decode_variant(config.variant)
   classes = sprites.attribute_num_classes(max_objects=1)
   image = jnp.zeros((1, config.image_size, config.image_size, 3))
   backbone = model.init(jax.random.key(config.init_seed), image,

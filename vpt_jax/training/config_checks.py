@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
-from vpt_jax.models import factory
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.params import trees
 from vpt_jax.training import optimizers
 from vpt_jax.training import steps as steps_lib
@@ -47,7 +47,7 @@ def normalization(config) -> dict:
 
 def validate_config(config) -> None:
   """Everything that can be checked without data or compute."""
-  method = methods_lib.get_method(config.method)
+  method = registry.get_method(config.method)
   factory.validate_spec(factory.model_spec(config))
   data_problem = sources.check_data_config(config.data)
   if data_problem:
@@ -83,7 +83,7 @@ def validate_config(config) -> None:
   if side_checkpoint and not tf.io.gfile.exists(side_checkpoint):
     raise ConfigError(
         f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
-        "by factory.save_side_network, or --config.sidetune.checkpoint='' to start the "
+        "by sidetune.save_side_network, or --config.sidetune.checkpoint='' to start the "
         "side network from its initialisation.")
 
 

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 
 from vpt_jax.data import normalization as normalization_lib
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
+from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import mesh as mesh_lib
 
@@ -26,9 +27,9 @@ def uses_cached_features(config, labels) -> bool:
   backbone runs without dropout. The training data is not augmented (the
   pipeline decodes every image once), so linear and mlp-k qualify.
   """
-  method = methods_lib.get_method(config.method)
+  method = registry.get_method(config.method)
   trainable = [p for p, label in trees.flatten(labels).items()
-               if label == methods_lib.TRAIN]
+               if label == freezing.TRAIN]
   return bool(config.cache_features and not method.fresh and not method.backbone_dropout
               and config.data.preprocess == "resize"  # no augmentation
               and all(p.startswith("head/") for p in trainable))

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from vpt_jax.checkpoints import train_state as ckpt_lib
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
 from vpt_jax.training import config_checks
 from vpt_jax.training import feature_cache
 from vpt_jax.training import inputs
@@ -138,7 +138,7 @@ def train(runs: Sequence[setup.Run], console: Console, build_program: Callable[[
                                     f"{[run.step for run in runs]}")
   params = first.state["params"]
   first.writer.print(results.parameter_overview(params, first.labels, results.backbone_size(
-      params, methods_lib.get_method(first.config.method).fresh_patterns)))
+      params, registry.get_method(first.config.method).fresh_patterns)))
   console.start(start_step)
   features = _cached_features(first, start_step, console)
   program = build_program()

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vpt_jax.models.methods import FROZEN, TRAIN
+from vpt_jax.params.freezing import FROZEN, TRAIN
 
 SCHEDULE_UNITS = ("epoch", "step")
 OPTIMIZERS = ("sgd", "adamw", "torch_adamw")

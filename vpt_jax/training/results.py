@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.export import task_export
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import evaluation
@@ -35,7 +35,7 @@ def parameter_overview(params, labels, backbone_size: int) -> str:
   groups: dict[str, list[int]] = {}
   for path, value in trees.flatten(params).items():
     row = groups.setdefault(path.split("/")[0], [0, 0])
-    row[flat_labels[path] != methods_lib.TRAIN] += int(np.prod(value.shape))
+    row[flat_labels[path] != freezing.TRAIN] += int(np.prod(value.shape))
   lines = [f"{'module':<16}{'trainable':>14}{'frozen':>14}"]
   for name, (trainable, frozen) in sorted(groups.items()):
     lines.append(f"{name:<16}{trainable:>14,}{frozen:>14,}")
@@ -93,7 +93,7 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "") -> dict:
              "trainable_params": freezing.count(freezing.split(params, run.labels)[0]),
              "total_params": freezing.count(trees.flatten(params)),
              "backbone_params": backbone_size(
-                 params, methods_lib.get_method(run.config.method).fresh_patterns)}
+                 params, registry.get_method(run.config.method).fresh_patterns)}
   for name, score in scores.items():
     results[name] = score
     run.writer.write(run.step, score, prefix=f"{name}/")

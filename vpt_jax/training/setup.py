@@ -21,8 +21,8 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import train_state as ckpt_lib
 from vpt_jax.data import eval_stream
 from vpt_jax.data import source_protocols
-from vpt_jax.models import factory
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.training import config_checks
 from vpt_jax.training import inputs
@@ -146,7 +146,7 @@ def build_runs(configs, workdirs) -> list[Run]:
         warmup_epochs=optim.warmup_epochs, total_epochs=optim.epochs,
         steps_per_epoch=steps_per_epoch, unit=optim.schedule_unit)
     tx = optimizers.make_optimizer(
-        labels, name=optim.name or methods_lib.get_method(setting.method).optimizer,
+        labels, name=optim.name or registry.get_method(setting.method).optimizer,
         learning_rate=schedule, weight_decay=optim.weight_decay, momentum=optim.momentum)
     # Built eagerly: compiling tx.init would cost seconds and save nothing.
     state = mesh_lib.put_replicated({"step": np.zeros([], np.int32),

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import optimizers
@@ -29,7 +29,7 @@ from vpt_jax.training import steps as steps_lib
 
 def optimizer_name(config) -> str:
   """The run's optimizer: ``optim.name`` or the method's default."""
-  return config.optim.name or methods_lib.get_method(config.method).optimizer
+  return config.optim.name or registry.get_method(config.method).optimizer
 
 
 def setting_hparams(configs: Sequence[ml_collections.ConfigDict]) -> dict:
@@ -76,7 +76,7 @@ def state_axes(state, labels) -> dict:
   """
   flat_labels = trees.flatten(labels)
   axes = {"step": None,
-          "params": trees.unflatten({p: 0 if label == methods_lib.TRAIN else None
+          "params": trees.unflatten({p: 0 if label == freezing.TRAIN else None
                                          for p, label in flat_labels.items()}),
           "opt_state": 0}
   if "batch_stats" in state:

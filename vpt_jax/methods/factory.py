@@ -1,15 +1,16 @@
 """Builds the model a config describes (one place, used by training and export).
 
 ``model_spec(config)`` turns the config's method and its settings section
-(``config.cvpt``, ``config.adapter``, ...) into a JSON-serialisable spec;
-``build_model(spec, num_classes)`` builds the Linen module from it, so an
-export's ``task.json`` rebuilds exactly the model that was trained.
+(``config.cvpt``, ``config.adapter``, ...; the method's ``read_settings``)
+into a JSON-serialisable spec; ``build_model(spec, num_classes)`` builds the
+Linen module from it with the backbone family and the method's hooks, so an
+export's ``task.json`` rebuilds exactly the model that was trained. It lives
+in the methods layer because it needs both the backbones and the methods.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from flax import linen as nn
 import jax
@@ -18,46 +19,14 @@ import jax.numpy as jnp
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import vit_layouts
-from vpt_jax.params.trees import flatten
-from vpt_jax.models import heads
-from vpt_jax.models import methods as methods_lib
+from vpt_jax.methods import registry
+from vpt_jax.methods import sidetune
 from vpt_jax.models import backbones
+from vpt_jax.models import heads
 from vpt_jax.models import vit
+from vpt_jax.params.freezing import FROZEN
 
 REMAT_MODES = vit.REMAT_MODES
-# Side-network parameters that never come from the side network's own file.
-SIDE_FRESH = (r"projection/.*", r"alpha")
-
-
-def _names(text: str) -> list[str]:
-  """"query, value" -> ["query", "value"]."""
-  return [part.strip() for part in str(text).split(",") if part.strip()]
-
-
-def method_settings(method: methods_lib.Method, config) -> Optional[dict[str, Any]]:
-  """The spec section of a method's settings, read from its config section."""
-  name = method.settings
-  if not name:
-    return None
-  section = config[name]
-  if name == "cvpt":
-    # m and the prompt dropout are the shared prompt fields (config.prompt).
-    return dict(num_prompts=int(config.prompt.num_prompts), insert=int(section.insert),
-                dropout=float(config.prompt.dropout), drop_path=float(section.drop_path))
-  if name == "mlp":
-    return dict(dropout=float(section.dropout))
-  if name == "adapter":
-    return dict(reduction=int(section.reduction), init=str(section.init))
-  if name == "lora":
-    return dict(rank=int(section.rank), alpha=float(section.alpha),
-                targets=_names(section.targets))
-  if name == "vfpt":
-    return dict(percentage=float(section.percentage), dimension=str(section.dimension))
-  if name == "e2vpt":
-    return dict(num_prompts=int(section.kv_prompts), dropout=float(section.kv_dropout))
-  if name == "sidetune":
-    return dict(widths=[int(w) for w in _names(section.widths)])
-  raise ValueError(f"method {method.name} names an unknown settings section {name!r}")
 
 
 def model_spec(config) -> dict[str, Any]:
@@ -70,7 +39,7 @@ def model_spec(config) -> dict[str, Any]:
   """
   if "variant" in config:  # already a spec
     return dict(config)
-  method = methods_lib.get_method(config.method)
+  method = registry.get_method(config.method)
   spec = dict(
       method=method.name,
       variant=config.model.variant,
@@ -85,7 +54,7 @@ def model_spec(config) -> dict[str, Any]:
     spec.update(num_prompts=int(config.prompt.num_prompts),
                 prompt_dropout=float(config.prompt.dropout),
                 prompt_projection=int(config.prompt.projection))
-  settings = method_settings(method, config)
+  settings = method.spec_settings(config)
   if settings is not None:
     spec[method.settings] = settings
   return spec
@@ -93,7 +62,7 @@ def model_spec(config) -> dict[str, Any]:
 
 def validate_spec(spec: Mapping[str, Any]) -> None:
   """Fails fast, before any compute, on inconsistent model settings."""
-  method = methods_lib.get_method(spec["method"])
+  method = registry.get_method(spec["method"])
   family = backbones.get_family(spec["variant"])
   family.check_method(method.name)
   if method.uses_prompts and spec["num_prompts"] < 1:
@@ -116,7 +85,7 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
 def build_model(spec: Mapping[str, Any], num_classes: int):
   """The Linen module for a spec (see ``model_spec``), from its backbone family."""
   validate_spec(spec)
-  method = methods_lib.get_method(spec["method"])
+  method = registry.get_method(spec["method"])
   return backbones.get_family(spec["variant"]).build(spec, num_classes, method)
 
 
@@ -134,36 +103,11 @@ def variable_shapes(model: nn.Module, image_size: int) -> dict:
                              jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
 
 
-def load_side_network(params, path: str) -> dict:
-  """Puts a side-network checkpoint into ``params["side"]``, strictly.
-
-  The file holds the side CNN's convolutions with the model's names relative to
-  ``side/`` (``conv_{i}/kernel``, ``conv_{i}/bias``), as ``save_side_network``
-  writes them; the projection and the gate stay at their initialisation.
-
-  Raises:
-    ValueError: the model has no side network.
-    npz.CheckpointError: unreadable file or a key/shape mismatch (listed).
-  """
-  if "side" not in params:
-    raise ValueError(f"sidetune.checkpoint={path!r} is set but the model has no side "
-                     "network; use method=sidetune or clear the setting")
-  side = merge_lib.merge_backbone(params["side"], npz_lib.read_npz(path), fresh=SIDE_FRESH,
-                                  source=path)
-  return {**params, "side": side}
-
-
-def save_side_network(params, path: str) -> None:
-  """Writes the side CNN of ``params`` (without projection and gate) as an ``.npz``."""
-  npz_lib.save_npz({k: v for k, v in flatten(params["side"]).items()
-                    if not any(re.fullmatch(p, k) for p in SIDE_FRESH)}, path)
-
-
 def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
   """A backbone checkpoint's arrays in the model's layout, and how to name it.
 
   ViT ``.npz`` files (vision_transformer, big_vision, ours) go through the
-  layout detection of ``checkpoints.vit_layouts``, other families' ``.npz`` files hold
+  layout detection of ``checkpoints.npz``, other families' ``.npz`` files hold
   the model's own names; PyTorch files (``backbones.TORCH_SUFFIXES``)
   are read without executing pickled code and converted by the variant's
   family (MAE, MoCo v3, Swin, ConvNeXt, ResNet).
@@ -195,9 +139,9 @@ def load_pretrained(params, spec: Mapping[str, Any], backbone_path: str = "",
   """The backbone file (everything but the method's fresh parameters), then the side CNN."""
   if backbone_path:
     params = load_backbone_file(params, backbone_path, spec["variant"],
-                                methods_lib.get_method(spec["method"]).fresh_patterns)
+                                registry.get_method(spec["method"]).fresh_patterns)
   if side_checkpoint:
-    params = load_side_network(params, side_checkpoint)
+    params = sidetune.load_side_network(params, side_checkpoint)
   return params
 
 
@@ -207,6 +151,6 @@ def trainable_rules(config) -> tuple[tuple[str, str], ...]:
   if rules:
     return rules
   family = backbones.get_family(config.model.variant)
-  method_rules = methods_lib.get_method(config.method).rules(
+  method_rules = registry.get_method(config.method).rules(
       family.block_patterns(config.model.variant), family.final_norm)
-  return tuple((pattern, methods_lib.FROZEN) for pattern in family.always_frozen) + method_rules
+  return tuple((pattern, FROZEN) for pattern in family.always_frozen) + method_rules

@@ -1,0 +1,86 @@
+"""The model spec (what an export's task.json holds) of every registered method, pinned.
+
+The expected specs are written out by hand: a change in how a method's config
+section becomes its spec section (``Method.read_settings``) or in the shared
+fields shows up here before it breaks exports written earlier.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import checkpoint_fixtures as fixtures
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
+
+# Non-default settings, so every value must come from its own section.
+OVERRIDES = {
+    "prompt.dropout": 0.25, "prompt.projection": -1, "prompt.pool": "original",
+    "adapter.reduction": 4, "adapter.init": "vpt_reference",
+    "lora.rank": 2, "lora.alpha": 3, "lora.targets": "query, out",
+    "cvpt.insert": 2, "cvpt.drop_path": 0.2,
+    "vfpt.percentage": 0.75, "vfpt.dimension": "hidden",
+    "e2vpt.kv_prompts": 3, "e2vpt.kv_dropout": 0.5,
+    "sidetune.widths": "4, 8",
+    "mlp.dropout": 0.3,
+}
+
+
+def _shared(method: str, **fields) -> dict:
+  """The fields every spec has, as model_spec writes them for a method without prompts."""
+  spec = {"method": method, "variant": "test4/4", "image_size": 16, "dropout_rate": 0.1,
+          "skip_dead_work": True, "dtype": "float32", "remat": "none", "num_prompts": 0,
+          "prompt_dropout": 0.0, "prompt_projection": -1, "pool": "original"}
+  spec.update(fields)
+  return spec
+
+
+PROMPTED = dict(num_prompts=4, prompt_dropout=0.25, prompt_projection=-1)
+EXPECTED = {
+    "linear": _shared("linear"),
+    "full": _shared("full"),
+    "bias": _shared("bias"),
+    "partial-1": _shared("partial-1"),
+    "partial-2": _shared("partial-2"),
+    "partial-4": _shared("partial-4"),
+    "mlp-2": _shared("mlp-2", mlp={"dropout": 0.3}),
+    "mlp-3": _shared("mlp-3", mlp={"dropout": 0.3}),
+    "mlp-5": _shared("mlp-5", mlp={"dropout": 0.3}),
+    "mlp-9": _shared("mlp-9", mlp={"dropout": 0.3}),
+    "adapter": _shared("adapter", adapter={"reduction": 4, "init": "vpt_reference"}),
+    "lora": _shared("lora", lora={"rank": 2, "alpha": 3.0, "targets": ["query", "out"]}),
+    "sidetune": _shared("sidetune", sidetune={"widths": [4, 8]}),
+    "cvpt": _shared("cvpt", cvpt={"num_prompts": 4, "insert": 2, "dropout": 0.25,
+                                  "drop_path": 0.2}),
+    "vpt_shallow": _shared("vpt_shallow", **PROMPTED),
+    "vpt_deep": _shared("vpt_deep", **PROMPTED),
+    "vpt+bias": _shared("vpt+bias", **PROMPTED),
+    "vfpt": _shared("vfpt", **PROMPTED, vfpt={"percentage": 0.75, "dimension": "hidden"}),
+    "e2vpt": _shared("e2vpt", **PROMPTED, e2vpt={"num_prompts": 3, "dropout": 0.5}),
+}
+
+
+def test_every_registered_method_has_a_pinned_spec():
+  assert sorted(EXPECTED) == sorted(registry.METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_spec_is_byte_for_byte_the_pinned_one(method):
+  config = fixtures.method_config(method, "test4/4", 16, num_prompts=4, **OVERRIDES)
+  spec = factory.model_spec(config)
+  # task.json is written with sorted keys: equal dumps mean equal files, and
+  # the dump tells 3 from 3.0.
+  assert json.dumps(spec, sort_keys=True) == json.dumps(EXPECTED[method], sort_keys=True)
+  assert factory.model_spec(spec) == spec  # a spec passes through unchanged
+  factory.validate_spec(spec)
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_spec_round_trips_through_json_to_the_same_model(method):
+  config = fixtures.method_config(method, "test4/4", 16, num_prompts=4, **OVERRIDES)
+  spec = factory.model_spec(config)
+  # JSON turns the tuples of hook objects into lists; the model must not change.
+  assert factory.build_model(json.loads(json.dumps(spec)), 5) == factory.build_model(spec, 5)
+  hash(factory.build_model(json.loads(json.dumps(spec)), 5).hooks)  # hashable for nn.remat

@@ -1,0 +1,1 @@
+"""Adaptation methods as plug-ins: one module per method family, ``registry`` names them."""

@@ -1,0 +1,171 @@
+"""The hook points a backbone offers to adaptation methods, and what it reads from a method.
+
+A backbone calls the hooks of one ``Hooks`` object (a frozen, hashable
+dataclass, one per method, held as a module attribute) and never imports a
+method. Every hook defaults to "no change", so a method overrides only the
+points it uses. The hooks are called from inside the backbone's ``@nn.compact``
+methods: a submodule a hook creates (``LoRA(..., name="lora_query")(x)``) binds
+to the calling module, so its parameters live exactly where the backbone
+calls the hook (see each hook for the module).
+
+Model level (``vit.VisionTransformer``, names relative to the model):
+  * ``prompts``: token sets inserted after CLS (VPT shallow and deep), and
+    ``prompt_tokens`` for the pooling layout [CLS, prompts, patches];
+  * ``block_inputs``: per-block arrays with a leading depth axis, block l gets
+    slice l as ``BlockContext.inputs`` (CVPT's cross prompts, E2VPT's
+    key-value prompts);
+  * ``stochastic_depth``: the drop-path rate and when it is off (CVPT);
+  * ``pooled_features``: the pooled (B, D) features before the head
+    (side-tuning); ``reads_images`` says they need the images, so the model
+    refuses to run from cached features.
+
+Block level (``vit.Encoder1DBlock`` and its ``Attention``, names relative to
+``Transformer/encoderblock_{i}`` resp. its ``MultiHeadDotProductAttention_0``):
+  * ``projection_output``: the output of a q/k/v/out projection, in Attention
+    (LoRA);
+  * ``extra_keys_values``: already projected (B, N_kv, H, D/H) tokens
+    prepended to the keys and the values (E2VPT);
+  * ``block_input``, ``attention_branch``, ``after_attention``, ``mlp_input``,
+    ``block_output``: the residual stream around attention and MLP (CVPT's
+    cross-attention at its insert positions);
+  * ``mlp_branch``: the MLP branch before its residual (adapters).
+
+Block hooks must treat every token row independently (or see all of them):
+a block may compute only the first rows (``num_outputs``) or see prompts only
+as keys and values (``kv_only``). Prompts are made in float32 and cast to the
+compute dtype by the backbone; ``block_inputs`` get the dtype and cast as
+their method needs. A hook object's fields must not reuse a hook's name (the
+field would hide the hook).
+
+``Method`` is the view of an adaptation method the backbone families read
+(``backbones.Family.build`` / ``validate``); ``vpt_jax.methods.base.Method``
+implements it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
+
+
+class Geometry(NamedTuple):
+  """The backbone sizes a method's additions are shaped by."""
+  depth: int
+  width: int
+  num_heads: int
+  patch_size: int
+
+
+class BlockContext(NamedTuple):
+  """What a block hands its hooks.
+
+  Attributes:
+    attention: the block's own attention module, (B, Nq, D) queries and
+      (B, Nk, D) keys/values -> (B, Nq, D); calling it reuses its parameters.
+    inputs: this block's slice of ``Hooks.block_inputs`` (None without).
+    dtype: the block's compute dtype.
+  """
+  attention: Callable[..., Any]
+  inputs: Any
+  dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  """No method: every hook returns its input unchanged. Methods subclass it."""
+
+  # Whether ``pooled_features`` reads the images (then cached features cannot stand in).
+  reads_images = False
+
+  def prompt_tokens(self) -> int:
+    """How many prompt tokens follow CLS in the output sequence (pooling layout)."""
+    return 0
+
+  def prompts(self, batch_size: int, geometry: Geometry, *, train: bool):
+    """Prompt sets (S, B, P, D), S = 1 (shallow) or depth (deep), or None."""
+    del batch_size, geometry, train
+    return None
+
+  def block_inputs(self, batch_size: int, geometry: Geometry, dtype, *, train: bool):
+    """A pytree of arrays with a leading depth axis (block l reads slice l), or None."""
+    del batch_size, geometry, dtype, train
+    return None
+
+  def stochastic_depth(self, rate: float, deterministic: bool, *,
+                       train: bool) -> tuple[float, bool]:
+    """(drop-path rate, whether it is off) given the backbone's own choice."""
+    del train
+    return rate, deterministic
+
+  def pooled_features(self, images, features, dtype):
+    """images (B, H, W, 3), features (B, D) float32 -> features (B, D)."""
+    del images, dtype
+    return features
+
+  def projection_output(self, name: str, inputs, outputs, out_features: tuple[int, ...],
+                 num_in_axes: int, dtype):
+    """Projection ``name`` (query/key/value/out): inputs (..., in...) -> outputs (..., out...)."""
+    del name, inputs, out_features, num_in_axes, dtype
+    return outputs
+
+  def extra_keys_values(self, block: BlockContext):
+    """Projected tokens (B, N_kv, H, D/H) prepended to keys and values, or None."""
+    del block
+    return None
+
+  def block_input(self, x, block: BlockContext):
+    """The residual stream (B, N, D) entering the block."""
+    del block
+    return x
+
+  def attention_branch(self, branch, x, block: BlockContext):
+    """The attention branch (B, N, D) before drop path; x the stream it joins."""
+    del x, block
+    return branch
+
+  def after_attention(self, x, block: BlockContext):
+    """The stream (B, N, D) after the attention residual."""
+    del block
+    return x
+
+  def mlp_input(self, normed, x, block: BlockContext):
+    """The normalised MLP input (B, N, D); x the stream before the norm."""
+    del x, block
+    return normed
+
+  def mlp_branch(self, branch, block: BlockContext):
+    """The MLP branch (B, N, D) before drop path."""
+    del block
+    return branch
+
+  def block_output(self, x, block: BlockContext):
+    """The stream (B, N, D) leaving the block."""
+    del block
+    return x
+
+
+NO_HOOKS = Hooks()
+
+
+class Method(Protocol):
+  """What a backbone family reads from an adaptation method (``methods.base.Method``).
+
+  ``name``, ``uses_prompts`` and ``deep_prompts`` (VPT prompts in the
+  sequence), ``backbone_dropout`` (backbone in train mode while tuning),
+  ``settings`` (its spec section, "" = none), ``head_hidden_layers`` and
+  ``head_init`` (the head, see ``backbones.head_settings``).
+  """
+  name: str
+  uses_prompts: bool
+  deep_prompts: bool
+  backbone_dropout: bool
+  settings: str
+  head_hidden_layers: int
+  head_init: str
+
+  def hooks(self, spec: Mapping[str, Any]) -> Hooks:
+    """The hook object the method adds to a backbone built from ``spec``."""
+
+  def check_settings(self, spec: Mapping[str, Any], geometry: Geometry) -> None:
+    """Raises ValueError if the method's spec section does not fit the backbone."""
+
