@@ -6,6 +6,7 @@ and the optimizer state stay float32, and training follows the float32
 trajectory closely.
 """
 
+import collections
 import functools
 import re
 
@@ -144,3 +145,37 @@ def test_bfloat16_backbone_matmuls_in_lowered_step():
 def test_float32_model_has_no_bfloat16_matmul():
   elements = {e for _, tensors in _step_matmuls("float32") for _, e in tensors}
   assert elements == {"f32"}
+
+
+def _primitive_input_dtypes(jaxpr, found=None) -> dict:
+  """{primitive name: {tuple of input dtypes}} over a jaxpr and its sub-jaxprs."""
+  found = collections.defaultdict(set) if found is None else found
+  for eqn in jaxpr.eqns:
+    found[eqn.primitive.name].add(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _primitive_input_dtypes(inner, found)
+  return found
+
+
+@pytest.mark.parametrize("method", ["vpt_deep", "full"])
+def test_bfloat16_keeps_softmax_and_layernorm_statistics_in_float32(method):
+  """The README's promise: bfloat16 matmuls, float32 softmax and LayerNorm statistics.
+
+  In the traced forward the only exponentials are the attention softmax's, the
+  only max reductions its stabiliser, the only sums its normaliser and the
+  LayerNorm means and variances, the only rsqrt LayerNorm's: all float32,
+  while the backbone's matmuls run in bfloat16.
+  """
+  spec = dict(_spec("bfloat16"), method=method)
+  if method == "full":
+    spec.update(num_prompts=0, prompt_dropout=0.0)
+  model = factory.build_model(spec, NUM_CLASSES)
+  shapes = factory.variable_shapes(model, 16)
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(shapes, jnp.zeros((2, 16, 16, 3)))
+  found = _primitive_input_dtypes(jaxpr.jaxpr)
+  for primitive in ("exp", "reduce_max", "reduce_sum", "rsqrt"):
+    assert found[primitive] == {("float32",)}, (primitive, found[primitive])
+  assert ("bfloat16", "bfloat16") in found["dot_general"]

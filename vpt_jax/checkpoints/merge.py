@@ -171,6 +171,27 @@ def merge_backbone(init_params: Mapping[str, Any], file_params: Mapping[str, Any
                if not _matches(ignore_patterns, key)}
   has_cls = "cls" in model_flat
 
+  merged, missing, mismatched = _merged_leaves(model_flat, file_flat, fresh_patterns, has_cls)
+  unexpected = sorted(key for key in file_flat
+                      if key not in model_flat and not _matches(fresh_patterns, key))
+  if missing or unexpected or mismatched:
+    missing.sort()
+    mismatched.sort(key=lambda item: item[0])
+    raise CheckpointMismatchError(
+        _mismatch_message(source, missing, unexpected, mismatched, file_flat,
+                          model_flat, has_cls),
+        missing, unexpected, [item[:3] for item in mismatched])
+  result = unflatten(merged)
+  return {"params": result} if wrapped else result
+
+
+def _merged_leaves(model_flat: dict, file_flat: dict, fresh_patterns, has_cls: bool):
+  """(merged {key: value}, missing keys, mismatched (key, file shape, want, reason)).
+
+  Fresh keys keep their init value; every other model key takes the file's
+  array, fitted to the model's shape where that is exact (posemb resampling)
+  and cast to the init leaf's dtype.
+  """
   merged, missing, mismatched = {}, [], []
   for key, init_value in model_flat.items():
     if _matches(fresh_patterns, key):
@@ -188,14 +209,4 @@ def merge_backbone(init_params: Mapping[str, Any], file_params: Mapping[str, Any
     dtype = getattr(init_value, "dtype", None)
     dtype = np.result_type(init_value) if dtype is None else dtype
     merged[key] = np.array(fitted, dtype=dtype)
-  unexpected = sorted(key for key in file_flat
-                      if key not in model_flat and not _matches(fresh_patterns, key))
-  if missing or unexpected or mismatched:
-    missing.sort()
-    mismatched.sort(key=lambda item: item[0])
-    raise CheckpointMismatchError(
-        _mismatch_message(source, missing, unexpected, mismatched, file_flat,
-                          model_flat, has_cls),
-        missing, unexpected, [item[:3] for item in mismatched])
-  result = unflatten(merged)
-  return {"params": result} if wrapped else result
+  return merged, missing, mismatched

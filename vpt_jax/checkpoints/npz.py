@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.params.trees import unflatten
 
 __all__ = [
@@ -45,7 +46,7 @@ _CHUNK = 1 << 20
 # Errors (shared by every reader and converter of ``vpt_jax.checkpoints``).
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """Base class of every checkpoint problem raised by the checkpoint readers."""
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from vpt_jax import errors
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
@@ -33,7 +34,7 @@ METADATA_FILE = "task.json"
 BATCH_STATS_PREFIX = "batch_stats/"
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError):
   """An export that is missing, malformed or does not fit the backbone."""
 
 

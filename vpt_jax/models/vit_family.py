@@ -175,6 +175,13 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
   if flavour == "mae":  # the reference's fc_norm is new: LayerNorm's own init
     arrays.setdefault("fc_norm.weight", np.ones(size.width, np.float32))
     arrays.setdefault("fc_norm.bias", np.zeros(size.width, np.float32))
+  _check_torch_layout(arrays, layout, variant, size)
+  return _converted(arrays, layout, size)
+
+
+def _check_torch_layout(arrays: Mapping[str, Any], layout: dict, variant: str,
+                        size: vit_variants.ViTSize) -> None:
+  """Raises CheckpointMismatchError listing missing, unexpected and misshapen keys."""
   missing = sorted(key for key in layout if key not in arrays)
   unexpected = sorted(key for key in arrays if key not in layout)
   mismatched = []
@@ -196,6 +203,10 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
                  "mae_pretrain_vit_base.pth, moco-B/16 for linear-vit-b-300ep.pth.tar).")
     raise npz_lib.CheckpointMismatchError("\n".join(lines), missing, unexpected, mismatched)
 
+
+def _converted(arrays: Mapping[str, Any], layout: dict,
+               size: vit_variants.ViTSize) -> dict[str, np.ndarray]:
+  """The file's arrays under the model's names: transposed, qkv split per head."""
   heads = size.num_heads
   head_dim = size.width // heads
   out: dict[str, np.ndarray] = {}

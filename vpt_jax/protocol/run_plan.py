@@ -16,6 +16,7 @@ from typing import Optional
 
 import ml_collections
 
+from vpt_jax import errors
 from vpt_jax.methods import registry
 from vpt_jax.protocol import hparams
 
@@ -26,7 +27,7 @@ DEFAULT_SPLITS = {
 }
 
 
-class ProtocolError(ValueError):
+class ProtocolError(errors.UserError):
   """A protocol config or results folder that cannot be used; names the fix."""
 
 

@@ -13,6 +13,7 @@ import os
 import jax
 import tensorflow as tf
 
+from vpt_jax import errors
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
 from vpt_jax.methods import factory
@@ -33,7 +34,7 @@ RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
                          "model.remat", "optim.accumulation_steps")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError):
   """A config that cannot run; raised before any compute."""
 
 

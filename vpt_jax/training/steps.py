@@ -120,56 +120,75 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
   def train_step(state, batch, rng):
     trainable, frozen = freezing.split(state["params"], labels)
     dropout_rng = jax.random.fold_in(rng, state["step"])
-    has_stats = "batch_stats" in state
-
-    def loss_fn(trainable_params, micro_batch, micro_rng):
-      inputs, input_kwargs = model_inputs(micro_batch, mean, std)
-      variables = {"params": freezing.merge(trainable_params, frozen)}
-      if has_stats:
-        variables["batch_stats"] = state["batch_stats"]
-      outputs = model.apply(variables, inputs, train=True, rngs={"dropout": micro_rng},
-                            mutable=["batch_stats"] if has_stats else False, **input_kwargs)
-      logits, updated = outputs if has_stats else (outputs, {})
-      correct = jnp.argmax(logits, -1) == micro_batch["label"]
-      return cross_entropy(logits, micro_batch["label"]).mean(), (correct, updated)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(_loss_fn(model, frozen, state, mean=mean, std=std),
+                                 has_aux=True)
     if accumulation_steps == 1:
       (loss, (correct, updated)), grads = grad_fn(trainable, batch, dropout_rng)
     else:
-      check_accumulation(accumulation_steps, batch["label"].shape[0], batch_norm=has_stats)
-
-      def accumulate(grad_sum, micro):
-        index, micro_batch = micro
-        (micro_loss, (micro_correct, _)), micro_grads = grad_fn(
-            trainable, micro_batch, jax.random.fold_in(dropout_rng, index))
-        return jax.tree.map(jnp.add, grad_sum, micro_grads), (micro_loss, micro_correct)
-
-      grad_sum, (micro_losses, correct) = jax.lax.scan(
-          accumulate, jax.tree.map(jnp.zeros_like, trainable),
-          (jnp.arange(accumulation_steps), split_micro_batches(batch, accumulation_steps)))
-      # Equal micro-batches: the batch's mean is the mean of the micro-batch means.
-      grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
-      loss, updated = micro_losses.mean(), {}
-    # Frozen leaves get constant zeros that set_to_zero never reads.
-    zeros = {path: jnp.zeros_like(value) for path, value in frozen.items()}
-    updates, opt_state = tx.update(freezing.merge(grads, zeros), state["opt_state"],
-                                   state["params"])
-    flat_updates = trees.flatten(updates)
-    new_trainable = {path: value + flat_updates[path].astype(value.dtype)
-                     for path, value in trainable.items()}
+      check_accumulation(accumulation_steps, batch["label"].shape[0],
+                         batch_norm="batch_stats" in state)
+      loss, correct, grads = _accumulated_gradients(grad_fn, trainable, batch, dropout_rng,
+                                                    accumulation_steps)
+      updated = {}
+    params, opt_state = _apply_updates(tx, state, grads, trainable, frozen)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(correct),
         "learning_rate": learning_rate(state["step"]),
         "grad_norm": optax.tree.norm(grads),  # trainable gradients only
     }
-    new_state = {"step": state["step"] + 1,
-                 "params": freezing.merge(new_trainable, frozen),
-                 "opt_state": opt_state,
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  **updated}  # the new batch_stats, if any
     return new_state, metrics
   return train_step
+
+
+def _loss_fn(model, frozen: dict, state: dict, *, mean, std) -> Callable:
+  """(trainable, batch, rng) -> (mean loss, (correct (B,), updated batch_stats or {}))."""
+  has_stats = "batch_stats" in state
+
+  def loss_fn(trainable_params, micro_batch, micro_rng):
+    inputs, input_kwargs = model_inputs(micro_batch, mean, std)
+    variables = {"params": freezing.merge(trainable_params, frozen)}
+    if has_stats:
+      variables["batch_stats"] = state["batch_stats"]
+    outputs = model.apply(variables, inputs, train=True, rngs={"dropout": micro_rng},
+                          mutable=["batch_stats"] if has_stats else False, **input_kwargs)
+    logits, updated = outputs if has_stats else (outputs, {})
+    correct = jnp.argmax(logits, -1) == micro_batch["label"]
+    return cross_entropy(logits, micro_batch["label"]).mean(), (correct, updated)
+  return loss_fn
+
+
+def _accumulated_gradients(grad_fn, trainable: dict, batch, rng, accumulation_steps: int):
+  """(mean loss, correct (B,), mean gradient) of k micro-batches run in a ``lax.scan``.
+
+  Micro-batch i draws dropout with fold_in(rng, i); equal micro-batches make the
+  batch's mean loss the mean of the micro-batch means, and likewise the gradient.
+  """
+  def accumulate(grad_sum, micro):
+    index, micro_batch = micro
+    (micro_loss, (micro_correct, _)), micro_grads = grad_fn(
+        trainable, micro_batch, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, grad_sum, micro_grads), (micro_loss, micro_correct)
+
+  grad_sum, (micro_losses, correct) = jax.lax.scan(
+      accumulate, jax.tree.map(jnp.zeros_like, trainable),
+      (jnp.arange(accumulation_steps), split_micro_batches(batch, accumulation_steps)))
+  grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
+  return micro_losses.mean(), correct, grads
+
+
+def _apply_updates(tx, state: dict, grads: dict, trainable: dict, frozen: dict):
+  """(new params, new optimizer state): the optimizer's update of the trainable leaves."""
+  # Frozen leaves get constant zeros that set_to_zero never reads.
+  zeros = {path: jnp.zeros_like(value) for path, value in frozen.items()}
+  updates, opt_state = tx.update(freezing.merge(grads, zeros), state["opt_state"],
+                                 state["params"])
+  flat_updates = trees.flatten(updates)
+  new_trainable = {path: value + flat_updates[path].astype(value.dtype)
+                   for path, value in trainable.items()}
+  return freezing.merge(new_trainable, frozen), opt_state
 
 
 def make_eval_step(model, *, mean, std) -> Callable:

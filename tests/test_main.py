@@ -1,0 +1,30 @@
+"""The command line: a user's mistake is one line and exit status 2, --debug shows the traceback."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# No dataset named: a config error, found before any data or model is touched.
+NO_DATA = ["--config=configs/vpt.py:method=vpt_deep"]
+
+
+def _run(args, tmp_path):
+  return subprocess.run([sys.executable, "run.py", *args, f"--workdir={tmp_path / 'run'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_a_config_error_is_one_line_with_exit_status_2(tmp_path):
+  out = _run(NO_DATA, tmp_path)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  ours = [line for line in out.stderr.splitlines() if line.startswith("run.py: error: ")]
+  assert ours == ["run.py: error: config.data.builder and config.data.task are both empty; "
+                  "set a TFDS dataset (--config.data.builder=dmlab:2.0.1) or a task "
+                  "(--config.data.task=vtab/dmlab)"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+  out = _run(NO_DATA + ["--debug"], tmp_path)
+  assert out.returncode != 0
+  assert "Traceback" in out.stderr and "ConfigError" in out.stderr
