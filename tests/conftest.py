@@ -1,4 +1,9 @@
-"""Test-wide setup: CPU only, quiet TensorFlow, fast compiles, the repository on sys.path."""
+"""Test-wide setup: CPU only, quiet TensorFlow, fast compiles, the repository and the
+shared fixtures (the modules beside this file) on sys.path.
+
+The test files live in folders that mirror the package (tests/models/test_vit.py
+tests vpt_jax/models/vit.py); tests/integration/ holds the tests that run the
+whole stack."""
 
 import os
 import sys
@@ -12,7 +17,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)
+sys.path.insert(0, os.path.dirname(TESTS))
 
 
 def pytest_configure(config):

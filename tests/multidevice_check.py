@@ -1,6 +1,6 @@
 """Runs a few VPT-deep steps on a 1-device and a 4-device mesh; prints JSON.
 
-Started by test_train_step.py in a subprocess, because the emulated device
+Started by training/test_steps.py in a subprocess, because the emulated device
 count (XLA_FLAGS=--xla_force_host_platform_device_count=4) must be set before
 JAX starts.
 """

@@ -107,3 +107,27 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, bad_import, layer):
   path.write_text(f"from {bad_import.rpartition('.')[0]} import {bad_import.rpartition('.')[2]}\n")
   assert _imports(str(path)) == {bad_import}
   assert LAYERS.index(_layer(bad_import)) > LAYERS.index(layer)
+
+
+def test_test_files_mirror_the_package_and_stay_small():
+  """tests/<layer>/test_<module>.py tests vpt_jax/<layer>/<module>.py; tests/integration/
+  runs the whole stack, tests/benchmarks/ the benchmark scripts' measures."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+  stray, big = [], {}
+  for folder, _, files in os.walk(tests):
+    layer = os.path.relpath(folder, tests)
+    for name in files:
+      if not (name.startswith("test_") and name.endswith(".py")):
+        continue
+      lines = open(os.path.join(folder, name)).read().count("\n")
+      if lines > MAX_MODULE_LINES:
+        big[os.path.join(layer, name)] = lines
+      module = name[len("test_"):-len(".py")]
+      target = (os.path.join(PACKAGE, f"{module}.py") if layer == "." else
+                os.path.join(REPO, "benchmarks", f"{module}.py") if layer == "benchmarks" else
+                None if layer == "integration" else os.path.join(PACKAGE, layer, f"{module}.py"))
+      if layer != "." or module != "architecture":
+        if target is not None and not os.path.exists(target):
+          stray.append(os.path.join(layer, name))
+  assert not stray, f"test files without their module: {stray}"
+  assert not big, big

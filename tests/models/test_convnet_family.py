@@ -27,8 +27,8 @@ from convnet_fixtures import model_for
 from convnet_fixtures import numpy_features
 from convnet_fixtures import random_variables
 from convnet_fixtures import torch_state
-from test_methods import assert_only_trainable_changed
-from test_methods import train_steps
+from method_fixtures import assert_only_trainable_changed
+from method_fixtures import train_steps
 from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import npz
 from vpt_jax.methods import registry

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import checkpoint_fixtures as fixtures
+from method_fixtures import assert_only_trainable_changed
+from method_fixtures import train_steps
 from vpt_jax.checkpoints import npz
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
@@ -25,7 +27,6 @@ from vpt_jax.methods import factory
 from vpt_jax.methods import sidetune
 from vpt_jax.methods import registry
 from vpt_jax.models import vit
-from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import steps
@@ -34,7 +35,6 @@ from vpt_jax.training import steps
 D, MLP, HEADS, PATCH, IMAGE, CLASSES = 16, 32, 2, 4, 16, 5
 TOKENS = 1 + (IMAGE // PATCH) ** 2
 M, KV, RANK, REDUCTION, SIDE = 3, 2, 2, 4, (4, 8)
-STEPS = 4
 MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 # Learning rates that make a few steps on one batch visibly reduce the loss.
 LEARNING_RATES = {"sgd": 0.2, "adamw": 0.01, "torch_adamw": 0.01}
@@ -131,38 +131,6 @@ def backbone_file(depth: int, directory: str) -> str:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
   return str(tmp_path_factory.mktemp("methods"))
-
-
-def train_steps(model, params, labels, batch, *, optimizer: str, learning_rate: float,
-                weight_decay: float, normalization: dict, num_steps: int = STEPS,
-                batch_stats=None):
-  """``num_steps`` jitted train steps of ``model`` on one batch, the optimizer by name.
-
-  Shared by the backbone families' tests. Returns (initial state, final state,
-  losses), the states on the host.
-  """
-  tx = optimizers.make_optimizer(labels, name=optimizer,
-                                 learning_rate=lambda step: learning_rate,
-                                 weight_decay=weight_decay)
-  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
-  if batch_stats is not None:
-    state["batch_stats"] = batch_stats
-  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda s: 0.0, **normalization))
-  initial = jax.device_get(state)
-  losses = []
-  for _ in range(num_steps):
-    state, metrics = step_fn(state, batch, jax.random.key(1))
-    losses.append(float(metrics["loss"]))
-  return initial, jax.device_get(state), losses
-
-
-def assert_only_trainable_changed(before: dict, after: dict, trainable) -> None:
-  """Each flat path with ``trainable(path)`` moved; every other one is bit-identical."""
-  for path, value in before.items():
-    if trainable(path):
-      assert not np.array_equal(value, after[path]), f"{path} did not train"
-    else:
-      np.testing.assert_array_equal(value, after[path], err_msg=f"{path} changed")
 
 
 _RUNS = {}

@@ -203,7 +203,10 @@ def test_remat_keeps_fewer_activations_and_lowers_the_step_temp_memory():
   code = "import json, conftest, test_remat_accumulation as t; print(json.dumps(t.remat_temp_bytes()))"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " " + MEMORY_SCHEDULER_FLAG)
-  out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+  # conftest (the tests folder) sets up JAX; this file's folder holds the module.
+  here = os.path.dirname(os.path.abspath(__file__))
+  env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(here), here])
+  out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(here), env=env,
                        capture_output=True, text=True, timeout=300, check=True)
   temp = json.loads(out.stdout.strip().splitlines()[-1])
   assert temp["block"] < 0.7 * temp["none"], temp

@@ -12,8 +12,8 @@ import pytest
 
 import checkpoint_fixtures as fixtures
 import numpy_swin as ref
-from test_methods import assert_only_trainable_changed
-from test_methods import train_steps
+from method_fixtures import assert_only_trainable_changed
+from method_fixtures import train_steps
 from vpt_jax.checkpoints import merge
 from vpt_jax.checkpoints import npz
 from vpt_jax.data import normalization as normalization_lib

@@ -3,7 +3,7 @@ came from a different config is refused, naming the fields that differ."""
 
 import pytest
 
-from test_end_to_end import tiny_config
+from run_fixtures import tiny_config
 from vpt_jax.training import config_checks
 from vpt_jax.training import trainer
 

@@ -48,7 +48,7 @@ import re
 import pytest
 
 import checkpoint_fixtures
-from test_end_to_end import tiny_config
+from run_fixtures import tiny_config
 from vpt_jax.checkpoints import npz
 from vpt_jax.methods import factory
 from vpt_jax.training import config_checks

@@ -26,5 +26,5 @@ def test_normalization_imports_no_tensorflow():
   import would raise the benchmarks' peak-RSS figures)."""
   code = ("import sys; import vpt_jax.data.normalization; "
           "assert 'tensorflow' not in sys.modules")
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   subprocess.run([sys.executable, "-c", code], cwd=repo, check=True)

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from test_end_to_end import tiny_config
-from test_end_to_end import trained_params
+from run_fixtures import tiny_config
+from run_fixtures import trained_params
 from vpt_jax.training import trainer
 
 # backbone and data_dir: fixtures of conftest.py.

@@ -12,7 +12,7 @@ import pytest
 from vpt_jax import errors
 from vpt_jax.training import workdir_lock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOLD = ("import sys, time; from vpt_jax.training import workdir_lock; "
         "workdir_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(120)")
 
@@ -86,7 +86,7 @@ def test_release_leaves_another_runs_lock(tmp_path):
 
 def test_training_on_a_held_workdir_is_refused_before_any_compute(backbone, data_dir, tmp_path,
                                                                   monkeypatch):
-  from test_end_to_end import tiny_config  # pylint: disable=g-import-not-at-top
+  from run_fixtures import tiny_config  # pylint: disable=g-import-not-at-top
   from vpt_jax.training import inputs  # pylint: disable=g-import-not-at-top
   from vpt_jax.training import trainer  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")

@@ -16,7 +16,7 @@ from vpt_jax.export import task_export
 
 pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE = export_fixtures.IMAGE
 _alone = export_fixtures.single_task_logits
 _images = export_fixtures.random_images

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import checkpoint_fixtures as fixtures
-from test_end_to_end import tiny_config
+from run_fixtures import tiny_config
 from vpt_jax.checkpoints import npz
 from vpt_jax.params.trees import flatten
 from vpt_jax.export import task_export

@@ -9,7 +9,7 @@ import pytest
 import tolerances
 import checkpoint_fixtures
 from vpt_jax.checkpoints import train_state as ckpt_lib
-from test_end_to_end import tiny_config
+from run_fixtures import tiny_config
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
 from vpt_jax.methods import factory

@@ -8,7 +8,7 @@ import sys
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints import vit_layouts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BACKBONE = os.path.join(REPO, "assets", "sprites_vit_nano8.npz")
 
 

@@ -36,7 +36,7 @@ from vpt_jax.training import config_checks
 from vpt_jax.training import preemption
 from vpt_jax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = 600  # seconds per process: the test machine may be heavily loaded
 # After the signal a process only finishes a few steps and saves; hosts that
 # disagree on the step would hang in a collective instead.

@@ -18,7 +18,7 @@ from vpt_jax.data import local_builders  # pylint: disable=unused-import
 from vpt_jax.export import task_export
 from vpt_jax.models import vit
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:
