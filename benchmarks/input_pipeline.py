@@ -120,6 +120,7 @@ def step_rate(folder: str, batch: int, steps: int) -> tuple[float, float]:
   config.method, config.model.variant, config.prompt.num_prompts = "vpt_deep", "B/16", 50
   config.data.task, config.data.path, config.data.train_split = "folder", folder, f"all[:{batch}]"
   config.data.num_classes = 0
+  config.model.from_scratch = True  # a random backbone: only the step rate is measured
   config.optim.batch_size = batch
   config.lock()
   workdir = tempfile.TemporaryDirectory(prefix="step_bench_")

@@ -143,6 +143,7 @@ def soak_config(args, workdir: str):
   config.model.variant = args.variant
   config.model.image_size = args.image_size
   config.prompt.num_prompts = 2
+  config.model.from_scratch = True  # a random backbone: only memory and speed are measured
   config.data.builder = "vpt_sprites/tiny"
   config.data.data_dir = os.path.join(workdir, "tfds")
   config.data.label_key = "count"

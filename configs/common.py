@@ -18,7 +18,7 @@ from vpt_jax.methods import registry
 def base_config() -> ml_collections.ConfigDict:
   """Every field of a single run, with the VPT reference's defaults."""
   config = ml_collections.ConfigDict()
-  config.seed = 42
+  config.seed = 42                  # any integer
   config.method = "vpt_deep"
   # Ordered (regex, "train"|"frozen") rules over parameter paths; empty means
   # the method's own rules.
@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.variant = "B/16"
   config.model.image_size = 224
-  config.model.dropout_rate = 0.1
+  config.model.dropout_rate = 0.1   # in [0, 1); 0 = off
+  # Compute only what the output reads (exact); False runs the plain forward.
   config.model.skip_dead_work = True
   # Backbone compute dtype: float32 | bfloat16 (bf16 matmuls and activations;
   # parameters, prompts, head, loss and optimizer state stay float32).
@@ -35,13 +36,17 @@ def base_config() -> ml_collections.ConfigDict:
   # none | block: recompute each block's activations in the backward pass
   # (less memory for ViT-L/H, about one more forward pass of time).
   config.model.remat = "none"
-  # Backbone .npz (local path or gs://); empty trains from scratch.
+  # Backbone .npz (local path or gs://). Empty is refused unless from_scratch:
+  # a method that freezes the backbone would tune prompts on random features.
   config.model.init_checkpoint = ""
+  # True: start every parameter from its random init (init_checkpoint must be
+  # empty); the only way to train without a backbone file.
+  config.model.from_scratch = False
 
   config.prompt = ml_collections.ConfigDict()
-  config.prompt.num_prompts = 50
-  config.prompt.dropout = 0.1
-  config.prompt.projection = -1
+  config.prompt.num_prompts = 50    # >= 1 for prompt methods; unread by the others
+  config.prompt.dropout = 0.1       # in [0, 1); 0 = off
+  config.prompt.projection = -1     # >= 1: prompts of this width, projected; < 1 = none
   config.prompt.pool = "original"
 
   # Settings of the other methods; each is read only by the method(s) named.
@@ -49,9 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   # config.prompt fields above.
   config.cvpt = ml_collections.ConfigDict()
   config.cvpt.insert = 3            # cross-attention position 1..5 (3 = reference)
-  config.cvpt.drop_path = 0.1       # stochastic depth on the frozen SA/MLP branches
+  config.cvpt.drop_path = 0.1       # stochastic depth on the frozen SA/MLP branches, [0, 1)
   config.mlp = ml_collections.ConfigDict()   # mlp-k (k in the method name)
-  config.mlp.dropout = 0.1
+  config.mlp.dropout = 0.1          # in [0, 1)
   config.adapter = ml_collections.ConfigDict()
   config.adapter.reduction = 8      # bottleneck D // reduction; the paper: 8, 64, 256
   config.adapter.init = "default"   # default (working) | vpt_reference (both zero)
@@ -64,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.vfpt.dimension = "all"     # all | hidden | sequence
   config.e2vpt = ml_collections.ConfigDict()
   config.e2vpt.kv_prompts = 5       # key-value prompts per block (visual: prompt.*)
-  config.e2vpt.kv_dropout = 0.0
+  config.e2vpt.kv_dropout = 0.0     # in [0, 1)
   config.sidetune = ml_collections.ConfigDict()
   config.sidetune.widths = "32,64,128"  # side CNN channels (stride-2 3x3 convs)
   config.sidetune.checkpoint = ""   # optional .npz of the side CNN
@@ -77,10 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""         # TFDS data_dir; empty = TFDS default
   config.data.train_split = "train[:800]+validation[:200]"
   config.data.eval_split = ""       # evaluated every eval.every_epochs ("" = none)
-  config.data.test_split = "test"   # evaluated at the end and reported
+  config.data.test_split = "test"   # evaluated at the end and reported ("" = none)
+  # Every non-empty split must select at least one example and the classes be
+  # at least 2: checked from the sizes before the first step (check_data_splits).
   config.data.image_key = "image"
   config.data.label_key = "label"
-  config.data.num_classes = 0       # 0 = from the dataset's metadata
+  config.data.num_classes = 0       # 0 = from the dataset's metadata; else >= 2
   config.data.resize = "tf1_bilinear"
   config.data.normalization = "imagenet"  # imagenet | minus_one_to_one
   # "" reads data.builder; vtab/<task> (the 19 VTAB-1k tasks, label functions and
@@ -97,27 +104,27 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = ""            # "" = the method's default (sgd | adamw)
-  config.optim.base_lr = 0.1        # scaled by batch_size / 256
-  config.optim.weight_decay = 1e-4
-  config.optim.momentum = 0.9
-  config.optim.batch_size = 128
+  config.optim.base_lr = 0.1        # > 0; scaled by batch_size / 256
+  config.optim.weight_decay = 1e-4  # >= 0; 0 = off (the reference AdamW then is SGD)
+  config.optim.momentum = 0.9       # in [0, 1); read by sgd
+  config.optim.batch_size = 128     # >= 1
   # Split each batch into this many micro-batches inside the step and sum their
   # gradients before one update (1 = off): the step of the whole batch with the
   # activation memory of batch_size / accumulation_steps.
   config.optim.accumulation_steps = 1
-  config.optim.epochs = 100
-  config.optim.warmup_epochs = 10.0
+  config.optim.epochs = 100         # > 0 (fractions allowed)
+  config.optim.warmup_epochs = 10.0  # in [0, epochs]
   config.optim.schedule_unit = "epoch"  # epoch (reference) | step
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every_epochs = 0      # 0 = only at the end
-  config.eval.batch_size = 256
+  config.eval.every_epochs = 0      # >= 0; 0 = only at the end (needs data.eval_split)
+  config.eval.batch_size = 256      # >= 1; the last batch is padded and masked
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 500
-  config.checkpoint.keep = 2
+  config.checkpoint.every_steps = 500  # >= 0; 0 = every step (and always the last)
+  config.checkpoint.keep = 2        # >= 1: the newest saves kept
 
-  config.log_every_steps = 20
+  config.log_every_steps = 20       # >= 1
   config.export = True
   # Files to classify in predict mode (comma-separated paths) and the export to use.
   config.predict = ml_collections.ConfigDict()
@@ -176,18 +183,25 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
 
 
 # The arguments every single-run config file takes, with their defaults.
-MODEL_ARGS = dict(method="vpt_deep", num_prompts=0, variant="B/16", image_size=224,
+# num_prompts=None: the method's default (50; CVPT, E2VPT 10); a given 0 is refused.
+MODEL_ARGS = dict(method="vpt_deep", num_prompts=None, variant="B/16", image_size=224,
                   checkpoint="gs://vit_models/imagenet21k/ViT-B_16.npz", runlocal=False)
 # And those of config files for tasks that can come from TFDS or from files.
 DATA_ARGS = dict(data_dir="", path="")
+
+
+def given_prompts(args: ml_collections.ConfigDict):
+  """The num_prompts argument as an int, or None when it was not given."""
+  # parse_arg keeps the string of a None default: the int is read here.
+  return None if args.num_prompts is None else int(args.num_prompts)
 
 
 def model_config(args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``base_config()`` with parsed ``MODEL_ARGS`` (and ``DATA_ARGS``) applied, unlocked."""
   config = base_config()
   apply_method(config, args.method)
-  if args.num_prompts:  # 0 keeps the method's default (50; CVPT 10)
-    config.prompt.num_prompts = args.num_prompts
+  if given_prompts(args) is not None:
+    config.prompt.num_prompts = given_prompts(args)
   config.model.variant = args.variant
   config.model.image_size = args.image_size
   config.model.init_checkpoint = args.checkpoint

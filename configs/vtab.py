@@ -27,10 +27,11 @@ def get_config(arg: str = ""):
   config.data.eval_split = ""
   config.data.test_split = "test"
   known = hparams.VPT_DEEP_KNOWN.get(task.name)
-  if config.method == "vpt_deep" and not args.num_prompts:
+  given = common.given_prompts(args)
+  if config.method == "vpt_deep" and given is None:
     config.prompt.num_prompts = hparams.vpt_deep_prompts(task.name) or config.prompt.num_prompts
   if config.method == "vpt_deep" and known and not args.runlocal:
-    config.prompt.num_prompts = args.num_prompts or known["num_prompts"]
+    config.prompt.num_prompts = known["num_prompts"] if given is None else given
     config.prompt.dropout = known["dropout"]
     config.optim.batch_size = known["batch_size"]
     config.optim.base_lr = known["base_lr"]

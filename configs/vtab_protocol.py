@@ -42,7 +42,7 @@ def get_config(arg: str = ""):
       shard=args.shard,
       # VPT-deep: the per-task prompt lengths of hparams.VPT_DEEP_PROMPTS
       # (unless num_prompts is given).
-      per_task_prompts=not args.num_prompts,
+      per_task_prompts=common.given_prompts(args) is None,
       # "" = the benchmark's own (VTAB: train800, val200, train800val200, test;
       # FGVC: train, val, train, test).
       tune_train_split="", tune_eval_split="", final_train_split="", final_test_split="",

@@ -135,7 +135,7 @@ def test_trainer_reads_a_folder_with_fgvc_augmentation(tmp_path):
   config.unlock()
   config.data.task, config.data.path = "folder", str(root)
   config.model.variant, config.model.image_size = "test/4", 8
-  config.model.init_checkpoint = ""
+  config.model.init_checkpoint, config.model.from_scratch = "", True
   config.optim.batch_size = 4
   config.lock()
   config_checks.validate_config(config)

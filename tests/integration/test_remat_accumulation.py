@@ -307,6 +307,7 @@ def _config(**fields):
   config.model.variant = "test/4"
   config.model.image_size = 16
   config.data.builder = "vpt_sprites/tiny"
+  config.model.from_scratch = True  # no backbone file: only the config is checked
   for key, value in fields.items():
     section, field = key.split(".")
     config[section][field] = value

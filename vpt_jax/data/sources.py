@@ -168,6 +168,9 @@ def check_data_config(data) -> Optional[str]:
             f"{preprocessing.PREPROCESS_MODES}")
   if data.resize not in preprocessing.RESIZE_METHODS:
     return f"Unknown data.resize {data.resize!r}; choose one of {preprocessing.RESIZE_METHODS}"
+  if data.num_classes == 1 or data.num_classes < 0:
+    return (f"data.num_classes={data.num_classes}: a classifier needs at least 2 classes; "
+            "set --config.data.num_classes=0 to take them from the dataset")
   task = data.task
   if not task:
     return None if data.builder else (
@@ -192,3 +195,44 @@ def check_data_config(data) -> Optional[str]:
     return ("data.task='list' needs --config.data.num_classes (the task's classes; the "
             "lists may not show every class)")
   return None
+
+
+# The config.data fields holding a split string, in the order a run reads them.
+SPLIT_FIELDS = ("train_split", "eval_split", "test_split")
+
+
+def check_data_splits(data) -> Optional[str]:
+  """The problem with ``config.data``'s splits and classes, or None.
+
+  Reads only sizes and metadata (no example is decoded), so a split that
+  selects nothing, or a one-class task, is refused before the first step
+  instead of when the run reaches it. An empty eval or test split string means
+  "none" and is skipped; a dataset that is not prepared still raises its own
+  error with the fix.
+  """
+  if not data.train_split:
+    return "data.train_split is empty; name the training split (--config.data.train_split=train)"
+  for field in SPLIT_FIELDS:
+    split = data[field]
+    if not split:
+      continue
+    try:
+      source = make_source(data, split)
+      count = source_protocols.num_examples(source)
+    except (ValueError, KeyError, AssertionError) as e:  # TFDS: unknown split, bad slice
+      reason = " ".join(str(e).split())  # one line: TFDS's messages span several
+      return (f"data.{field}={split!r} is not a split of {_dataset_name(data)} ({reason}); "
+              f"fix --config.data.{field}")
+    if count == 0:
+      return (f"data.{field}={split!r} selects no examples of {_dataset_name(data)}; "
+              f"fix --config.data.{field}")
+  classes = data.num_classes or source_protocols.num_classes(make_source(data, data.train_split))
+  if classes < 2:
+    return (f"{_dataset_name(data)} (label {data.label_key!r}) has {classes} class(es); a "
+            "classifier needs at least 2: choose another label (--config.data.label_key) "
+            "or dataset")
+  return None
+
+
+def _dataset_name(data) -> str:
+  return data.task or data.builder

@@ -26,7 +26,9 @@ from vpt_jax.training import sweeps
 RUN_FILE = "run.json"
 # Fields that may change between invocations without changing a run's result.
 NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export", "predict.",
-                  "data.data_dir", "data.path")
+                  "data.data_dir", "data.path",
+                  # only permits an empty init_checkpoint; records before it lack it
+                  "model.from_scratch")
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
 # (run configs, run folders) -> per run a results dict or a FloatingPointError
 # (training/sweeps.py: train_and_evaluate_settings).

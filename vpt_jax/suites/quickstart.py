@@ -42,6 +42,7 @@ def run_config(suite: ml_collections.ConfigDict, task: str, method_run: str,
   config.data.test_split = task_cfg.test_split
   config.data.data_dir = data_dir
   config.model.init_checkpoint = suite.backbone if run_cfg.pretrained else ""
+  config.model.from_scratch = not run_cfg.pretrained  # the "scratch" baseline, on purpose
   for key, value in run_cfg.overrides:
     section, _, field = key.partition(".")
     config[section][field] = value

@@ -31,7 +31,9 @@ RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
                          # memory/time trade-offs of the same step (e.g. resuming
                          # on a smaller device): remat is exact, accumulation
                          # equal up to float summation order
-                         "model.remat", "optim.accumulation_steps")
+                         "model.remat", "optim.accumulation_steps",
+                         # only permits an empty init_checkpoint (older runs lack it)
+                         "model.from_scratch")
 
 
 class ConfigError(errors.UserError):
@@ -53,29 +55,101 @@ def validate_config(config) -> None:
   data_problem = sources.check_data_config(config.data)
   if data_problem:
     raise ConfigError(data_problem)
-  optim = config.optim
+  _check_optim(config.optim, method)
+  _check_ranges(config)
+  normalization(config)
+  _check_backbone(config.model)
+  _check_side_network(config, method)
+
+
+def check_data(config) -> None:
+  """Refuses splits that select nothing and one-class tasks, from sizes and metadata.
+
+  Cheap (no example decoded) but reads the datasets: run after ``validate_config``
+  and before the first step, so a long run cannot fail at its final evaluation.
+  """
+  data_problem = sources.check_data_splits(config.data)
+  if data_problem:
+    raise ConfigError(data_problem)
+
+
+def _check_optim(optim, method) -> None:
   if optim.name and optim.name not in optimizers.OPTIMIZERS:
     raise ConfigError(f"Unknown optim.name {optim.name!r}; choose one of "
                       f"{optimizers.OPTIMIZERS} or '' for the method's default")
   if optim.schedule_unit not in optimizers.SCHEDULE_UNITS:
     raise ConfigError(f"optim.schedule_unit must be one of {optimizers.SCHEDULE_UNITS}")
-  if optim.batch_size < 1 or optim.epochs <= 0:
-    raise ConfigError("optim.batch_size and optim.epochs must be positive")
+  for field in ("batch_size", "epochs"):
+    if optim[field] <= 0:
+      raise ConfigError(f"optim.{field}={optim[field]} must be positive; set "
+                        f"--config.optim.{field} to a value above 0")
   if not 0 <= optim.warmup_epochs <= optim.epochs:
     raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
                       f"[0, epochs={optim.epochs}]")
+  if optim.base_lr <= 0:
+    raise ConfigError(f"optim.base_lr={optim.base_lr} must be positive (a learning rate "
+                      "below 0 climbs the loss); set --config.optim.base_lr to a value above 0")
+  if optim.weight_decay < 0:
+    raise ConfigError(f"optim.weight_decay={optim.weight_decay} must be >= 0 (0 = no decay); "
+                      "set --config.optim.weight_decay to 0 or above")
+  if not 0 <= optim.momentum < 1:
+    raise ConfigError(f"optim.momentum={optim.momentum} must lie in [0, 1); set "
+                      "--config.optim.momentum (0.9 is the reference's)")
   try:
     steps_lib.check_accumulation(
         optim.accumulation_steps, optim.batch_size,
         batch_norm=method.head_hidden_layers > 0)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  normalization(config)
-  if config.model.init_checkpoint and not tf.io.gfile.exists(config.model.init_checkpoint):
+
+
+# Rates that drop a fraction of activations: 1 would drop everything.
+DROPOUT_FIELDS = ("model.dropout_rate", "prompt.dropout", "cvpt.drop_path",
+                  "e2vpt.kv_dropout", "mlp.dropout")
+# Counts and periods a run divides by or keeps that many of: (field, least value).
+LEAST_VALUES = (("eval.batch_size", 1), ("eval.every_epochs", 0), ("checkpoint.keep", 1),
+                ("checkpoint.every_steps", 0), ("log_every_steps", 1))
+
+
+def _field(config, dotted: str):
+  section, _, name = dotted.rpartition(".")
+  return (config[section] if section else config)[name]
+
+
+def _check_ranges(config) -> None:
+  for dotted in DROPOUT_FIELDS:
+    rate = _field(config, dotted)
+    if not 0 <= rate < 1:
+      raise ConfigError(f"{dotted}={rate} is a dropout rate and must lie in [0, 1) "
+                        f"(0 = off); set --config.{dotted}=0.1 or another value in range")
+  for dotted, least in LEAST_VALUES:
+    value = _field(config, dotted)
+    if value < least:
+      raise ConfigError(f"{dotted}={value} must be >= {least}; set --config.{dotted} "
+                        f"to {least} or more")
+
+
+def _check_backbone(model) -> None:
+  checkpoint = model.init_checkpoint
+  if model.from_scratch and checkpoint:
     raise ConfigError(
-        f"Backbone checkpoint {config.model.init_checkpoint!r} does not exist. Download "
-        "it (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
-        "--config.model.init_checkpoint=PATH ('' trains from scratch).")
+        f"model.from_scratch=True but model.init_checkpoint={checkpoint!r} is set; drop "
+        "one: --config.model.init_checkpoint='' to train from scratch, or "
+        "--config.model.from_scratch=False to start from the checkpoint")
+  if not checkpoint and not model.from_scratch:
+    raise ConfigError(
+        "model.init_checkpoint is empty: the backbone would be random (and frozen, for "
+        "prompt and head-only methods); pass --config.model.init_checkpoint=PATH, or "
+        "--config.model.from_scratch=True to train from a random init on purpose")
+  if checkpoint and not tf.io.gfile.exists(checkpoint):
+    raise ConfigError(
+        f"Backbone checkpoint {checkpoint!r} does not exist. Download it (e.g. "
+        "gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
+        "--config.model.init_checkpoint=PATH (or --config.model.from_scratch=True with "
+        "init_checkpoint='' to train from scratch).")
+
+
+def _check_side_network(config, method) -> None:
   side_checkpoint = config.sidetune.checkpoint
   if side_checkpoint and method.name != "sidetune":
     raise ConfigError(

@@ -87,9 +87,11 @@ class Run:
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates, loads data and backbone, builds the state; restores a checkpoint.
 
-  All input checks run before the model is built or any data is decoded.
+  All input checks run before the model is built or any data is decoded: the
+  config's (``validate_config``), then the splits' sizes and classes (``check_data``).
   """
   config_checks.validate_config(config)
+  config_checks.check_data(config)
   config_checks.prepare_workdir(workdir)
   return build_locked_runs([config], [workdir])[0]
 

@@ -125,6 +125,7 @@ def setup_settings(configs: Sequence[ml_collections.ConfigDict],
         f"need one distinct workdir per setting, got {list(workdirs)}")
   for config in configs:
     config_checks.validate_config(config)
+  config_checks.check_data(configs[0])  # fused settings share their data (check_fusable)
   for workdir in workdirs:
     config_checks.prepare_workdir(workdir)
   return setup.build_locked_runs(configs, workdirs)
