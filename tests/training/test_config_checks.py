@@ -91,6 +91,11 @@ REFUSED_VALUES = {
     "full_without_backbone": ({"method": "full", "model.init_checkpoint": ""},
                               "pass --config.model.init_checkpoint=PATH, or "
                               "--config.model.from_scratch=True"),
+    "trainable_rule_label": ({"trainable_rules": ((".*", "trainable"),)},
+                             "Bad trainable rule ('.*', 'trainable'): expected (regex, label) "
+                             "with label in"),
+    "trainable_rule_regex": ({"trainable_rules": (("head/(", "train"),)},
+                             "Bad regex 'head/(' in trainable rules"),
     "scratch_with_backbone": ({"model.from_scratch": True},
                               "model.from_scratch=True but model.init_checkpoint="),
 }
@@ -110,6 +115,8 @@ REFUSED_SPLITS = {
     "empty_test_split": ({"data.test_split": "test[10:]"},
                          "data.test_split='test[10:]' selects no examples of vpt_sprites/tiny; "
                          "fix --config.data.test_split"),
+    "inverted_slice": ({"data.eval_split": "test[5:3]"},
+                       "data.eval_split='test[5:3]' selects no examples of vpt_sprites/tiny"),
     "unknown_eval_split": ({"data.eval_split": "valdation"},
                            "data.eval_split='valdation' is not a split of vpt_sprites/tiny ("),
     "empty_train_split": ({"data.train_split": ""},

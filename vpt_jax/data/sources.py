@@ -217,13 +217,14 @@ def check_data_splits(data) -> Optional[str]:
     if not split:
       continue
     try:
-      source = make_source(data, split)
-      count = source_protocols.num_examples(source)
-    except (ValueError, KeyError, AssertionError) as e:  # TFDS: unknown split, bad slice
+      count = source_protocols.num_examples(make_source(data, split))
+    except tfds.core.registered.DatasetNotFoundError:
+      raise  # the dataset, not the split, is wrong: TFDS's message names it
+    except ValueError as e:  # TFDS: unknown split, bad slice; a file source's split
       reason = " ".join(str(e).split())  # one line: TFDS's messages span several
       return (f"data.{field}={split!r} is not a split of {_dataset_name(data)} ({reason}); "
               f"fix --config.data.{field}")
-    if count == 0:
+    if count <= 0:  # TFDS counts an inverted slice (test[5:3]) as negative
       return (f"data.{field}={split!r} selects no examples of {_dataset_name(data)}; "
               f"fix --config.data.{field}")
   classes = data.num_classes or source_protocols.num_classes(make_source(data, data.train_split))

@@ -18,6 +18,7 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
+from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import optimizers
 from vpt_jax.training import steps as steps_lib
@@ -55,6 +56,7 @@ def validate_config(config) -> None:
   data_problem = sources.check_data_config(config.data)
   if data_problem:
     raise ConfigError(data_problem)
+  _check_trainable_rules(config)
   _check_optim(config.optim, method)
   _check_ranges(config)
   normalization(config)
@@ -71,6 +73,15 @@ def check_data(config) -> None:
   data_problem = sources.check_data_splits(config.data)
   if data_problem:
     raise ConfigError(data_problem)
+
+
+def _check_trainable_rules(config) -> None:
+  """Labels and regexes of the rules, before the model exists (it has no paths yet)."""
+  try:
+    freezing.label_params({}, factory.trainable_rules(config))
+  except ValueError as e:
+    raise ConfigError(f"{e}; fix --config.trainable_rules (or set it to () for the "
+                      "method's own rules)") from e
 
 
 def _check_optim(optim, method) -> None:
