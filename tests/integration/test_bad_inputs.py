@@ -11,13 +11,19 @@ Issue 5's list of bad inputs, and where each case is tested:
   here test_unknown_variant_names_the_closest_ones
 * unknown config key: test_cli.py::test_misspelt_config_key_is_refused (run.py),
   test_cli.py::test_bad_config_arguments_name_the_closest_valid_key
-* prompt count below 1: test_end_to_end.py::test_bad_input_fails_before_compute[num_prompts]
+* prompt count below 1: test_end_to_end.py::test_bad_input_fails_before_compute[num_prompts];
+  num_prompts=0 given to a config file (no longer the method's default):
+  test_config_checks.py::test_num_prompts_zero_is_refused_and_only_an_absent_count_takes_the_default
 * image size not divisible by the patch size:
   test_end_to_end.py::test_bad_input_fails_before_compute[image_size]
 * number of classes inconsistent with the dataset:
   test_end_to_end.py::test_bad_input_fails_before_compute[num_classes] (TFDS),
   test_data_formats.py::test_image_folder_split_layout_shares_class_ids (folders),
   test_data_formats.py::test_vtab1k_folder_errors_name_the_file (label out of range)
+* backbone checkpoint empty without --config.model.from_scratch=True (VPT on a random frozen
+  backbone; full fine-tuning from scratch), and from_scratch with a checkpoint:
+  test_config_checks.py::test_bad_values_are_refused_before_compute[vpt_without_backbone],
+  [full_without_backbone], [scratch_with_backbone]; test_training_from_scratch_must_be_asked_for
 * checkpoint missing: test_end_to_end.py::test_bad_input_fails_before_compute[init_checkpoint],
   test_npz.py::test_missing_file; here the side-network file
   (test_missing_side_network_checkpoint_fails_before_compute), and one given to
@@ -34,6 +40,22 @@ Issue 5's list of bad inputs, and where each case is tested:
 * NaN or Inf loss: test_end_to_end.py::test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint
 * corrupt image in a custom dataset: test_data_formats.py::test_a_corrupt_image_is_named,
   test_data_formats.py::test_skipping_corrupt_images_reports_the_count
+* Trustworthy runs, section 2 (every input checked before compute), each in
+  test_config_checks.py::test_bad_values_are_refused_before_compute[<case>]:
+  learning rate <= 0 [negative_lr], [zero_lr]; weight decay < 0 [negative_weight_decay];
+  momentum outside [0, 1) [momentum_one]; batch size, epochs <= 0 (named one by one)
+  [zero_batch_size], [zero_epochs]; dropout and drop-path rates outside [0, 1)
+  [prompt_dropout_one], [negative_prompt_dropout], [model_dropout], [cvpt_drop_path],
+  [e2vpt_kv_dropout], [mlp_dropout]; checkpoint.keep < 1 [keep_zero];
+  checkpoint.every_steps < 0 [negative_every_steps]; eval.batch_size < 1 [zero_eval_batch];
+  eval.every_epochs < 0 [negative_eval_every]; log_every_steps < 1 [zero_log_every];
+  data.num_classes = 1 [one_class_configured]; a trainable rule with a bad label or regex
+  [trainable_rule_label], [trainable_rule_regex]
+* splits that select nothing, found from the sizes before the first step
+  (config_checks.check_data): test_config_checks.py::
+  test_splits_that_select_nothing_are_refused_before_compute[empty_test_split] (an empty
+  test split), [inverted_slice], [unknown_eval_split], [empty_train_split]; a dataset with
+  one class: test_config_checks.py::test_a_one_class_dataset_is_refused_before_compute
 * workdir not writable: here test_unwritable_workdir_fails_before_anything_is_loaded
 * dataset that needs a manual download:
   test_vtab.py::test_missing_data_shows_the_manual_download_steps (RESISC45, DMLab),
