@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.adapter.init = "default"   # default (working) | vpt_reference (both zero)
   config.lora = ml_collections.ConfigDict()
   config.lora.rank = 8
-  config.lora.alpha = 8.0           # update scale alpha / rank
+  config.lora.alpha = 8.0           # update scale alpha / rank (0 = no update)
   config.lora.targets = "query,value"  # any of query,key,value,out
   config.vfpt = ml_collections.ConfigDict()
   config.vfpt.percentage = 0.5      # floor(num_prompts * percentage) Fourier prompts
@@ -117,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.schedule_unit = "epoch"  # epoch (reference) | step
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every_epochs = 0      # >= 0; 0 = only at the end (needs data.eval_split)
+  # >= 0; 0 = only at the end. Without data.eval_split nothing is validated while
+  # training (the protocol's final runs train on train+val so).
+  config.eval.every_epochs = 0
   config.eval.batch_size = 256      # >= 1; the last batch is padded and masked
 
   config.checkpoint = ml_collections.ConfigDict()

@@ -54,7 +54,8 @@ Issue 5's list of bad inputs, and where each case is tested:
 * splits that select nothing, found from the sizes before the first step
   (config_checks.check_data): test_config_checks.py::
   test_splits_that_select_nothing_are_refused_before_compute[empty_test_split] (an empty
-  test split), [inverted_slice], [unknown_eval_split], [empty_train_split]; a dataset with
+  test split), [inverted_slice], [unknown_eval_split], [empty_train_split], and a label or
+  image feature the dataset does not have [unknown_label_key]; a dataset with
   one class: test_config_checks.py::test_a_one_class_dataset_is_refused_before_compute
 * workdir not writable: here test_unwritable_workdir_fails_before_anything_is_loaded
 * dataset that needs a manual download:

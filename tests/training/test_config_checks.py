@@ -115,6 +115,8 @@ REFUSED_SPLITS = {
     "empty_test_split": ({"data.test_split": "test[10:]"},
                          "data.test_split='test[10:]' selects no examples of vpt_sprites/tiny; "
                          "fix --config.data.test_split"),
+    "unknown_label_key": ({"data.label_key": "cnt"},
+                          "'vpt_sprites/tiny' has no feature 'cnt'; its features are"),
     "inverted_slice": ({"data.eval_split": "test[5:3]"},
                        "data.eval_split='test[5:3]' selects no examples of vpt_sprites/tiny"),
     "unknown_eval_split": ({"data.eval_split": "valdation"},

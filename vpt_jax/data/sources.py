@@ -220,6 +220,8 @@ def check_data_splits(data) -> Optional[str]:
       count = source_protocols.num_examples(make_source(data, split))
     except tfds.core.registered.DatasetNotFoundError:
       raise  # the dataset, not the split, is wrong: TFDS's message names it
+    except KeyError as e:  # no such image or label feature: the message names the fix
+      return e.args[0]
     except ValueError as e:  # TFDS: unknown split, bad slice; a file source's split
       reason = " ".join(str(e).split())  # one line: TFDS's messages span several
       return (f"data.{field}={split!r} is not a split of {_dataset_name(data)} ({reason}); "
@@ -227,7 +229,11 @@ def check_data_splits(data) -> Optional[str]:
     if count <= 0:  # TFDS counts an inverted slice (test[5:3]) as negative
       return (f"data.{field}={split!r} selects no examples of {_dataset_name(data)}; "
               f"fix --config.data.{field}")
-  classes = data.num_classes or source_protocols.num_classes(make_source(data, data.train_split))
+  try:
+    classes = data.num_classes or source_protocols.num_classes(
+        make_source(data, data.train_split))
+  except TypeError as e:  # the label is not a class label: the message names the fix
+    return e.args[0]
   if classes < 2:
     return (f"{_dataset_name(data)} (label {data.label_key!r}) has {classes} class(es); a "
             "classifier needs at least 2: choose another label (--config.data.label_key) "
