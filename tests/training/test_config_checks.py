@@ -1,5 +1,6 @@
 """The config checks through the main job: resuming a workdir whose checkpoint
-came from a different config is refused, naming the fields that differ."""
+came from a different config is refused, naming the fields that differ; a keep
+policy that keeps no checkpoint is refused."""
 
 import pytest
 
@@ -19,3 +20,9 @@ def test_resuming_with_a_different_config_is_refused(backbone, data_dir, tmp_pat
     trainer.train_and_evaluate(
         tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0,
                                            "optim.base_lr": 0.5}), workdir)
+
+
+def test_keeping_no_checkpoint_is_refused(backbone, data_dir):
+  """orbax's max_to_keep=0 would delete every save, the newest finite one included."""
+  with pytest.raises(config_checks.ConfigError, match=r"checkpoint.keep must be >= 1.*got 0"):
+    config_checks.validate_config(tiny_config(backbone, data_dir, **{"checkpoint.keep": 0}))

@@ -61,6 +61,9 @@ def validate_config(config) -> None:
     raise ConfigError(f"optim.schedule_unit must be one of {optimizers.SCHEDULE_UNITS}")
   if optim.batch_size < 1 or optim.epochs <= 0:
     raise ConfigError("optim.batch_size and optim.epochs must be positive")
+  if config.checkpoint.keep < 1:  # orbax's max_to_keep=0 deletes even the newest save
+    raise ConfigError(f"checkpoint.keep must be >= 1 (the newest checkpoints kept), got "
+                      f"{config.checkpoint.keep}; the default is 2")
   if not 0 <= optim.warmup_epochs <= optim.epochs:
     raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
                       f"[0, epochs={optim.epochs}]")
