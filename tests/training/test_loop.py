@@ -4,14 +4,15 @@ it keeping only finite checkpoints (the newest finite one among them)."""
 
 import json
 import os
-import re
 import shutil
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from run_fixtures import checkpoint_is_finite
+from run_fixtures import error_step
+from run_fixtures import OVERFLOWS_AT_STEP_4
+from run_fixtures import saved_steps
 from run_fixtures import tiny_config
 from run_fixtures import trained_params
 from vpt_jax.training import trainer
@@ -44,21 +45,6 @@ def test_resume_after_restart_is_bit_identical(backbone, data_dir, tmp_path):
     np.testing.assert_array_equal(resumed[path], expected[path], err_msg=path)
 
 
-def _saved_steps(workdir):
-  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-
-
-def _all_finite_checkpoint(workdir, step):
-  """Whether every array orbax holds for ``step`` (trainable, optimizer state) is finite."""
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-    restored = manager.restore(step)
-  return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(restored))
-
-
-def _error_step(error) -> int:
-  return int(re.search(r" at step (\d+);", str(error)).group(1))
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(backbone, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(backbone, data_dir, **{
@@ -66,8 +52,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(backbone, data
       "checkpoint.every_steps": 1})
   with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at step (\d+)") as err:
     trainer.train_and_evaluate(config, workdir)
-  saved = _saved_steps(workdir)
-  assert saved and max(saved) < _error_step(err.value)
+  saved = saved_steps(workdir)
+  assert saved and max(saved) < error_step(err.value)
   assert "last finite checkpoint (step %d)" % max(saved) in str(err.value)
 
 
@@ -81,35 +67,30 @@ def test_weights_non_finite_under_a_finite_loss_save_nothing(backbone, data_dir,
     trainer.train_and_evaluate(config, workdir)
   assert str(err.value).startswith(
       "parameters or optimizer state became non-finite (the loss was still ")
-  assert _error_step(err.value) == 1
+  assert error_step(err.value) == 1
   assert "No finite checkpoint exists (none was saved before step 1); start over" in str(
       err.value)
-  assert _saved_steps(workdir) == []
+  assert saved_steps(workdir) == []
 
 
 def test_keep_never_trades_the_newest_finite_checkpoint_for_a_diverged_one(
     backbone, data_dir, tmp_path):
-  """24 images, batch 8: 3 steps an epoch. One warmup epoch holds the lr at 0
-  for steps 1-3 (the weights stay the finite init, |theta| up to ~4.6); step 4
-  runs at lr 8e39 * 8 / 256 = 2.5e38 (finite in float32) with an L2 decay of
-  10, so the update of the largest weight, 2.5e38 * (g + 10 * 4.6) ~ 1e40,
-  overflows float32 (3.4e38) while the step's loss, from the initial weights,
-  is finite. With a save every step and keep=2 the kept checkpoints are steps 2
-  and 3, and a rerun resumes from step 3."""
+  """Step 4's update overflows under a finite loss (``OVERFLOWS_AT_STEP_4``).
+  With a save every step and keep=2 the kept checkpoints are steps 2 and 3, and
+  a rerun resumes from step 3."""
   workdir = str(tmp_path / "run")
   config = tiny_config(backbone, data_dir, **{
-      "optim.warmup_epochs": 1, "optim.base_lr": 8e39, "optim.weight_decay": 10.0,
-      "log_every_steps": 1,
+      **OVERFLOWS_AT_STEP_4, "log_every_steps": 1,
       "checkpoint.every_steps": 1, "checkpoint.keep": 2})
   for attempt in range(2):  # the run, then the same command again
     with pytest.raises(FloatingPointError) as err:
       trainer.train_and_evaluate(config, workdir)
     assert str(err.value).startswith("parameters or optimizer state became non-finite")
-    assert _error_step(err.value) == 4, attempt
+    assert error_step(err.value) == 4, attempt
     assert (f"The last finite checkpoint (step 3) is kept in {workdir}/checkpoints; "
             "rerunning this command resumes from it." in str(err.value))
-    assert _saved_steps(workdir) == [2, 3]
-    assert all(_all_finite_checkpoint(workdir, step) for step in (2, 3))
+    assert saved_steps(workdir) == [2, 3]
+    assert all(checkpoint_is_finite(workdir, step) for step in (2, 3))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     steps_logged = [json.loads(line)["step"] for line in f if "train/loss" in line]
   # The rerun resumed at step 3: it logged nothing again before stopping at step 4.
