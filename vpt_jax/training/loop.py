@@ -150,7 +150,7 @@ def train(runs: Sequence[setup.Run], console: Console, build_program: Callable[[
 
   Returns:
     (the program's final state, {position in ``runs``: the error} of the runs
-    whose loss became non-finite); each run's ``state`` is set to its own
+    whose loss or state became non-finite); each run's ``state`` is set to its own
     final state.
 
   Raises:
@@ -245,7 +245,7 @@ def _check_and_log(runs, program: Program, console: Console, window: list, step:
                    log_due: bool, diverged: dict) -> None:
   """Checks each live run's window of host metrics; on a log step writes their means.
 
-  A run whose window holds a non-finite loss joins ``diverged`` (or, with
+  A run whose window holds a non-finite loss or state joins ``diverged`` (or, with
   ``program.raise_divergence``, the error propagates).
   """
   means = {}
