@@ -2,9 +2,23 @@
 
 import json
 import os
+import re
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 
 from configs import common
 from vpt_jax.export import task_export
+
+# tiny_config overrides whose step 4 overflows the weights under a finite loss.
+# 24 images, batch 8: 3 steps an epoch. One warmup epoch holds the lr at 0 for
+# steps 1-3 (the weights stay the finite init, |theta| up to ~4.6); step 4 runs
+# at lr 8e39 * 8 / 256 = 2.5e38 (finite in float32) with an L2 decay of 10, so
+# the update of the largest weight, 2.5e38 * (g + 10 * 4.6) ~ 1e40, overflows
+# float32 (3.4e38) while the step's loss, from the initial weights, is finite.
+OVERFLOWS_AT_STEP_4 = {"optim.warmup_epochs": 1, "optim.base_lr": 8e39,
+                       "optim.weight_decay": 10.0}
 
 
 def tiny_config(backbone_path, data_dir, **overrides):
@@ -41,3 +55,20 @@ def trained_params(workdir):
     results = json.load(f)
   _, flat = task_export.read_export(results["export"])
   return results, flat
+
+
+def saved_steps(workdir):
+  """The steps of a run's committed checkpoints, ascending."""
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+
+
+def checkpoint_is_finite(workdir, step):
+  """Whether every array orbax holds for ``step`` (trainable, optimizer state) is finite."""
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    restored = manager.restore(step)
+  return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(restored))
+
+
+def error_step(error) -> int:
+  """The step a divergence error names ("... at step N; stopping ...")."""
+  return int(re.search(r" at step (\d+);", str(error)).group(1))

@@ -1,6 +1,6 @@
 """The one training loop through the main job: a run resumed from a checkpoint
-ends bit-identical to an uninterrupted one, and a non-finite loss stops it
-keeping the last good checkpoint."""
+ends bit-identical to an uninterrupted one, and a non-finite loss or state stops
+it keeping only finite checkpoints (the newest finite one among them)."""
 
 import json
 import os
@@ -9,6 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
+from run_fixtures import checkpoint_is_finite
+from run_fixtures import error_step
+from run_fixtures import OVERFLOWS_AT_STEP_4
+from run_fixtures import saved_steps
 from run_fixtures import tiny_config
 from run_fixtures import trained_params
 from vpt_jax.training import trainer
@@ -48,7 +52,46 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(backbone, data
       "checkpoint.every_steps": 1})
   with pytest.raises(FloatingPointError, match=r"loss became (nan|inf) at step (\d+)") as err:
     trainer.train_and_evaluate(config, workdir)
-  bad_step = int(err.value.args[0].split(" at step ")[1].split(";")[0])
-  saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-  assert saved and max(saved) < bad_step
-  assert "last good checkpoint (step %d)" % max(saved) in err.value.args[0]
+  saved = saved_steps(workdir)
+  assert saved and max(saved) < error_step(err.value)
+  assert "last finite checkpoint (step %d)" % max(saved) in str(err.value)
+
+
+def test_weights_non_finite_under_a_finite_loss_save_nothing(backbone, data_dir, tmp_path):
+  """lr 1e45 * 8 / 256 overflows float32: step 1's loss comes from the finite
+  initial weights (finite), its update makes them infinite. Nothing is saved."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(backbone, data_dir, **{
+      "optim.warmup_epochs": 0, "optim.base_lr": 1e45, "checkpoint.every_steps": 1})
+  with pytest.raises(FloatingPointError) as err:
+    trainer.train_and_evaluate(config, workdir)
+  assert str(err.value).startswith(
+      "parameters or optimizer state became non-finite (the loss was still ")
+  assert error_step(err.value) == 1
+  assert "No finite checkpoint exists (none was saved before step 1); start over" in str(
+      err.value)
+  assert saved_steps(workdir) == []
+
+
+def test_keep_never_trades_the_newest_finite_checkpoint_for_a_diverged_one(
+    backbone, data_dir, tmp_path):
+  """Step 4's update overflows under a finite loss (``OVERFLOWS_AT_STEP_4``).
+  With a save every step and keep=2 the kept checkpoints are steps 2 and 3, and
+  a rerun resumes from step 3."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config(backbone, data_dir, **{
+      **OVERFLOWS_AT_STEP_4, "log_every_steps": 1,
+      "checkpoint.every_steps": 1, "checkpoint.keep": 2})
+  for attempt in range(2):  # the run, then the same command again
+    with pytest.raises(FloatingPointError) as err:
+      trainer.train_and_evaluate(config, workdir)
+    assert str(err.value).startswith("parameters or optimizer state became non-finite")
+    assert error_step(err.value) == 4, attempt
+    assert (f"The last finite checkpoint (step 3) is kept in {workdir}/checkpoints; "
+            "rerunning this command resumes from it." in str(err.value))
+    assert saved_steps(workdir) == [2, 3]
+    assert all(checkpoint_is_finite(workdir, step) for step in (2, 3))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps_logged = [json.loads(line)["step"] for line in f if "train/loss" in line]
+  # The rerun resumed at step 3: it logged nothing again before stopping at step 4.
+  assert steps_logged == [1, 2, 3]

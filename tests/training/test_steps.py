@@ -165,3 +165,32 @@ def test_summary_of_nothing_is_zero_not_a_division_error():
   summary = steps.summarize_eval({"count": 0.0, "correct_top1": 0.0, "correct_top5": 0.0,
                                   "loss_sum": 0.0})
   assert summary == {"top1": 0.0, "top5": 0.0, "loss": 0.0, "count": 0}
+
+
+def test_all_finite_reads_every_float_leaf_and_skips_integers():
+  trainable = {"vpt/deep": jnp.ones((2, 3)), "head/bias": jnp.zeros((3,))}
+  opt_state = {"count": jnp.asarray(7, jnp.int32), "trace": {"head/bias": jnp.ones((3,))}}
+  assert int(steps.all_finite(trainable, opt_state)) == 1
+  one_nan = {"count": opt_state["count"], "trace": {"head/bias": jnp.asarray([1.0, jnp.nan, 1.0])}}
+  assert int(steps.all_finite(trainable, one_nan)) == 0
+  assert int(steps.all_finite(dict(trainable, **{"vpt/deep": jnp.full((2, 3), -jnp.inf)}),
+                              opt_state)) == 0
+  assert int(steps.all_finite({}, {"count": opt_state["count"]})) == 1  # nothing to check
+
+
+def test_train_step_flags_a_nan_in_one_optimizer_state_leaf():
+  """Linear probe, SGD with momentum: the optimizer state holds the head's two
+  momentum traces (float) and a step count (int). One NaN in a trace: the
+  step's loss (from the finite weights) stays finite, the flag drops to 0."""
+  _, labels, state, batch, step_fn = _setup(_spec("linear"))
+  step_fn = jax.jit(step_fn)
+  _, metrics = step_fn(state, batch, jax.random.key(1))
+  assert int(metrics[steps.STATE_FINITE]) == 1
+  leaves, treedef = jax.tree.flatten(state["opt_state"])
+  float_leaves = [i for i, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  assert len(float_leaves) == 2  # the traces of head/bias and head/kernel
+  index = float_leaves[0]
+  leaves[index] = leaves[index].at[(0,) * leaves[index].ndim].set(jnp.nan)
+  poisoned = dict(state, opt_state=jax.tree.unflatten(treedef, leaves))
+  _, metrics = step_fn(poisoned, batch, jax.random.key(1))
+  assert np.isfinite(float(metrics["loss"])) and int(metrics[steps.STATE_FINITE]) == 0

@@ -110,3 +110,33 @@ def test_head_only_settings_on_cached_features_keep_their_own_batchnorm_averages
                                       steps=len(batches))
       np.testing.assert_allclose(a, b, rtol=0, atol=atol)
   assert not np.allclose(*(jax.tree.leaves(e["batch_stats"])[0] for e in expected))
+
+
+def test_each_setting_gets_its_own_finite_flag():
+  """Linear probe on cached features, settings lr 1e45 and 1.0: 1e45 * 128 / 256
+  overflows float32, so the first setting's update is non-finite, the second's
+  is not; the flag of the shared step is per setting."""
+  config = checkpoint_fixtures.sprites_run_config(**{
+      "method": "linear", "model.variant": "test/4", "model.image_size": 16,
+      "optim.warmup_epochs": 0.0})
+  model = factory.build_model(factory.model_spec(config), 3)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  params = checkpoint_fixtures.randomize(shapes["params"], seed=0)
+  labels = freezing.label_params(params, factory.trainable_rules(config))
+  settings = [checkpoint_fixtures.override(config.copy_and_resolve_references(),
+                                          {"optim.base_lr": lr}) for lr in (1e45, 1.0)]
+  make_tx = sweep_steps.make_setting_optimizer(config, labels, steps_per_epoch=1.0,
+                                               decay=True)
+  hparams = sweep_steps.setting_hparams(settings)
+  group_tx, _ = make_tx(hparams["peak_lr"][0], hparams["weight_decay"][0])
+  fresh = {"step": jnp.zeros([], jnp.int32), "params": params,
+           "opt_state": group_tx.init(params)}
+  state = sweep_steps.stack_states([fresh] * 2, labels)
+  rng = np.random.default_rng(0)
+  batch = {"features": rng.normal(size=(8, 16)).astype(np.float32),
+           "label": rng.integers(0, 3, 8).astype(np.int32)}
+  step = jax.jit(sweep_steps.make_fused_train_step(
+      model, labels, make_tx, mean=(0.5,) * 3, std=(0.25,) * 3))
+  _, metrics = step(state, hparams, batch, jax.random.key(1))
+  assert np.isfinite(metrics["loss"]).all()  # both from the same finite weights
+  np.testing.assert_array_equal(metrics[steps.STATE_FINITE], [0, 1])

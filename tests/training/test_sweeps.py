@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import checkpoint_fixtures
+import run_fixtures
 import tolerances
 from configs import vtab_protocol
 from vpt_jax.export import task_export
@@ -157,6 +158,29 @@ def test_a_rerun_resumes_each_setting_from_its_own_checkpoint(protocol_runs):
       assert isinstance(outcome, FloatingPointError) and str(outcome) == previous["error"]
     else:
       assert outcome["step"] == 6 and outcome["val"] == previous["val"]
+
+
+def test_a_setting_whose_weights_overflow_keeps_only_finite_checkpoints(
+    backbone, data_dir, tmp_path):
+  """Two settings in one program, a save every step, keep=2: lr 8e39 overflows
+  its weights at step 4 under a finite loss (``OVERFLOWS_AT_STEP_4``) and stops
+  alone, keeping steps 2 and 3; lr 2.0 (same decay) trains its 9 steps. A rerun
+  resumes each from its own newest checkpoint: the first stops at step 4 again."""
+  overrides = {**run_fixtures.OVERFLOWS_AT_STEP_4, "checkpoint.every_steps": 1,
+               "checkpoint.keep": 2}
+  configs = [run_fixtures.tiny_config(backbone, data_dir, **overrides),
+             run_fixtures.tiny_config(backbone, data_dir, **dict(overrides, **{
+                 "optim.base_lr": 2.0}))]
+  workdirs = [str(tmp_path / "overflows"), str(tmp_path / "trains")]
+  for attempt in range(2):  # the run, then the same call again
+    diverged, finished = sweeps.train_and_evaluate_settings(configs, workdirs)
+    assert isinstance(diverged, FloatingPointError), attempt
+    assert str(diverged).startswith("parameters or optimizer state became non-finite")
+    assert run_fixtures.error_step(diverged) == 4
+    assert "The last finite checkpoint (step 3) is kept" in str(diverged)
+    assert run_fixtures.saved_steps(workdirs[0]) == [2, 3]
+    assert all(run_fixtures.checkpoint_is_finite(workdirs[0], step) for step in (2, 3))
+    assert finished["step"] == 9 and run_fixtures.saved_steps(workdirs[1]) == [8, 9]
 
 
 # ----------------------------------------------------------------- no compute

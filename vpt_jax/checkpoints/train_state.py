@@ -56,7 +56,12 @@ def _killed_before_commit(kill_step: int):
 
 
 def open_manager(directory: str, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
-  """A CheckpointManager keeping the last ``keep`` saves, one every ``every_steps``.
+  """A CheckpointManager keeping the last ``keep`` >= 1 saves, one every ``every_steps``.
+
+  orbax deletes the oldest saves beyond ``keep``, never the newest; the
+  training loop saves only finite states, so the newest finite checkpoint
+  always survives (``config_checks`` refuses keep < 1: max_to_keep=0 deletes
+  every save).
 
   Saves are atomic (written to ``<step>.orbax-checkpoint-tmp``, then renamed):
   a process killed mid-save leaves only a temporary directory, which restores

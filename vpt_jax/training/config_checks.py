@@ -118,6 +118,7 @@ def _check_optim(optim, method) -> None:
 DROPOUT_FIELDS = ("model.dropout_rate", "prompt.dropout", "cvpt.drop_path",
                   "e2vpt.kv_dropout", "mlp.dropout")
 # Counts and periods a run divides by or keeps that many of: (field, least value).
+# checkpoint.keep: orbax's max_to_keep=0 would delete every save, the newest finite one too.
 LEAST_VALUES = (("eval.batch_size", 1), ("eval.every_epochs", 0), ("checkpoint.keep", 1),
                 ("checkpoint.every_steps", 0), ("log_every_steps", 1))
 

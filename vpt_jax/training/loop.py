@@ -43,7 +43,7 @@ class Program:
   own_metrics: (host metrics of one step, index) -> run ``index``'s metrics.
   own_state: (program state, index) -> run ``index``'s trainer state (what it
     checkpoints and ends with).
-  raise_divergence: a non-finite loss stops everything (a separate run: the
+  raise_divergence: a non-finite loss or state stops everything (a separate run: the
     error propagates); otherwise only the run it concerns stops logging and
     checkpointing, and ``train`` returns its error.
   """
@@ -74,25 +74,50 @@ class Console:
     """Validation scores per run during training (already written to metrics)."""
 
   def diverged(self, index: int, error: FloatingPointError) -> None:
-    """Run ``index``'s loss became non-finite; the others go on."""
+    """Run ``index``'s loss or new state became non-finite; the others go on."""
 
   def preempted(self, step: int) -> None:
     """Every run saved ``step`` after a preemption notice; the process exits next."""
 
 
 def check_finite(window: list, first_step: int, run: setup.Run) -> list:
-  """Raises, naming the first bad step, if any fetched loss is NaN or infinite.
+  """Raises, naming the first bad step, if a fetched step's loss or new state is non-finite.
 
-  ``window``: host metrics of the steps ``first_step``, ``first_step + 1``, ...
+  ``window``: host metrics of the steps ``first_step``, ``first_step + 1``, ...;
+  each holds the step's "loss" and ``steps.STATE_FINITE`` (its new trainable
+  leaves and optimizer state). The loop checks before it saves, so every
+  checkpoint is finite and the newest one is the one to name.
   """
   for offset, metrics in enumerate(window):
-    if not math.isfinite(float(metrics["loss"])):
-      run.manager.wait_until_finished()
+    problem = _non_finite(metrics)
+    if problem:
+      run.manager.wait_until_finished()  # a pending save of an earlier, finite step
       raise FloatingPointError(
-          f"loss became {float(metrics['loss'])} at step {first_step + offset}; stopping. "
-          f"The last good checkpoint (step {run.manager.latest_step()}) is kept in "
-          f"{run.workdir}/checkpoints; lower optim.base_lr and rerun in a new workdir.")
+          f"{problem} at step {first_step + offset}; stopping. "
+          + _finite_checkpoint_advice(run, first_step + offset))
   return window
+
+
+def _non_finite(metrics: dict) -> str:
+  """What became non-finite in one step's host metrics, or "" if nothing did."""
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    return f"loss became {loss}"
+  if not metrics[steps_lib.STATE_FINITE]:
+    return (f"parameters or optimizer state became non-finite (the loss was still "
+            f"{loss:.4g})")
+  return ""
+
+
+def _finite_checkpoint_advice(run: setup.Run, bad_step: int) -> str:
+  """Which checkpoint survives a stop at ``bad_step``, and what to do next."""
+  latest = run.manager.latest_step()
+  if latest is None:
+    return (f"No finite checkpoint exists (none was saved before step {bad_step}); start "
+            "over in a new workdir with a smaller optim.base_lr.")
+  return (f"The last finite checkpoint (step {latest}) is kept in {run.workdir}/checkpoints; "
+          f"rerunning this command resumes from it. To get past step {bad_step}, lower "
+          "optim.base_lr and rerun in a new workdir.")
 
 
 def jit_train_step(train_step: Callable, mesh, *, replicated_inputs: int = 0) -> Callable:
@@ -125,7 +150,7 @@ def train(runs: Sequence[setup.Run], console: Console, build_program: Callable[[
 
   Returns:
     (the program's final state, {position in ``runs``: the error} of the runs
-    whose loss became non-finite); each run's ``state`` is set to its own
+    whose loss or state became non-finite); each run's ``state`` is set to its own
     final state.
 
   Raises:
@@ -185,7 +210,8 @@ def _steps(runs, program: Program, console: Console, batches, rng, start_step: i
     save_due = preempted or step == total_steps or ckpt_lib.save_due(manager, step)
     log_due = step % config.log_every_steps == 0 or step == total_steps
     if log_due or save_due:
-      # Never checkpoint parameters produced by a non-finite loss.
+      # Never checkpoint a non-finite state: orbax's max_to_keep would then
+      # delete finite checkpoints to keep non-finite ones.
       _check_and_log(runs, program, console, jax.device_get(pending), step, log_due,
                      diverged)
       pending = []
@@ -219,7 +245,7 @@ def _check_and_log(runs, program: Program, console: Console, window: list, step:
                    log_due: bool, diverged: dict) -> None:
   """Checks each live run's window of host metrics; on a log step writes their means.
 
-  A run whose window holds a non-finite loss joins ``diverged`` (or, with
+  A run whose window holds a non-finite loss or state joins ``diverged`` (or, with
   ``program.raise_divergence``, the error propagates).
   """
   means = {}
@@ -234,7 +260,8 @@ def _check_and_log(runs, program: Program, console: Console, window: list, step:
       console.diverged(index, e)
       continue
     if log_due:
-      means[index] = {k: float(np.mean([m[k] for m in own])) for k in own[0]}
+      means[index] = {k: float(np.mean([m[k] for m in own])) for k in own[0]
+                      if k != steps_lib.STATE_FINITE}  # 1 by now: nothing to log
       run.writer.write(step, means[index], prefix="train/")
   if log_due:
     console.train_line(step, means)

@@ -69,8 +69,8 @@ def finish(runs: Sequence[setup.Run], evaluate_split: Callable[[str], list],
     runs: runs whose ``state`` is final.
     evaluate_split: split -> per run {"top1", "top5", "loss", "count"}; one
       pass over the split serves all runs.
-    diverged: {position in ``runs``: the error} of runs whose loss became
-      non-finite; they get their error back and are not scored.
+    diverged: {position in ``runs``: the error} of runs whose loss or state
+      became non-finite; they get their error back and are not scored.
     log_prefix: what starts each console line of a run's scores.
 
   Returns:

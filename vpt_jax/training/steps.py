@@ -24,6 +24,24 @@ from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
 
+# The train-step metric that says whether the new state may be checkpointed.
+STATE_FINITE = "state_finite"
+
+
+def all_finite(*trees) -> jax.Array:
+  """int32 () 1 if every floating-point leaf of ``trees`` is finite, else 0.
+
+  One reduction per leaf: on the trainable leaves and their optimizer state it
+  costs about one read of the state, next to the step's forward and backward.
+  Integer leaves (step counters) are always finite and skipped.
+  """
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(trees)
+           if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  if not flags:
+    return jnp.ones([], jnp.int32)
+  return jnp.all(jnp.stack(flags)).astype(jnp.int32)
+
+
 def model_inputs(batch, mean, std) -> tuple:
   """(model input, extra apply kwargs) of a batch: normalised images or cached features."""
   if "features" in batch:
@@ -112,8 +130,10 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
   docstring); the rng for the step is fold_in(rng, step), so a resumed run
   draws the same masks. With "batch_stats" in the state, BatchNorm normalises
   with the batch's statistics and the state's running averages are updated.
-  Metrics: mean loss and accuracy over the whole batch, the learning rate and
-  the norm of the (whole-batch) gradient of the trainable leaves.
+  Metrics: mean loss and accuracy over the whole batch, the learning rate, the
+  norm of the (whole-batch) gradient of the trainable leaves and
+  ``STATE_FINITE`` (``all_finite`` of the new state's trainable leaves,
+  optimizer state and batch_stats: what a checkpoint would hold).
   """
   check_accumulation(accumulation_steps)
 
@@ -130,12 +150,15 @@ def make_train_step(model, labels, tx: optax.GradientTransformation,
       loss, correct, grads = _accumulated_gradients(grad_fn, trainable, batch, dropout_rng,
                                                     accumulation_steps)
       updated = {}
-    params, opt_state = _apply_updates(tx, state, grads, trainable, frozen)
+    new_trainable, opt_state = _apply_updates(tx, state, grads, trainable, frozen)
+    params = freezing.merge(new_trainable, frozen)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(correct),
         "learning_rate": learning_rate(state["step"]),
         "grad_norm": optax.tree.norm(grads),  # trainable gradients only
+        # The loss can be finite while the update already overflowed the weights.
+        STATE_FINITE: all_finite(new_trainable, opt_state, updated),
     }
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  **updated}  # the new batch_stats, if any
@@ -180,7 +203,7 @@ def _accumulated_gradients(grad_fn, trainable: dict, batch, rng, accumulation_st
 
 
 def _apply_updates(tx, state: dict, grads: dict, trainable: dict, frozen: dict):
-  """(new params, new optimizer state): the optimizer's update of the trainable leaves."""
+  """(new trainable leaves, new optimizer state): the optimizer's update of ``trainable``."""
   # Frozen leaves get constant zeros that set_to_zero never reads.
   zeros = {path: jnp.zeros_like(value) for path, value in frozen.items()}
   updates, opt_state = tx.update(freezing.merge(grads, zeros), state["opt_state"],
@@ -188,7 +211,7 @@ def _apply_updates(tx, state: dict, grads: dict, trainable: dict, frozen: dict):
   flat_updates = trees.flatten(updates)
   new_trainable = {path: value + flat_updates[path].astype(value.dtype)
                    for path, value in trainable.items()}
-  return freezing.merge(new_trainable, frozen), opt_state
+  return new_trainable, opt_state
 
 
 def make_eval_step(model, *, mean, std) -> Callable:

@@ -19,8 +19,9 @@ Each setting keeps its own folder, laid out like a separate run's
 results.json, export/), so the protocol's records, the report and a resume,
 fused or not, read it as usual. The data, the model and the backbone are
 loaded once; evaluation scores every setting in one pass over each split. A
-setting whose loss becomes non-finite stops being logged and checkpointed at
-the step a separate run would stop, and is returned as the
+setting whose loss or state becomes non-finite stops being logged and
+checkpointed at the step a separate run would stop (its checkpoints, all
+finite, stay), and is returned as the
 ``FloatingPointError`` the separate run would raise; the others go on.
 Settings restored at different steps (e.g. after a resume) train in one
 program per step.
@@ -259,8 +260,8 @@ def train(runs: Sequence[setup.Run]) -> tuple[dict, dict[int, FloatingPointError
   Returns:
     (variables, diverged): ``steps.model_variables`` of the final fused state
     (for ``finish``), and {position in ``runs``: the error} for the settings
-    whose loss became non-finite (their checkpoints stop at the last finite
-    window, as a separate run's do).
+    whose loss or state became non-finite (their checkpoints stop at the last
+    finite step saved, as a separate run's do).
 
   Raises:
     preemption.Preempted: after saving every setting, on a preemption notice.
