@@ -4,18 +4,13 @@ the protocol tests."""
 import json
 import os
 
+import checkpoint_fixtures
 from configs import vtab_protocol
 
 
 def protocol_config(arg="", **overrides):
   """configs/vtab_protocol.py with ``overrides`` ({"section.field": value}) set."""
-  config = vtab_protocol.get_config(arg)
-  config.unlock()
-  for key, value in overrides.items():
-    section, _, field = key.rpartition(".")
-    (config[section] if section else config)[field] = value
-  config.lock()
-  return config
+  return checkpoint_fixtures.override(vtab_protocol.get_config(arg), overrides)
 
 
 class StubRun:

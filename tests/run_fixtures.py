@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+import checkpoint_fixtures
 from configs import common
 from vpt_jax.export import task_export
 
@@ -42,11 +43,7 @@ def tiny_config(backbone_path, data_dir, **overrides):
   config.log_every_steps = 3
   config.checkpoint.every_steps = 3
   config.checkpoint.keep = 10
-  for key, value in overrides.items():
-    section, _, field = key.rpartition(".")
-    (config[section] if section else config)[field] = value
-  config.lock()
-  return config
+  return checkpoint_fixtures.override(config, overrides)
 
 
 def trained_params(workdir):

@@ -79,17 +79,6 @@ from vpt_jax.training import inputs
 from vpt_jax.training import trainer
 
 
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-  return checkpoint_fixtures.write_tiny_backbone(
-      tmp_path_factory.mktemp("backbone") / "ViT-test_4.npz", variant="test/4", image_size=32)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _refuse(name):
   def refused(*args, **kwargs):
     raise AssertionError(f"{name} ran: the bad input was not caught before compute")
