@@ -8,8 +8,9 @@
 import os
 import sys
 
-# TensorFlow's C++ INFO lines (oneDNN notices) stay off the console; set before
-# anything imports TensorFlow. --verbosity brings absl's (and orbax's) INFO back.
+# TensorFlow's C++ INFO and WARNING lines stay off the console (set before anything
+# imports TensorFlow; TF 2.21 still prints its oneDNN notice, logged before this
+# is read). --verbosity brings absl's (and orbax's) INFO lines back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position

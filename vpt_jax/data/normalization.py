@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from vpt_jax import errors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # (mean, std) that map [0, 1] to [-1, 1], the input range of the Google ViTs.
@@ -25,10 +27,10 @@ def mean_std(name: str) -> dict:
   """{"mean": (3,), "std": (3,)} of a ``data.normalization`` name.
 
   Raises:
-    ValueError: an unknown name (the valid ones are listed).
+    errors.UserError: an unknown name (the valid ones are listed).
   """
   if name not in NORMALIZATIONS:
-    raise ValueError(f"Unknown data.normalization {name!r}; choose one of "
+    raise errors.UserError(f"Unknown data.normalization {name!r}; choose one of "
                      f"{sorted(NORMALIZATIONS)}")
   mean, std = NORMALIZATIONS[name]
   return {"mean": mean, "std": std}

@@ -43,10 +43,7 @@ class ConfigError(errors.UserError):
 
 def normalization(config) -> dict:
   """{"mean": (3,), "std": (3,)} for config.data.normalization."""
-  try:
-    return normalization_lib.mean_std(config.data.normalization)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  return normalization_lib.mean_std(config.data.normalization)
 
 
 def validate_config(config) -> None:
