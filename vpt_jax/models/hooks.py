@@ -19,7 +19,7 @@ Model level (``vit.VisionTransformer``, names relative to the model):
     (side-tuning); ``reads_images`` says they need the images, so the model
     refuses to run from cached features.
 
-Block level (``vit.Encoder1DBlock`` and its ``Attention``, names relative to
+Block level (``vit_blocks.Encoder1DBlock`` and its ``Attention``, names relative to
 ``Transformer/encoderblock_{i}`` resp. its ``MultiHeadDotProductAttention_0``):
   * ``projection_output``: the output of a q/k/v/out projection, in Attention
     (LoRA);

@@ -1,0 +1,158 @@
+"""The Vision Transformer's pre-LN block: attention, MLP and the block around them.
+
+Parameter names are those of the google-research/vision_transformer checkpoints
+(``LayerNorm_0``, ``MultiHeadDotProductAttention_0`` with ``query/key/value/out``,
+``LayerNorm_1``, ``MlpBlock_0`` with ``Dense_0/Dense_1``), so a block of an
+official checkpoint maps onto it by name. ``vit`` stacks these blocks into the
+encoder; a method changes a block only through its hook points (``hooks``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vpt_jax.models import hooks as hooks_lib
+
+LAYER_NORM_EPSILON = 1e-6
+
+
+class MlpBlock(nn.Module):
+  """Dense -> exact GELU -> dropout -> Dense -> dropout. (B, N, D) -> (B, N, D)."""
+  mlp_dim: int
+  dropout_rate: float = 0.1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    width = x.shape[-1]
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, name=name,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    y = dense(self.mlp_dim, "Dense_0")(x)
+    y = nn.gelu(y, approximate=False)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(width, "Dense_1")(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention with separate q/k/v/out projections.
+
+  Parameter names and shapes equal flax's MultiHeadDotProductAttention
+  (query/key/value kernels (D, H, D/H), out kernel (H, D/H, D)), so the
+  official checkpoints load; queries and keys/values may come from different
+  token sets, which the prompt methods use (CVPT calls the same instance, and
+  hence the same parameters, for its cross-attention).
+
+  Every projection's output passes ``hooks.projection_output`` (LoRA adds its update
+  there, with its parameters under this module). ``extra_kv`` (B, N_kv, H, D/H)
+  are already projected tokens prepended to the keys and to the values,
+  K' = [E; K], V' = [E; V] (E2VPT's key-value prompts); the queries are unchanged.
+  """
+  num_heads: int
+  hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, extra_kv=None):
+    """(B, Nq, D) queries attend over (B, Nk, D) keys/values -> (B, Nq, D)."""
+    width = inputs_q.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
+    head_dim = width // self.num_heads
+
+    def project(name, inputs, features, axis=-1):
+      outputs = nn.DenseGeneral(features=features, axis=axis, dtype=self.dtype, name=name,
+                                kernel_init=nn.initializers.xavier_uniform())(inputs)
+      out_features = tuple(features) if isinstance(features, tuple) else (features,)
+      num_in_axes = len(axis) if isinstance(axis, tuple) else 1
+      return self.hooks.projection_output(name, inputs, outputs, out_features, num_in_axes,
+                                   self.dtype)
+
+    heads = (self.num_heads, head_dim)
+    query = project("query", inputs_q, heads)
+    key = project("key", inputs_kv, heads)
+    value = project("value", inputs_kv, heads)
+    if extra_kv is not None:
+      extra_kv = extra_kv.astype(key.dtype)
+      key = jnp.concatenate([extra_kv, key], axis=1)
+      value = jnp.concatenate([extra_kv, value], axis=1)
+    query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    return project("out", attended, width, axis=(-2, -1))
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN Transformer block; a method changes it through ``hooks`` (``hooks.Hooks``).
+
+    x = block_input(x)
+    x += DP(attention_branch(SA(LN0 x)))      SA: Attention with extra_keys_values
+    x = after_attention(x)
+    x += DP(mlp_branch(MLP(mlp_input(LN1 x))))
+    x = block_output(x)
+
+  ``method_inputs`` is this block's slice of ``Hooks.block_inputs``.
+
+  Two exact shortcuts avoid work whose result is thrown away:
+  * ``kv_only``: tokens (B, P, D) that act only as keys and values (inserted
+    after CLS, as VPT-deep prompts are) but whose own outputs are not needed,
+    so they get no query, attention output, out-projection or MLP;
+  * ``num_outputs``: only the first rows of ``x`` are computed (e.g. CLS in
+    the last block of a CLS-pooled model); all rows still serve as keys.
+
+  DP is drop path (stochastic depth) at ``drop_path_rate``: per example, the
+  branch is zeroed with that probability and otherwise scaled by 1 / (1 - rate).
+
+  Every argument may also be passed positionally: ``nn.remat`` holds only
+  positional arguments static (``BLOCK_STATIC_ARGNUMS``), so ``Encoder`` calls
+  each block that way.
+  """
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.1
+  drop_path_rate: float = 0.0
+  hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, kv_only=None, num_outputs: Optional[int] = None,
+               deterministic: bool = True, method_inputs=None,
+               drop_path_deterministic: bool = True):
+    """x: (B, N, D) -> (B, N or num_outputs, D)."""
+    hooks = self.hooks
+    attention = Attention(self.num_heads, hooks=hooks, dtype=self.dtype,
+                          name="MultiHeadDotProductAttention_0")
+    context = hooks_lib.BlockContext(attention, method_inputs, self.dtype)
+
+    def drop_path(branch):
+      # Broadcast over tokens and channels: one keep/drop decision per example.
+      return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))(
+          branch, deterministic=drop_path_deterministic)
+
+    x = hooks.block_input(x, context)
+    pre_attention_norm = nn.LayerNorm(
+        epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_0")
+    normed = pre_attention_norm(x)
+    keys_values = normed
+    if kv_only is not None:
+      keys_values = jnp.concatenate(
+          [normed[:, :1], pre_attention_norm(kv_only), normed[:, 1:]], axis=1)
+    if num_outputs is not None:
+      x, normed = x[:, :num_outputs], normed[:, :num_outputs]
+    branch = attention(normed, keys_values, hooks.extra_keys_values(context))
+    x = x + drop_path(hooks.attention_branch(branch, x, context))
+    x = hooks.after_attention(x, context)
+    normed = nn.LayerNorm(
+        epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_1")(x)
+    normed = hooks.mlp_input(normed, x, context)
+    branch = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
+                      name="MlpBlock_0")(normed, deterministic=deterministic)
+    x = x + drop_path(hooks.mlp_branch(branch, context))
+    return hooks.block_output(x, context)
