@@ -2,6 +2,7 @@ r"""The offline quickstart: transfer from the shipped sprites-pretrained ViT.
 
   python run.py --config configs/quickstart.py --workdir /tmp/vpt_quickstart
   python run.py --config configs/quickstart.py:ci --workdir /tmp/qs   # a 1-minute smoke run
+  vpt-jax --config vpt_jax:quickstart --workdir /tmp/vpt_quickstart    # installed, anywhere
 
 Three downstream tasks with 1,000 training images each (VTAB-1k style): two
 held-out structured attributes of multi-sprite scenes (object count; the
@@ -18,14 +19,17 @@ import ml_collections
 
 from configs import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/ and assets/ are siblings both in a checkout (the repository root) and
+# installed (site-packages/vpt_jax/, see pyproject.toml), so this finds the backbone
+# from any working directory.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str = ""):
   args = common.parse_arg(arg, ci=False)
   suite = ml_collections.ConfigDict()
   suite.suite = "quickstart"
-  suite.backbone = os.path.join(REPO, "assets", "sprites_vit_nano8.npz")
+  suite.backbone = os.path.join(ROOT, "assets", "sprites_vit_nano8.npz")
   suite.workers = 2  # processes; each trains its runs on one core
   suite.task_order = ("count", "lowest_y", "digits")
   suite.run_order = ("vpt_deep", "vpt_shallow", "linear", "full", "scratch")

@@ -6,7 +6,9 @@ tests vpt_jax/models/vit.py); tests/integration/ holds the tests that run the
 whole stack."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -23,6 +25,12 @@ sys.path.insert(0, os.path.dirname(TESTS))
 
 
 def pytest_configure(config):
+  # run.py's compilation cache (on by default) goes to a directory of this test
+  # session, never the user's ~/.cache; the runs the tests start inherit it.
+  if "VPT_JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    cache_dir = tempfile.mkdtemp(prefix="vpt_jax_test_compile_cache_")
+    os.environ["VPT_JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    config.add_cleanup(lambda: shutil.rmtree(cache_dir, ignore_errors=True))
   # CI runs these a second time under another XLA:CPU kernel choice
   # (XLA_FLAGS=--xla_cpu_max_isa=SSE4_2), so that a tolerance between two
   # computation paths that holds on one CPU only fails there, not on a user's.

@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 import ml_collections
@@ -23,12 +24,75 @@ def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[s
   return paths
 
 
+SHIPPED_PREFIX = "vpt_jax:"
+
+
+def shipped_configs_dir() -> str:
+  """The directory of the shipped configs: configs/ of a checkout, vpt_jax/configs installed.
+
+  A wheel installs the repository's configs/ as the package ``vpt_jax.configs``
+  (pyproject.toml); a plain checkout has it beside the package.
+  """
+  if importlib.util.find_spec("vpt_jax.configs") is not None:
+    return os.path.dirname(importlib.util.find_spec("vpt_jax.configs").origin)
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def resolve_config_spec(spec: str) -> str:
+  """"vpt_jax:NAME[:ARG]" -> "/path/to/configs/NAME.py[:ARG]"; other specs unchanged.
+
+  Lets an installed package run its shipped configs from any directory:
+  ``vpt-jax --config=vpt_jax:quickstart:ci`` is ``--config=configs/quickstart.py:ci``.
+  """
+  if not spec.startswith(SHIPPED_PREFIX):
+    return spec
+  name, _, arg = spec[len(SHIPPED_PREFIX):].partition(":")
+  folder = shipped_configs_dir()
+  path = os.path.join(folder, name.removesuffix(".py") + ".py")
+  if not name or not os.path.isfile(path):
+    shipped = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py")
+                     and not f.startswith("_") and f != "common.py")
+    raise ValueError(f"no shipped config {name!r}: use {SHIPPED_PREFIX}NAME[:ARG] with NAME "
+                     f"one of {', '.join(shipped)} (files in {folder})")
+  return f"{path}:{arg}" if arg else path
+
+
+def resolve_config_argv(argv: Sequence[str]) -> list[str]:
+  """argv with each --config=vpt_jax:NAME (or --config vpt_jax:NAME) made a file path."""
+  resolved = list(argv)
+  for i, arg in enumerate(resolved):
+    if arg.startswith("--config="):
+      resolved[i] = "--config=" + resolve_config_spec(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(resolved):
+      resolved[i + 1] = resolve_config_spec(resolved[i + 1])
+  return resolved
+
+
+def make_configs_importable() -> None:
+  """Lets config files say ``from configs import common`` wherever the command runs.
+
+  In a checkout the repository root is on sys.path (run.py's folder, or the
+  working directory for ``python -m vpt_jax``); an installed package (or the
+  console script) has no top-level ``configs``, so it is an alias of
+  ``vpt_jax.configs`` there. An importable ``configs`` is left alone.
+  """
+  if importlib.util.find_spec("configs") is not None:
+    return
+  folder = shipped_configs_dir()
+  module_spec = importlib.util.spec_from_file_location(
+      "configs", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules["configs"] = module
+  module_spec.loader.exec_module(module)
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads "path/to/config.py[:arg]" the way --config does, for early checks."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise ValueError(f"config file {path!r} does not exist; configs live in configs/, "
-                     "e.g. --config=configs/vpt.py:method=vpt_deep")
+                     "e.g. --config=configs/vpt.py:method=vpt_deep (installed: "
+                     f"--config={SHIPPED_PREFIX}vpt:method=vpt_deep)")
   module_spec = importlib.util.spec_from_file_location("_checked_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

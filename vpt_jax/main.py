@@ -1,7 +1,12 @@
-"""The command line: flags, their cross-checks and the call into ``cli``.
+r"""The command line: flags, their cross-checks and the call into ``cli``.
 
 ``run.py``, ``python -m vpt_jax`` and the ``vpt-jax`` console script all call
-``run()``; see run.py for examples.
+``run()``; run.py has more examples. Installed, from any directory:
+
+  vpt-jax --config=vpt_jax:quickstart --workdir=/tmp/vpt_quickstart
+  vpt-jax --config=vpt_jax:vpt:method=vpt_deep,builder=dmlab --workdir=/tmp/dmlab \
+      --config.model.init_checkpoint=/data/ViT-B_16.npz
+  vpt-jax --config=my_config.py --workdir=DIR   # a file may `from configs import common`
 """
 
 
@@ -21,9 +26,11 @@ from ml_collections import config_flags
 
 from vpt_jax import cli
 from vpt_jax import errors
+from vpt_jax.training import compile_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with an argument: file.py:key=value,...",
+    "config", None, "Config file, optionally with an argument: file.py:key=value,...; "
+    "vpt_jax:NAME[:ARG] is the shipped configs/NAME.py (e.g. vpt_jax:quickstart:ci).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, "
                                "results and exports.")
@@ -42,6 +49,14 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "batch over them as over a pod's chips. XLA:CPU runs attention's batched matmuls on one "
     "thread per device, so one device per core is faster (about 15% for ViT-B/16 on 2 "
     "cores); 0 keeps JAX's default of one device.", lower_bound=0)
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled steps in --compilation_cache_dir so that later "
+    "runs with the same shapes (other hyper-parameters, seeds, resumes, evaluations) skip "
+    "compiling; --nocompilation_cache turns JAX's persistent cache off.")
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", compile_cache.default_dir(), "Directory (or gs:// path) of the "
+    f"compilation cache; default ${compile_cache.DIR_ENV}, else "
+    "$XDG_CACHE_HOME/vpt_jax/jax_cache (~/.cache/vpt_jax/jax_cache). Safe to delete.")
 _TASKS = flags.DEFINE_string(
     "tasks", None, "--mode=predict on many tasks sharing one backbone: name=export_dir,... "
     "(then no --config/--workdir; the exports describe their models).")
@@ -90,6 +105,7 @@ def _dispatch(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CPU_DEVICES.value:
     cli.set_cpu_devices(_CPU_DEVICES.value)
+  compile_cache.configure(_COMPILATION_CACHE_DIR.value if _COMPILATION_CACHE.value else None)
   if _DISTRIBUTED.value:
     cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _TASKS.value:
@@ -104,8 +120,27 @@ def _dispatch(argv):
 
 
 def run() -> None:
-  """Checks the command line before absl parses it (one clear line), then runs ``main``."""
-  problem = cli.check_command_line(sys.argv[1:])
+  """Checks the command line before absl parses it (one clear line), then runs ``main``.
+
+  ``--config=vpt_jax:NAME[:ARG]`` names a shipped config (configs/NAME.py) from any
+  working directory.
+  """
+  cli.make_configs_importable()
+  try:
+    argv = cli.resolve_config_argv(sys.argv)
+  except ValueError as e:
+    sys.exit(f"run.py: --config: {e}")
+  problem = cli.check_command_line(argv[1:])
   if problem:
     sys.exit(f"run.py: {problem}")
-  app.run(main)
+  _list_flags_in_help()
+  app.run(main, argv=argv)
+
+
+def _list_flags_in_help() -> None:
+  """--help shows this module's flags (absl lists the key flags of the file that ran)."""
+  for flag in flags.FLAGS.flags_by_module_dict().get(__name__, []):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  entry_module = sys.modules["__main__"]
+  if not entry_module.__doc__:  # the console script's wrapper has none
+    entry_module.__doc__ = __doc__
