@@ -116,6 +116,23 @@ def test_fingerprint_is_sha256_of_bytes(tmp_path):
     npz.fingerprint(str(tmp_path / "absent.npz"))
 
 
+def test_fingerprint_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+  path = tmp_path / "weights.npz"
+  path.write_bytes(b"first contents")
+  assert npz.fingerprint(str(path)) == hashlib.sha256(b"first contents").hexdigest()
+  reads = []
+  monkeypatch.setattr(npz, "open", lambda *a: reads.append(a) or open(*a), raising=False)
+  assert npz.fingerprint(str(path)) == hashlib.sha256(b"first contents").hexdigest()
+  assert not reads  # the second call hashed nothing
+  path.write_bytes(b"other contents")  # a rewrite: new size and modification time
+  assert npz.fingerprint(str(path)) == hashlib.sha256(b"other contents").hexdigest()
+  stat = os.stat(path)  # same size, only the modification time moves
+  path.write_bytes(b"OTHER contents")
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+  assert npz.fingerprint(str(path)) == hashlib.sha256(b"OTHER contents").hexdigest()
+  assert len(reads) == 2
+
+
 def test_save_npz_round_trip_and_atomicity(tmp_path):
   tree = {"a": {"b": np.arange(6, dtype=np.float32).reshape(2, 3)},
           "c": jax.numpy.ones((2,), jax.numpy.float16), "d": np.int32(3)}
