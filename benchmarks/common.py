@@ -6,6 +6,7 @@ scripts put the repository root on ``sys.path`` before importing it.
 
 from __future__ import annotations
 
+import argparse
 import resource
 import statistics
 import time
@@ -29,6 +30,17 @@ MINUS_ONE_TO_ONE_NORM = normalization_lib.mean_std("minus_one_to_one")
 # change a step's cost).
 LEARNING_RATE = 0.01
 WEIGHT_DECAY = 1e-4
+
+
+def model_arguments(doc: str) -> argparse.ArgumentParser:
+  """A parser with the model and batch options every step benchmark takes (ViT-B/16 default)."""
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  parser.add_argument("--variant", default="B/16")
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--num_prompts", type=int, default=50)
+  parser.add_argument("--num_classes", type=int, default=10)
+  return parser
 
 
 def method_config(method: str, variant: str, image_size: int,

@@ -18,7 +18,6 @@ import time
 STARTED = time.perf_counter()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import argparse
 import json
 import os
 import subprocess
@@ -31,14 +30,11 @@ sys.path.insert(0, HERE)
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--variant", default="B/16")
-  parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--num_prompts", type=int, default=50)
+  import common as bench_lib  # jax and the library: counted in the child's "imports"
+  parser = bench_lib.model_arguments(__doc__)
   parser.add_argument("--method", default="vpt_deep")
   parser.add_argument("--no_cache", action="store_true", help="cache off in both runs")
-  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # the cache dir
+  parser.add_argument("--child", default=None, help="(internal) run one child on this cache dir")  # the cache dir
   return parser.parse_args(argv)
 
 
@@ -54,14 +50,14 @@ def child(args) -> dict:
   times = {"imports": time.perf_counter() - STARTED}
   began = time.perf_counter()
   config = bench_lib.method_config(args.method, args.variant, args.image_size, args.num_prompts)
-  model, variables, labels, tx, schedule = bench_lib.setup(config, 10)
+  model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes)
   data_mesh = mesh.make_data_mesh()
   params = variables["params"]
   state = mesh.put_replicated(
       {"step": np.zeros([], np.int32), "params": params, "opt_state": tx.init(params)},
       data_mesh)
   batch = mesh.global_batch(data_mesh, bench_lib.random_batch(
-      args.batch_size, args.image_size, 10))
+      args.batch_size, args.image_size, args.num_classes))
   times["model init"] = time.perf_counter() - began
   began = time.perf_counter()
   train = jax.jit(steps.make_train_step(model, labels, tx, schedule,
@@ -70,7 +66,7 @@ def child(args) -> dict:
   times["compile train"] = time.perf_counter() - began
   began = time.perf_counter()
   eval_batch = mesh.global_batch(data_mesh, dict(
-      bench_lib.random_batch(args.batch_size, args.image_size, 10),
+      bench_lib.random_batch(args.batch_size, args.image_size, args.num_classes),
       mask=np.ones((args.batch_size,), bool)))
   jax.jit(steps.make_eval_step(model, **bench_lib.IMAGENET_NORM)).lower(
       {"params": state["params"]}, eval_batch).compile()
@@ -91,7 +87,7 @@ def run_twice(args) -> list[dict]:
           [sys.executable, __file__, f"--child={'' if args.no_cache else cache}",
            f"--variant={args.variant}", f"--image_size={args.image_size}",
            f"--batch_size={args.batch_size}", f"--num_prompts={args.num_prompts}",
-           f"--method={args.method}"], capture_output=True, text=True, check=True)
+           f"--num_classes={args.num_classes}", f"--method={args.method}"], capture_output=True, text=True, check=True)
       times = json.loads(out.stdout.strip().splitlines()[-1])
       rows.append({"run": label, "process wall": time.perf_counter() - began, **times})
     entries = sum(len(files) for _, _, files in os.walk(cache))

@@ -50,7 +50,6 @@ decoding the data, and per step the host's batch preparation and transfer
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -75,12 +74,7 @@ GRID = [(lr, wd) for lr in (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.0
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--variant", default="B/16")
-  parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--num_prompts", type=int, default=50)
-  parser.add_argument("--num_classes", type=int, default=10)
+  parser = bench_lib.model_arguments(__doc__)
   parser.add_argument("--method", default="vpt_deep")
   parser.add_argument("--settings", default="1,4,8", help="k values to fuse")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")

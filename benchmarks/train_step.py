@@ -21,7 +21,6 @@ a pod's chips (the same mesh code as training).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -39,12 +38,7 @@ from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--variant", default="B/16")
-  parser.add_argument("--image_size", type=int, default=224)
-  parser.add_argument("--batch_size", type=int, default=16)
-  parser.add_argument("--num_prompts", type=int, default=50)
-  parser.add_argument("--num_classes", type=int, default=10)
+  parser = bench_lib.model_arguments(__doc__)
   parser.add_argument("--methods", default="vpt_deep,vpt_shallow,cvpt,linear,full,partial-1,"
                       "bias,adapter,lora")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
