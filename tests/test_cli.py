@@ -129,3 +129,18 @@ def test_cpu_devices_splits_the_host_and_refuses_to_come_late():
   lines = result.stdout.splitlines()
   assert lines[0] == "2"
   assert lines[1].startswith("refused: --cpu_devices=3 came too late")
+
+
+def test_vpt_jax_prefix_names_a_shipped_config():
+  folder = os.path.join(REPO, "configs")  # a checkout: configs/ beside the package
+  assert cli.shipped_configs_dir() == folder
+  assert cli.resolve_config_spec("vpt_jax:quickstart:ci") == f"{folder}/quickstart.py:ci"
+  assert cli.resolve_config_spec("vpt_jax:vpt.py") == f"{folder}/vpt.py"
+  assert cli.resolve_config_spec("configs/vpt.py:method=linear") == "configs/vpt.py:method=linear"
+  with pytest.raises(ValueError, match=r"no shipped config 'quikstart'.*quickstart.*vpt"):
+    cli.resolve_config_spec("vpt_jax:quikstart")
+  argv = ["run.py", "--config=vpt_jax:vpt:method=linear", "--mode", "train"]
+  assert cli.resolve_config_argv(argv) == [
+      "run.py", f"--config={folder}/vpt.py:method=linear", "--mode", "train"]
+  assert cli.resolve_config_argv(["run.py", "--config", "vpt_jax:vpt"]) == [
+      "run.py", "--config", f"{folder}/vpt.py"]
