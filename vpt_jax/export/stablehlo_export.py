@@ -42,6 +42,7 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import serving
 from vpt_jax.export import task_export
 from vpt_jax.export import task_stacking
+from vpt_jax.methods import factory
 
 # The values of config.export.format: the library's own export, and the served ones.
 FORMATS = ("npz", "stablehlo", "saved_model")
@@ -110,24 +111,41 @@ def _task_entry(name: str, metadata: dict) -> dict:
           "normalization": metadata["normalization"]}
 
 
-def single_task_model(export_dir: str, backbone_path: Optional[str] = None) -> ServedModel:
-  """The model of one task export (backbone file + export, ``task_export``)."""
-  model, variables, metadata = task_export.load_task_variables(export_dir, backbone_path)
-  norm = metadata["normalization"]
-
+def _single_task(model, variables, norm: dict, size: int, description: dict) -> ServedModel:
   def fn(weights, images):
     inputs = normalization_lib.normalize_images(images, norm["mean"], norm["std"])
     return _with_probabilities(model.apply(weights, inputs))
 
-  size = int(metadata["image_size"])
+  return ServedModel(fn=fn, weights=variables,
+                     inputs=(("images", (size, size, 3), "uint8"),),
+                     num_classes=int(model.num_classes), description=description)
+
+
+def single_task_model(export_dir: str, backbone_path: Optional[str] = None) -> ServedModel:
+  """The model of one task export (backbone file + export, ``task_export``)."""
+  model, variables, metadata = task_export.load_task_variables(export_dir, backbone_path)
   task = _task_entry(os.path.basename(os.path.normpath(export_dir)), metadata)
-  return ServedModel(
-      fn=fn, weights=variables, inputs=(("images", (size, size, 3), "uint8"),),
-      num_classes=task["num_classes"],
-      description={"kind": "single_task", "image_size": size, "tasks": [task],
-                   "class_names": task["class_names"], "normalization": norm,
-                   "backbone": {**metadata["backbone"],
-                                "variant": metadata["model"]["variant"]}})
+  return _single_task(
+      model, variables, metadata["normalization"], int(metadata["image_size"]),
+      {"kind": "single_task", "image_size": int(metadata["image_size"]), "tasks": [task],
+       "class_names": task["class_names"], "normalization": metadata["normalization"],
+       "backbone": {**metadata["backbone"], "variant": metadata["model"]["variant"]}})
+
+
+def check_exportable(spec: dict, normalization: dict, batch_size: int,
+                     platforms: Sequence[str]) -> None:
+  """Traces and lowers the model of a spec with abstract weights: no data, no compile.
+
+  Run before training, so a model that cannot be exported fails at once.
+
+  Raises:
+    ExportError: as ``export_function``.
+  """
+  model = factory.build_model(spec, 2)  # the class count does not change what exports
+  shapes = factory.variable_shapes(model, spec["image_size"])
+  served = _single_task(model, shapes, normalization, int(spec["image_size"]),
+                        {"tasks": [{"method": spec["method"]}]})
+  export_function(served, batch_size, platforms, weights_as_constants=False)
 
 
 def _stacked_fn(groups: Sequence[task_stacking.TaskGroup], task_group, task_row,
@@ -218,13 +236,14 @@ def export_function(served: ServedModel, batch_size: int, platforms: Sequence[st
              *specs]
   try:
     exported = jax.export.export(function, platforms=tuple(platforms))(*specs)
+    return exported, exported.serialize()
   except jax.errors.InconclusiveDimensionOperation as e:
     raise task_export.ExportError(
         f"{_what(served)} cannot be exported for any batch size ({str(e).splitlines()[0]}); "
         "set a fixed batch size, e.g. --config.export.batch_size=32") from e
-  try:
-    return exported, exported.serialize()
   except (NotImplementedError, ValueError) as e:
+    # Host callbacks (NotImplementedError) and custom calls without a
+    # compatibility guarantee (ValueError) have no serialised form.
     raise task_export.ExportError(
         f"{_what(served)} cannot be serialised ({str(e).splitlines()[0]}); keep the npz "
         "export (--config.export.format=npz) and serve it with vpt_jax") from e
