@@ -127,7 +127,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint.keep = 2        # >= 1: the newest saves kept
 
   config.log_every_steps = 20       # >= 1
-  config.export = True
+  # At the end of a run (and with --mode export): the task export (WORKDIR/export:
+  # trained leaves + task.json, served with vpt_jax) and, for format stablehlo or
+  # saved_model, the model that serves without vpt_jax in WORKDIR/export/<format>/.
+  config.export = ml_collections.ConfigDict()
+  config.export.enabled = True      # False: no export at the end of training
+  config.export.format = "npz"      # npz | stablehlo | saved_model
+  config.export.batch_size = 0      # stablehlo/saved_model: 0 = any batch size, else fixed
+  config.export.platforms = "cpu,cuda,tpu"  # stablehlo/saved_model: lowered for these
   # Files to classify in predict mode (comma-separated paths) and the export to use.
   config.predict = ml_collections.ConfigDict()
   config.predict.images = ""

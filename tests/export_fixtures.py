@@ -3,6 +3,10 @@ single-task path the serving tests compare the multi-task server with."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 from PIL import Image
@@ -99,6 +103,17 @@ def random_images(n, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, IMAGE, IMAGE, 3), dtype=np.uint8)
 
 
+def batched_logits_atol(expected) -> float:
+  """The bound between a tiny-ViT task's logits computed alone and in another batch.
+
+  Batched (with other tasks, or compiled as another program), the sums run in
+  other orders: 2 blocks (test/4 has 4; 4 chained sums each) of sums at most
+  1 + 3 + 16 tokens long.
+  """
+  return tolerances.rounding_atol(max(np.max(np.abs(expected)), 1.0), reduction_length=20,
+                                  steps=4 * 4)
+
+
 def check_mixed_batch(server, exports, backbone, tasks, images):
   """Asserts that the server's mixed batch gives each example its task's logits alone."""
   logits = server.logits(images, tasks)
@@ -107,11 +122,8 @@ def check_mixed_batch(server, exports, backbone, tasks, images):
     classes = server.num_classes(task)
     expected = single_task_logits(exports[task], backbone, images[i:i + 1])[0]
     assert expected.shape == (classes,)
-    # Batched with other tasks, the sums run in other orders: 2 blocks (test/4
-    # has 4; 4 chained sums each) of sums at most 1 + 3 + 16 tokens long.
-    atol = tolerances.rounding_atol(max(np.max(np.abs(expected)), 1.0), reduction_length=20,
-                                    steps=4 * 4)
-    np.testing.assert_allclose(logits[i, :classes], expected, rtol=0, atol=atol)
+    np.testing.assert_allclose(logits[i, :classes], expected, rtol=0,
+                               atol=batched_logits_atol(expected))
     assert np.all(np.isneginf(logits[i, classes:]))
 
 
@@ -122,3 +134,57 @@ def write_pngs(directory, n):
     paths.append(str(directory / f"image{i}.png"))
     Image.fromarray(image).save(paths[-1])
   return paths
+
+
+# Run first in a subprocess without the repository: fails unless vpt_jax is unimportable.
+_WITHOUT_VPT_JAX = """
+import sys
+sys.path.append({site_packages!r})  # jax and TensorFlow, without .pth files (-S)
+try:
+  import vpt_jax
+except ImportError:
+  pass
+else:
+  raise SystemExit('vpt_jax is importable: ' + vpt_jax.__file__)
+"""
+
+# Runs each standalone model's sidecar "load" snippet on directory/inputs.npz,
+# for the whole batch and its first example, into outputs_<all|one>.npz.
+_CALL_SNIPPETS = """
+import json
+import numpy as np
+for directory in sys.argv[1:]:
+  with open(directory + '/model.json') as f:
+    lines = json.load(f)['load'].splitlines()
+  namespace = {}
+  exec('\\n'.join(lines[:-1]), namespace)  # the imports and the loading
+  inputs = dict(np.load(directory + '/inputs.npz'))
+  for tag, count in (('all', None), ('one', 1)):
+    namespace.update({name: value[:count] for name, value in inputs.items()})
+    exec(lines[-1], namespace)  # the call
+    np.savez(directory + '/outputs_' + tag + '.npz',
+             **{k: np.asarray(v) for k, v in namespace['outputs'].items()})
+"""
+
+
+def call_without_vpt_jax(directories, inputs, cwd):
+  """Calls standalone models in a Python that has jax but not vpt_jax.
+
+  ``python -I -S`` from ``cwd`` (outside the repository): no PYTHONPATH, no
+  user or site .pth files (an editable install), only the site-packages
+  folder of jax. Each model's sidecar "load" snippet runs as written on
+  ``inputs`` (per directory: {input name: array}).
+
+  Returns:
+    Per directory {"all": outputs of the whole batch, "one": of its first example}.
+  """
+  site_packages = os.path.dirname(os.path.dirname(jax.__file__))
+  for directory, arrays in zip(directories, inputs):
+    np.savez(os.path.join(directory, "inputs.npz"), **arrays)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  script = _WITHOUT_VPT_JAX.format(site_packages=site_packages) + _CALL_SNIPPETS
+  out = subprocess.run([sys.executable, "-I", "-S", "-c", script, *map(str, directories)],
+                       cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return [{tag: dict(np.load(os.path.join(directory, f"outputs_{tag}.npz")))
+           for tag in ("all", "one")} for directory in directories]

@@ -233,6 +233,22 @@ def predict_tasks(tasks: str, inputs: str, backbone_path: str = "", output: str 
                            output)
 
 
+def export_tasks(tasks: str, output: str, backbone_path: str = "",
+                 export_format: str = "stablehlo", batch_size: int = 0,
+                 platforms: str = "cpu,cuda,tpu") -> str:
+  """run.py --mode=export --tasks=...: the stacked model of many task exports, standalone.
+
+  Writes ``output``/model.stablehlo (or saved_model/) and model.json
+  (``export.standalone.export_tasks``); prints and returns ``output``.
+  """
+  from vpt_jax.export import standalone  # pylint: disable=g-import-not-at-top
+  directory = standalone.export_tasks(
+      parse_task_exports(tasks), output, export_format=export_format,
+      backbone_path=backbone_path or None, batch_size=batch_size, platforms=platforms)
+  print(directory)
+  return directory
+
+
 def _print_json_lines(results: list[dict], output: str = "") -> list[dict]:
   """Prints one JSON line per result (and writes them to ``output``); returns ``results``."""
   lines = [json.dumps(result) for result in results]

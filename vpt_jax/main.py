@@ -58,13 +58,22 @@ _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     f"compilation cache; default ${compile_cache.DIR_ENV}, else "
     "$XDG_CACHE_HOME/vpt_jax/jax_cache (~/.cache/vpt_jax/jax_cache). Safe to delete.")
 _TASKS = flags.DEFINE_string(
-    "tasks", None, "--mode=predict on many tasks sharing one backbone: name=export_dir,... "
-    "(then no --config/--workdir; the exports describe their models).")
+    "tasks", None, "--mode=predict (or export: one standalone model) on many tasks sharing "
+    "one backbone: name=export_dir,... (then no --config/--workdir; the exports describe "
+    "their models).")
 _INPUTS = flags.DEFINE_string("inputs", None, "With --tasks: task:image_path,... or a .csv "
                               "file with the columns task,file.")
 _BACKBONE = flags.DEFINE_string("backbone", None, "With --tasks: the backbone file (default: "
                                 "the path the exports recorded).")
-_OUTPUT = flags.DEFINE_string("output", None, "With --tasks: also write the JSON lines here.")
+_OUTPUT = flags.DEFINE_string("output", None, "With --tasks: also write the JSON lines here "
+                              "(predict), or the standalone model's directory (export).")
+_EXPORT_FORMAT = flags.DEFINE_enum("export_format", "stablehlo", ["stablehlo", "saved_model"],
+                                   "With --mode=export --tasks: the standalone model's format.")
+_EXPORT_BATCH_SIZE = flags.DEFINE_integer(
+    "export_batch_size", 0, "With --mode=export --tasks: 0 = any batch size, else fixed.",
+    lower_bound=0)
+_EXPORT_PLATFORMS = flags.DEFINE_string("export_platforms", "cpu,cuda,tpu",
+                                        "With --mode=export --tasks: lowered for these.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the Python traceback of a user error (bad "
                            "config, flags, files or data) instead of its one-line message.")
 
@@ -109,9 +118,18 @@ def _dispatch(argv):
   if _DISTRIBUTED.value:
     cli.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if _TASKS.value:
-    if _MODE.value != "predict" or _CONFIG.value is not None or _WORKDIR.value is not None:
+    if (_MODE.value not in ("predict", "export") or _CONFIG.value is not None
+        or _WORKDIR.value is not None):
       raise app.UsageError("--tasks serves task exports: use it with --mode=predict and "
-                           "--inputs, without --config/--workdir (the exports hold the models)")
+                           "--inputs (or --mode=export and --output), without "
+                           "--config/--workdir (the exports hold the models)")
+    if _MODE.value == "export":
+      if not _OUTPUT.value or _INPUTS.value:
+        raise app.UsageError("--mode=export --tasks=... writes one model: give --output=DIR "
+                             "(and no --inputs)")
+      cli.export_tasks(_TASKS.value, _OUTPUT.value, _BACKBONE.value or "",
+                       _EXPORT_FORMAT.value, _EXPORT_BATCH_SIZE.value, _EXPORT_PLATFORMS.value)
+      return
     if not _INPUTS.value:
       raise app.UsageError("--tasks needs --inputs=task:image_path,... (or a .csv file)")
     cli.predict_tasks(_TASKS.value, _INPUTS.value, _BACKBONE.value or "", _OUTPUT.value or "")

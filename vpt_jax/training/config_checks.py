@@ -16,6 +16,7 @@ import tensorflow as tf
 from vpt_jax import errors
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
+from vpt_jax.export import stablehlo_export
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
@@ -59,6 +60,17 @@ def validate_config(config) -> None:
   normalization(config)
   _check_backbone(config.model)
   _check_side_network(config, method)
+  _check_export(config)
+
+
+def _check_export(config) -> None:
+  """Export settings; a standalone format also traces the model (abstract weights, no data)."""
+  settings = config.export
+  platforms = stablehlo_export.check_settings(settings.format, settings.batch_size,
+                                              settings.platforms)
+  if settings.format != "npz":
+    stablehlo_export.check_exportable(factory.model_spec(config), normalization(config),
+                                      settings.batch_size, platforms)
 
 
 def check_data(config) -> None:

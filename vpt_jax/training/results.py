@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from vpt_jax.checkpoints import merge as merge_lib
+from vpt_jax.export import standalone
 from vpt_jax.export import task_export
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
@@ -99,8 +100,10 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "") -> dict:
     run.writer.write(run.step, score, prefix=f"{name}/")
     run.writer.print(f"{log_prefix}{name} top-1 {score['top1']:.4f}, top-5 "
                      f"{score['top5']:.4f} ({score['count']} images)")
-  if run.config.export:
+  if run.config.export.enabled:
     results["export"] = export(run)
+    if run.config.export.format != "npz" and results["export"]:
+      results["standalone_export"] = os.path.join(results["export"], run.config.export.format)
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
@@ -108,12 +111,21 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "") -> dict:
 
 
 def export(run: setup.Run) -> Optional[str]:
-  """Writes the task export of the run's current parameters (process 0)."""
+  """Writes the task export of the run's current parameters (process 0), and from it
+  the standalone one of ``config.export.format`` in ``export/<format>/``; returns
+  the task export's directory."""
   if jax.process_index() != 0:
     return None
-  return task_export.export_task(
+  directory = task_export.export_task(
       os.path.join(run.workdir, "export"), run.state["params"], run.labels, spec=run.spec,
       num_classes=run.data.num_classes, class_names=run.data.class_names,
       normalization=run.norm, backbone_path=run.config.model.init_checkpoint or None,
       backbone_fingerprint=run.fingerprint, init_seed=run.config.seed,
       batch_stats=run.state.get("batch_stats"))
+  settings = run.config.export
+  if settings.format != "npz":
+    standalone.export_task(directory, os.path.join(directory, settings.format),
+                           export_format=settings.format, batch_size=settings.batch_size,
+                           platforms=settings.platforms,
+                           backbone_path=run.config.model.init_checkpoint or None)
+  return directory

@@ -1,0 +1,170 @@
+"""StableHLO exports: loaded and run where vpt_jax cannot be imported, they give our logits."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import export_fixtures
+from vpt_jax import errors
+from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.export import stablehlo_export
+from vpt_jax.export import task_export
+from vpt_jax.methods import factory
+from vpt_jax.methods import registry
+
+pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
+
+IMAGE = export_fixtures.IMAGE
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+  """Tasks a, b, c (VPT-deep, one structure) and d (LoRA: a second structure group)."""
+  root, backbone, exports = export_fixtures.write_workspace(tmp_path_factory.mktemp("hlo"))
+  exports["d"] = export_fixtures.write_export(root / "d", backbone, "lora", 4, 13)
+  return root, backbone, exports
+
+
+def _softmax(logits):
+  """float64 NumPy softmax of each row; -inf logits get probability 0."""
+  logits = np.asarray(logits, np.float64)
+  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _check_outputs(outputs, expected_logits):
+  """Logits within the two-program rounding bound; probabilities their softmax."""
+  atol = export_fixtures.batched_logits_atol(expected_logits)
+  np.testing.assert_allclose(outputs["logits"], expected_logits, rtol=0, atol=atol)
+  assert outputs["logits"].dtype == outputs["probabilities"].dtype == np.float32
+  # A softmax moves by at most the largest change of its logits' differences.
+  np.testing.assert_allclose(outputs["probabilities"], _softmax(expected_logits), rtol=0,
+                             atol=2 * atol + 1e-6)
+
+
+SINGLE_IMAGES = export_fixtures.random_images(3, seed=4)
+STACKED_IMAGES = export_fixtures.random_images(7, seed=5)
+# Mixed tasks of both structure groups; 4 and -1 name no task.
+TASK_INDEX = np.asarray([3, 1, 0, 2, 3, 4, -1], np.int32)
+
+
+@pytest.fixture(scope="module")
+def served(workspace):
+  """Task b alone and the four tasks stacked, written and called without vpt_jax.
+
+  One subprocess for both (its start and jax import are most of its time).
+  """
+  root, backbone, exports = workspace
+  single, stacked = root / "b_hlo", root / "stacked"
+  stablehlo_export.write_stablehlo(stablehlo_export.single_task_model(exports["b"], backbone),
+                                   str(single), platforms=("cpu", "tpu"))
+  stablehlo_export.write_stablehlo(stablehlo_export.stacked_tasks_model(exports, backbone),
+                                   str(stacked), platforms=("cpu",))
+  outputs = export_fixtures.call_without_vpt_jax(
+      [single, stacked],
+      [{"images": SINGLE_IMAGES}, {"images": STACKED_IMAGES, "task_index": TASK_INDEX}], root)
+  sidecars = []
+  for directory in (single, stacked):
+    with open(directory / "model.json") as f:
+      sidecars.append(json.load(f))
+  return dict(zip(("single", "stacked"), zip(sidecars, outputs)))
+
+
+def test_single_task_serves_without_vpt_jax(workspace, served):
+  _, backbone, exports = workspace
+  sidecar, outputs = served["single"]
+  metadata, _ = task_export.read_export(exports["b"])
+  assert sidecar["kind"] == "single_task" and sidecar["export_format"] == "stablehlo"
+  assert sidecar["class_names"] == [f"c11_{i}" for i in range(5)]
+  assert sidecar["image_size"] == IMAGE and sidecar["jax_version"] == jax.__version__
+  assert sidecar["normalization"] == metadata["normalization"]  # ImageNet's, not HALF
+  assert sidecar["backbone"]["sha256"] == npz_lib.fingerprint(backbone)
+  assert sidecar["platforms"] == ["cpu", "tpu"]
+  assert sidecar["signature"]["inputs"] == [
+      {"name": "images", "shape": ["b", IMAGE, IMAGE, 3], "dtype": "uint8"}]
+  assert [o["shape"] for o in sidecar["signature"]["outputs"]] == [["b", 5]] * 2
+  assert len(sidecar["load"].splitlines()) == 3
+
+  expected = export_fixtures.single_task_logits(exports["b"], backbone, SINGLE_IMAGES)
+  _check_outputs(outputs["all"], expected)   # symbolic batch: 3 images, then 1
+  _check_outputs(outputs["one"], expected[:1])
+
+
+def test_stacked_tasks_serve_without_vpt_jax(workspace, served):
+  _, backbone, exports = workspace
+  sidecar, outputs = served["stacked"]
+  assert sidecar["kind"] == "stacked_tasks" and sidecar["structure_groups"] == 2
+  assert [t["name"] for t in sidecar["tasks"]] == ["a", "b", "c", "d"]
+  assert [t["num_classes"] for t in sidecar["tasks"]] == [3, 5, 2, 4]
+  assert sidecar["signature"]["inputs"][1] == {"name": "task_index", "shape": ["b"],
+                                               "dtype": "int32"}
+  logits = outputs["all"]["logits"]
+  assert logits.shape == (7, 5)
+  names = "abcd"
+  for i, k in enumerate(TASK_INDEX[:5]):
+    expected = export_fixtures.single_task_logits(exports[names[k]], backbone,
+                                                  STACKED_IMAGES[i:i + 1])
+    classes = expected.shape[1]
+    _check_outputs({name: value[i:i + 1, :classes] for name, value in outputs["all"].items()},
+                   expected)
+    assert np.all(np.isneginf(logits[i, classes:]))
+    assert np.all(outputs["all"]["probabilities"][i, classes:] == 0)
+  assert np.all(np.isnan(logits[5:])) and np.all(np.isnan(outputs["all"]["probabilities"][5:]))
+  one = outputs["one"]["logits"][0]  # the first example alone (task d, 4 classes)
+  np.testing.assert_allclose(one[:4], logits[0, :4], rtol=0,
+                             atol=export_fixtures.batched_logits_atol(logits[0, :4]))
+
+
+def test_bad_settings_are_one_line_errors():
+  cases = [(("onnx", 0, "cpu"), "unknown export.format 'onnx'; choose one of npz"),
+           (("stablehlo", -1, "cpu"), "export.batch_size=-1: use 0 for any batch size"),
+           (("stablehlo", 0, "cpu,gpu"), "export.platforms='cpu,gpu': give a comma"),
+           (("stablehlo", 0, ""), "export.platforms='': give")]
+  for arguments, message in cases:
+    with pytest.raises(errors.UserError, match=message) as raised:
+      stablehlo_export.check_settings(*arguments)
+    assert "\n" not in str(raised.value)
+  assert stablehlo_export.check_settings("stablehlo", 8, "cpu, tpu") == ("cpu", "tpu")
+
+
+def _toy_model(fn):
+  return stablehlo_export.ServedModel(
+      fn=fn, weights={"w": jnp.ones(3)}, inputs=(("images", (2, 2, 3), "uint8"),),
+      num_classes=3, description={"tasks": [{"method": "toy"}]})
+
+
+def test_models_that_cannot_be_exported_are_refused_in_one_line():
+  def host_callback(weights, images):
+    logits = jax.pure_callback(lambda x: np.asarray(x, np.float32),
+                               jax.ShapeDtypeStruct(images.shape[:1] + (3,), jnp.float32),
+                               images[:, 0, 0, :])
+    return {"logits": logits * weights["w"]}
+
+  def batch_as_python_int(weights, images):
+    rows = int(images.shape[0])  # needs a concrete batch size
+    return {"logits": jnp.zeros((rows, 3)) + weights["w"]}
+
+  with pytest.raises(errors.UserError, match="the toy model cannot be serialised .* keep "
+                     "the npz export") as raised:
+    stablehlo_export.export_function(_toy_model(host_callback), 2, ("cpu",))
+  assert "\n" not in str(raised.value)
+  with pytest.raises(errors.UserError, match="cannot be exported for any batch size .* set a "
+                     "fixed batch size, e.g. --config.export.batch_size=32") as raised:
+    stablehlo_export.export_function(_toy_model(batch_as_python_int), 0, ("cpu",))
+  assert "\n" not in str(raised.value)
+  exported, _ = stablehlo_export.export_function(_toy_model(batch_as_python_int), 4, ("cpu",))
+  assert exported.in_avals[0].shape == (4, 2, 2, 3)
+
+
+@pytest.mark.parametrize("method", ["vfpt", "mlp-2", "cvpt"])
+def test_methods_trace_with_abstract_weights_for_every_platform(method):
+  # FFTs (VFPT), BatchNorm statistics (MLP-k), attention-weight reuse (CVPT):
+  # lowered, not compiled, for CPU, CUDA and TPU with a symbolic batch.
+  spec = export_fixtures.export_spec(method)
+  registry.get_method(method)  # a known method
+  factory.validate_spec(spec)
+  stablehlo_export.check_exportable(spec, export_fixtures.HALF, 0, ("cpu", "cuda", "tpu"))
