@@ -83,6 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.adapter_plus = ml_collections.ConfigDict()
   config.adapter_plus.bottleneck = 8  # the paper's per-task 1..32: protocol/hparams.py
   config.adapter_plus.drop_path = 0.1  # on the adapter branch while training, [0, 1)
+  config.convpass = ml_collections.ConfigDict()  # methods/convpass.py (PETL-ViT's code)
+  config.convpass.bottleneck = 8    # d; OSU grid 8, 16
+  config.convpass.scale = 1.0       # s; per task 0.01 .. 100 (protocol/hparams.py)
+  config.convpass.conv_init = "identity"  # identity (centre tap) | xavier
+  config.convpass.dropout = 0.1     # on the bypass before Up, [0, 1)
   config.sidetune = ml_collections.ConfigDict()
   config.sidetune.widths = "32,64,128"  # side CNN channels (stride-2 3x3 convs)
   config.sidetune.checkpoint = ""   # optional .npz of the side CNN

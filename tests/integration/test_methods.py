@@ -62,6 +62,7 @@ CASES = {
     "houlsby": ("houlsby", {}, 2),
     "adaptformer": ("adaptformer", {"adaptformer.norm": "in"}, 2),
     "adapter_plus": ("adapter_plus", {}, 2),
+    "convpass": ("convpass", {}, 2),
 }
 # Trainable parameters that provably stay at their initial value (vpt.md 1.9):
 # with both adapter projections zero, only Up's bias ever gets a gradient.
@@ -113,7 +114,9 @@ def expected_trainable(case: str, depth: int) -> int:
   bottleneck = 2 * D * BOTTLENECK + BOTTLENECK + D
   formulas.update(houlsby=depth * 2 * bottleneck + HEAD,
                   adaptformer=depth * (bottleneck + 2 * D) + HEAD,  # + its LayerNorm
-                  adapter_plus=depth * (bottleneck + D) + HEAD)  # + the channel scale
+                  adapter_plus=depth * (bottleneck + D) + HEAD,  # + the channel scale
+                  # two bypasses per block, each a bottleneck plus a 3x3 b -> b conv
+                  convpass=depth * 2 * (bottleneck + 9 * BOTTLENECK ** 2 + BOTTLENECK) + HEAD)
   formulas["adapter-vpt_reference"] = formulas["adapter"]
   return formulas[case]
 
@@ -125,7 +128,7 @@ def case_config(case: str):
       **{"e2vpt.kv_prompts": KV, "lora.rank": RANK, "adapter.reduction": REDUCTION,
          "sidetune.widths": ",".join(map(str, SIDE)),
          **{f"{name}.bottleneck": BOTTLENECK for name in ("houlsby", "adaptformer",
-                                                          "adapter_plus")},
+                                                          "adapter_plus", "convpass")},
          **overrides})
 
 

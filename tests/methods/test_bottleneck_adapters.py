@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 import adapter_fixtures
+import checkpoint_fixtures as fixtures
 import numpy_adapters as ref
 import numpy_vit
 import tolerances
 from vpt_jax.methods import bottleneck_adapters as adapters
+from vpt_jax.methods import factory
 from vpt_jax.params import trees
 
 TOLERANCE = tolerances.FORWARD_VS_NUMPY
@@ -145,3 +147,11 @@ def test_method_dropout_acts_only_with_a_block_key(hooks):
         "adaptformer-32", "adapter_plus-8"])
 def test_b16_counts_equal_the_official_logs(hooks, pattern, expected):
   assert adapter_fixtures.b16_count(hooks, pattern) == expected
+
+
+@pytest.mark.parametrize("method", ["houlsby", "adaptformer", "adapter_plus"])
+@pytest.mark.parametrize("variant", ["swin-T/4w7", "resnet-50"])
+def test_other_families_refuse_the_adapters(method, variant):
+  config = fixtures.method_config(method, variant, 224)
+  with pytest.raises(ValueError, match=f"'{method}' is not defined for .* backbones"):
+    factory.validate_spec(factory.model_spec(config))

@@ -29,6 +29,8 @@ OVERRIDES = {
     "adaptformer.bottleneck": 4, "adaptformer.scale": 0.2, "adaptformer.norm": "out",
     "adaptformer.dropout": 0.3,
     "adapter_plus.bottleneck": 2, "adapter_plus.drop_path": 0.2,
+    "convpass.bottleneck": 4, "convpass.scale": 10, "convpass.conv_init": "xavier",
+    "convpass.dropout": 0.2,
 }
 
 
@@ -67,6 +69,8 @@ EXPECTED = {
     "adaptformer": _shared("adaptformer", adaptformer={"bottleneck": 4, "scale": 0.2,
                                                        "norm": "out", "dropout": 0.3}),
     "adapter_plus": _shared("adapter_plus", adapter_plus={"bottleneck": 2, "drop_path": 0.2}),
+    "convpass": _shared("convpass", convpass={"bottleneck": 4, "scale": 10.0,
+                                              "conv_init": "xavier", "dropout": 0.2}),
 }
 
 

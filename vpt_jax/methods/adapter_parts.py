@@ -9,12 +9,14 @@ only when training) and its hooks draw from that key (``dropout``,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models.prompts import uniform_symmetric
 
 # The projections' initialisations, by the official codes' names:
@@ -64,6 +66,25 @@ class DropoutKeys(nn.Module):
   @nn.compact
   def __call__(self):
     return jax.random.split(self.make_rng("dropout"), self.depth)
+
+
+@dataclasses.dataclass(frozen=True)
+class StochasticHooks(hooks_lib.Hooks):
+  """Hands each block a dropout key while training, when the rate field is > 0.
+
+  ``rate_field`` names the subclass's field holding its dropout (or drop-path) rate.
+  """
+  rate_field = "dropout"
+
+  @property
+  def stochastic_rate(self) -> float:
+    return getattr(self, self.rate_field)
+
+  def block_inputs(self, batch_size, geometry, dtype, *, train):
+    del batch_size, dtype
+    if not train or self.stochastic_rate <= 0:
+      return None
+    return DropoutKeys(geometry.depth, name="adapter_dropout")()
 
 
 def dropout(x, rate: float, key, site: int):

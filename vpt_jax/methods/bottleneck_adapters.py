@@ -50,30 +50,11 @@ TORCH_LAYER_NORM_EPSILON = 1e-5  # nn.LayerNorm's default, AdaptFormer's adapter
 
 
 @dataclasses.dataclass(frozen=True)
-class _Stochastic(hooks_lib.Hooks):
-  """Hands each block a dropout key while training when ``rate`` (a property) > 0."""
-
-  @property
-  def stochastic_rate(self) -> float:
-    return 0.0
-
-  def block_inputs(self, batch_size, geometry, dtype, *, train):
-    del batch_size, dtype
-    if not train or self.stochastic_rate <= 0:
-      return None
-    return adapter_parts.DropoutKeys(geometry.depth, name="adapter_dropout")()
-
-
-@dataclasses.dataclass(frozen=True)
-class HoulsbyOptions(_Stochastic):
+class HoulsbyOptions(adapter_parts.StochasticHooks):
   """Houlsby adapters after attention and MLP: a + scale * Bottleneck(a)."""
   bottleneck: int = 8
   scale: float = 0.1
   dropout: float = 0.1
-
-  @property
-  def stochastic_rate(self) -> float:
-    return self.dropout
 
   def _adapt(self, branch, block, name, site):
     adapter = adapter_parts.Bottleneck(self.bottleneck, "relu", "xavier", self.dropout,
@@ -107,16 +88,12 @@ class AdaptFormerBranch(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptFormerOptions(_Stochastic):
+class AdaptFormerOptions(adapter_parts.StochasticHooks):
   """AdaptFormer: x + MLP(LN1 x) + scale * Bottleneck(x) (norm in ADAPTFORMER_NORMS)."""
   bottleneck: int = 64
   scale: float = 0.1
   norm: str = "none"
   dropout: float = 0.1
-
-  @property
-  def stochastic_rate(self) -> float:
-    return self.dropout
 
   def mlp_parallel(self, normed, x, block):
     del normed  # the official branch reads the un-normalised stream
@@ -138,14 +115,11 @@ class AdapterPlus(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterPlusOptions(_Stochastic):
+class AdapterPlusOptions(adapter_parts.StochasticHooks):
   """Adapter+: block output x -> x + scale * DP(Bottleneck(x))."""
   bottleneck: int = 8
   drop_path: float = 0.1
-
-  @property
-  def stochastic_rate(self) -> float:
-    return self.drop_path
+  rate_field = "drop_path"
 
   def block_output(self, x, block):
     return x + AdapterPlus(self.bottleneck, self.drop_path, dtype=block.dtype,

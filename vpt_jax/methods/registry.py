@@ -41,6 +41,7 @@ from vpt_jax.methods import adapter
 from vpt_jax.methods import base
 from vpt_jax.methods import bias
 from vpt_jax.methods import bottleneck_adapters
+from vpt_jax.methods import convpass
 from vpt_jax.methods import cvpt
 from vpt_jax.methods import full
 from vpt_jax.methods import head_only
@@ -50,7 +51,7 @@ from vpt_jax.methods import prompts
 from vpt_jax.methods import sidetune
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
-_MODULES += (bottleneck_adapters,)
+_MODULES += (bottleneck_adapters, convpass)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 
