@@ -46,7 +46,7 @@ def parse_args(argv=None):
   parser.add_argument("--num_prompts", type=int, default=50)
   parser.add_argument("--num_classes", type=int, default=10)
   parser.add_argument("--methods", default="vpt_deep,vpt_shallow,cvpt,linear,full,partial-1,"
-                      "bias,adapter,lora")
+                      "bias,adapter,lora,houlsby,adaptformer,adapter_plus,convpass")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
   parser.add_argument("--prompt_counts", default="",
                       help="comma-separated prompt counts: one row per method and count "
