@@ -70,6 +70,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.e2vpt = ml_collections.ConfigDict()
   config.e2vpt.kv_prompts = 5       # key-value prompts per block (visual: prompt.*)
   config.e2vpt.kv_dropout = 0.0     # in [0, 1)
+  # Bottleneck adapters (methods/bottleneck_adapters.py; defaults: the official codes).
+  config.houlsby = ml_collections.ConfigDict()
+  config.houlsby.bottleneck = 8     # OSU ViT_PEFT_Vision grid 4, 8, 16, 32
+  config.houlsby.scale = 0.1        # s in a + s Adapter(a); OSU grid 0.01, 0.1, 1, 10
+  config.houlsby.dropout = 0.1      # on the bottleneck, [0, 1)
+  config.adaptformer = ml_collections.ConfigDict()
+  config.adaptformer.bottleneck = 64
+  config.adaptformer.scale = 0.1    # s beside the MLP
+  config.adaptformer.norm = "none"  # none | in | out (the adapter's LayerNorm)
+  config.adaptformer.dropout = 0.1  # [0, 1)
+  config.adapter_plus = ml_collections.ConfigDict()
+  config.adapter_plus.bottleneck = 8  # the paper's per-task 1..32: protocol/hparams.py
+  config.adapter_plus.drop_path = 0.1  # on the adapter branch while training, [0, 1)
+  config.convpass = ml_collections.ConfigDict()  # methods/convpass.py (PETL-ViT's code)
+  config.convpass.bottleneck = 8    # d; OSU grid 8, 16
+  config.convpass.scale = 1.0       # s; per task 0.01 .. 100 (protocol/hparams.py)
+  config.convpass.conv_init = "identity"  # identity (centre tap) | xavier
+  config.convpass.dropout = 0.1     # on the bypass before Up, [0, 1)
   config.sidetune = ml_collections.ConfigDict()
   config.sidetune.widths = "32,64,128"  # side CNN channels (stride-2 3x3 convs)
   config.sidetune.checkpoint = ""   # optional .npz of the side CNN
@@ -187,6 +205,19 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
     config.optim.batch_size = 32
     config.optim.base_lr = 1e-3 * 256 / 32  # lr 1e-3 after the batch / 256 scaling
     config.prompt.num_prompts = 10
+  if spec.name in ("houlsby", "adapter_plus", "convpass"):
+    # OSU ViT_PEFT_Vision / PETL-ViT / adapter_plus: torch AdamW lr 1e-3, wd 1e-4,
+    # batch 64, 100 epochs with 10 warmup.
+    config.optim.batch_size = 64
+    config.optim.base_lr = 1e-3 * 256 / 64  # lr 1e-3 after the batch / 256 scaling
+    config.optim.weight_decay = 1e-4
+    config.optim.warmup_epochs = 10
+  if spec.name == "adaptformer":
+    # AdaptFormer's main_image.py: SGD momentum 0.9, blr 0.1 (per 256), no weight
+    # decay, 20 warmup epochs.
+    config.optim.base_lr = 0.1
+    config.optim.weight_decay = 0.0
+    config.optim.warmup_epochs = 20
   if spec.name == "e2vpt":
     config.prompt.num_prompts = 10  # E2VPT's command.txt: N_p = 10 for most VTAB tasks
 

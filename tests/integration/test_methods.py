@@ -35,6 +35,7 @@ from vpt_jax.training import steps
 D, MLP, HEADS, PATCH, IMAGE, CLASSES = 16, 32, 2, 4, 16, 5
 TOKENS = 1 + (IMAGE // PATCH) ** 2
 M, KV, RANK, REDUCTION, SIDE = 3, 2, 2, 4, (4, 8)
+BOTTLENECK = 4
 MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 # Learning rates that make a few steps on one batch visibly reduce the loss.
 LEARNING_RATES = {"sgd": 0.2, "adamw": 0.01, "torch_adamw": 0.01}
@@ -58,6 +59,10 @@ CASES = {
     "lora": ("lora", {"lora.targets": "query,key,value,out"}, 2),
     "vfpt": ("vfpt", {}, 2),
     "e2vpt": ("e2vpt", {}, 2),
+    "houlsby": ("houlsby", {}, 2),
+    "adaptformer": ("adaptformer", {"adaptformer.norm": "in"}, 2),
+    "adapter_plus": ("adapter_plus", {}, 2),
+    "convpass": ("convpass", {}, 2),
 }
 # Trainable parameters that provably stay at their initial value (vpt.md 1.9):
 # with both adapter projections zero, only Up's bias ever gets a gradient.
@@ -105,6 +110,13 @@ def expected_trainable(case: str, depth: int) -> int:
       "vfpt": depth * M * D + HEAD,
       "e2vpt": depth * M * D + depth * HEADS * KV * (D // HEADS) + HEAD,
   }
+  # Bottleneck adapters of width BOTTLENECK: Down D x b + b, Up b x D + D.
+  bottleneck = 2 * D * BOTTLENECK + BOTTLENECK + D
+  formulas.update(houlsby=depth * 2 * bottleneck + HEAD,
+                  adaptformer=depth * (bottleneck + 2 * D) + HEAD,  # + its LayerNorm
+                  adapter_plus=depth * (bottleneck + D) + HEAD,  # + the channel scale
+                  # two bypasses per block, each a bottleneck plus a 3x3 b -> b conv
+                  convpass=depth * 2 * (bottleneck + 9 * BOTTLENECK ** 2 + BOTTLENECK) + HEAD)
   formulas["adapter-vpt_reference"] = formulas["adapter"]
   return formulas[case]
 
@@ -114,7 +126,10 @@ def case_config(case: str):
   return fixtures.method_config(
       method, f"test{depth}/{PATCH}" if depth != 2 else f"test/{PATCH}", IMAGE, num_prompts=M,
       **{"e2vpt.kv_prompts": KV, "lora.rank": RANK, "adapter.reduction": REDUCTION,
-         "sidetune.widths": ",".join(map(str, SIDE)), **overrides})
+         "sidetune.widths": ",".join(map(str, SIDE)),
+         **{f"{name}.bottleneck": BOTTLENECK for name in ("houlsby", "adaptformer",
+                                                          "adapter_plus", "convpass")},
+         **overrides})
 
 
 @functools.cache

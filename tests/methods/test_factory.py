@@ -25,6 +25,12 @@ OVERRIDES = {
     "e2vpt.kv_prompts": 3, "e2vpt.kv_dropout": 0.5,
     "sidetune.widths": "4, 8",
     "mlp.dropout": 0.3,
+    "houlsby.bottleneck": 4, "houlsby.scale": 0.5, "houlsby.dropout": 0.2,
+    "adaptformer.bottleneck": 4, "adaptformer.scale": 0.2, "adaptformer.norm": "out",
+    "adaptformer.dropout": 0.3,
+    "adapter_plus.bottleneck": 2, "adapter_plus.drop_path": 0.2,
+    "convpass.bottleneck": 4, "convpass.scale": 10, "convpass.conv_init": "xavier",
+    "convpass.dropout": 0.2,
 }
 
 
@@ -59,6 +65,12 @@ EXPECTED = {
     "vpt+bias": _shared("vpt+bias", **PROMPTED),
     "vfpt": _shared("vfpt", **PROMPTED, vfpt={"percentage": 0.75, "dimension": "hidden"}),
     "e2vpt": _shared("e2vpt", **PROMPTED, e2vpt={"num_prompts": 3, "dropout": 0.5}),
+    "houlsby": _shared("houlsby", houlsby={"bottleneck": 4, "scale": 0.5, "dropout": 0.2}),
+    "adaptformer": _shared("adaptformer", adaptformer={"bottleneck": 4, "scale": 0.2,
+                                                       "norm": "out", "dropout": 0.3}),
+    "adapter_plus": _shared("adapter_plus", adapter_plus={"bottleneck": 2, "drop_path": 0.2}),
+    "convpass": _shared("convpass", convpass={"bottleneck": 4, "scale": 10.0,
+                                              "conv_init": "xavier", "dropout": 0.2}),
 }
 
 

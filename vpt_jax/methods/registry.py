@@ -15,6 +15,10 @@ vpt_deep       a prompt set per block                            sgd
 vpt+bias       VPT-deep prompts and every bias vector            sgd
 cvpt           CVPT's per-block cross-attention prompts          torch_adamw
 lora           LoRA factors of the attention projections         adamw
+houlsby        Houlsby adapters after every attention and MLP    torch_adamw
+adaptformer    AdaptFormer's scaled bottleneck beside every MLP  sgd
+adapter_plus   Adapter+'s channel-scaled adapter after a block   torch_adamw
+convpass       Convpass's conv bypasses beside attention and MLP torch_adamw
 vfpt           VPT-deep prompts, part Fourier-transformed        sgd
 e2vpt          VPT-deep prompts and key-value prompts            sgd
 =============  ================================================  ==============
@@ -36,6 +40,8 @@ import re
 from vpt_jax.methods import adapter
 from vpt_jax.methods import base
 from vpt_jax.methods import bias
+from vpt_jax.methods import bottleneck_adapters
+from vpt_jax.methods import convpass
 from vpt_jax.methods import cvpt
 from vpt_jax.methods import full
 from vpt_jax.methods import head_only
@@ -45,6 +51,7 @@ from vpt_jax.methods import prompts
 from vpt_jax.methods import sidetune
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
+_MODULES += (bottleneck_adapters, convpass)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 

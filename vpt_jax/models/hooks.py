@@ -28,7 +28,10 @@ Block level (``vit_blocks.Encoder1DBlock`` and its ``Attention``, names relative
   * ``block_input``, ``attention_branch``, ``after_attention``, ``mlp_input``,
     ``block_output``: the residual stream around attention and MLP (CVPT's
     cross-attention at its insert positions);
-  * ``mlp_branch``: the MLP branch before its residual (adapters).
+  * ``mlp_branch``: the MLP branch before its residual (adapters);
+  * ``attention_parallel``, ``mlp_parallel``: a term added to the stream
+    beside the attention resp. MLP branch, from the branch's normalised input
+    and the stream it joins (AdaptFormer, Convpass).
 
 Block hooks must treat every token row independently (or see all of them):
 a block may compute only the first rows (``num_outputs``) or see prompts only
@@ -137,6 +140,22 @@ class Hooks:
     """The MLP branch (B, N, D) before drop path."""
     del block
     return branch
+
+  def attention_parallel(self, normed, x, block: BlockContext):
+    """A term (B, N, D) added beside the attention branch, or None.
+
+    normed: the attention's input LN0(x); x: the stream (B, N, D) it joins.
+    """
+    del normed, x, block
+    return None
+
+  def mlp_parallel(self, normed, x, block: BlockContext):
+    """A term (B, N, D) added beside the MLP branch, or None.
+
+    normed: the MLP's input (after ``mlp_input``); x: the stream (B, N, D) it joins.
+    """
+    del normed, x, block
+    return None
 
   def block_output(self, x, block: BlockContext):
     """The stream (B, N, D) leaving the block."""

@@ -93,9 +93,9 @@ class Encoder1DBlock(nn.Module):
   """Pre-LN Transformer block; a method changes it through ``hooks`` (``hooks.Hooks``).
 
     x = block_input(x)
-    x += DP(attention_branch(SA(LN0 x)))      SA: Attention with extra_keys_values
-    x = after_attention(x)
-    x += DP(mlp_branch(MLP(mlp_input(LN1 x))))
+    x += DP(attention_branch(SA(LN0 x))) [+ attention_parallel(LN0 x, x)]
+    x = after_attention(x)                    SA: Attention with extra_keys_values
+    x += DP(mlp_branch(MLP(y))) [+ mlp_parallel(y, x)]    y = mlp_input(LN1 x)
     x = block_output(x)
 
   ``method_inputs`` is this block's slice of ``Hooks.block_inputs``.
@@ -147,12 +147,16 @@ class Encoder1DBlock(nn.Module):
     if num_outputs is not None:
       x, normed = x[:, :num_outputs], normed[:, :num_outputs]
     branch = attention(normed, keys_values, hooks.extra_keys_values(context))
+    beside = hooks.attention_parallel(normed, x, context)
     x = x + drop_path(hooks.attention_branch(branch, x, context))
+    x = x if beside is None else x + beside
     x = hooks.after_attention(x, context)
     normed = nn.LayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_1")(x)
     normed = hooks.mlp_input(normed, x, context)
     branch = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
                       name="MlpBlock_0")(normed, deterministic=deterministic)
+    beside = hooks.mlp_parallel(normed, x, context)
     x = x + drop_path(hooks.mlp_branch(branch, context))
+    x = x if beside is None else x + beside
     return hooks.block_output(x, context)

@@ -14,6 +14,8 @@ Task keys are those of ``vpt_jax.data.vtab_tasks.TASKS`` and ``vpt_jax.data.fgvc
 
 from __future__ import annotations
 
+from vpt_jax.protocol import adapter_hparams
+
 # ----------------------------------------------------------------- grids (vpt.md 5.4)
 # tune_vtab.py: get_lrwd_range. Base learning rates (scaled by batch / 256 at
 # run time), visited in this order (descending), weight decays likewise.
@@ -34,6 +36,15 @@ WEIGHT_DECAY_GRID = (0.01, 0.001, 0.0001, 0.0)
 # not listed: "prompt" if they train with SGD, "finetune" with AdamW.
 METHOD_GRID = {"vpt_deep": "prompt", "vpt_shallow": "prompt", "linear": "linear",
                "full": "finetune"}
+# The bottleneck adapters' own protocols (adapter_hparams; AdaptFormer keeps the
+# SGD grid of its official optimizer): lr grid kind and weight decays per method.
+METHOD_GRID.update(houlsby="osu", convpass="osu", adapter_plus="adapter_plus")
+for _grids in (VTAB_LR_GRIDS, FGVC_LR_GRIDS):  # OSU tuned VTAB only; FGVC reuses it
+  _grids.update(osu=adapter_hparams.OSU_BASE_LRS,
+                adapter_plus=adapter_hparams.ADAPTER_PLUS_BASE_LRS)
+METHOD_WEIGHT_DECAYS = {"houlsby": adapter_hparams.OSU_WEIGHT_DECAYS,
+                        "convpass": adapter_hparams.OSU_WEIGHT_DECAYS,
+                        "adapter_plus": adapter_hparams.ADAPTER_PLUS_WEIGHT_DECAYS}
 # The final runs' seeds (tune_vtab.py) and the reported statistic: test top-1
 # at the last epoch, mean and population std (ddof=0) over the seeds (this
 # reproduces demo.ipynb's 46.62 +- 0.47 for DMLab).
@@ -174,6 +185,11 @@ def lr_grid(method: str, optimizer: str, benchmark: str = "vtab") -> tuple[float
   kind = METHOD_GRID.get(method, "finetune" if optimizer == "adamw" else "prompt")
   grids = FGVC_LR_GRIDS if benchmark == "fgvc" else VTAB_LR_GRIDS
   return grids[kind]
+
+
+def weight_decay_grid(method: str) -> tuple[float, ...]:
+  """The weight decays a method's protocol visits (the reference's unless listed)."""
+  return METHOD_WEIGHT_DECAYS.get(method, WEIGHT_DECAY_GRID)
 
 
 def vpt_deep_prompts(task: str) -> int:

@@ -114,7 +114,7 @@ def grid(config, task: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
   optimizer = config.optim.name or method.optimizer
   lrs = tuple(config.protocol.lrs) or hparams.lr_grid(config.method, optimizer,
                                                      benchmark(task))
-  wds = tuple(config.protocol.weight_decays) or hparams.WEIGHT_DECAY_GRID
+  wds = tuple(config.protocol.weight_decays) or hparams.weight_decay_grid(config.method)
   return tuple(float(x) for x in lrs), tuple(float(x) for x in wds)
 
 

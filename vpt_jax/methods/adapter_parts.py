@@ -1,0 +1,148 @@
+"""Pieces the bottleneck-adapter methods share: inits, activations, method dropout.
+
+The adapters' own dropout (and Adapter+'s drop path) is active only while
+training, but block hooks do not see the train flag; so a method that needs
+it hands every block a dropout key through ``Hooks.block_inputs`` (present
+only when training) and its hooks draw from that key (``dropout``,
+``drop_path``), which changes nothing in evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models.prompts import uniform_symmetric
+
+# The projections' initialisations, by the official codes' names:
+# * "xavier" (OSU ViT_PEFT_Vision's init_weight 'xavier', its Houlsby adapter):
+#   both kernels xavier-uniform, both biases N(0, 1e-6^2);
+# * "lora" (AdaptFormer's 'lora', OSU's 'lora_kaiming'): Down kaiming_uniform
+#   (a = sqrt(5)) = U(+-1/sqrt(fan_in)), Up and both biases zero;
+# * "lora_xavier" (Convpass): Down xavier-uniform, Up and both biases zero;
+# * "houlsby" (Adapter+): both kernels N(0, 0.01^2) truncated at +-2 std, biases zero.
+INITS = ("xavier", "lora", "lora_xavier", "houlsby")
+HOULSBY_STD = 0.01
+
+
+def _houlsby_normal(key, shape, dtype=jnp.float32):
+  """torch trunc_normal_(std=0.01, a=-0.02, b=0.02): N(0, 0.01^2) cut at +-2 std."""
+  return HOULSBY_STD * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+
+def projection_inits(scheme: str, fan_in: int):
+  """(down kernel, down bias, up kernel, up bias) initialisers of ``scheme`` (INITS)."""
+  zeros = nn.initializers.zeros
+  if scheme == "xavier":
+    tiny = nn.initializers.normal(stddev=1e-6)
+    return (nn.initializers.xavier_uniform(), tiny, nn.initializers.xavier_uniform(), tiny)
+  if scheme == "lora":
+    return uniform_symmetric(1.0 / math.sqrt(fan_in)), zeros, zeros, zeros
+  if scheme == "lora_xavier":
+    return nn.initializers.xavier_uniform(), zeros, zeros, zeros
+  if scheme == "houlsby":
+    return _houlsby_normal, zeros, _houlsby_normal, zeros
+  raise ValueError(f"Unknown adapter init {scheme!r}; choose one of {INITS}")
+
+
+def quick_gelu(x):
+  """CLIP's QuickGELU, x * sigmoid(1.702 x) (Convpass's activation)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
+               "quick_gelu": quick_gelu}
+
+
+class DropoutKeys(nn.Module):
+  """One dropout key per block, (depth,) keys drawn from the "dropout" rng."""
+  depth: int
+
+  @nn.compact
+  def __call__(self):
+    return jax.random.split(self.make_rng("dropout"), self.depth)
+
+
+@dataclasses.dataclass(frozen=True)
+class StochasticHooks(hooks_lib.Hooks):
+  """Hands each block a dropout key while training, when the rate field is > 0.
+
+  ``rate_field`` names the subclass's field holding its dropout (or drop-path) rate.
+  """
+  rate_field = "dropout"
+
+  @property
+  def stochastic_rate(self) -> float:
+    return getattr(self, self.rate_field)
+
+  def block_inputs(self, batch_size, geometry, dtype, *, train):
+    del batch_size, dtype
+    if not train or self.stochastic_rate <= 0:
+      return None
+    return DropoutKeys(geometry.depth, name="adapter_dropout")()
+
+
+def dropout(x, rate: float, key, site: int):
+  """Inverted dropout of x with this block's ``key`` (None = evaluation: x unchanged)."""
+  if key is None or rate <= 0:
+    return x
+  keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def drop_path(x, rate: float, key, site: int):
+  """Stochastic depth: per example, x is zeroed with probability ``rate`` (else scaled)."""
+  if key is None or rate <= 0:
+    return x
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def bottleneck(x, features: int, activation: str, init: str, dropout_rate: float = 0.0,
+               key=None, site: int = 0, dtype=jnp.float32):
+  """Up(dropout(act(Down(x)))): (..., D) -> (..., D), D -> ``features`` -> D.
+
+  Call it inside a module's ``@nn.compact`` method: it adds that module's
+  ``down/{kernel,bias}`` and ``up/{kernel,bias}``, initialised by ``init``
+  (INITS); ``activation`` a key of ACTIVATIONS; dropout on the bottleneck
+  activations at ``dropout_rate`` when a key is given.
+  """
+  width = x.shape[-1]
+  down_kernel, down_bias, up_kernel, up_bias = projection_inits(init, width)
+  h = nn.Dense(features, dtype=dtype, name="down", kernel_init=down_kernel,
+               bias_init=down_bias)(x)
+  h = dropout(ACTIVATIONS[activation](h), dropout_rate, key, site)
+  return nn.Dense(width, dtype=dtype, name="up", kernel_init=up_kernel, bias_init=up_bias)(h)
+
+
+class Bottleneck(nn.Module):
+  """``bottleneck`` as a module of its own (its parameters under its name)."""
+  features: int
+  activation: str
+  init: str
+  dropout_rate: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key=None, site: int = 0):
+    return bottleneck(x, self.features, self.activation, self.init, self.dropout_rate, key,
+                      site, self.dtype)
+
+
+def check_bottleneck(section: str, features: int, width: int) -> None:
+  """Refuses a bottleneck that does not fit the backbone width."""
+  if not 1 <= features <= width:
+    raise ValueError(f"{section}.bottleneck {features} must be between 1 and the width "
+                     f"{width}")
+
+
+def check_rate(name: str, rate: float) -> None:
+  """Refuses a dropout / drop-path rate outside [0, 1)."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{name} {rate} must be in [0, 1)")
