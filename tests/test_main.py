@@ -18,10 +18,18 @@ def test_a_config_error_is_one_line_with_exit_status_2(tmp_path):
   out = _run(NO_DATA, tmp_path)
   assert out.returncode == 2, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
-  ours = [line for line in out.stderr.splitlines() if line.startswith("run.py: error: ")]
-  assert ours == ["run.py: error: config.data.builder and config.data.task are both empty; "
-                  "set a TFDS dataset (--config.data.builder=dmlab:2.0.1) or a task "
-                  "(--config.data.task=vtab/dmlab)"]
+  # Nothing else: not TensorFlow's load-time oneDNN notice (main._import_tensorflow_quietly).
+  assert out.stderr.splitlines() == [
+      "run.py: error: config.data.builder and config.data.task are both empty; "
+      "set a TFDS dataset (--config.data.builder=dmlab:2.0.1) or a task "
+      "(--config.data.task=vtab/dmlab)"]
+
+
+def test_a_variant_typo_is_one_line_naming_the_closest_variants(tmp_path):
+  out = _run(["--config=configs/vpt.py:method=vpt_deep,builder=dmlab,variant=L16"], tmp_path)
+  assert out.returncode == 2, out.stderr[-2000:]
+  line, = out.stderr.splitlines()
+  assert line.startswith("run.py: error: Unknown ViT variant 'L16'") and "did you mean" in line
 
 
 def test_debug_shows_the_traceback(tmp_path):

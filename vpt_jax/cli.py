@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import ml_collections
 
+from vpt_jax import errors
+
 MODES = ("train", "evaluate", "export", "predict", "report")
 
 
@@ -90,9 +92,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads "path/to/config.py[:arg]" the way --config does, for early checks."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
-    raise ValueError(f"config file {path!r} does not exist; configs live in configs/, "
-                     "e.g. --config=configs/vpt.py:method=vpt_deep (installed: "
-                     f"--config={SHIPPED_PREFIX}vpt:method=vpt_deep)")
+    raise errors.UserError(f"config file {path!r} does not exist; configs live in configs/, "
+                           "e.g. --config=configs/vpt.py:method=vpt_deep (installed: "
+                           f"--config={SHIPPED_PREFIX}vpt:method=vpt_deep)")
   module_spec = importlib.util.spec_from_file_location("_checked_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -169,7 +171,7 @@ def _split_pairs(text: str, sep: str, flag: str, usage: str) -> list[tuple[str, 
       continue
     key, found, value = item.partition(sep)
     if not found or not key or not value:
-      raise ValueError(f"{flag} item {item!r} {usage}")
+      raise errors.UserError(f"{flag} item {item!r} {usage}")
     pairs.append((key, value))
   return pairs
 
@@ -180,10 +182,10 @@ def parse_task_exports(text: str) -> dict[str, str]:
   for name, directory in _split_pairs(text, "=", "--tasks", "must be name=export_dir, e.g. "
                                       "--tasks=cifar=/exports/cifar,dtd=/exports/dtd"):
     if name in exports:
-      raise ValueError(f"--tasks names task {name!r} twice")
+      raise errors.UserError(f"--tasks names task {name!r} twice")
     exports[name] = directory
   if not exports:
-    raise ValueError("--tasks is empty; give name=export_dir pairs")
+    raise errors.UserError("--tasks is empty; give name=export_dir pairs")
   return exports
 
 
@@ -198,18 +200,18 @@ def parse_predict_inputs(text: str) -> list[tuple[str, str]]:
   if text.endswith(".csv"):
     import csv  # pylint: disable=g-import-not-at-top
     if not os.path.exists(text):
-      raise ValueError(f"--inputs file {text!r} does not exist")
+      raise errors.UserError(f"--inputs file {text!r} does not exist")
     with open(text, newline="") as f:
       reader = csv.DictReader(f)
       if not reader.fieldnames or not {"task", "file"} <= set(reader.fieldnames):
-        raise ValueError(f"{text}: the first row must name the columns 'task' and 'file', "
+        raise errors.UserError(f"{text}: the first row must name the columns 'task' and 'file', "
                          f"got {reader.fieldnames}")
       pairs = [(row["task"].strip(), row["file"].strip()) for row in reader]
   else:
     pairs = _split_pairs(text, ":", "--inputs", "must be task:image_path, e.g. "
                          "--inputs=cifar:a.png,dtd:b.jpg (or a .csv with task,file columns)")
   if not pairs:
-    raise ValueError("--inputs lists no images; give task:path pairs or a .csv file")
+    raise errors.UserError("--inputs lists no images; give task:path pairs or a .csv file")
   return pairs
 
 
@@ -226,7 +228,7 @@ def predict_tasks(tasks: str, inputs: str, backbone_path: str = "", output: str 
   pairs = parse_predict_inputs(inputs)
   unknown = sorted({task for task, _ in pairs} - set(exports))
   if unknown:
-    raise ValueError(f"--inputs names tasks {unknown} that --tasks does not load; "
+    raise errors.UserError(f"--inputs names tasks {unknown} that --tasks does not load; "
                      f"loaded: {sorted(exports)}")
   server = serving.MultiTaskServer(exports, backbone_path or None)
   return _print_json_lines(server.classify_files(pairs, top_k=top_k, batch_size=batch_size),
@@ -270,10 +272,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   suites = {"quickstart": quickstart.run_suite, "pretrain_sprites": pretrain_sprites.run}
 
   if mode not in MODES:
-    raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}")
+    raise errors.UserError(f"Unknown mode {mode!r}; choose one of {MODES}")
   if "suite" in config:
     if mode != "train" or config.suite not in suites:
-      raise ValueError(f"suite {config.suite!r}: known suites {sorted(suites)} run with "
+      raise errors.UserError(f"suite {config.suite!r}: known suites {sorted(suites)} run with "
                        "--mode train only")
     return suites[config.suite](config, workdir)
   if "protocol" in config:
@@ -282,11 +284,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
     if mode == "report":
       return report.write_report(workdir)
     if mode != "train":
-      raise ValueError("protocol configs support --mode train (run or resume the "
+      raise errors.UserError("protocol configs support --mode train (run or resume the "
                        "protocol) and --mode report")
     return tuning.run_protocol(config, workdir)
   if mode == "report":
-    raise ValueError("--mode report reads a protocol's results folder: use it with a "
+    raise errors.UserError("--mode report reads a protocol's results folder: use it with a "
                      "protocol config (configs/vtab_protocol.py), or run "
                      "python -m vpt_jax.protocol.report WORKDIR")
   if mode == "train":
@@ -295,7 +297,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
     return trainer.from_checkpoint(config, workdir, mode)
   paths = [p for p in config.predict.images.split(",") if p]
   if not paths:
-    raise ValueError("predict mode needs --config.predict.images=a.png,b.jpg")
+    raise errors.UserError("predict mode needs --config.predict.images=a.png,b.jpg")
   export_dir = config.predict.export_dir or f"{workdir}/export"
   return _print_json_lines(predict.predict_files(
       export_dir, paths, backbone_path=config.model.init_checkpoint or None))

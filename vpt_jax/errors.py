@@ -9,3 +9,7 @@ shows it); anything else is a bug in vpt-jax and keeps its traceback.
 
 class UserError(ValueError):
   """A problem with the user's input and its fix, e.g. "image_size 0 ...; set ..."."""
+
+
+class MissingInputError(UserError, FileNotFoundError):
+  """A file, folder or prepared dataset the input names is not there (a FileNotFoundError too)."""

@@ -11,12 +11,50 @@ r"""The command line: flags, their cross-checks and the call into ``cli``.
 
 
 import os
+import re
 import sys
+import tempfile
 
 # TensorFlow's C++ INFO and WARNING lines stay off the console (set before anything
-# imports TensorFlow; TF 2.21 still prints its oneDNN notice, logged before this
-# is read). --verbosity brings absl's (and orbax's) INFO lines back.
+# imports TensorFlow; TF 2.21 logs its oneDNN notice before it reads this, see
+# _import_tensorflow_quietly). --verbosity brings absl's (and orbax's) INFO lines back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# What TensorFlow's C++ prints while it loads, whatever TF_CPP_MIN_LOG_LEVEL says.
+_TF_LOAD_NOTICES = re.compile(
+    r"oneDNN custom operations are on|All log messages before absl::InitializeLog"
+    r"|cpu_feature_guard|To enable the following instructions")
+
+
+def _import_tensorflow_quietly(argv) -> None:
+  """Imports TensorFlow with its load-time notices kept off the console.
+
+  TF 2.21 logs "oneDNN custom operations are on" from C++ while its libraries
+  load (twice, each after absl's "All log messages before absl::InitializeLog()
+  ..."), before TF_CPP_MIN_LOG_LEVEL is read, so only file descriptor 2 can
+  catch it: it points at a temporary file during the import, and every line
+  but these notices is passed on. With --verbosity, nothing is held back.
+  """
+  if any(re.match(r"--?(v|verbosity)(=|$)", arg) for arg in argv):
+    import tensorflow  # pylint: disable=unused-import
+    return
+  sys.stderr.flush()
+  console = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # pylint: disable=unused-import,redefined-outer-name
+    finally:
+      os.dup2(console, 2)
+      os.close(console)
+      captured.seek(0)
+      kept = [line for line in captured.read().decode(errors="replace").splitlines()
+              if not _TF_LOAD_NOTICES.search(line)]
+      if kept:
+        print("\n".join(kept), file=sys.stderr)
+
+
+_import_tensorflow_quietly(sys.argv[1:])
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app

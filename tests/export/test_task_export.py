@@ -1,13 +1,16 @@
 """Per-task exports: tiny, complete, atomic, never pickle."""
 
+import errno
 import json
 import os
+import shutil
 import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from vpt_jax.export import task_export
 from vpt_jax.methods import factory
@@ -80,3 +83,92 @@ def test_export_trained_from_scratch_loads_alone_and_refuses_a_backbone(tmp_path
   # A backbone file would be silently unused: every parameter is in the export.
   with pytest.raises(task_export.ExportError, match="trained from scratch"):
     task_export.load_task_variables(directory, str(tmp_path / "ViT-B_16.npz"))
+
+
+def _tiny_export(directory, value):
+  """An export of two trainable leaves, every value ``value`` (no model needed to read it)."""
+  params = {"head": {"kernel": np.full((4, 3), value, np.float32),
+                     "bias": np.full((3,), value, np.float32)}, "cls": np.ones(4, np.float32)}
+  labels = {"head": {"kernel": "train", "bias": "train"}, "cls": "frozen"}
+  return task_export.export_task(
+      str(directory), params, labels, spec={"image_size": 16}, num_classes=3,
+      class_names=None, normalization={"mean": (0.5,) * 3, "std": (0.5,) * 3},
+      backbone_path=None, backbone_fingerprint=None, init_seed=0)
+
+
+def _full_disk_in_the_parameters(monkeypatch):
+  """The second array of task.npz fails to write, as on a full disk."""
+  original, written = np.lib.format.write_array, []
+
+  def write_array(fp, array, *args, **kwargs):
+    written.append(array)
+    if len(written) == 2:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return original(fp, array, *args, **kwargs)
+
+  monkeypatch.setattr(np.lib.format, "write_array", write_array)
+
+
+def _full_disk_in_the_metadata(monkeypatch):
+  """task.npz is complete, then writing task.json fails."""
+  original = tf.io.gfile.GFile
+
+  def gfile(path, mode="r"):
+    if path.endswith(f"{task_export.METADATA_FILE}.tmp-{os.getpid()}") and "w" in mode:
+      raise OSError(errno.ENOSPC, "No space left on device", path)
+    return original(path, mode)
+
+  monkeypatch.setattr(tf.io.gfile, "GFile", gfile)
+
+
+@pytest.mark.parametrize("inject", [_full_disk_in_the_parameters, _full_disk_in_the_metadata])
+def test_a_failing_disk_during_an_export_keeps_the_previous_export(tmp_path, monkeypatch,
+                                                                   inject):
+  directory = _tiny_export(tmp_path / "export", 1.0)
+  inject(monkeypatch)
+  with pytest.raises(task_export.ExportError,
+                     match=r"could not write the export in .*No space left on device.*the "
+                           r"previous export there is intact"):
+    _tiny_export(tmp_path / "export", 2.0)
+  monkeypatch.undo()
+  _, flat = task_export.read_export(directory)
+  np.testing.assert_array_equal(flat["head/kernel"], np.full((4, 3), 1.0))
+  assert sorted(os.listdir(directory)) == [task_export.METADATA_FILE, task_export.PARAMS_FILE]
+
+
+def _params_from_another_save(directory, tmp_path):
+  # What a crash between the two renames would leave: the new task.npz, the old task.json.
+  other = _tiny_export(tmp_path / "other", 5.0)
+  shutil.copy(os.path.join(other, task_export.PARAMS_FILE), directory)
+
+
+def _missing_params(directory, tmp_path):
+  os.remove(os.path.join(directory, task_export.PARAMS_FILE))
+
+
+def _truncated_params(directory, tmp_path):
+  path = os.path.join(directory, task_export.PARAMS_FILE)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _garbled_metadata(directory, tmp_path):
+  with open(os.path.join(directory, task_export.METADATA_FILE), "w") as f:
+    f.write('{"format": "vpt_jax.task_export", ')
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_params_from_another_save, r"task.npz is not the file task.json was written with"),
+    (_missing_params, r"task.npz is missing; the export is incomplete"),
+    (_truncated_params, r"task.npz is damaged \(not a readable .npz\)"),
+    (_garbled_metadata, r"task.json is damaged \(not JSON"),
+])
+def test_a_broken_export_names_the_broken_file_and_how_to_rewrite_it(tmp_path, damage,
+                                                                     message):
+  directory = _tiny_export(tmp_path / "export", 1.0)
+  damage(directory, tmp_path)
+  with pytest.raises(task_export.ExportError, match=message) as error:
+    task_export.read_export(directory)
+  assert "run.py --mode export" in str(error.value)
+  assert "ViT-B" not in str(error.value)  # not a backbone download hint
+  assert "\n" not in str(error.value)

@@ -72,6 +72,7 @@ import pytest
 
 import checkpoint_fixtures
 from run_fixtures import tiny_config
+from vpt_jax import errors
 from vpt_jax.checkpoints import npz
 from vpt_jax.methods import factory
 from vpt_jax.training import config_checks
@@ -124,7 +125,7 @@ def test_unwritable_workdir_fails_before_anything_is_loaded(
 def test_unknown_task_names_the_closest_ones(backbone, data_dir, tmp_path, no_data, task,
                                              message):
   config = tiny_config(backbone, data_dir, **{"data.task": task})
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(errors.UserError, match=message):  # one line on the command line
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")  # refused before the workdir is made
 
@@ -133,7 +134,7 @@ def test_unknown_task_names_the_closest_ones(backbone, data_dir, tmp_path, no_da
 def test_unknown_variant_names_the_closest_ones(backbone, data_dir, tmp_path, no_data,
                                                 variant, close):
   config = tiny_config(backbone, data_dir, **{"model.variant": variant})
-  with pytest.raises(ValueError, match=rf"Unknown ViT variant '{variant}'.*did you mean .*{close}"):
+  with pytest.raises(errors.UserError, match=rf"Unknown ViT variant '{variant}'.*did you mean .*{close}"):
     trainer.train_and_evaluate(config, str(tmp_path / "run"))
 
 
@@ -215,7 +216,7 @@ def test_dataset_without_a_builder_says_where_to_put_what(backbone, data_dir, tm
     ("resnet50", "resnet-50"), ("convnxt-B", "convnext-B"), ("swim-B/4w7", "swin-B/4w7")])
 def test_variant_typos_suggest_the_other_families(typo, suggestion):
   from vpt_jax.models import vit_variants  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ValueError, match=f"did you mean .*{re.escape(suggestion)}"):
+  with pytest.raises(errors.UserError, match=f"did you mean .*{re.escape(suggestion)}"):
     vit_variants.decode_variant(typo)
 
 

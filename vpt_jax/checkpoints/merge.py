@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.checkpoints.npz import CheckpointMismatchError
 from vpt_jax.checkpoints.npz import PositionEmbeddingError
 from vpt_jax.checkpoints.vit_layouts import POSEMB_KEY
@@ -43,7 +44,7 @@ def _compile_patterns(patterns: Sequence[str], argument: str) -> list[re.Pattern
     try:
       compiled.append(re.compile(pattern))
     except re.error as e:
-      raise ValueError(f"invalid regex {pattern!r} in {argument}=: {e}") from e
+      raise errors.UserError(f"invalid regex {pattern!r} in {argument}=: {e}") from e
   return compiled
 
 

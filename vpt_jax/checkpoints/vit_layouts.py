@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage
 
+from vpt_jax import errors
 from vpt_jax.checkpoints.npz import CorruptCheckpointError
 from vpt_jax.checkpoints.npz import PositionEmbeddingError
 from vpt_jax.checkpoints.npz import UnknownLayoutError
@@ -189,7 +190,7 @@ def to_model_layout(flat: Mapping[str, Any], layout: str) -> dict[str, np.ndarra
     {model key: array}.
   """
   if layout not in LAYOUTS:
-    raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    raise errors.UserError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
   _, params = _strip_container(flat)
   params = {key: value for key, value in params.items()
             if not key.startswith(_DROPPED_PREFIXES)}

@@ -20,6 +20,8 @@ import dataclasses
 import difflib
 from typing import Mapping
 
+from vpt_jax import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class FgvcDataset:
@@ -79,7 +81,7 @@ def get_dataset(name: str) -> FgvcDataset:
   key = ALIASES.get(name.lower(), name.lower())
   if key not in DATASETS:
     close = difflib.get_close_matches(name.lower(), list(DATASETS) + list(ALIASES), n=3)
-    raise ValueError(f"Unknown FGVC dataset {name!r}"
+    raise errors.UserError(f"Unknown FGVC dataset {name!r}"
                      + (f" (did you mean {', '.join(close)}?)" if close else "")
                      + f"; choose one of {', '.join(DATASETS)}")
   return DATASETS[key]

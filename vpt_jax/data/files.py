@@ -32,6 +32,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from vpt_jax import errors
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
 _SPLIT_ITEM = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
@@ -62,11 +64,11 @@ def select(split: str, sizes: Mapping[str, int]) -> list[tuple[str, int, int]]:
   for item in split.replace(" ", "").split("+"):
     match = _SPLIT_ITEM.match(item)
     if not match:
-      raise ValueError(f"Cannot parse split {item!r} of {split!r}; write NAME, "
+      raise errors.UserError(f"Cannot parse split {item!r} of {split!r}; write NAME, "
                        "NAME[start:stop] or NAME[a%:b%], joined by '+'")
     name = match["name"]
     if name not in sizes:
-      raise ValueError(f"Unknown split {name!r} in {split!r}; this data has "
+      raise errors.UserError(f"Unknown split {name!r} in {split!r}; this data has "
                        f"{', '.join(sorted(sizes))}")
     size = sizes[name]
     start, stop, _ = slice(_boundary(match["start"], size),
@@ -169,13 +171,13 @@ def _source(builder: str, split: str, parts: Mapping[str, Sequence[tuple[str, in
   for name, start, stop in select(split, {k: len(v) for k, v in parts.items()}):
     rows.extend(parts[name][start:stop])
   if not rows:
-    raise ValueError(f"split {split!r} of {builder} selects no images")
+    raise errors.UserError(f"split {split!r} of {builder} selects no images")
   paths = np.array([path for path, _ in rows])
   labels = np.array([label for _, label in rows], np.int32)
   bad = (labels < 0) | (labels >= classes)
   if bad.any():
     i = int(np.argmax(bad))
-    raise ValueError(f"{builder}: label {labels[i]} of {paths[i]} is outside [0, {classes}); "
+    raise errors.UserError(f"{builder}: label {labels[i]} of {paths[i]} is outside [0, {classes}); "
                      "fix the label or set --config.data.num_classes")
   return FileSource(builder, split, paths, labels, classes,
                     tuple(names) if names else None, skip_corrupt)
@@ -193,7 +195,7 @@ def read_list(path: str, root: str) -> list[tuple[str, int]]:
         continue
       relative, _, label = line.rpartition(" ")
       if not relative or not label.lstrip("-").isdigit():
-        raise ValueError(f"{path}:{number}: expected 'relative/path label', got {line!r}")
+        raise errors.UserError(f"{path}:{number}: expected 'relative/path label', got {line!r}")
       rows.append((os.path.join(root, relative), int(label)))
   return rows
 
@@ -208,7 +210,7 @@ def list_folder(root: str, split: str, *, num_classes: int, skip_corrupt: bool =
   available = {os.path.basename(p)[:-4]: p
                for p in tf.io.gfile.glob(os.path.join(root, "*.txt"))}
   if not available:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f"{root} holds no split lists; the VTAB-1k folder format needs "
         f"{', '.join(s + '.txt' for s in LIST_SPLITS)} with 'relative/path label' lines")
   wanted = _names(split, available)
@@ -234,7 +236,7 @@ def read_json_split(path: str) -> list[tuple[str, int]]:
   with tf.io.gfile.GFile(path) as f:
     annotations = json.load(f)
   if not isinstance(annotations, dict):
-    raise ValueError(f"{path}: expected a JSON object {{relative_path: class_id}}")
+    raise errors.UserError(f"{path}: expected a JSON object {{relative_path: class_id}}")
   return [(rel, int(label)) for rel, label in annotations.items()]
 
 
@@ -250,7 +252,7 @@ def vpt_json_folder(root: str, split: str, *, image_dir: str = "", num_classes: 
   """
   files = {os.path.basename(p)[:-5]: p for p in tf.io.gfile.glob(os.path.join(root, "*.json"))}
   if not files:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
         f"{root} holds no VPT split files; expected train.json, val.json and test.json, "
         "each {\"relative/path.jpg\": class_id} (from the VPT authors' release)")
   wanted = _names(split, files)
@@ -299,7 +301,7 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
   Images (.jpg, .jpeg, .png, .bmp, .gif) are ordered by a hash of their path.
   """
   if not tf.io.gfile.isdir(root):
-    raise FileNotFoundError(f"image folder {root} does not exist; set --config.data.path "
+    raise errors.MissingInputError(f"image folder {root} does not exist; set --config.data.path "
                             "to a folder with one sub-folder per class")
   top = _subdirs(root)
   # Split layout: the top folders hold only folders (the classes).
@@ -310,7 +312,7 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
   split_dirs = {d: os.path.join(root, d) for d in top} if split_layout else {"all": root}
   classes = sorted({c for path in split_dirs.values() for c in _subdirs(path)})
   if not classes:
-    raise FileNotFoundError(f"{root} has no class sub-folders; expected root/<class>/*.jpg "
+    raise errors.MissingInputError(f"{root} has no class sub-folders; expected root/<class>/*.jpg "
                             "or root/<split>/<class>/*.jpg")
   index = {name: i for i, name in enumerate(classes)}
   wanted = _names(split, split_dirs)
@@ -323,6 +325,6 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
     labels = {path: index[os.path.basename(os.path.dirname(path))] for path in files}
     parts[name] = [(path, labels[path]) for path in _hashed_order(root, files)]
   if num_classes and num_classes != len(classes):
-    raise ValueError(f"{root} has {len(classes)} class folders but data.num_classes is "
+    raise errors.UserError(f"{root} has {len(classes)} class folders but data.num_classes is "
                      f"{num_classes}; set --config.data.num_classes={len(classes)} or 0")
   return _source(f"image folder {root}", split, parts, len(classes), classes, skip_corrupt)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from vpt_jax import errors
 from vpt_jax.data import source_protocols
 
 RESIZE_METHODS = ("tf1_bilinear", "bilinear", "bicubic", "nearest",
@@ -31,14 +32,14 @@ PREPROCESS_MODES = ("resize", "resize_crop_flip")
 
 def _check_resize_method(method: str) -> None:
   if method not in RESIZE_METHODS:
-    raise ValueError(f"Unknown resize method {method!r}; choose one of {RESIZE_METHODS}")
+    raise errors.UserError(f"Unknown resize method {method!r}; choose one of {RESIZE_METHODS}")
 
 
 def check_modes(resize: str, preprocess: str) -> None:
   """Raises ValueError naming the choices for an unknown resize or preprocess mode."""
   _check_resize_method(resize)
   if preprocess not in PREPROCESS_MODES:
-    raise ValueError(f"Unknown preprocess mode {preprocess!r}; choose one of "
+    raise errors.UserError(f"Unknown preprocess mode {preprocess!r}; choose one of "
                      f"{PREPROCESS_MODES}")
 
 

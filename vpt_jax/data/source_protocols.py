@@ -16,6 +16,7 @@ from typing import Optional, Protocol, Union
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vpt_jax import errors
 from vpt_jax.data import local_builders
 
 
@@ -76,14 +77,14 @@ def prepared_builder(source: ImageSource) -> tfds.core.DatasetBuilder:
     elif getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
       data_dir = source.data_dir or tfds.core.constants.DATA_DIR
       manual_dir = os.path.join(data_dir, "downloads", "manual")
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"TFDS dataset {source.builder!r} is not prepared in data_dir={data_dir!r} and "
           f"needs a manual download. Put the files in {manual_dir} as its instructions "
           f"say, then run `tfds build {source.builder} --data_dir={data_dir} "
           f"--manual_dir={manual_dir}`. Instructions:\n"
           f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
     else:
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"TFDS dataset {source.builder!r} is not prepared in data_dir="
           f"{builder.data_dir!r}. Prepare it first (e.g. `tfds build "
           f"{source.builder} --data_dir=...`) or point data_dir at a directory that "

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vpt_jax import errors
 from vpt_jax.data import fgvc
 from vpt_jax.data import files
 from vpt_jax.data import preprocessing
@@ -64,7 +65,7 @@ class TfdsTaskSource:
   def _prepared(self) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(self.builder, data_dir=self.data_dir)
     if not builder.is_prepared():
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           self.missing_message
           or f"TFDS dataset {self.builder!r} is not prepared in {builder.data_dir!r}; "
              f"run `tfds build {self.builder}` or set --config.data.data_dir")
@@ -117,7 +118,7 @@ def _vtab_folder(path: str, task: vtab_tasks.VtabTask) -> str:
     candidate = os.path.join(path, spelling)
     if tf.io.gfile.glob(os.path.join(candidate, "*.txt")):
       return candidate
-  raise FileNotFoundError(
+  raise errors.MissingInputError(
       f"No VTAB-1k lists for {task.name} in {path}: expected train800.txt, val200.txt, "
       f"train800val200.txt and test.txt in {path} or in {path}/<task> with <task> one of "
       f"{', '.join(spellings)}")
@@ -145,7 +146,7 @@ def make_source(data, split: str) -> source_protocols.AnySource:
                                    num_classes=dataset.num_classes,
                                    skip_corrupt=data.skip_corrupt)
     if not dataset.tfds_builder:
-      raise ValueError(f"{dataset.title} has no TFDS builder. {dataset.notes}")
+      raise errors.UserError(f"{dataset.title} has no TFDS builder. {dataset.notes}")
     return TfdsTaskSource(dataset.tfds_builder, dataset.tfds_splits.get(split, split),
                           data_dir, vtab_labels.plain_label, dataset.num_classes)
   if kind == "folder":
@@ -157,7 +158,7 @@ def make_source(data, split: str) -> source_protocols.AnySource:
   if kind == "json":
     return files.vpt_json_folder(data.path, split, num_classes=data.num_classes,
                                  skip_corrupt=data.skip_corrupt)
-  raise ValueError(f"Unknown data.task {task!r}; use '' (data.builder), vtab/<task>, "
+  raise errors.UserError(f"Unknown data.task {task!r}; use '' (data.builder), vtab/<task>, "
                    "fgvc/<dataset>, folder, list or json")
 
 

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.data import preprocessing
 from vpt_jax.data import source_protocols
 
@@ -25,7 +26,7 @@ _LOAD_BATCH = 256
 
 def _check_not_empty(images: list, source: source_protocols.AnySource) -> None:
   if not images:
-    raise ValueError(f"split {source.split!r} of {source.builder!r} is empty")
+    raise errors.UserError(f"split {source.split!r} of {source.builder!r} is empty")
 
 
 def load_split_arrays(source: source_protocols.AnySource, *, image_size: int,

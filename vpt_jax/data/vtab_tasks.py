@@ -25,6 +25,7 @@ import difflib
 import functools
 from typing import Callable, Mapping, Optional
 
+from vpt_jax import errors
 from vpt_jax.data import vtab_labels
 
 GROUPS = ("natural", "specialized", "structured")
@@ -303,7 +304,7 @@ def get_task(name: str) -> VtabTask:
   key = ALIASES.get(name, name)
   if key not in TASKS:
     close = difflib.get_close_matches(name, list(TASKS) + list(ALIASES), n=3)
-    raise ValueError(f"Unknown VTAB task {name!r}"
+    raise errors.UserError(f"Unknown VTAB task {name!r}"
                      + (f" (did you mean {', '.join(close)}?)" if close else "")
                      + f"; the 19 tasks: {', '.join(TASKS)}")
   return TASKS[key]

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from vpt_jax import errors
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import task_export
 
@@ -21,11 +22,11 @@ def read_images(paths: Sequence[str], image_size: int) -> np.ndarray:
   images = []
   for path in paths:
     if not tf.io.gfile.exists(path):
-      raise ValueError(f"image file {path!r} does not exist")
+      raise errors.UserError(f"image file {path!r} does not exist")
     try:
       image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     except tf.errors.InvalidArgumentError as e:
-      raise ValueError(f"cannot decode image file {path!r}: {e.message}") from e
+      raise errors.UserError(f"cannot decode image file {path!r}: {e.message}") from e
     image = tf.image.resize(image, (image_size, image_size), method="bilinear")
     images.append(np.clip(np.round(image.numpy()), 0, 255).astype(np.uint8))
   return np.stack(images)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.export import task_export
 from vpt_jax.methods import registry
 
@@ -97,10 +98,10 @@ def check_task_names(names: Iterable[str]) -> None:
   """Raises ValueError for no tasks or a name the command line could not spell."""
   names = list(names)
   if not names:
-    raise ValueError("a MultiTaskServer needs at least one task export: {name: directory}")
+    raise errors.UserError("a MultiTaskServer needs at least one task export: {name: directory}")
   for name in names:
     if not name or any(c in name for c in ",=:"):
-      raise ValueError(f"task name {name!r} must be non-empty without ',', '=' or ':'")
+      raise errors.UserError(f"task name {name!r} must be non-empty without ',', '=' or ':'")
 
 
 def check_same(loaded: Sequence[LoadedExport], what: str,

@@ -33,6 +33,7 @@ from typing import Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.export import predict as predict_lib
 from vpt_jax.export import served_exports
@@ -77,7 +78,7 @@ class MultiTaskServer:
                               "a server holds one backbone")
     self.backbone_path = backbone_path or loaded[0].metadata["backbone"]["path"]
     if not self.backbone_path:
-      raise ValueError(f"task {loaded[0].name!r} records no backbone path; pass backbone_path")
+      raise errors.UserError(f"task {loaded[0].name!r} records no backbone path; pass backbone_path")
     self.backbone_fingerprint = npz_lib.fingerprint(self.backbone_path)
     served_exports.check_backbone_fingerprints(loaded, self.backbone_path,
                                                self.backbone_fingerprint)
@@ -106,7 +107,7 @@ class MultiTaskServer:
 
   def _check_task(self, task: str) -> str:
     if task not in self.tasks:
-      raise ValueError(f"unknown task {task!r}; this server has {sorted(self.tasks)}")
+      raise errors.UserError(f"unknown task {task!r}; this server has {sorted(self.tasks)}")
     return task
 
   def memory(self) -> dict[str, int]:
@@ -131,10 +132,10 @@ class MultiTaskServer:
     images = np.asarray(images)
     expected = (self.image_size, self.image_size, 3)
     if images.ndim != 4 or images.shape[1:] != expected:
-      raise ValueError(f"images must be (B, {self.image_size}, {self.image_size}, 3) pixel "
+      raise errors.UserError(f"images must be (B, {self.image_size}, {self.image_size}, 3) pixel "
                        f"arrays (resize to the tasks' image size), got {images.shape}")
     if len(tasks) != images.shape[0]:
-      raise ValueError(f"{images.shape[0]} images but {len(tasks)} task names; give one "
+      raise errors.UserError(f"{images.shape[0]} images but {len(tasks)} task names; give one "
                        "task per image")
     where = [self._where[self._check_task(t)] for t in tasks]
     output = np.full((len(tasks), self.max_classes), -np.inf, np.float32)

@@ -38,11 +38,36 @@ class ExportError(errors.UserError):
   """An export that is missing, malformed or does not fit the backbone."""
 
 
-def _write_text_atomically(path: str, text: str) -> None:
-  temporary = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(temporary, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
+# The fix for a broken export: write it again from the run that made it.
+_REEXPORT = ("write it again from its run: run.py --mode export with the run's --config and "
+             "--workdir")
+
+
+def _write_both(directory: str, arrays: dict, metadata: dict) -> None:
+  """Writes ``PARAMS_FILE`` and ``METADATA_FILE`` under temporary names, then renames both.
+
+  Nothing is renamed before both files are complete, so a failing or full disk
+  while writing leaves the previous export as it was; ``metadata`` gets the
+  parameters file's sha256 (``read_export`` checks it).
+  """
+  params_path = os.path.join(directory, PARAMS_FILE)
+  metadata_path = os.path.join(directory, METADATA_FILE)
+  staged = {path: f"{path}.tmp-{os.getpid()}" for path in (params_path, metadata_path)}
+  try:
+    npz_lib.save_npz(arrays, staged[params_path])
+    metadata = {**metadata, "params_sha256": npz_lib.fingerprint(staged[params_path])}
+    with tf.io.gfile.GFile(staged[metadata_path], "w") as f:
+      f.write(json.dumps(metadata, indent=2, sort_keys=True))
+    for final, temporary in staged.items():  # the parameters first, the metadata last
+      tf.io.gfile.rename(temporary, final, overwrite=True)
+  except (OSError, tf.errors.OpError) as e:
+    raise ExportError(f"could not write the export in {directory}: {str(e).splitlines()[0]}; "
+                      "the previous export there is intact; free space or fix the disk and "
+                      "rerun (or run.py --mode export)") from e
+  finally:
+    for temporary in staged.values():
+      if tf.io.gfile.exists(temporary):
+        tf.io.gfile.remove(temporary)
 
 
 def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
@@ -62,15 +87,15 @@ def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
       rebuilt from ``init_seed``).
     batch_stats: the model's BatchNorm running averages, if it has any; stored
       as ``batch_stats/<path>`` and listed under "batch_stats" in the metadata.
-  The parameters are written first and the metadata last, each atomically, so
-  a crash never leaves an export that loads.
+  Both files are renamed into place only when both are complete, so a failing
+  or full disk leaves the previous export intact; the metadata records the
+  parameters file's sha256, so a parameters file from another save (a crash
+  between the two renames) is refused when read.
   """
   trainable, _ = freezing.split(params, labels)
   stats = trees.flatten(batch_stats or {})
   tf.io.gfile.makedirs(directory)
   arrays = {**trainable, **{BATCH_STATS_PREFIX + k: v for k, v in stats.items()}}
-  npz_lib.save_npz({k: np.asarray(jax.device_get(v)) for k, v in arrays.items()},
-                   os.path.join(directory, PARAMS_FILE))
   metadata = {
       "format": FORMAT, "format_version": FORMAT_VERSION,
       "model": spec, "num_classes": int(num_classes),
@@ -84,8 +109,8 @@ def export_task(directory: str, params, labels, *, spec: dict, num_classes: int,
       **({"batch_stats": sorted(stats)} if stats else {}),
       **(extra or {}),
   }
-  _write_text_atomically(os.path.join(directory, METADATA_FILE),
-                         json.dumps(metadata, indent=2, sort_keys=True))
+  _write_both(directory, {k: np.asarray(jax.device_get(v)) for k, v in arrays.items()},
+              metadata)
   return directory
 
 
@@ -99,11 +124,25 @@ def read_export(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
   if not tf.io.gfile.exists(metadata_path):
     raise ExportError(f"No task export at {directory!r}: {METADATA_FILE} is missing. "
                       "Point to a directory written by `run.py` (WORKDIR/export).")
-  with tf.io.gfile.GFile(metadata_path) as f:
-    metadata = json.load(f)
+  try:
+    with tf.io.gfile.GFile(metadata_path) as f:
+      metadata = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ExportError(f"{metadata_path} is damaged (not JSON: {e}); {_REEXPORT}") from e
   if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
     raise ExportError(f"{metadata_path} is not a {FORMAT} v{FORMAT_VERSION} export")
-  flat = npz_lib.read_npz(os.path.join(directory, PARAMS_FILE))
+  params_path = os.path.join(directory, PARAMS_FILE)
+  try:
+    flat = npz_lib.read_npz(params_path)
+  except npz_lib.CheckpointNotFoundError as e:
+    raise ExportError(f"{params_path} is missing; the export is incomplete: "
+                      f"{_REEXPORT}") from e
+  except npz_lib.CheckpointError as e:
+    raise ExportError(f"{params_path} is damaged (not a readable .npz); {_REEXPORT}") from e
+  recorded = metadata.get("params_sha256")  # exports before this check have none
+  if recorded and npz_lib.fingerprint(params_path) != recorded:
+    raise ExportError(f"{params_path} is not the file {METADATA_FILE} was written with "
+                      f"(sha256 differs: damaged, edited or from another save); {_REEXPORT}")
   listed = metadata["params"] + [BATCH_STATS_PREFIX + k for k in metadata.get("batch_stats", [])]
   if sorted(flat) != sorted(listed):
     raise ExportError(f"{directory}: {PARAMS_FILE} does not hold the parameters "

@@ -11,6 +11,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.methods import base
 from vpt_jax.models import hooks as hooks_lib
 
@@ -40,11 +41,11 @@ class Adapter(nn.Module):
     """(B, N, D) -> (B, N, D)."""
     width = y.shape[-1]
     if self.init_scheme not in ADAPTER_INITS:
-      raise ValueError(f"Unknown adapter init {self.init_scheme!r}; choose one of "
+      raise errors.UserError(f"Unknown adapter init {self.init_scheme!r}; choose one of "
                        f"{ADAPTER_INITS}")
     bottleneck = width // self.reduction if self.reduction >= 1 else 0
     if bottleneck < 1:
-      raise ValueError(f"adapter reduction {self.reduction} leaves no bottleneck for width "
+      raise errors.UserError(f"adapter reduction {self.reduction} leaves no bottleneck for width "
                        f"{width}; use a reduction between 1 and {width}")
     down_init = (nn.initializers.zeros if self.init_scheme == "vpt_reference"
                  else nn.initializers.xavier_uniform())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Optional
 
+from vpt_jax import errors
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.params.freezing import FROZEN, TRAIN
 
@@ -114,7 +115,7 @@ class Method:
       return self.trainable_rules
     depth = len(block_patterns)
     if self.last_blocks > depth:
-      raise ValueError(f"{self.name} tunes the last {self.last_blocks} blocks but the model "
+      raise errors.UserError(f"{self.name} tunes the last {self.last_blocks} blocks but the model "
                        f"has {depth}; use partial-k with k <= {depth}, or 'full'")
     blocks = "|".join(block_patterns[depth - self.last_blocks:])
     return ((rf"({blocks})/.*", TRAIN), (final_norm, TRAIN)) + self.trainable_rules

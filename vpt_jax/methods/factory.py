@@ -16,6 +16,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import vit_layouts
@@ -66,15 +67,15 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
   family = backbones.get_family(spec["variant"])
   family.check_method(method.name)
   if method.uses_prompts and spec["num_prompts"] < 1:
-    raise ValueError(f"method {method.name} needs prompt.num_prompts >= 1, got "
+    raise errors.UserError(f"method {method.name} needs prompt.num_prompts >= 1, got "
                      f"{spec['num_prompts']}")
   if spec["dtype"] not in backbones.DTYPES:
-    raise ValueError(f"Unknown dtype {spec['dtype']!r}; choose one of {sorted(backbones.DTYPES)}")
+    raise errors.UserError(f"Unknown dtype {spec['dtype']!r}; choose one of {sorted(backbones.DTYPES)}")
   remat = spec.get("remat", "none")  # specs written before the field hold none
   if remat not in REMAT_MODES:
-    raise ValueError(f"Unknown model.remat {remat!r}; choose one of {REMAT_MODES}")
+    raise errors.UserError(f"Unknown model.remat {remat!r}; choose one of {REMAT_MODES}")
   if remat != "none" and not family.supports_remat:
-    raise ValueError(f"model.remat={remat!r} is not implemented for {family.name} backbones "
+    raise errors.UserError(f"model.remat={remat!r} is not implemented for {family.name} backbones "
                      "(only for the ViT family); set --config.model.remat=none")
   if method.head_init not in heads.HEAD_INITS:
     raise ValueError(f"method {method.name} has an unknown head init {method.head_init!r}")

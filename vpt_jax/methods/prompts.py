@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.methods import base
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models.prompts import per_example_dropout, prompt_init_bound, uniform_symmetric
@@ -51,10 +52,10 @@ def fourier_prompts(prompts, num_fourier: int, dimension: str = "all"):
   Re o FFT is linear, so gradients flow to the prompts unchanged in kind.
   """
   if dimension not in FOURIER_DIMENSIONS:
-    raise ValueError(f"Unknown Fourier dimension {dimension!r}; choose one of "
+    raise errors.UserError(f"Unknown Fourier dimension {dimension!r}; choose one of "
                      f"{FOURIER_DIMENSIONS}")
   if not 0 < num_fourier <= prompts.shape[-2]:
-    raise ValueError(f"num_fourier must lie in [1, {prompts.shape[-2]}], got {num_fourier}")
+    raise errors.UserError(f"num_fourier must lie in [1, {prompts.shape[-2]}], got {num_fourier}")
   fourier = prompts[..., :num_fourier, :]
   if dimension in ("all", "hidden"):
     fourier = jnp.fft.fft(fourier, axis=-1)

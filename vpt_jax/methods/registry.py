@@ -37,6 +37,7 @@ from __future__ import annotations
 import difflib
 import re
 
+from vpt_jax import errors
 from vpt_jax.methods import adapter
 from vpt_jax.methods import base
 from vpt_jax.methods import bias
@@ -77,9 +78,9 @@ def get_method(name: str) -> base.Method:
     make, smallest = _PARAMETRISED[match.group(1)]
     k = int(match.group(2))
     if k < smallest:
-      raise ValueError(f"{name}: k must be >= {smallest}, e.g. {match.group(1)}-{smallest}")
+      raise errors.UserError(f"{name}: k must be >= {smallest}, e.g. {match.group(1)}-{smallest}")
     return make(k)
   close = difflib.get_close_matches(name, METHODS, n=3)
-  raise ValueError(f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))} "
+  raise errors.UserError(f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))} "
                    "(partial-k and mlp-k take any k)"
                    + (f" (did you mean {', '.join(close)}?)" if close else ""))

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.methods import base
@@ -77,7 +78,7 @@ def load_side_network(params, path: str) -> dict:
     npz.CheckpointError: unreadable file or a key/shape mismatch (listed).
   """
   if "side" not in params:
-    raise ValueError(f"sidetune.checkpoint={path!r} is set but the model has no side "
+    raise errors.UserError(f"sidetune.checkpoint={path!r} is set but the model has no side "
                      "network; use method=sidetune or clear the setting")
   side = merge_lib.merge_backbone(params["side"], npz_lib.read_npz(path), fresh=SIDE_FRESH,
                                 source=path)

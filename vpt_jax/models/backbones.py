@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 
+from vpt_jax import errors
+
 # family name -> (variant prefix, module); the first matching prefix wins and
 # "" (the plain ViT) comes last.
 FAMILY_MODULES = (
@@ -91,7 +93,7 @@ class Family:
     """Raises ValueError if the family does not define the method."""
     if not self.supports(method_name):
       names = ", ".join(n + "k" if n.endswith("-") else n for n in self.supported_methods)
-      raise ValueError(f"method {method_name!r} is not defined for {self.name} backbones; "
+      raise errors.UserError(f"method {method_name!r} is not defined for {self.name} backbones; "
                        f"choose one of {names}")
 
 

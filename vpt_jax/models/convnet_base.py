@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
@@ -89,7 +90,7 @@ def decode_variant(variant: str) -> tuple[str, Any]:
   if size in sizes:
     return family, sizes[size]
   valid = [f"{name}-{size}" for name, table in _SIZES.items() for size in table]
-  raise ValueError(f"Unknown ConvNet variant {variant!r}; choose one of {', '.join(valid)}"
+  raise errors.UserError(f"Unknown ConvNet variant {variant!r}; choose one of {', '.join(valid)}"
                    + backbones.did_you_mean(variant, valid, n=2))
 
 
@@ -116,7 +117,7 @@ class PadPrompts(nn.Module):
     p = self.num_prompts
     batch, height, width, channels = images.shape
     if p < 1 or channels != 3:
-      raise ValueError(f"pad prompts need num_prompts >= 1 and RGB images; got "
+      raise errors.UserError(f"pad prompts need num_prompts >= 1 and RGB images; got "
                        f"num_prompts={p} and images of shape {images.shape}")
     uniform = nn.initializers.uniform(scale=1.0)  # U(0, 1)
     top_bottom = self.param("top_bottom", uniform, (2 * p, width + 2 * p, 3))

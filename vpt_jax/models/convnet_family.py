@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import hooks
@@ -37,20 +38,20 @@ def validate(spec: Mapping[str, Any], method: hooks.Method) -> None:
   """ConvNet checks: variant, pool, prompt settings and image size."""
   _, size = decode_variant(spec["variant"])
   if spec["pool"] != "original":
-    raise ValueError(f"prompt.pool={spec['pool']!r} chooses among ViT tokens; ConvNets "
+    raise errors.UserError(f"prompt.pool={spec['pool']!r} chooses among ViT tokens; ConvNets "
                      "average-pool their feature map: use prompt.pool=original")
   padding = 0
   if method.uses_prompts:
     if spec["prompt_projection"] >= 1:
-      raise ValueError(f"prompt.projection={spec['prompt_projection']} projects token "
+      raise errors.UserError(f"prompt.projection={spec['prompt_projection']} projects token "
                        "prompts; ConvNet pad prompts are pixels: use prompt.projection=-1")
     if spec["prompt_dropout"]:
-      raise ValueError(f"prompt.dropout={spec['prompt_dropout']}: the reference's pad "
+      raise errors.UserError(f"prompt.dropout={spec['prompt_dropout']}: the reference's pad "
                        "prompts have no dropout; use prompt.dropout=0")
     padding = 2 * spec["num_prompts"]
   fed = spec["image_size"] + padding
   if fed < size.stride:
-    raise ValueError(
+    raise errors.UserError(
         f"{spec['variant']} downsamples by {size.stride}, so it needs at least "
         f"{size.stride} px; image_size {spec['image_size']} + 2 x {padding // 2} pad "
         f"prompts gives {fed}; use model.image_size >= {size.stride - padding} "

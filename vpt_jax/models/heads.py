@@ -22,6 +22,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.models import prompts as prompts_lib
 
 # Focal-loss style prior: every class starts at probability 0.01.
@@ -43,7 +44,7 @@ def _output_inits(init: str, fan_in: int):
             nn.initializers.constant(HEAD_BIAS_INIT))
   if init == "torch_default":
     return torch_default_uniform(fan_in), torch_default_uniform(fan_in)
-  raise ValueError(f"Unknown head init {init!r}; choose one of {HEAD_INITS}")
+  raise errors.UserError(f"Unknown head init {init!r}; choose one of {HEAD_INITS}")
 
 
 class Head(nn.Module):

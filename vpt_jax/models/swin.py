@@ -69,6 +69,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.models import backbones
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import prompts as prompts_lib
@@ -112,7 +113,7 @@ def decode_variant(variant: str) -> tuple[SwinSize, int, int]:
   match = _VARIANT.fullmatch(variant)
   if (not match or match.group(1) not in SWIN_SIZES or int(match.group(2)) < 1
       or int(match.group(3)) < 1):
-    raise ValueError(
+    raise errors.UserError(
         f"Unknown Swin variant {variant!r}. Use 'swin-<size>/<patch>w<window>' with size in "
         f"{sorted(SWIN_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}"
         + (backbones.did_you_mean(variant, NAMED_VARIANTS) or "."))
@@ -225,7 +226,7 @@ class SwinTransformer(nn.Module):
     size, patch, window = decode_variant(self.variant)
     unit = image_size_unit(self.variant)
     if images.shape[1] != images.shape[2] or images.shape[1] % unit:
-      raise ValueError(f"{self.variant} takes square images whose side is a multiple of "
+      raise errors.UserError(f"{self.variant} takes square images whose side is a multiple of "
                        f"{unit} (patch x window x 2^(stages - 1)); got {images.shape[1:3]}")
     tokens = PatchEmbedding(size.embed_dim, patch, self.dtype, name="patch_embed")(images)
     batch, resolution, _, channels = tokens.shape

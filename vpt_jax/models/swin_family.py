@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import hooks
@@ -31,14 +32,14 @@ def validate(spec: Mapping[str, Any], method: hooks.Method) -> None:
   image_size = spec["image_size"]
   if image_size < unit or image_size % unit:
     suggestion = unit * max(1, round(image_size / unit))
-    raise ValueError(
+    raise errors.UserError(
         f"image size {image_size} does not fit {spec['variant']}: it must be a multiple of "
         f"patch x window x 2^(stages - 1) = {unit}; use e.g. {suggestion}")
   if spec["pool"] not in POOL_TYPES:
-    raise ValueError(f"pool {spec['pool']!r} is not defined for Swin, which averages all "
+    raise errors.UserError(f"pool {spec['pool']!r} is not defined for Swin, which averages all "
                      f"tokens as the reference; use pool='original'")
   if spec.get("prompt_projection", -1) >= 1:
-    raise ValueError("prompt.projection is not supported for Swin (the reference defines "
+    raise errors.UserError("prompt.projection is not supported for Swin (the reference defines "
                      "the projection but never applies it); use prompt.projection=-1")
 
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models import position_embeddings
@@ -138,13 +139,13 @@ def pool_tokens(tokens, pool: str, num_prompts: int):
     return tokens[:, 0]
   if pool == "prompt_pool":
     if not num_prompts:
-      raise ValueError("pool='prompt_pool' needs num_prompts >= 1")
+      raise errors.UserError("pool='prompt_pool' needs num_prompts >= 1")
     return tokens[:, 1:1 + num_prompts].mean(axis=1)
   if pool == "img_pool":
     return tokens[:, 1 + num_prompts:].mean(axis=1)
   if pool == "imgprompt_pool":
     return tokens[:, 1:].mean(axis=1)
-  raise ValueError(f"Unknown pool {pool!r}; choose one of {POOL_TYPES}")
+  raise errors.UserError(f"Unknown pool {pool!r}; choose one of {POOL_TYPES}")
 
 
 class VisionTransformer(nn.Module):

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from vpt_jax import errors
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import hooks as hooks_lib
@@ -24,14 +25,14 @@ def validate(spec: Mapping[str, Any], method: hooks_lib.Method) -> None:
   """ViT-specific checks: patch divisibility, pool and the method's settings."""
   size, patch = vit_variants.decode_variant(spec["variant"])
   if vit_variants.variant_flavour(spec["variant"]) and size.width % 4:
-    raise ValueError(f"{spec['variant']} uses a 2-D sin-cos position embedding, which "
+    raise errors.UserError(f"{spec['variant']} uses a 2-D sin-cos position embedding, which "
                      f"needs a width divisible by 4 (got {size.width})")
   if spec["image_size"] < patch or spec["image_size"] % patch:
-    raise ValueError(
+    raise errors.UserError(
         f"image size {spec['image_size']} is not divisible by the patch size {patch} of "
         f"{spec['variant']}; use e.g. {max(patch, spec['image_size'] // patch * patch)}")
   if spec["pool"] not in vit.POOL_TYPES:
-    raise ValueError(f"Unknown pool {spec['pool']!r}; choose one of {vit.POOL_TYPES}")
+    raise errors.UserError(f"Unknown pool {spec['pool']!r}; choose one of {vit.POOL_TYPES}")
   method.check_settings(spec, vit_variants.geometry(spec["variant"]))
 
 

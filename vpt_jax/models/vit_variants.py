@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from vpt_jax import errors
 from vpt_jax.models import backbones
 from vpt_jax.models import hooks as hooks_lib
 
@@ -81,7 +82,7 @@ def decode_variant(variant: str) -> tuple[ViTSize, int]:
   _, rest = _split_flavour(variant)
   size_name, sep, patch = rest.partition("/")
   if not sep or size_name not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
-    raise ValueError(
+    raise errors.UserError(
         f"Unknown ViT variant {variant!r} (other families: swin-, convnext-, resnet-). "
         f"Use '<size>/<patch>' with size in "
         f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}, optionally prefixed "

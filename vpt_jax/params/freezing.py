@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
+from vpt_jax import errors
 from vpt_jax.params.trees import flatten, unflatten
 
 TRAIN = "train"
@@ -34,12 +35,12 @@ def label_params(params, rules: Sequence[Sequence[str]]) -> dict:
   compiled = []
   for rule in rules:
     if len(rule) != 2 or rule[1] not in LABELS:
-      raise ValueError(f"Bad trainable rule {tuple(rule)!r}: expected (regex, label) "
+      raise errors.UserError(f"Bad trainable rule {tuple(rule)!r}: expected (regex, label) "
                        f"with label in {LABELS}")
     try:
       compiled.append((re.compile(rule[0]), rule[1]))
     except re.error as e:
-      raise ValueError(f"Bad regex {rule[0]!r} in trainable rules: {e}") from e
+      raise errors.UserError(f"Bad regex {rule[0]!r} in trainable rules: {e}") from e
   labels, unmatched = {}, []
   for path in flatten(params):
     label = next((lab for regex, lab in compiled if regex.fullmatch(path)), None)
@@ -47,7 +48,7 @@ def label_params(params, rules: Sequence[Sequence[str]]) -> dict:
       unmatched.append(path)
     labels[path] = label
   if unmatched:
-    raise ValueError(
+    raise errors.UserError(
         f"{len(unmatched)} parameters match no trainable rule: "
         f"{', '.join(sorted(unmatched)[:20])}{' ...' if len(unmatched) > 20 else ''}. "
         "Add a rule for them, e.g. ('.*', 'frozen') as the last rule.")

@@ -91,7 +91,7 @@ def check_finite(window: list, first_step: int, run: setup.Run) -> list:
   for offset, metrics in enumerate(window):
     problem = _non_finite(metrics)
     if problem:
-      run.manager.wait_until_finished()  # a pending save of an earlier, finite step
+      ckpt_lib.wait_until_saved(run.manager)  # a pending save of an earlier, finite step
       raise FloatingPointError(
           f"{problem} at step {first_step + offset}; stopping. "
           + _finite_checkpoint_advice(run, first_step + offset))
@@ -174,7 +174,7 @@ def train(runs: Sequence[setup.Run], console: Console, build_program: Callable[[
     state, diverged = _steps(runs, program, console, batches, rng, start_step, notice,
                              on_step)
   for index, run in enumerate(runs):
-    run.manager.wait_until_finished()
+    ckpt_lib.wait_until_saved(run.manager)
     run.state = program.own_state(state, index)
   return state, diverged
 
@@ -226,7 +226,7 @@ def _steps(runs, program: Program, console: Console, batches, rng, start_step: i
         ckpt_lib.save(run.manager, program.own_state(state, index), run.labels)
     if preempted:
       for run in runs:
-        run.manager.wait_until_finished()
+        ckpt_lib.wait_until_saved(run.manager)
       console.preempted(step)
       raise preemption.Preempted(step)
     if step == pause_after:

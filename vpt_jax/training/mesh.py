@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vpt_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -52,6 +54,6 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
   """Raises before any compute if the batch cannot be split over the devices."""
   devices = mesh.devices.size
   if global_batch_size % devices or global_batch_size % jax.process_count():
-    raise ValueError(
+    raise errors.UserError(
         f"batch size {global_batch_size} is not divisible by the {devices} devices "
         f"({jax.process_count()} processes); use a multiple of {devices}")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vpt_jax import errors
 from vpt_jax.params.freezing import FROZEN, TRAIN
 
 SCHEDULE_UNITS = ("epoch", "step")
@@ -58,7 +59,7 @@ def make_schedule(peak_lr: float, *, warmup_epochs: float, total_epochs: float,
       (the reference); "step" at the fractional epoch (smooth).
   """
   if unit not in SCHEDULE_UNITS:
-    raise ValueError(f"schedule unit must be one of {SCHEDULE_UNITS}, got {unit!r}")
+    raise errors.UserError(f"schedule unit must be one of {SCHEDULE_UNITS}, got {unit!r}")
 
   def schedule(step):
     epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
@@ -172,7 +173,7 @@ def make_optimizer(labels, *, name: str, learning_rate: optax.Schedule,
       which leaves every update unchanged.
   """
   if name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    raise errors.UserError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
   if decay is None:
     decay = weight_decay != 0
   if name == "torch_adamw":

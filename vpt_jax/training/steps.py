@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vpt_jax import errors
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
@@ -90,15 +91,15 @@ def check_accumulation(accumulation_steps: int, batch_size: Optional[int] = None
   """
   if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
       or accumulation_steps < 1):
-    raise ValueError(f"optim.accumulation_steps must be an integer >= 1 (1 = off), got "
+    raise errors.UserError(f"optim.accumulation_steps must be an integer >= 1 (1 = off), got "
                      f"{accumulation_steps!r}")
   if batch_size is not None and batch_size % accumulation_steps:
-    raise ValueError(
+    raise errors.UserError(
         f"batch size {batch_size} is not divisible by optim.accumulation_steps="
         f"{accumulation_steps}; use a batch size that is a multiple of it, or a divisor of "
         f"{batch_size} as accumulation_steps")
   if batch_norm and accumulation_steps > 1:
-    raise ValueError(
+    raise errors.UserError(
         f"optim.accumulation_steps={accumulation_steps} cannot be used with a BatchNorm "
         "head (mlp-k): each micro-batch would be normalised with its own statistics, which "
         "is not the step of the whole batch; set optim.accumulation_steps=1 (head-only "
