@@ -128,6 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   # predictions_test.npz beside results.json (training/predictions.py); the
   # protocol keeps them for its final runs only, and its report reads them.
   config.eval.save_predictions = False
+  # Measure the run's costs into results.json["cost"] (training/costs.py): export
+  # bytes, train and inference images/s, peak memory, FLOPs per image.
+  config.eval.costs = True
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # >= 0; 0 = every step (and always the last)

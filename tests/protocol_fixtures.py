@@ -50,11 +50,11 @@ def fake_fingerprint(split, count=4, classes=(2, 2), **hashes):
   return fp
 
 
-def write_finished_task(workdir, task, method, finals):
+def write_finished_task(workdir, task, method, finals, costs=None):
   """A finished task's summary.json and final runs, written by hand.
 
-  ``finals``: {seed: (test top-1, results["data"] or None, (logits, labels) or None)}.
-  Returns the method folder.
+  ``finals``: {seed: (test top-1, results["data"] or None, (logits, labels) or None)};
+  ``costs``: {seed: results["cost"]}. Returns the method folder.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   folder = os.path.join(workdir, *task.split("/"), method)
@@ -62,6 +62,8 @@ def write_finished_task(workdir, task, method, finals):
     run_dir = os.path.join(folder, "final", f"seed{seed}")
     os.makedirs(run_dir)
     results = {"test": {"top1": top1}, **({"data": data} if data else {})}
+    if costs and seed in costs:
+      results["cost"] = costs[seed]
     with open(os.path.join(run_dir, "run.json"), "w") as f:
       json.dump({"status": "finished", "results": results}, f)
     if predicted is not None:

@@ -14,6 +14,9 @@ written by ``tuning.run_protocol``) and writes to ``--out`` (default
 * ``results.csv``: the same numbers, one row per task and method.
 * ``bars.png`` (per-task bars per method, paper numbers as markers) and
   ``curves_<method>.png`` (training loss of the final runs, from metrics.jsonl).
+* per benchmark a cost table (``cost_table``: parameters, export bytes,
+  throughputs, memory, FLOPs, mergeable, device, V-PETL's PPT), the plot
+  ``params_vs_accuracy_<benchmark>.png`` and ``costs.csv``;
 * in report.md also: the data each result read (``data_checks``: fingerprints
   against the canonical ones and each other; a result whose data differs is
   marked "data differs" in the tables) and the method-versus-method
@@ -38,6 +41,7 @@ import numpy as np
 from vpt_jax.data import fgvc
 from vpt_jax.data import vtab_tasks
 from vpt_jax.protocol import comparisons
+from vpt_jax.protocol import cost_table
 from vpt_jax.protocol import data_checks
 from vpt_jax.protocol import hparams
 
@@ -320,6 +324,9 @@ def write_report(results_dir: str, out_dir: Optional[str] = None,
     if bars:
       lines += [f"![{title} bars]({os.path.basename(bars)})", ""]
       images.append(bars)
+    lines += cost_table.section([s for s in summaries if _kind(s["task"]) == kind],
+                                _methods(summaries), title,
+                                os.path.join(out_dir, f"params_vs_accuracy_{kind}.png"))
   if not summaries:
     lines.append("No summary.json found yet: run the protocol first.")
   for method in _methods(summaries):
@@ -331,6 +338,7 @@ def write_report(results_dir: str, out_dir: Optional[str] = None,
   if pending:
     lines += ["Incomplete (runs missing or waiting): " + ", ".join(pending), ""]
   write_csv(os.path.join(out_dir, "results.csv"), summaries)
+  cost_table.write_csv(os.path.join(out_dir, "costs.csv"), summaries)
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))

@@ -22,6 +22,7 @@ from vpt_jax.export import task_export
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
+from vpt_jax.training import costs
 from vpt_jax.training import evaluation
 from vpt_jax.training import predictions
 from vpt_jax.training import setup
@@ -124,6 +125,8 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "",
     results["data"] = data
   if run.config.export:
     results["export"] = export(run)
+  if run.config.eval.costs:
+    results["cost"] = costs.run_costs(run, results.get("export"))
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
