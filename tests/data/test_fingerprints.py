@@ -2,6 +2,7 @@
 with one image changed, relabelled, re-encoded, missing or reordered."""
 
 import hashlib
+import json
 import os
 import shutil
 
@@ -145,3 +146,22 @@ def test_reordered_list_differs_only_in_order(folder, tmp_path):
   fp = lambda split: fingerprints.fingerprint(sources.make_source(data, split), image_size=12)
   assert [d.split(":")[0] for d in fingerprints.differences(fp("swapped"), fp("test"))] == [
       "order"]
+
+
+def test_vtab_command_writes_every_split_of_a_task(tmp_path):
+  """`python -m vpt_jax.data.fingerprints vtab` on TFDS mock data (no download)."""
+  from vpt_jax.data import vtab_tasks  # pylint: disable=g-import-not-at-top
+  task = vtab_tasks.get_task("dtd")
+  data_dir, out = str(tmp_path / "tfds"), str(tmp_path / "canonical.json")
+  data_fixtures.inject_split_sizes(data_dir, task.builder, task.reference_sizes)
+  with tfds.testing.mock_data(num_examples=3, data_dir=data_dir):
+    fingerprints.main(["vtab", "dtd", "--data_dir", data_dir, "--image_size", "8",
+                       "--out", out])
+  with open(out) as f:
+    table = json.load(f)
+  assert table["tfds_versions"] == {"vtab/dtd": task.builder}
+  found = table["fingerprints"]["vtab/dtd"]
+  assert sorted(found) == sorted(vtab_tasks.SPLIT_NAMES)
+  for split in vtab_tasks.SPLIT_NAMES:  # the mock yields 3 examples per read
+    assert found[split]["count"] == 3 and len(found[split]["classes"]) == 47
+    assert found[split]["image_size"] == 8
