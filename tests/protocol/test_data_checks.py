@@ -15,8 +15,9 @@ def _data(**test_hashes):
 
 def _write(workdir):
   write = protocol_fixtures.write_finished_task
-  write(workdir, "vtab/dmlab", "vpt_deep", {42: (0.5, _data(), None), 44: (0.5, _data(), None)})
-  write(workdir, "vtab/dmlab", "linear", {42: (0.4, _data(pixels="jpeg"), None)})
+  write(workdir, "vtab/dmlab", "vpt_deep", {s: (0.5, _data(), None) for s in (42, 44, 82)})
+  write(workdir, "vtab/dmlab", "linear", {42: (0.4, _data(pixels="jpeg"), None),
+                                          44: (0.4, _data(pixels="jpeg"), None)})
   write(workdir, "vtab/dmlab", "full", {42: (0.6, None, None)})
   return report.collect([workdir])
 
@@ -26,9 +27,9 @@ def test_matches_differs_unrecorded(tmp_path):
   assert found[("vtab/dmlab", "vpt_deep")] == {"state": "matches", "details": []}
   linear = found[("vtab/dmlab", "linear")]
   assert linear["state"] == "differs"
-  assert linear["details"] == [
-      "seed 42 test vs canonical test: pixels: the decoded images differ",
-      "seed 42 test vs vpt_deep seed 42: pixels: the decoded images differ"]
+  assert linear["details"] == [  # one line for the seeds that show the same difference
+      "seeds 42, 44 test vs canonical test: pixels: the decoded images differ",
+      "seeds 42, 44 test vs vpt_deep seed 42: pixels: the decoded images differ"]
   assert found[("vtab/dmlab", "full")]["state"] == "unrecorded"
 
 
@@ -36,7 +37,7 @@ def test_without_canonical_runs_are_unverified_but_still_compared(tmp_path):
   found = data_checks.statuses(_write(str(tmp_path)), {})
   assert found[("vtab/dmlab", "vpt_deep")]["state"] == "unverified"
   assert found[("vtab/dmlab", "linear")]["details"] == [
-      "seed 42 test vs vpt_deep seed 42: pixels: the decoded images differ"]
+      "seeds 42, 44 test vs vpt_deep seed 42: pixels: the decoded images differ"]
   assert data_checks.load_canonical() == {}  # none computed here: every result unverified
 
 

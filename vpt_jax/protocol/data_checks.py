@@ -60,7 +60,7 @@ def status(summary: dict, canonical: dict, task_runs: list) -> dict:
   runs = _runs_data(summary)
   if not runs or all(data is None for _, data in runs):
     return {"state": "unrecorded", "details": []}
-  details, verified = [], True
+  found_by_seed, verified = {}, True  # message -> seeds that show it
   for seed, data in runs:
     for role in ROLES:
       if not data or role not in data:
@@ -73,12 +73,14 @@ def status(summary: dict, canonical: dict, task_runs: list) -> dict:
         found = fingerprints.differences(ours, reference)
         # Pixels made at another size are not comparable: only counts and labels are.
         verified = verified and not any(d.startswith("preprocessing") for d in found)
-        details += [f"seed {seed} {role} vs canonical {ours['split']}: {d}"
-                    for d in found if not d.startswith("preprocessing")]
+        for d in found:
+          if not d.startswith("preprocessing"):
+            found_by_seed.setdefault(f"{role} vs canonical {ours['split']}: {d}", []).append(seed)
       name, first = _reference(task_runs, role)
-      if first is not None:
-        details += [f"seed {seed} {role} vs {name}: {d}"
-                    for d in fingerprints.differences(ours, first)]
+      for d in fingerprints.differences(ours, first) if first is not None else []:
+        found_by_seed.setdefault(f"{role} vs {name}: {d}", []).append(seed)
+  details = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} {message}"
+             for message, seeds in found_by_seed.items()]
   state = "differs" if details else ("matches" if verified else "unverified")
   return {"state": state, "details": details}
 

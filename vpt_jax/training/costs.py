@@ -111,13 +111,15 @@ def inference(run: setup.Run) -> dict:
           "flops_per_image": None if flops is None else float(flops) / batch}
 
 
-def run_costs(run: setup.Run, export_dir: Optional[str]) -> dict:
-  """The "cost" entry of results.json (module docstring)."""
+def run_costs(run: setup.Run, export_dir: Optional[str],
+              measured: Optional[dict] = None) -> dict:
+  """The "cost" entry of results.json (module docstring); ``measured``: ``inference(run)``
+  if already measured (a sweep's settings share one)."""
   params = run.state["params"]
   memory, memory_kind = peak_memory()
   return {"trainable_params": freezing.count(freezing.split(params, run.labels)[0]),
           "trainable_params_without_head": trainable_without_head(params, run.labels),
           "export_bytes": folder_bytes(export_dir),
-          **run.costs, **inference(run),
+          **run.costs, **(measured or inference(run)),
           "peak_memory_bytes": memory, "memory_kind": memory_kind,
           "mergeable": MERGEABLE.get(run.config.method), "device": device()}

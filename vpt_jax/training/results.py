@@ -83,9 +83,11 @@ def finish(runs: Sequence[setup.Run], evaluate_split: Callable[[str], list],
   splits = evaluation.final_splits(runs[0].config) if len(diverged) < len(runs) else []
   scores = {name: evaluate_split(split) for name, split in splits}
   data = data_fingerprints(runs[0].config) if splits else None
+  # The settings share the model: one forward measured serves them all.
+  speed = costs.inference(runs[0]) if splits and runs[0].config.eval.costs else None
   return [diverged[index] if index in diverged else write_results(
               run, {name: per_run[index] for name, per_run in scores.items()},
-              log_prefix=log_prefix(run), data=data)
+              log_prefix=log_prefix(run), data=data, inference=speed)
           for index, run in enumerate(runs)]
 
 
@@ -103,10 +105,11 @@ def data_fingerprints(config) -> Optional[dict]:
 
 
 def write_results(run: setup.Run, scores: dict, log_prefix: str = "",
-                  data: Optional[dict] = None) -> dict:
+                  data: Optional[dict] = None, inference: Optional[dict] = None) -> dict:
   """Logs the run's ``scores`` ({"val": evaluate(...), ...}), exports the task
   (``config.export``) and writes results.json (with the splits' fingerprints
-  ``data``, if given); returns what it wrote."""
+  ``data``, if given, and with ``eval.costs`` the run's costs, ``inference``
+  the measured forward if already measured); returns what it wrote."""
   params = run.state["params"]
   results = {"method": run.config.method, "step": run.step,
              "trainable_params": freezing.count(freezing.split(params, run.labels)[0]),
@@ -126,7 +129,7 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "",
   if run.config.export:
     results["export"] = export(run)
   if run.config.eval.costs:
-    results["cost"] = costs.run_costs(run, results.get("export"))
+    results["cost"] = costs.run_costs(run, results.get("export"), inference)
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
