@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   # to evaluate: FGVC).
   config.data.preprocess = "resize"
   config.data.skip_corrupt = False  # skip unreadable image files (counted) instead of failing
+  # Record each split's fingerprint (count, class histogram, hashes of ids, labels and
+  # resized pixels: vpt_jax/data/fingerprints.py) in results.json; one pass per split.
+  config.data.fingerprint = True
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = ""            # "" = the method's default (sgd | adamw)
@@ -139,6 +142,13 @@ def base_config() -> ml_collections.ConfigDict:
   # training (the protocol's final runs train on train+val so).
   config.eval.every_epochs = 0
   config.eval.batch_size = 256      # >= 1; the last batch is padded and masked
+  # Write the test split's per-example logits (float16) and labels to
+  # predictions_test.npz beside results.json (training/predictions.py); the
+  # protocol keeps them for its final runs only, and its report reads them.
+  config.eval.save_predictions = False
+  # Measure the run's costs into results.json["cost"] (training/costs.py): export
+  # bytes, train and inference images/s, peak memory, FLOPs per image.
+  config.eval.costs = True
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 500  # >= 0; 0 = every step (and always the last)

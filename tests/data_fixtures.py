@@ -59,3 +59,14 @@ def kitti_example(objects):
   location = np.array([[0.0, 0.0, z] for _, z in objects], np.float32).reshape(-1, 3)
   return {"image": tf.zeros((5, 7, 3), tf.uint8),
           "objects": {"type": tf.constant(types), "location": tf.constant(location)}}
+
+
+def inject_split_sizes(data_dir, builder_name, sizes):
+  """Writes dataset_info.json with split sizes, which tfds.testing.mock_data lacks otherwise."""
+  builder = tfds.builder(builder_name, data_dir=data_dir)
+  info = builder.info
+  info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=name, shard_lengths=[count], num_bytes=0,
+                          filename_template=None) for name, count in sizes.items()]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  info.write_to_directory(builder.data_dir)

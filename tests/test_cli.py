@@ -144,3 +144,16 @@ def test_vpt_jax_prefix_names_a_shipped_config():
       "run.py", f"--config={folder}/vpt.py:method=linear", "--mode", "train"]
   assert cli.resolve_config_argv(["run.py", "--config", "vpt_jax:vpt"]) == [
       "run.py", "--config", f"{folder}/vpt.py"]
+
+
+def test_fingerprint_mode_matches_what_the_run_recorded(trained):
+  root, arg, _, _ = trained
+  workdir = str(root / "fingerprints")
+  found = cli.run(_config(root, arg), workdir, "fingerprint")
+  assert sorted(found) == ["test_split", "train_split"]  # no eval split set
+  with open(root / "run" / "results.json") as f:
+    recorded = json.load(f)["data"]  # written by the training subprocess
+  assert found["train_split"] == recorded["train"] and found["test_split"] == recorded["test"]
+  assert found["test_split"]["count"] == 10 and len(found["test_split"]["classes"]) == 5
+  with open(os.path.join(workdir, "data_fingerprints.json")) as f:
+    assert json.load(f) == found

@@ -13,7 +13,7 @@ import ml_collections
 
 from vpt_jax import errors
 
-MODES = ("train", "evaluate", "export", "predict", "report")
+MODES = ("train", "evaluate", "export", "predict", "report", "fingerprint")
 
 
 def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -262,6 +262,28 @@ def _print_json_lines(results: list[dict], output: str = "") -> list[dict]:
   return results
 
 
+def fingerprint_splits(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode fingerprint: the fingerprints of the config's train, eval and test splits.
+
+  What a run records in results.json["data"] (``data.fingerprints``), without
+  training: printed as JSON and written to WORKDIR/data_fingerprints.json.
+  """
+  from vpt_jax.data import fingerprints  # pylint: disable=g-import-not-at-top
+  from vpt_jax.data import sources  # pylint: disable=g-import-not-at-top
+  problem = sources.check_data_config(config.data)
+  if problem:
+    raise ValueError(problem)
+  found = {field: dict(fingerprints.config_fingerprint(config, config.data[field]),
+                       split=config.data[field])
+           for field in sources.SPLIT_FIELDS if config.data[field]}
+  text = json.dumps(found, indent=1, sort_keys=True)
+  print(text)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "data_fingerprints.json"), "w") as f:
+    f.write(text + "\n")
+  return found
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   """Dispatches one command; returns what the mode produced."""
   # Imported here so that `run.py --help` stays fast.
@@ -293,6 +315,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
                      "python -m vpt_jax.protocol.report WORKDIR")
   if mode == "train":
     return trainer.train_and_evaluate(config, workdir)
+  if mode == "fingerprint":
+    return fingerprint_splits(config, workdir)
   if mode in ("evaluate", "export"):
     return trainer.from_checkpoint(config, workdir, mode)
   paths = [p for p in config.predict.images.split(",") if p]

@@ -1,8 +1,6 @@
 """VTAB-1k split strings resolved against the prepared data, the missing-data steps, and
 every task through the pipeline on tfds.testing.mock_data (no download)."""
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -37,15 +35,7 @@ def test_resolve_split(capsys):
 
 # ----------------------------------------------------------------- through TFDS mocks
 
-def _inject_split_sizes(data_dir, builder_name, sizes):
-  """Writes dataset_info.json with split sizes, which the mock lacks otherwise."""
-  builder = tfds.builder(builder_name, data_dir=data_dir)
-  info = builder.info
-  info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=name, shard_lengths=[count], num_bytes=0,
-                          filename_template=None) for name, count in sizes.items()]))
-  os.makedirs(builder.data_dir, exist_ok=True)
-  info.write_to_directory(builder.data_dir)
+_inject_split_sizes = data_fixtures.inject_split_sizes
 
 
 @pytest.fixture(scope="module")

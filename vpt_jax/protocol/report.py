@@ -14,6 +14,15 @@ written by ``tuning.run_protocol``) and writes to ``--out`` (default
 * ``results.csv``: the same numbers, one row per task and method.
 * ``bars.png`` (per-task bars per method, paper numbers as markers) and
   ``curves_<method>.png`` (training loss of the final runs, from metrics.jsonl).
+* per benchmark a cost table (``cost_table``: parameters, export bytes,
+  throughputs, memory, FLOPs, mergeable, device, V-PETL's PPT), the plot
+  ``params_vs_accuracy_<benchmark>.png`` and ``costs.csv``;
+* in report.md also: the data each result read (``data_checks``: fingerprints
+  against the canonical ones and each other; a result whose data differs is
+  marked "data differs" in the tables) and the method-versus-method
+  differences with their seed spread and paired bootstrap interval
+  (``comparisons``); ``per_class.md``: per-class test accuracy from the
+  saved predictions (``eval.save_predictions``).
 
 The paper's numbers are recalled from the paper, not verified against the PDF
 (vpt_jax/protocol/hparams.py says so for each); the report repeats the warning.
@@ -31,6 +40,9 @@ import numpy as np
 
 from vpt_jax.data import fgvc
 from vpt_jax.data import vtab_tasks
+from vpt_jax.protocol import comparisons
+from vpt_jax.protocol import cost_table
+from vpt_jax.protocol import data_checks
 from vpt_jax.protocol import hparams
 
 SUMMARY_FILE = "summary.json"
@@ -73,8 +85,13 @@ def _paper(method: str, task: str) -> Optional[float]:
   return hparams.PAPER_RESULTS.get(method, {}).get(task)
 
 
-def table_rows(kind: str, summaries: list[dict]) -> tuple[list[str], list[dict]]:
-  """(methods, rows) of one benchmark; a row holds per method ours/paper/diff (%)."""
+def table_rows(kind: str, summaries: list[dict],
+               data: Optional[dict] = None) -> tuple[list[str], list[dict]]:
+  """(methods, rows) of one benchmark; a row holds per method ours/paper/diff (%).
+
+  ``data``: ``data_checks.statuses``; a cell whose data differs says so.
+  """
+  data = data or {}
   present = [s for s in summaries if _kind(s["task"]) == kind]
   methods = _methods(present)
   by_key = {(s["task"], s["method"]): s for s in present}
@@ -91,7 +108,8 @@ def table_rows(kind: str, summaries: list[dict]) -> tuple[list[str], list[dict]]
               "seeds": summary["num_seeds"] if summary else 0,
               "planned": len(summary["finals"]) if summary else 0,
               "paper": _paper(base.get(method, method), task),
-              "best": summary.get("best") if summary else None}
+              "best": summary.get("best") if summary else None,
+              "data": data.get((task, method), {}).get("state")}
       cell["diff"] = (None if cell["mean"] is None or cell["paper"] is None
                       else cell["mean"] - cell["paper"])
       row["cells"][method] = cell
@@ -155,11 +173,13 @@ def _ours(cell: dict) -> str:
     text += f" ({cell['seeds']}/{cell['planned']} seeds)"
   if "count" in cell and cell["count"] < cell["total"]:
     text += f" ({cell['count']}/{cell['total']} tasks)"
+  if cell.get("data") == "differs":
+    text += " (data differs)"
   return text
 
 
-def markdown_table(kind: str, summaries: list[dict]) -> str:
-  methods, rows = table_rows(kind, summaries)
+def markdown_table(kind: str, summaries: list[dict], data: Optional[dict] = None) -> str:
+  methods, rows = table_rows(kind, summaries, data)
   header = ["task"] + (["group"] if kind == "vtab" else [])
   for method in methods:
     header += [method, "paper", "Δ"]
@@ -295,28 +315,52 @@ def write_report(results_dir: str, out_dir: Optional[str] = None,
            "overall means use only the tasks with results (counts shown); the paper's "
            "means are taken over the same tasks.", ""]
   images = []
+  data = data_checks.statuses(summaries, methods=_methods(summaries))
   for kind, title in (("vtab", "VTAB-1k"), ("fgvc", "FGVC"), ("custom", "Other tasks")):
     if not any(_kind(s["task"]) == kind for s in summaries):
       continue
-    lines += [f"## {title}", "", markdown_table(kind, summaries), ""]
+    lines += [f"## {title}", "", markdown_table(kind, summaries, data), ""]
     bars = plot_bars(os.path.join(out_dir, f"bars_{kind}.png"), kind, summaries)
     if bars:
       lines += [f"![{title} bars]({os.path.basename(bars)})", ""]
       images.append(bars)
+    lines += cost_table.section([s for s in summaries if _kind(s["task"]) == kind],
+                                _methods(summaries), title,
+                                os.path.join(out_dir, f"params_vs_accuracy_{kind}.png"))
   if not summaries:
     lines.append("No summary.json found yet: run the protocol first.")
   for method in _methods(summaries):
     curves = plot_curves(os.path.join(out_dir, f"curves_{method}.png"), method, summaries)
     if curves:
       lines += [f"![{method} curves]({os.path.basename(curves)})", ""]
+  lines += _checks(summaries, data, out_dir)
   pending = [f"{s['task']} ({s['method']})" for s in summaries if not s["complete"]]
   if pending:
     lines += ["Incomplete (runs missing or waiting): " + ", ".join(pending), ""]
   write_csv(os.path.join(out_dir, "results.csv"), summaries)
+  cost_table.write_csv(os.path.join(out_dir, "costs.csv"), summaries)
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
+
+
+def _checks(summaries: list[dict], data: dict, out_dir: str) -> list[str]:
+  """report.md's data and differences sections; writes per_class.md."""
+  lines = []
+  if data:
+    lines += ["## Data", "", data_checks.markdown(data), ""]
+  methods = _methods(summaries)
+  differences = comparisons.markdown(summaries, methods)
+  if differences:
+    lines += ["## Differences between methods", "", differences, ""]
+  per_class = comparisons.per_class(summaries, methods)
+  if per_class:
+    with open(os.path.join(out_dir, "per_class.md"), "w") as f:
+      f.write("# Per-class test accuracy (%, mean over seeds; from the saved "
+              "predictions)\n\n" + per_class + "\n")
+    lines += ["Per-class test accuracy: [per_class.md](per_class.md)", ""]
+  return lines
 
 
 def main(argv=None) -> None:

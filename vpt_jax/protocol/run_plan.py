@@ -162,6 +162,7 @@ def run_config(config, spec: RunSpec) -> ml_collections.ConfigDict:
   tune_train, tune_eval, final_train, final_test = splits(config, task)
   if spec.phase == "tune":
     run.data.train_split, run.data.eval_split, run.data.test_split = tune_train, tune_eval, ""
+    run.eval.save_predictions = False  # kept for the final runs only
   else:
     # val200 is part of train800val200: evaluating it would only cost time.
     run.data.train_split, run.data.eval_split, run.data.test_split = final_train, "", final_test

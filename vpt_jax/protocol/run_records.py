@@ -28,7 +28,9 @@ RUN_FILE = "run.json"
 NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export", "predict.",
                   "data.data_dir", "data.path",
                   # only permits an empty init_checkpoint; records before it lack it
-                  "model.from_scratch")
+                  "model.from_scratch",
+                  # records only; records before it lack it
+                  "data.fingerprint")
 RunFn = Callable[[ml_collections.ConfigDict, str], dict]
 # (run configs, run folders) -> per run a results dict or a FloatingPointError
 # (training/sweeps.py: train_and_evaluate_settings).

@@ -16,6 +16,7 @@ from vpt_jax.data import eval_stream
 from vpt_jax.training import config_checks
 from vpt_jax.training import inputs
 from vpt_jax.training import mesh as mesh_lib
+from vpt_jax.training import predictions
 from vpt_jax.training import setup
 from vpt_jax.training import steps as steps_lib
 
@@ -38,23 +39,34 @@ def eval_totals(run: setup.Run, eval_step, variables, split: str) -> dict:
   config = run.config
   mesh_lib.check_batch_divisible(config.eval.batch_size, run.mesh)
   eval_source, dataset = run.eval_input(split)
-  totals = None
+  totals, rows = None, []
   for batch in eval_stream.eval_batches(eval_source, **inputs.eval_stream_options(config),
                                      dataset=dataset):
     sums = eval_step(variables, mesh_lib.global_batch(run.mesh, batch))
+    if "per_example" in sums:  # kept per row, not summed
+      rows.append(jax.device_get(sums.pop("per_example")))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise config_checks.ConfigError(
         f"split {eval_source.split!r} of {eval_source.builder} is empty")
-  return jax.device_get(totals)
+  totals = jax.device_get(totals)
+  if rows:
+    totals["per_example"] = predictions.keep_real_rows(rows)
+  return totals
 
 
 def evaluate(run: setup.Run, eval_step, variables, split: str) -> dict:
   """Top-1/top-5/loss over every example of ``split`` exactly once.
 
-  ``variables``: ``steps_lib.model_variables(state)``.
+  ``variables``: ``steps_lib.model_variables(state)``. A per-example
+  ``eval_step`` adds "predictions": {"logits" (N, C), "labels" (N,)}.
   """
-  return steps_lib.summarize_eval(eval_totals(run, eval_step, variables, split))
+  totals = eval_totals(run, eval_step, variables, split)
+  per_example = totals.pop("per_example", None)
+  score = steps_lib.summarize_eval(totals)
+  if per_example is not None:
+    score["predictions"] = per_example
+  return score
 
 
 def evaluate_each(run: setup.Run, eval_step, variables, split: str) -> list[dict]:
@@ -68,8 +80,13 @@ def evaluate_each(run: setup.Run, eval_step, variables, split: str) -> list[dict
     Per setting {"top1", "top5", "loss", "count"}.
   """
   totals = eval_totals(run, eval_step, variables, split)
-  return [steps_lib.summarize_eval({k: v[index] for k, v in totals.items()})
-          for index in range(len(totals["count"]))]
+  per_example = totals.pop("per_example", None)
+  scores = [steps_lib.summarize_eval({k: v[index] for k, v in totals.items()})
+            for index in range(len(totals["count"]))]
+  if per_example is not None:
+    for index, score in enumerate(scores):
+      score["predictions"] = {k: v[index] for k, v in per_example.items()}
+  return scores
 
 
 def final_splits(config) -> list[tuple[str, str]]:

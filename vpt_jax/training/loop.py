@@ -192,12 +192,41 @@ def _cached_features(run: setup.Run, start_step: int, console: Console):
   return features
 
 
+class _Throughput:
+  """Training images/s between the first and the last host sync (so after
+  compilation), without the validation passes in between."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size, self.first, self.last, self.excluded = batch_size, None, None, 0.0
+
+  def synced(self, step: int) -> None:
+    mark = (step, time.perf_counter())
+    if self.first is None:
+      self.first = mark
+    else:
+      self.last = mark
+
+  def exclude(self, seconds: float) -> None:
+    if self.first is not None:
+      self.excluded += seconds
+
+  def costs(self) -> dict:
+    """{"train_images_per_s", "train_steps_timed"}, or {} with fewer than two syncs."""
+    if self.last is None:
+      return {}
+    steps = self.last[0] - self.first[0]
+    seconds = self.last[1] - self.first[1] - self.excluded
+    return {"train_images_per_s": steps * self.batch_size / seconds,
+            "train_steps_timed": steps}
+
+
 def _steps(runs, program: Program, console: Console, batches, rng, start_step: int,
            notice: preemption.PreemptionNotice, on_step) -> tuple[dict, dict]:
   """The steps from ``start_step + 1`` to the end; see ``train``."""
   first = runs[0]
   config, manager, total_steps = first.config, first.manager, first.total_steps
   state, pending, diverged = program.state, [], {}
+  throughput = _Throughput(config.optim.batch_size)
   # Crash-test hooks (ckpt_lib.TEST_HOOK_ENV); both None outside tests.
   kill_in_step, pause_after = ckpt_lib.hook_step("step"), ckpt_lib.hook_step("pause")
   for step in range(start_step + 1, total_steps + 1):
@@ -215,12 +244,15 @@ def _steps(runs, program: Program, console: Console, batches, rng, start_step: i
       _check_and_log(runs, program, console, jax.device_get(pending), step, log_due,
                      diverged)
       pending = []
+      throughput.synced(step)
     if first.eval_every and step % first.eval_every == 0 and step < total_steps:
+      began = time.perf_counter()
       # The runs share the first run's data pipeline as they share the data.
       vals = program.evaluate(steps_lib.model_variables(state), config.data.eval_split)
       for index, run in _live(runs, diverged):
         run.writer.write(step, vals[index], prefix="val/")
       console.validated(step, vals)
+      throughput.exclude(time.perf_counter() - began)
     if save_due:
       for index, run in _live(runs, diverged):
         ckpt_lib.save(run.manager, program.own_state(state, index), run.labels)
@@ -233,6 +265,8 @@ def _steps(runs, program: Program, console: Console, batches, rng, start_step: i
       preemption.pause_for_test(first.workdir, step)
     if on_step is not None:
       on_step(step, state)
+  for run in runs:
+    run.costs.update(throughput.costs(), fused_settings=len(runs))
   return state, diverged
 
 

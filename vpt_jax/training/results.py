@@ -17,12 +17,15 @@ import numpy as np
 import tensorflow as tf
 
 from vpt_jax.checkpoints import merge as merge_lib
+from vpt_jax.data import fingerprints
 from vpt_jax.export import standalone
 from vpt_jax.export import task_export
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
+from vpt_jax.training import costs
 from vpt_jax.training import evaluation
+from vpt_jax.training import predictions
 from vpt_jax.training import setup
 
 RESULTS_FILE = "results.json"
@@ -80,15 +83,34 @@ def finish(runs: Sequence[setup.Run], evaluate_split: Callable[[str], list],
   diverged = diverged or {}
   splits = evaluation.final_splits(runs[0].config) if len(diverged) < len(runs) else []
   scores = {name: evaluate_split(split) for name, split in splits}
+  data = data_fingerprints(runs[0].config) if splits else None
+  # The settings share the model: one forward measured serves them all.
+  speed = costs.inference(runs[0]) if splits and runs[0].config.eval.costs else None
   return [diverged[index] if index in diverged else write_results(
               run, {name: per_run[index] for name, per_run in scores.items()},
-              log_prefix=log_prefix(run))
+              log_prefix=log_prefix(run), data=data, inference=speed)
           for index, run in enumerate(runs)]
 
 
-def write_results(run: setup.Run, scores: dict, log_prefix: str = "") -> dict:
+def data_fingerprints(config) -> Optional[dict]:
+  """{"train"/"val"/"test": the split's fingerprint and split string} (process 0), or None.
+
+  ``data.fingerprint`` off, or another process: None. One pass over each
+  split without the model (``data.fingerprints``; cached per process).
+  """
+  if not config.data.fingerprint or jax.process_index() != 0:
+    return None
+  named = [("train", config.data.train_split)] + evaluation.final_splits(config)
+  return {name: dict(fingerprints.config_fingerprint(config, split), split=split)
+          for name, split in named}
+
+
+def write_results(run: setup.Run, scores: dict, log_prefix: str = "",
+                  data: Optional[dict] = None, inference: Optional[dict] = None) -> dict:
   """Logs the run's ``scores`` ({"val": evaluate(...), ...}), exports the task
-  (``config.export``) and writes results.json; returns what it wrote."""
+  (``config.export``) and writes results.json (with the splits' fingerprints
+  ``data``, if given, and with ``eval.costs`` the run's costs, ``inference``
+  the measured forward if already measured); returns what it wrote."""
   params = run.state["params"]
   results = {"method": run.config.method, "step": run.step,
              "trainable_params": freezing.count(freezing.split(params, run.labels)[0]),
@@ -96,14 +118,21 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "") -> dict:
              "backbone_params": backbone_size(
                  params, registry.get_method(run.config.method).fresh_patterns)}
   for name, score in scores.items():
+    saved = score.pop("predictions", None)
     results[name] = score
     run.writer.write(run.step, score, prefix=f"{name}/")
     run.writer.print(f"{log_prefix}{name} top-1 {score['top1']:.4f}, top-5 "
                      f"{score['top5']:.4f} ({score['count']} images)")
+    if saved is not None and name == "test" and jax.process_index() == 0:
+      results[name] = dict(score, predictions=predictions.write(run.workdir, name, saved))
+  if data is not None:
+    results["data"] = data
   if run.config.export.enabled:
     results["export"] = export(run)
     if run.config.export.format != "npz" and results["export"]:
       results["standalone_export"] = os.path.join(results["export"], run.config.export.format)
+  if run.config.eval.costs:
+    results["cost"] = costs.run_costs(run, results.get("export"), inference)
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)

@@ -53,6 +53,7 @@ class Run:
   writer: metric_writers.MetricWriter
   eval_inputs: dict = dataclasses.field(default_factory=dict)  # split -> (source, dataset)
   lock: Optional[str] = None  # the workdir lock this process holds (workdir_lock)
+  costs: dict = dataclasses.field(default_factory=dict)  # measured by the loop (costs.py)
 
   @property
   def step(self) -> int:

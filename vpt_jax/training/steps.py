@@ -215,23 +215,28 @@ def _apply_updates(tx, state: dict, grads: dict, trainable: dict, frozen: dict):
   return new_trainable, opt_state
 
 
-def make_eval_step(model, *, mean, std) -> Callable:
+def make_eval_step(model, *, mean, std, per_example: bool = False) -> Callable:
   """Returns eval_step(variables, batch) -> sums over the real (mask=True) examples.
 
   ``variables`` are ``model_variables(state)`` ({"params"} and, for BatchNorm
   heads, the running averages in "batch_stats"). The batch holds "image" (or
-  "features"), "label" and "mask" bool (B,); padded rows count nowhere.
+  "features"), "label" and "mask" bool (B,); padded rows count nowhere. With
+  ``per_example`` the result also holds "per_example": {"logits" (B, C),
+  "label" (B,), "mask" (B,)} (evaluation keeps the real rows; not summed).
   """
   def eval_step(variables, batch):
     inputs, input_kwargs = model_inputs(batch, mean, std)
     logits = model.apply(variables, inputs, train=False, **input_kwargs)
     mask = batch["mask"].astype(jnp.float32)
-    return {
+    sums = {
         "count": mask.sum(),
         "correct_top1": (topk_correct(logits, batch["label"], 1) * mask).sum(),
         "correct_top5": (topk_correct(logits, batch["label"], 5) * mask).sum(),
         "loss_sum": (cross_entropy(logits, batch["label"]) * mask).sum(),
     }
+    if per_example:
+      sums["per_example"] = {"logits": logits, "label": batch["label"], "mask": batch["mask"]}
+    return sums
   return eval_step
 
 

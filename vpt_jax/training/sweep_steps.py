@@ -147,13 +147,14 @@ def make_fused_train_step(model, labels, make_setting_tx: Callable, *, mean, std
   return fused_step
 
 
-def make_fused_eval_step(model, labels, *, mean, std) -> Callable:
+def make_fused_eval_step(model, labels, *, mean, std, per_example: bool = False) -> Callable:
   """Returns eval_step(variables, batch) -> ``steps.make_eval_step``'s sums, (S,) each.
 
   ``variables`` are ``steps.model_variables`` of a fused state: every setting
-  is scored on the same (shared) batch.
+  is scored on the same (shared) batch. ``per_example``: as in
+  ``make_eval_step``, with a leading settings axis (S, B, ...).
   """
-  eval_step = steps_lib.make_eval_step(model, mean=mean, std=std)
+  eval_step = steps_lib.make_eval_step(model, mean=mean, std=std, per_example=per_example)
 
   def fused_eval_step(variables, batch):
     axes = {k: v for k, v in state_axes(variables, labels).items() if k in variables}

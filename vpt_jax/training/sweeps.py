@@ -173,10 +173,12 @@ class _SweepConsole(loop.Console):
                               "rerun the same command to resume")
 
 
-def _evaluate_fn(first: setup.Run):
-  """(fused variables, split) -> per setting scores, in one pass over the split."""
+def _evaluate_fn(first: setup.Run, per_example: bool = False):
+  """(fused variables, split) -> per setting scores, in one pass over the split
+  (with "predictions": ``per_example``)."""
   eval_step = evaluation.jit_eval_step(
-      first, sweep_steps.make_fused_eval_step(first.model, first.labels, **first.norm))
+      first, sweep_steps.make_fused_eval_step(first.model, first.labels, **first.norm,
+                                              per_example=per_example))
   # The settings share the first run's data pipeline as they share the data.
   return lambda variables, split: evaluation.evaluate_each(first, eval_step, variables, split)
 
@@ -283,7 +285,7 @@ def finish(runs: Sequence[setup.Run], variables: dict,
     Per setting the results dict ``trainer.finish`` would write to
     results.json, or its error.
   """
-  evaluate = _evaluate_fn(runs[0])
+  evaluate = _evaluate_fn(runs[0], per_example=runs[0].config.eval.save_predictions)
   return results.finish(runs, lambda split: evaluate(variables, split), diverged,
                         log_prefix=lambda run: f"{_setting_name(run.config)}: ")
 

@@ -60,9 +60,11 @@ class _RunConsole(loop.Console):
           f"{jax.process_index()}); rerun the same command to resume", flush=True)
 
 
-def _evaluate_fn(run: setup.Run) -> Callable[[dict, str], list]:
-  """(variables, split) -> [the run's scores on the split]."""
-  eval_step = evaluation.jit_eval_step(run, steps_lib.make_eval_step(run.model, **run.norm))
+def _evaluate_fn(run: setup.Run, per_example: bool = False) -> Callable[[dict, str], list]:
+  """(variables, split) -> [the run's scores on the split] (with "predictions":
+  ``per_example``)."""
+  eval_step = evaluation.jit_eval_step(
+      run, steps_lib.make_eval_step(run.model, **run.norm, per_example=per_example))
   return lambda variables, split: [evaluation.evaluate(run, eval_step, variables, split)]
 
 
@@ -90,7 +92,7 @@ def train(run: setup.Run, on_step: Optional[Callable[[int, dict], None]] = None)
 
 def finish(run: setup.Run) -> dict:
   """Evaluates val and test, exports the task and writes results.json."""
-  evaluate = _evaluate_fn(run)
+  evaluate = _evaluate_fn(run, per_example=run.config.eval.save_predictions)
   variables = steps_lib.model_variables(run.state)
   outcome, = results.finish([run], lambda split: evaluate(variables, split))
   return outcome
