@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.lora.rank = 8
   config.lora.alpha = 8.0           # update scale alpha / rank (0 = no update)
   config.lora.targets = "query,value"  # any of query,key,value,out
+  # Re-parameterisable methods (drop_path: stochastic depth while training, [0, 1)).
+  config.ssf = ml_collections.ConfigDict()
+  config.ssf.drop_path = 0.1        # dongzelian/SSF VTAB-1k scripts
   config.vfpt = ml_collections.ConfigDict()
   config.vfpt.percentage = 0.5      # floor(num_prompts * percentage) Fourier prompts
   config.vfpt.dimension = "all"     # all | hidden | sequence

@@ -54,7 +54,9 @@ class LoraOptions(hooks_lib.Hooks):
   alpha: float = 8.0
   targets: tuple[str, ...] = ("query", "value")
 
-  def projection_output(self, name, inputs, outputs, out_features, num_in_axes, dtype):
+  def projection_output(self, name, inputs, outputs, out_features, num_in_axes, dtype,
+                        block=None):
+    del block
     if name not in self.targets:
       return outputs
     return outputs + LoRA(self.rank, self.alpha, out_features, num_in_axes, dtype=dtype,

@@ -43,8 +43,10 @@ from vpt_jax.methods import lora
 from vpt_jax.methods import partial
 from vpt_jax.methods import prompts
 from vpt_jax.methods import sidetune
+from vpt_jax.methods import ssf
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
+_MODULES += (ssf,)  # re-parameterisable methods (merge into the backbone)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 
