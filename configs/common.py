@@ -67,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Re-parameterisable methods (drop_path: stochastic depth while training, [0, 1)).
   config.ssf = ml_collections.ConfigDict()
   config.ssf.drop_path = 0.1        # dongzelian/SSF VTAB-1k scripts
+  config.difffit = ml_collections.ConfigDict()
+  config.difffit.drop_path = 0.1    # OSU ViT_PEFT_Vision default_vtab_processed.yml
+  config.ln_tune = ml_collections.ConfigDict()
+  config.ln_tune.drop_path = 0.1    # OSU ViT_PEFT_Vision default_vtab_processed.yml
   config.vfpt = ml_collections.ConfigDict()
   config.vfpt.percentage = 0.5      # floor(num_prompts * percentage) Fourier prompts
   config.vfpt.dimension = "all"     # all | hidden | sequence

@@ -92,5 +92,5 @@ METHODS = (
                             "plus the head",
                 read_settings=lambda config: dict(drop_path=common.read_drop_path(config.ssf)),
                 settings_check=_check_settings,
-                make_hooks=lambda spec: SsfOptions(**spec["ssf"])),
+                make_hooks=lambda spec: SsfOptions(**spec["ssf"]), merge=merge),
 )
