@@ -71,6 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.difffit.drop_path = 0.1    # OSU ViT_PEFT_Vision default_vtab_processed.yml
   config.ln_tune = ml_collections.ConfigDict()
   config.ln_tune.drop_path = 0.1    # OSU ViT_PEFT_Vision default_vtab_processed.yml
+  config.fact = ml_collections.ConfigDict()  # fact_tt and fact_tk (PETL-ViT FacT/)
+  config.fact.rank = 8              # r >= 1; per-task 4..32 (protocol.hparams.FACT_TASKS)
+  config.fact.scale = 1.0           # s; per-task 0.01..100
+  config.fact.dropout = 0.1         # on the cores' output, [0, 1)
+  config.fact.drop_path = 0.1
   config.vfpt = ml_collections.ConfigDict()
   config.vfpt.percentage = 0.5      # floor(num_prompts * percentage) Fourier prompts
   config.vfpt.dimension = "all"     # all | hidden | sequence

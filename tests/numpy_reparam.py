@@ -34,16 +34,24 @@ def _ssf(y, params, name):
   return y * pair["scale"].reshape(-1) + pair["shift"].reshape(-1)
 
 
-def fact_cores(fact, layer):
-  """The layer's FacT cores as the official code builds them (kernels: in -> out)."""
+_FACT_NAMES = {"q": "query", "k": "key", "v": "value", "out": "out", "fc1": "Dense_0",
+               "fc2": "Dense_1"}
+
+
+def fact_cores(fact, layer, ratio):
+  """The layer's FacT cores as the official code builds them (kernels: in -> out).
+
+  The official code has ratio (mlp_dim / D) 4, so 12 FacTp columns per layer.
+  """
   if "c" not in fact:  # TT: per-layer Linear(r, r) / (r, 4r) / (4r, r)
-    return {name: fact[name][layer] for name in ("q", "k", "v", "out", "fc1", "fc2")}
-  rank = fact["c"].shape[0]
-  attention = fact["c"] @ fact["p"][:, 12 * layer:12 * layer + 4]
-  mlp = fact["c"] @ fact["p"][:, 12 * layer + 4:12 * layer + 12]
+    return {short: fact[name][layer] for short, name in _FACT_NAMES.items()}
+  rank, columns = fact["c"].shape[0], 4 + 2 * ratio
+  idx = columns * layer
+  attention = fact["c"] @ fact["p"][:, idx:idx + 4]
+  mlp = fact["c"] @ fact["p"][:, idx + 4:idx + columns]
   return {"q": attention[:, :, 0], "k": attention[:, :, 1], "v": attention[:, :, 2],
-          "out": attention[:, :, 3], "fc1": mlp[:, :, :4].reshape(rank, 4 * rank),
-          "fc2": mlp[:, :, 4:].reshape(rank, 4 * rank).T}
+          "out": attention[:, :, 3], "fc1": mlp[:, :, :ratio].reshape(rank, ratio * rank),
+          "fc2": mlp[:, :, ratio:].reshape(rank, ratio * rank).T}
 
 
 def _repadapter(x, adapter, scale):
@@ -86,12 +94,12 @@ def _mlp(y, mlp, fact, cores, fact_scale):
   h = y @ mlp["Dense_0"]["kernel"] + mlp["Dense_0"]["bias"]
   if fact is not None:
     rank = fact["u"].shape[1]
-    low = ((y @ fact["u"]) @ cores["fc1"]).reshape(batch, tokens, 4, rank)
-    h = h + (low @ fact["v"]).reshape(batch, tokens, 4 * width) * fact_scale
+    low = ((y @ fact["u"]) @ cores["fc1"]).reshape(batch, tokens, -1, rank)
+    h = h + (low @ fact["v"]).reshape(batch, tokens, -1) * fact_scale
   h = gelu(_ssf(h, mlp, "Dense_0"))
   out = h @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
   if fact is not None:
-    low = (h.reshape(batch, tokens, 4, width) @ fact["u"]).reshape(batch, tokens, -1)
+    low = (h.reshape(batch, tokens, -1, width) @ fact["u"]).reshape(batch, tokens, -1)
     out = out + (low @ cores["fc2"]) @ fact["v"] * fact_scale
   return _ssf(out, mlp, "Dense_1")
 
@@ -121,9 +129,10 @@ def vit_forward(params, images, *, fact_scale=1.0, repadapter_scale=1.0):
   fact = params.get("fact")
   depth = sum(1 for name in transformer if name.startswith("encoderblock_"))
   for layer in range(depth):
-    cores = fact_cores(fact, layer) if fact is not None else None
-    x = _block(x, transformer[f"encoderblock_{layer}"], fact, cores, fact_scale,
-               repadapter_scale)
+    block = transformer[f"encoderblock_{layer}"]
+    ratio = block["MlpBlock_0"]["Dense_0"]["kernel"].shape[1] // x.shape[2]
+    cores = fact_cores(fact, layer, ratio) if fact is not None else None
+    x = _block(x, block, fact, cores, fact_scale, repadapter_scale)
   norm = transformer["encoder_norm"]
   tokens = _ssf(layer_norm(x, norm["scale"], norm["bias"]), transformer, "encoder_norm")
   return tokens[:, 0] @ params["head"]["kernel"] + params["head"]["bias"]

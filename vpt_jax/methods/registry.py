@@ -38,6 +38,7 @@ from vpt_jax.methods import base
 from vpt_jax.methods import bias
 from vpt_jax.methods import cvpt
 from vpt_jax.methods import difffit
+from vpt_jax.methods import fact
 from vpt_jax.methods import full
 from vpt_jax.methods import head_only
 from vpt_jax.methods import lora
@@ -47,7 +48,7 @@ from vpt_jax.methods import sidetune
 from vpt_jax.methods import ssf
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
-_MODULES += (ssf, difffit)  # re-parameterisable methods (merge into the backbone)
+_MODULES += (ssf, difffit, fact)  # re-parameterisable methods (merge into the backbone)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 

@@ -59,6 +59,7 @@ class Geometry(NamedTuple):
   width: int
   num_heads: int
   patch_size: int
+  mlp_dim: int = 0  # the MLP's hidden width (0: not a ViT)
 
 
 class BlockContext(NamedTuple):
