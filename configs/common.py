@@ -76,6 +76,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.fact.scale = 1.0           # s; per-task 0.01..100
   config.fact.dropout = 0.1         # on the cores' output, [0, 1)
   config.fact.drop_path = 0.1
+  config.repadapter = ml_collections.ConfigDict()  # luogen1996/RepAdapter repblock
+  config.repadapter.dim = 8         # hidden features h, a multiple of groups
+  config.repadapter.groups = 2      # conv_B's groups
+  config.repadapter.scale = 1.0     # s; per-task 0.1..10 (protocol.hparams)
+  config.repadapter.dropout = 0.1   # after conv_A, [0, 1)
+  config.repadapter.drop_path = 0.1
   config.vfpt = ml_collections.ConfigDict()
   config.vfpt.percentage = 0.5      # floor(num_prompts * percentage) Fourier prompts
   config.vfpt.dimension = "all"     # all | hidden | sequence

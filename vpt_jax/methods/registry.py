@@ -44,11 +44,12 @@ from vpt_jax.methods import head_only
 from vpt_jax.methods import lora
 from vpt_jax.methods import partial
 from vpt_jax.methods import prompts
+from vpt_jax.methods import repadapter
 from vpt_jax.methods import sidetune
 from vpt_jax.methods import ssf
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
-_MODULES += (ssf, difffit, fact)  # re-parameterisable methods (merge into the backbone)
+_MODULES += (ssf, difffit, fact, repadapter)  # re-parameterisable methods (merge into the backbone)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 
