@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.log_every_steps = 20       # >= 1
   config.export = True
+  # Also write WORKDIR/export_merged: the method folded into a plain ViT backbone
+  # (official layout) plus a linear task on it; methods linear in the weights only.
+  config.export_merged = False
   # Files to classify in predict mode (comma-separated paths) and the export to use.
   config.predict = ml_collections.ConfigDict()
   config.predict.images = ""

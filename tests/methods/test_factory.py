@@ -25,6 +25,10 @@ OVERRIDES = {
     "e2vpt.kv_prompts": 3, "e2vpt.kv_dropout": 0.5,
     "sidetune.widths": "4, 8",
     "mlp.dropout": 0.3,
+    "ssf.drop_path": 0.2, "difffit.drop_path": 0.2, "ln_tune.drop_path": 0.2,
+    "fact.rank": 4, "fact.scale": 10.0, "fact.dropout": 0.2, "fact.drop_path": 0.2,
+    "repadapter.dim": 4, "repadapter.groups": 2, "repadapter.scale": 5.0,
+    "repadapter.dropout": 0.2, "repadapter.drop_path": 0.2,
 }
 
 
@@ -59,6 +63,13 @@ EXPECTED = {
     "vpt+bias": _shared("vpt+bias", **PROMPTED),
     "vfpt": _shared("vfpt", **PROMPTED, vfpt={"percentage": 0.75, "dimension": "hidden"}),
     "e2vpt": _shared("e2vpt", **PROMPTED, e2vpt={"num_prompts": 3, "dropout": 0.5}),
+    "ssf": _shared("ssf", ssf={"drop_path": 0.2}),
+    "difffit": _shared("difffit", difffit={"drop_path": 0.2}),
+    "ln_tune": _shared("ln_tune", ln_tune={"drop_path": 0.2}),
+    **{m: _shared(m, fact={"rank": 4, "scale": 10.0, "dropout": 0.2, "drop_path": 0.2})
+       for m in ("fact_tt", "fact_tk")},
+    "repadapter": _shared("repadapter", repadapter={"dim": 4, "groups": 2, "scale": 5.0,
+                                                    "dropout": 0.2, "drop_path": 0.2}),
 }
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 from vpt_jax import errors
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
+from vpt_jax.export import merging
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
@@ -59,6 +60,8 @@ def validate_config(config) -> None:
   normalization(config)
   _check_backbone(config.model)
   _check_side_network(config, method)
+  if config.export_merged:
+    merging.check_mergeable(config.method)
 
 
 def check_data(config) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from vpt_jax.checkpoints import merge as merge_lib
+from vpt_jax.export import merging
 from vpt_jax.export import task_export
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
@@ -101,6 +102,8 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "") -> dict:
                      f"{score['top5']:.4f} ({score['count']} images)")
   if run.config.export:
     results["export"] = export(run)
+  if run.config.export_merged:
+    results["export_merged"] = export_merged(run)
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
@@ -117,3 +120,13 @@ def export(run: setup.Run) -> Optional[str]:
       normalization=run.norm, backbone_path=run.config.model.init_checkpoint or None,
       backbone_fingerprint=run.fingerprint, init_seed=run.config.seed,
       batch_stats=run.state.get("batch_stats"))
+
+
+def export_merged(run: setup.Run) -> Optional[str]:
+  """Writes the merged backbone and its linear task export (process 0, ``export.merging``)."""
+  if jax.process_index() != 0:
+    return None
+  return merging.export_merged(
+      os.path.join(run.workdir, "export_merged"), run.state["params"], spec=run.spec,
+      num_classes=run.data.num_classes, class_names=run.data.class_names,
+      normalization=run.norm, init_seed=run.config.seed)

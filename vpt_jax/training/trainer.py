@@ -119,6 +119,8 @@ def from_checkpoint(config: ml_collections.ConfigDict, workdir: str, action: str
           f"{workdir} has no checkpoint to {action}; train first (--mode train) or point "
           "--workdir at a trained run")
     if action == "export":
+      if config.export_merged:  # --config.export_merged=True: the merged backbone too
+        results.export_merged(run)
       return results.export(run)
     return finish(run)
   finally:
