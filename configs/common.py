@@ -203,6 +203,22 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
     config.prompt.num_prompts = 10
   if spec.name == "e2vpt":
     config.prompt.num_prompts = 10  # E2VPT's command.txt: N_p = 10 for most VTAB tasks
+  if spec.name in REPARAM_DEFAULTS:
+    batch, lr, weight_decay = REPARAM_DEFAULTS[spec.name]
+    config.optim.batch_size = batch
+    config.optim.base_lr = lr * 256 / batch  # the official lr after the batch / 256 scaling
+    config.optim.weight_decay = weight_decay
+    config.optim.warmup_epochs = 10
+
+
+# (batch, lr, weight decay) of the re-parameterisable methods' official runs, 100
+# epochs with 10 warmup: FacT fact_tt.py / fact_tk.py and RepAdapter train.py
+# (AdamW 1e-3, 1e-4, batch 64); OSU ViT_PEFT_Vision for DiffFit and LN-tune (its
+# default_vtab_processed.yml, the lowest of its lr/wd grid); SSF's VTAB-1k
+# scripts (batch 32, the lr and wd most of its tasks use, protocol.hparams.SSF_TASKS).
+REPARAM_DEFAULTS = {"fact_tt": (64, 1e-3, 1e-4), "fact_tk": (64, 1e-3, 1e-4),
+                    "repadapter": (64, 1e-3, 1e-4), "difffit": (64, 1e-3, 1e-4),
+                    "ln_tune": (64, 1e-3, 1e-4), "ssf": (32, 5e-3, 5e-5)}
 
 
 # The arguments every single-run config file takes, with their defaults.

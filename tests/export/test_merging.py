@@ -22,6 +22,7 @@ from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 from vpt_jax.models import vit
 from vpt_jax.params import trees
+from vpt_jax.training import config_checks
 
 # Method -> its spec section (the tiny ViT's settings).
 SECTIONS = {
@@ -88,3 +89,16 @@ def test_export_reloads_as_a_linear_model_on_the_official_layout(tmp_path):
 def test_methods_that_cannot_merge_are_refused(method):
   with pytest.raises(merging.MergeError, match="cannot merge"):
     merging.check_mergeable(method)
+
+
+@pytest.mark.parametrize("variant", ["swin-T/4w7", "resnet-50", "mae-B/16"])
+def test_backbones_without_the_plain_vit_layout_are_refused(variant):
+  with pytest.raises(merging.MergeError, match="official layout"):
+    merging.check_mergeable("bias", variant)
+
+
+def test_config_check_refuses_before_compute():
+  config = fixtures.method_config("vpt_deep", "test/4", 16)
+  config.export_merged = True
+  with pytest.raises(merging.MergeError, match="vpt_deep"):
+    config_checks.validate_config(config)

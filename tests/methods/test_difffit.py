@@ -38,11 +38,3 @@ def test_counts_at_vit_b16():
   assert count == 25 * 2 * d + d + 12 * 9 * d + 12 * 2 * d == 140_544
 
 
-def test_difffit_trains_only_biases_norms_and_gammas():
-  reparam_fixtures.assert_trains_only(
-      "difffit", SETTINGS,
-      f"{base.BIAS_PARAMS}|{reparam_common.LAYER_NORM_PARAMS}|{difffit.GAMMA_PARAMS}")
-
-
-def test_ln_tune_trains_only_layer_norms():
-  reparam_fixtures.assert_trains_only("ln_tune", SETTINGS, reparam_common.LAYER_NORM_PARAMS)

@@ -44,7 +44,3 @@ def test_counts_at_vit_b16_average_to_the_papers():
     mean = np.mean([_b16(method, rank) for rank in ranks]) / 1e6
     assert round(mean, 3) == paper, (method, mean)
 
-
-@pytest.mark.parametrize("method", ["fact_tt", "fact_tk"])
-def test_fact_trains_only_its_factors(method):
-  reparam_fixtures.assert_trains_only(method, SETTINGS, fact.FACT_PARAMS)

@@ -33,6 +33,3 @@ def test_count_at_vit_b16():
   weights = r"Transformer/encoderblock_\d+/repadapter_(attention|mlp)/(down|up)/kernel"
   assert reparam_fixtures.b16_count("repadapter", settings, weights) == 221_184
 
-
-def test_repadapter_trains_only_its_adapters():
-  reparam_fixtures.assert_trains_only("repadapter", SETTINGS, repadapter.REPADAPTER_PARAMS)

@@ -27,6 +27,8 @@ from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.export import task_export
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
+from vpt_jax.models import backbones
+from vpt_jax.models import vit_variants
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
@@ -41,17 +43,21 @@ class MergeError(errors.UserError):
   """A model that cannot be merged into a plain ViT."""
 
 
-def check_mergeable(method_name: str) -> None:
-  """Raises MergeError naming why ``method_name`` cannot merge (before any compute)."""
+def check_mergeable(method_name: str, variant: str = "") -> None:
+  """Raises MergeError naming why ``method_name`` on ``variant`` cannot merge (before compute)."""
   method = registry.get_method(method_name)
   if method.merge is None or method.head_hidden_layers:
     raise MergeError(f"method {method_name!r} cannot merge into the backbone: its change is "
                      "not linear in the weights; set config.export_merged=False")
+  family = backbones.family_name(variant) if variant else "vit"
+  if family != "vit" or vit_variants.variant_flavour(variant) == "mae":
+    raise MergeError(f"merging writes the plain ViT's official layout, which {variant} "
+                     "(its family or MAE's fc_norm) does not fit; set config.export_merged=False")
 
 
 def merged_params(spec, params) -> dict[str, np.ndarray]:
   """The flat float32 params of the plain ViT (head included) with the method folded in."""
-  check_mergeable(spec["method"])
+  check_mergeable(spec["method"], spec["variant"])
   flat = trees.flatten(jax.device_get(params))
   folded = registry.get_method(spec["method"]).merge(spec, flat)
   return {path: np.asarray(value, np.float32) for path, value in folded.items()}

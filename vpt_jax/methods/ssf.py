@@ -12,7 +12,9 @@ ViT-B/16 that is 2 x (12 x 11 + 2) x 768 = 205,824 (the paper's 0.2M).
 
 Each scale and shift is linear in the preceding operation's weights, so the
 trained model merges into the plain ViT (``merge``). The official VTAB-1k
-scripts train with drop path 0.1 (``ssf.drop_path``), AdamW, batch 32.
+scripts train with drop path 0.1 (``ssf.drop_path``), batch 32 and timm's
+AdamW, which leaves 1-D tensors (every SSF parameter) undecayed
+(``timm_adamw``).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def _check_settings(settings: base.Settings, spec, geometry) -> None:
 
 METHODS = (
     base.Method("ssf", base.train_only(SSF_PARAMS), fresh=(SSF_PARAMS,),
-                optimizer=common.OPTIMIZER, settings="ssf",
+                optimizer="timm_adamw", settings="ssf",
                 description="SSF: a scale and shift after every linear map and LayerNorm, "
                             "plus the head",
                 read_settings=lambda config: dict(drop_path=common.read_drop_path(config.ssf)),

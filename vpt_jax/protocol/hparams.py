@@ -216,6 +216,12 @@ SSF_TASKS = _per_task(((5e-3, 5e-5), (1e-3, 5e-2), (5e-3, 5e-5), (5e-3, 5e-5), (
 # OSU-MLB/ViT_PEFT_Vision experiment/config: its grids (lr_wd_vtab_processed.yml
 # lr {1e-3, 1e-2} x wd {1e-4, 1e-3}) and per-method ones (method/<name>.yml).
 OSU_SOURCE = "code: OSU-MLB/ViT_PEFT_Vision experiment/config"
+# The protocol's grid for these methods: OSU's lrs at its batch 64, as base lrs
+# (x 256 / 64; run time scales them back), with the shared WEIGHT_DECAY_GRID.
+OSU_LR_GRID = tuple(lr * 256 / 64 for lr in (1e-2, 1e-3))
+VTAB_LR_GRIDS["osu"] = FGVC_LR_GRIDS["osu"] = OSU_LR_GRID
+METHOD_GRID.update(dict.fromkeys(
+    ("ssf", "difffit", "ln_tune", "fact_tt", "fact_tk", "repadapter"), "osu"))
 OSU_GRIDS = {
     "lr": (1e-3, 1e-2), "weight_decay": (1e-4, 1e-3),
     "fact_tt": {"rank": (8, 16, 32), "scale": (0.01, 0.1, 1.0, 10.0, 100.0)},

@@ -50,6 +50,8 @@ def normalization(config) -> dict:
 def validate_config(config) -> None:
   """Everything that can be checked without data or compute."""
   method = registry.get_method(config.method)
+  if config.export_merged:
+    merging.check_mergeable(config.method, config.model.variant)
   factory.validate_spec(factory.model_spec(config))
   data_problem = sources.check_data_config(config.data)
   if data_problem:
@@ -60,8 +62,6 @@ def validate_config(config) -> None:
   normalization(config)
   _check_backbone(config.model)
   _check_side_network(config, method)
-  if config.export_merged:
-    merging.check_mergeable(config.method)
 
 
 def check_data(config) -> None:
