@@ -17,12 +17,20 @@ cvpt           CVPT's per-block cross-attention prompts          torch_adamw
 lora           LoRA factors of the attention projections         adamw
 vfpt           VPT-deep prompts, part Fourier-transformed        sgd
 e2vpt          VPT-deep prompts and key-value prompts            sgd
+ssf            a scale and shift after every linear map and LN   timm_adamw
+difffit        biases, LayerNorms, per-block branch scales       torch_adamw
+ln_tune        every LayerNorm's scale and bias                  torch_adamw
+fact_tt        FacT-TT: shared U, V, per-layer cores             torch_adamw
+fact_tk        FacT-TK: shared U, V, core tensor, layer factors  torch_adamw
+repadapter     group-wise linear adapters before attention, MLP  torch_adamw
 =============  ================================================  ==============
 
 ``partial-k`` and ``mlp-k`` accept any k >= 1 (resp. >= 2); the paper's are
 partial-1/2/4 and mlp-2/3/5/9. The backbone runs in eval mode (no dropout) for
 every method but ``full``, as the reference's ``froze_enc`` does; CVPT keeps
-its reference's stochastic depth (``cvpt.drop_path``) while training.
+its reference's stochastic depth (``cvpt.drop_path``) while training, and so
+do the re-parameterisable methods (ssf ... repadapter: ``<section>.drop_path``),
+which also merge into the backbone (``export.merging``).
 
 A new method is a module exposing ``METHODS`` (a tuple of ``base.Method``)
 and one line in ``_MODULES``.
