@@ -64,6 +64,24 @@ def base_config() -> ml_collections.ConfigDict:
   config.lora.rank = 8
   config.lora.alpha = 8.0           # update scale alpha / rank (0 = no update)
   config.lora.targets = "query,value"  # any of query,key,value,out
+  # Re-parameterisable methods (drop_path: stochastic depth while training, [0, 1)).
+  config.ssf = ml_collections.ConfigDict()
+  config.ssf.drop_path = 0.1        # dongzelian/SSF VTAB-1k scripts
+  config.difffit = ml_collections.ConfigDict()
+  config.difffit.drop_path = 0.1    # OSU ViT_PEFT_Vision default_vtab_processed.yml
+  config.ln_tune = ml_collections.ConfigDict()
+  config.ln_tune.drop_path = 0.1    # OSU ViT_PEFT_Vision default_vtab_processed.yml
+  config.fact = ml_collections.ConfigDict()  # fact_tt and fact_tk (PETL-ViT FacT/)
+  config.fact.rank = 8              # r >= 1; per-task 4..32 (protocol.hparams.FACT_TASKS)
+  config.fact.scale = 1.0           # s; per-task 0.01..100
+  config.fact.dropout = 0.1         # on the cores' output, [0, 1)
+  config.fact.drop_path = 0.1
+  config.repadapter = ml_collections.ConfigDict()  # luogen1996/RepAdapter repblock
+  config.repadapter.dim = 8         # hidden features h, a multiple of groups
+  config.repadapter.groups = 2      # conv_B's groups
+  config.repadapter.scale = 1.0     # s; per-task 0.1..10 (protocol.hparams)
+  config.repadapter.dropout = 0.1   # after conv_A, [0, 1)
+  config.repadapter.drop_path = 0.1
   config.vfpt = ml_collections.ConfigDict()
   config.vfpt.percentage = 0.5      # floor(num_prompts * percentage) Fourier prompts
   config.vfpt.dimension = "all"     # all | hidden | sequence
@@ -163,6 +181,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.export.format = "npz"      # npz | stablehlo | saved_model
   config.export.batch_size = 0      # stablehlo/saved_model: 0 = any batch size, else fixed
   config.export.platforms = "cpu,cuda,tpu"  # stablehlo/saved_model: lowered for these
+  # Also write WORKDIR/export_merged: the method folded into a plain ViT backbone
+  # (official layout) plus a linear task on it; methods linear in the weights only.
+  config.export.merged = False
   # Files to classify in predict mode (comma-separated paths) and the export to use.
   config.predict = ml_collections.ConfigDict()
   config.predict.images = ""
@@ -230,6 +251,22 @@ def apply_method(config: ml_collections.ConfigDict, method: str) -> None:
     config.optim.warmup_epochs = 20
   if spec.name == "e2vpt":
     config.prompt.num_prompts = 10  # E2VPT's command.txt: N_p = 10 for most VTAB tasks
+  if spec.name in REPARAM_DEFAULTS:
+    batch, lr, weight_decay = REPARAM_DEFAULTS[spec.name]
+    config.optim.batch_size = batch
+    config.optim.base_lr = lr * 256 / batch  # the official lr after the batch / 256 scaling
+    config.optim.weight_decay = weight_decay
+    config.optim.warmup_epochs = 10
+
+
+# (batch, lr, weight decay) of the re-parameterisable methods' official runs, 100
+# epochs with 10 warmup: FacT fact_tt.py / fact_tk.py and RepAdapter train.py
+# (AdamW 1e-3, 1e-4, batch 64); OSU ViT_PEFT_Vision for DiffFit and LN-tune (its
+# default_vtab_processed.yml, the lowest of its lr/wd grid); SSF's VTAB-1k
+# scripts (batch 32, the lr and wd most of its tasks use, protocol.hparams.SSF_TASKS).
+REPARAM_DEFAULTS = {"fact_tt": (64, 1e-3, 1e-4), "fact_tk": (64, 1e-3, 1e-4),
+                    "repadapter": (64, 1e-3, 1e-4), "difffit": (64, 1e-3, 1e-4),
+                    "ln_tune": (64, 1e-3, 1e-4), "ssf": (32, 5e-3, 5e-5)}
 
 
 # The arguments every single-run config file takes, with their defaults.

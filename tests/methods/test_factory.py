@@ -31,6 +31,10 @@ OVERRIDES = {
     "adapter_plus.bottleneck": 2, "adapter_plus.drop_path": 0.2,
     "convpass.bottleneck": 4, "convpass.scale": 10, "convpass.conv_init": "xavier",
     "convpass.dropout": 0.2,
+    "ssf.drop_path": 0.2, "difffit.drop_path": 0.2, "ln_tune.drop_path": 0.2,
+    "fact.rank": 4, "fact.scale": 10.0, "fact.dropout": 0.2, "fact.drop_path": 0.2,
+    "repadapter.dim": 4, "repadapter.groups": 2, "repadapter.scale": 5.0,
+    "repadapter.dropout": 0.2, "repadapter.drop_path": 0.2,
 }
 
 
@@ -71,6 +75,13 @@ EXPECTED = {
     "adapter_plus": _shared("adapter_plus", adapter_plus={"bottleneck": 2, "drop_path": 0.2}),
     "convpass": _shared("convpass", convpass={"bottleneck": 4, "scale": 10.0,
                                               "conv_init": "xavier", "dropout": 0.2}),
+    "ssf": _shared("ssf", ssf={"drop_path": 0.2}),
+    "difffit": _shared("difffit", difffit={"drop_path": 0.2}),
+    "ln_tune": _shared("ln_tune", ln_tune={"drop_path": 0.2}),
+    **{m: _shared(m, fact={"rank": 4, "scale": 10.0, "dropout": 0.2, "drop_path": 0.2})
+       for m in ("fact_tt", "fact_tk")},
+    "repadapter": _shared("repadapter", repadapter={"dim": 4, "groups": 2, "scale": 5.0,
+                                                    "dropout": 0.2, "drop_path": 0.2}),
 }
 
 

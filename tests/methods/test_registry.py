@@ -24,10 +24,11 @@ def test_bad_method_names_are_refused(name, message):
 
 
 def test_the_registry_holds_the_paper_methods():
-  assert sorted(registry.METHODS) == [
+  assert sorted(registry.METHODS) == sorted([
       "adapter", "bias", "cvpt", "e2vpt", "full", "linear", "lora", "mlp-2", "mlp-3", "mlp-5",
       "mlp-9", "partial-1", "partial-2", "partial-4", "sidetune", "vfpt", "vpt+bias",
       "vpt_deep", "vpt_shallow"]
+      + ["ssf", "difffit", "ln_tune", "fact_tt", "fact_tk", "repadapter"])
   assert all(registry.get_method(name).name == name for name in registry.METHODS)
 
 
@@ -40,11 +41,10 @@ def test_method_names_are_unique_across_modules():
 def test_unknown_names_list_every_method_and_the_closest():
   with pytest.raises(ValueError) as error:
     registry.get_method("vpt-deep")
+  # Every name (pinned by test_the_registry_holds_the_paper_methods), sorted.
   assert str(error.value) == (
-      "Unknown method 'vpt-deep'; valid methods: adapter, bias, cvpt, e2vpt, full, linear, "
-      "lora, mlp-2, mlp-3, mlp-5, mlp-9, partial-1, partial-2, partial-4, sidetune, vfpt, "
-      "vpt+bias, vpt_deep, vpt_shallow (partial-k and mlp-k take any k) "
-      "(did you mean vpt_deep?)")
+      f"Unknown method 'vpt-deep'; valid methods: {', '.join(sorted(registry.METHODS))} "
+      "(partial-k and mlp-k take any k) (did you mean vpt_deep?)")
 
 
 def test_unknown_names_without_close_ones_list_only_the_methods():

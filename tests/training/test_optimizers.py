@@ -63,6 +63,24 @@ def test_sgd_coupled_l2_skips_head_bias_and_frozen_leaves():
   np.testing.assert_allclose(updates["head"]["bias"], -0.19, rtol=1e-6)
 
 
+def test_timm_adamw_decays_only_what_is_more_than_1d_in_torch():
+  # timm's param_groups_weight_decay (SSF's optimizer): biases and 1-D tensors
+  # get no decay; our q/k/v biases and SSF vectors of q/k/v are (H, D/H), 1-D in torch.
+  params = {"head": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)},
+            "query": {"bias": jnp.full((2, 2), 2.0)},
+            "ssf_query": {"scale": jnp.full((2, 2), 2.0), "shift": jnp.full((2, 2), 2.0)}}
+  labels = jax.tree.map(lambda _: "train", params)
+  tx = optimizers.make_optimizer(labels, name="timm_adamw", learning_rate=lambda s: 0.1,
+                                 weight_decay=0.5)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step is -lr * g / (|g| + eps) = -0.1; decay adds -lr * wd * theta = -0.1.
+  np.testing.assert_allclose(updates["head"]["kernel"], -0.2, rtol=1e-5)
+  for leaf in (updates["head"]["bias"], updates["query"]["bias"],
+               updates["ssf_query"]["scale"], updates["ssf_query"]["shift"]):
+    np.testing.assert_allclose(leaf, -0.1, rtol=1e-5)
+
+
 def test_hf_adamw_matches_hand_computation():
   params = _toy_params()
   labels = freezing.label_params(params, (("head/.*", "train"), (".*", "frozen")))

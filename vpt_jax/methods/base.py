@@ -42,6 +42,12 @@ def no_settings_check(settings: Settings, spec: Mapping[str, Any],
   del settings, spec, geometry
 
 
+def nothing_to_fold(spec: Mapping[str, Any], flat: dict) -> dict:
+  """The merge of a method that trains backbone parameters only: they already are the ViT's."""
+  del spec
+  return dict(flat)
+
+
 def fail(message: str):
   """Raises the ValueError a settings check reports."""
   raise ValueError(message)
@@ -77,6 +83,10 @@ class Method:
     check_settings: (spec section, spec, backbone geometry) -> None; raises
       ValueError naming the setting and the fix.
     make_hooks: spec -> the ``hooks.Hooks`` the method adds to a ViT.
+    merge: (spec, flat params) -> the flat params of the plain ViT with the
+      method's update folded into the backbone weights (float64), its own
+      parameters gone; None = its change is not linear in the weights, so it
+      cannot merge (``export.merging``).
   """
   name: str
   trainable_rules: tuple[tuple[str, str], ...]
@@ -95,6 +105,7 @@ class Method:
   settings_check: Callable[[Settings, Mapping[str, Any], hooks_lib.Geometry], None] = (
       no_settings_check)
   make_hooks: Callable[[Mapping[str, Any]], hooks_lib.Hooks] = no_hooks
+  merge: Optional[Callable[[Mapping[str, Any], dict], dict]] = None
 
   @property
   def fresh_patterns(self) -> tuple[str, ...]:

@@ -7,5 +7,6 @@ from vpt_jax.params.freezing import TRAIN
 
 METHODS = (
     base.Method("full", ((r".*", TRAIN),), backbone_dropout=True, optimizer="adamw",
-                description="Full fine-tuning: every parameter trains (AdamW, dropout on)"),
+                description="Full fine-tuning: every parameter trains (AdamW, dropout on)",
+                merge=base.nothing_to_fold),
 )

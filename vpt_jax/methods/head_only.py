@@ -27,6 +27,6 @@ def mlp(k: int) -> base.Method:
 
 METHODS = (
     base.Method("linear", base.train_only(),
-                description="Linear probe: only the head trains"),
+                description="Linear probe: only the head trains", merge=base.nothing_to_fold),
     *(mlp(k) for k in (2, 3, 5, 9)),
 )

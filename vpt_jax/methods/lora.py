@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -54,11 +55,27 @@ class LoraOptions(hooks_lib.Hooks):
   alpha: float = 8.0
   targets: tuple[str, ...] = ("query", "value")
 
-  def projection_output(self, name, inputs, outputs, out_features, num_in_axes, dtype):
+  def projection_output(self, name, inputs, outputs, out_features, num_in_axes, dtype,
+                        block=None):
+    del block
     if name not in self.targets:
       return outputs
     return outputs + LoRA(self.rank, self.alpha, out_features, num_in_axes, dtype=dtype,
                           name=f"lora_{name}")(inputs)
+
+
+def merge(spec, flat: dict) -> dict:
+  """Folds every LoRA pair into its projection: W + (alpha / r) A B (float64)."""
+  flat = dict(flat)
+  alpha = float(spec["lora"]["alpha"])
+  for path in [p for p in flat if re.search(r"/lora_[a-z]+/a$", p)]:
+    a = np.asarray(flat.pop(path), np.float64)
+    b = np.asarray(flat.pop(path[:-1] + "b"), np.float64)
+    attention, target = path[:-len("/a")].rsplit("/lora_", 1)
+    kernel = f"{attention}/{target}/kernel"
+    flat[kernel] = np.asarray(flat[kernel], np.float64) + (alpha / a.shape[-1]) * np.tensordot(
+        a, b, axes=1)
+  return flat
 
 
 def _read_settings(config) -> base.Settings:
@@ -88,5 +105,5 @@ METHODS = (
                 description="LoRA: low-rank updates of the attention projections, plus the "
                             "head",
                 read_settings=_read_settings, settings_check=_check_settings,
-                make_hooks=_hooks),
+                make_hooks=_hooks, merge=merge),
 )

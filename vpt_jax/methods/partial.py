@@ -16,7 +16,7 @@ def partial(k: int) -> base.Method:
   """Partial-k: the last k blocks and the final LayerNorm, plus the head (AdamW)."""
   return base.Method(f"partial-{k}", base.train_only(), last_blocks=k, optimizer="adamw",
                      description=f"Partial-{k}: the last {k} block(s), encoder_norm and the "
-                                 "head")
+                                 "head", merge=base.nothing_to_fold)
 
 
 METHODS = tuple(partial(k) for k in (1, 2, 4))

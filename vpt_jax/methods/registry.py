@@ -21,12 +21,20 @@ adapter_plus   Adapter+'s channel-scaled adapter after a block   torch_adamw
 convpass       Convpass's conv bypasses beside attention and MLP torch_adamw
 vfpt           VPT-deep prompts, part Fourier-transformed        sgd
 e2vpt          VPT-deep prompts and key-value prompts            sgd
+ssf            a scale and shift after every linear map and LN   timm_adamw
+difffit        biases, LayerNorms, per-block branch scales       torch_adamw
+ln_tune        every LayerNorm's scale and bias                  torch_adamw
+fact_tt        FacT-TT: shared U, V, per-layer cores             torch_adamw
+fact_tk        FacT-TK: shared U, V, core tensor, layer factors  torch_adamw
+repadapter     group-wise linear adapters before attention, MLP  torch_adamw
 =============  ================================================  ==============
 
 ``partial-k`` and ``mlp-k`` accept any k >= 1 (resp. >= 2); the paper's are
 partial-1/2/4 and mlp-2/3/5/9. The backbone runs in eval mode (no dropout) for
 every method but ``full``, as the reference's ``froze_enc`` does; CVPT keeps
-its reference's stochastic depth (``cvpt.drop_path``) while training.
+its reference's stochastic depth (``cvpt.drop_path``) while training, and so
+do the re-parameterisable methods (ssf ... repadapter: ``<section>.drop_path``),
+which also merge into the backbone (``export.merging``).
 
 A new method is a module exposing ``METHODS`` (a tuple of ``base.Method``)
 and one line in ``_MODULES``.
@@ -44,15 +52,20 @@ from vpt_jax.methods import bias
 from vpt_jax.methods import bottleneck_adapters
 from vpt_jax.methods import convpass
 from vpt_jax.methods import cvpt
+from vpt_jax.methods import difffit
+from vpt_jax.methods import fact
 from vpt_jax.methods import full
 from vpt_jax.methods import head_only
 from vpt_jax.methods import lora
 from vpt_jax.methods import partial
 from vpt_jax.methods import prompts
+from vpt_jax.methods import repadapter
 from vpt_jax.methods import sidetune
+from vpt_jax.methods import ssf
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
 _MODULES += (bottleneck_adapters, convpass)
+_MODULES += (ssf, difffit, fact, repadapter)  # re-parameterisable methods (merge into the backbone)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 

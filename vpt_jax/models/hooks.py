@@ -21,8 +21,13 @@ Model level (``vit.VisionTransformer``, names relative to the model):
 
 Block level (``vit_blocks.Encoder1DBlock`` and its ``Attention``, names relative to
 ``Transformer/encoderblock_{i}`` resp. its ``MultiHeadDotProductAttention_0``):
-  * ``projection_output``: the output of a q/k/v/out projection, in Attention
-    (LoRA);
+  * ``projection_output``: the output of a q/k/v/out projection (in Attention),
+    of the MLP's Dense_0/Dense_1 (in MlpBlock) and of the patch embedding
+    ("embedding", model level) (LoRA, SSF, FacT);
+  * ``norm_output``: the output of LayerNorm_0/LayerNorm_1 (block) and of
+    encoder_norm (``Transformer``) (SSF);
+  * ``attention_input``: the normalised attention input before q/k/v
+    (RepAdapter);
   * ``extra_keys_values``: already projected (B, N_kv, H, D/H) tokens
     prepended to the keys and the values (E2VPT);
   * ``block_input``, ``attention_branch``, ``after_attention``, ``mlp_input``,
@@ -48,7 +53,7 @@ implements it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
 
 
 class Geometry(NamedTuple):
@@ -57,6 +62,7 @@ class Geometry(NamedTuple):
   width: int
   num_heads: int
   patch_size: int
+  mlp_dim: int = 0  # the MLP's hidden width (0: not a ViT)
 
 
 class BlockContext(NamedTuple):
@@ -67,10 +73,13 @@ class BlockContext(NamedTuple):
       (B, Nk, D) keys/values -> (B, Nq, D); calling it reuses its parameters.
     inputs: this block's slice of ``Hooks.block_inputs`` (None without).
     dtype: the block's compute dtype.
+    train: the method's own dropout is on: training with the stochastic
+      depth the method's ``stochastic_depth`` switched on.
   """
   attention: Callable[..., Any]
   inputs: Any
   dtype: Any
+  train: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +115,25 @@ class Hooks:
     return features
 
   def projection_output(self, name: str, inputs, outputs, out_features: tuple[int, ...],
-                 num_in_axes: int, dtype):
-    """Projection ``name`` (query/key/value/out): inputs (..., in...) -> outputs (..., out...)."""
-    del name, inputs, out_features, num_in_axes, dtype
+                        num_in_axes: int, dtype, block: Optional[BlockContext] = None):
+    """Linear map ``name``: inputs (..., in...) -> outputs (..., out...).
+
+    query/key/value/out (attention), Dense_0/Dense_1 (MLP) get their block's
+    context (None when CVPT reuses the attention); "embedding" gets the images
+    (B, H, W, 3), its outputs are (B, H/P, W/P, D) and ``block`` is None.
+    """
+    del name, inputs, out_features, num_in_axes, dtype, block
     return outputs
+
+  def norm_output(self, name: str, normed):
+    """LayerNorm ``name`` (LayerNorm_0/LayerNorm_1, encoder_norm): its output (..., D)."""
+    del name
+    return normed
+
+  def attention_input(self, normed, block: BlockContext):
+    """The normalised rows (B, N, D) the attention projects (queries and keys/values)."""
+    del block
+    return normed
 
   def extra_keys_values(self, block: BlockContext):
     """Projected tokens (B, N_kv, H, D/H) prepended to keys and values, or None."""

@@ -129,8 +129,8 @@ class Encoder(nn.Module):
               drop_path_deterministic)
     if self.flavour == "mae":  # MAE's pooled features get fc_norm instead
       return x
-    return nn.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
-                        name="encoder_norm")(x)
+    return self.hooks.norm_output("encoder_norm", nn.LayerNorm(
+        epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x))
 
 
 def pool_tokens(tokens, pool: str, num_prompts: int):
@@ -208,6 +208,8 @@ class VisionTransformer(nn.Module):
                        f"size {patch}; resize to a multiple of {patch}")
     tokens = nn.Conv(size.width, (patch, patch), strides=(patch, patch),
                      padding="VALID", dtype=self.dtype, name="embedding")(images)
+    tokens = self.hooks.projection_output("embedding", images, tokens, (size.width,), 3,
+                                          self.dtype)
     batch, height, width, channels = tokens.shape
     tokens = tokens.reshape(batch, height * width, channels)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, channels))

@@ -21,22 +21,30 @@ LAYER_NORM_EPSILON = 1e-6
 
 
 class MlpBlock(nn.Module):
-  """Dense -> exact GELU -> dropout -> Dense -> dropout. (B, N, D) -> (B, N, D)."""
+  """Dense -> exact GELU -> dropout -> Dense -> dropout. (B, N, D) -> (B, N, D).
+
+  Each Dense's output passes ``hooks.projection_output`` ("Dense_0", "Dense_1").
+  """
   mlp_dim: int
   dropout_rate: float = 0.1
+  hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def __call__(self, x, *, deterministic: bool, block=None):
     width = x.shape[-1]
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, name=name,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6))
-    y = dense(self.mlp_dim, "Dense_0")(x)
+
+    def dense(inputs, features, name):
+      outputs = nn.Dense(features, dtype=self.dtype, name=name,
+                         kernel_init=nn.initializers.xavier_uniform(),
+                         bias_init=nn.initializers.normal(stddev=1e-6))(inputs)
+      return self.hooks.projection_output(name, inputs, outputs, (features,), 1, self.dtype,
+                                          block)
+
+    y = dense(x, self.mlp_dim, "Dense_0")
     y = nn.gelu(y, approximate=False)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
-    y = dense(width, "Dense_1")(y)
+    y = dense(y, width, "Dense_1")
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -59,8 +67,12 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, inputs_q, inputs_kv, extra_kv=None):
-    """(B, Nq, D) queries attend over (B, Nk, D) keys/values -> (B, Nq, D)."""
+  def __call__(self, inputs_q, inputs_kv, extra_kv=None, block=None):
+    """(B, Nq, D) queries attend over (B, Nk, D) keys/values -> (B, Nq, D).
+
+    ``block``: the calling block's ``hooks.BlockContext``, handed to
+    ``projection_output``.
+    """
     width = inputs_q.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
@@ -72,7 +84,7 @@ class Attention(nn.Module):
       out_features = tuple(features) if isinstance(features, tuple) else (features,)
       num_in_axes = len(axis) if isinstance(axis, tuple) else 1
       return self.hooks.projection_output(name, inputs, outputs, out_features, num_in_axes,
-                                   self.dtype)
+                                          self.dtype, block)
 
     heads = (self.num_heads, head_dim)
     query = project("query", inputs_q, heads)
@@ -93,9 +105,10 @@ class Encoder1DBlock(nn.Module):
   """Pre-LN Transformer block; a method changes it through ``hooks`` (``hooks.Hooks``).
 
     x = block_input(x)
-    x += DP(attention_branch(SA(LN0 x))) [+ attention_parallel(LN0 x, x)]
-    x = after_attention(x)                    SA: Attention with extra_keys_values
-    x += DP(mlp_branch(MLP(y))) [+ mlp_parallel(y, x)]    y = mlp_input(LN1 x)
+    x += DP(attention_branch(SA(y))) [+ attention_parallel(y, x)]
+                        y = attention_input(norm_output(LN0 x)); SA: Attention with extra_keys_values
+    x = after_attention(x)
+    x += DP(mlp_branch(MLP(z))) [+ mlp_parallel(z, x)]     z = mlp_input(norm_output(LN1 x))
     x = block_output(x)
 
   ``method_inputs`` is this block's slice of ``Hooks.block_inputs``.
@@ -129,7 +142,8 @@ class Encoder1DBlock(nn.Module):
     hooks = self.hooks
     attention = Attention(self.num_heads, hooks=hooks, dtype=self.dtype,
                           name="MultiHeadDotProductAttention_0")
-    context = hooks_lib.BlockContext(attention, method_inputs, self.dtype)
+    context = hooks_lib.BlockContext(attention, method_inputs, self.dtype,
+                                     train=not drop_path_deterministic)
 
     def drop_path(branch):
       # Broadcast over tokens and channels: one keep/drop decision per example.
@@ -139,23 +153,28 @@ class Encoder1DBlock(nn.Module):
     x = hooks.block_input(x, context)
     pre_attention_norm = nn.LayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_0")
-    normed = pre_attention_norm(x)
+
+    def attention_rows(rows):
+      normed_rows = hooks.norm_output("LayerNorm_0", pre_attention_norm(rows))
+      return hooks.attention_input(normed_rows, context)
+
+    normed = attention_rows(x)
     keys_values = normed
     if kv_only is not None:
-      keys_values = jnp.concatenate(
-          [normed[:, :1], pre_attention_norm(kv_only), normed[:, 1:]], axis=1)
+      keys_values = jnp.concatenate([normed[:, :1], attention_rows(kv_only), normed[:, 1:]],
+                                    axis=1)
     if num_outputs is not None:
       x, normed = x[:, :num_outputs], normed[:, :num_outputs]
-    branch = attention(normed, keys_values, hooks.extra_keys_values(context))
+    branch = attention(normed, keys_values, hooks.extra_keys_values(context), context)
     beside = hooks.attention_parallel(normed, x, context)
     x = x + drop_path(hooks.attention_branch(branch, x, context))
     x = x if beside is None else x + beside
     x = hooks.after_attention(x, context)
     normed = nn.LayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_1")(x)
-    normed = hooks.mlp_input(normed, x, context)
-    branch = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
-                      name="MlpBlock_0")(normed, deterministic=deterministic)
+    normed = hooks.mlp_input(hooks.norm_output("LayerNorm_1", normed), x, context)
+    branch = MlpBlock(self.mlp_dim, self.dropout_rate, hooks=hooks, dtype=self.dtype,
+                      name="MlpBlock_0")(normed, deterministic=deterministic, block=context)
     beside = hooks.mlp_parallel(normed, x, context)
     x = x + drop_path(hooks.mlp_branch(branch, context))
     x = x if beside is None else x + beside

@@ -96,4 +96,4 @@ def decode_variant(variant: str) -> tuple[ViTSize, int]:
 def geometry(variant: str) -> hooks_lib.Geometry:
   """The sizes of a ViT variant that shape a method's additions (``hooks.Geometry``)."""
   size, patch = decode_variant(variant)
-  return hooks_lib.Geometry(size.depth, size.width, size.num_heads, patch)
+  return hooks_lib.Geometry(size.depth, size.width, size.num_heads, patch, size.mlp_dim)

@@ -195,3 +195,52 @@ def weight_decay_grid(method: str) -> tuple[float, ...]:
 def vpt_deep_prompts(task: str) -> int:
   """VPT-deep's prompt length for a VTAB task key (0 if unknown)."""
   return VPT_DEEP_PROMPTS.get(task, (0, ""))[0]
+
+
+# ------------------------------------- re-parameterisable methods (issue 13), "code"
+# Task order of the rows below: _VTAB_ORDER.
+def _per_task(values) -> dict:
+  return dict(zip(_VTAB_ORDER, values))
+
+
+# JieShibo/PETL-ViT FacT/configs/{tt,tk}/<task>.yaml: (rank, scale s); AdamW lr 1e-3,
+# wd 1e-4, batch 64, 100 epochs (10 warmup), drop path 0.1 (fact_tt.py / fact_tk.py).
+FACT_SOURCE = "code: JieShibo/PETL-ViT FacT/configs/{tt,tk}/<task>.yaml"
+FACT_TASKS = {
+    "fact_tt": _per_task(((8, 1.0), (16, 10.0), (8, 0.01), (16, 1.0), (8, 1.0), (16, 100.0),
+                          (8, 1.0), (8, 10.0), (8, 100.0), (8, 0.1), (8, 1.0), (16, 1.0),
+                          (4, 10.0), (16, 10.0), (16, 10.0), (16, 100.0), (16, 1.0),
+                          (16, 100.0), (8, 10.0))),
+    "fact_tk": _per_task(((32, 0.1), (32, 10.0), (16, 0.01), (32, 1.0), (16, 10.0),
+                          (32, 100.0), (16, 1.0), (32, 10.0), (32, 100.0), (32, 10.0),
+                          (16, 1.0), (32, 10.0), (16, 10.0), (32, 10.0), (32, 10.0),
+                          (32, 100.0), (32, 1.0), (32, 100.0), (16, 10.0))),
+}
+# luogen1996/RepAdapter configs/repblock/<task>.yaml: scale s (dim 8, groups 2; lr
+# 1e-3, wd 1e-4, batch 64, drop path 0.1, train.py); search grid scripts/search_repblock.sh.
+REPADAPTER_SOURCE = "code: luogen1996/RepAdapter configs/repblock/<task>.yaml"
+REPADAPTER_SCALES = _per_task((0.1, 5, 1, 0.5, 0.1, 10, 0.1, 1, 1, 5, 0.1, 0.5, 0.1, 5, 5,
+                               5, 0.1, 10, 1))
+REPADAPTER_SCALE_GRID = (0.1, 0.5, 1.0, 5.0, 10.0)
+# dongzelian/SSF train_scripts/vit/vtab/<task>/train_ssf.sh: (lr, weight decay);
+# AdamW, batch 32, 100 epochs, 10 warmup, drop path 0.1, no augmentation.
+SSF_SOURCE = "code: dongzelian/SSF train_scripts/vit/vtab/<task>/train_ssf.sh"
+SSF_TASKS = _per_task(((5e-3, 5e-5), (1e-3, 5e-2), (5e-3, 5e-5), (5e-3, 5e-5), (5e-3, 5e-5),
+                       (1e-2, 5e-5), (5e-3, 5e-5), (5e-3, 5e-5), (3e-3, 5e-2), (2e-3, 5e-5),
+                       (5e-3, 5e-5), (2e-3, 5e-2), (5e-2, 5e-2), (5e-3, 5e-5), (1e-2, 5e-5),
+                       (1e-2, 5e-5), (5e-3, 5e-5), (2e-2, 5e-5), (5e-3, 5e-2)))
+# OSU-MLB/ViT_PEFT_Vision experiment/config: its grids (lr_wd_vtab_processed.yml
+# lr {1e-3, 1e-2} x wd {1e-4, 1e-3}) and per-method ones (method/<name>.yml).
+OSU_SOURCE = "code: OSU-MLB/ViT_PEFT_Vision experiment/config"
+# The protocol's grid for these methods: OSU's lrs at its batch 64, as base lrs
+# (x 256 / 64; run time scales them back), with the shared WEIGHT_DECAY_GRID.
+OSU_LR_GRID = tuple(lr * 256 / 64 for lr in (1e-2, 1e-3))
+VTAB_LR_GRIDS["osu"] = FGVC_LR_GRIDS["osu"] = OSU_LR_GRID
+METHOD_GRID.update(dict.fromkeys(
+    ("ssf", "difffit", "ln_tune", "fact_tt", "fact_tk", "repadapter"), "osu"))
+OSU_GRIDS = {
+    "lr": (1e-3, 1e-2), "weight_decay": (1e-4, 1e-3),
+    "fact_tt": {"rank": (8, 16, 32), "scale": (0.01, 0.1, 1.0, 10.0, 100.0)},
+    "fact_tk": {"rank": (16, 32, 64), "scale": (0.01, 0.1, 1.0, 10.0, 100.0)},
+    "repadapter": {"dim": (8, 16, 32), "scale": (0.1, 0.5, 1.0, 5.0, 10.0)},
+}

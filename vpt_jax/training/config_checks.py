@@ -16,6 +16,7 @@ import tensorflow as tf
 from vpt_jax import errors
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
+from vpt_jax.export import merging
 from vpt_jax.export import stablehlo_export
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
@@ -50,6 +51,8 @@ def normalization(config) -> dict:
 def validate_config(config) -> None:
   """Everything that can be checked without data or compute."""
   method = registry.get_method(config.method)
+  if config.export.merged:
+    merging.check_mergeable(config.method, config.model.variant)
   factory.validate_spec(factory.model_spec(config))
   data_problem = sources.check_data_config(config.data)
   if data_problem:

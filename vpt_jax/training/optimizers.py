@@ -10,6 +10,10 @@
   betas (0.9, 0.999), eps 1e-8 added to sqrt(v_hat), decoupled decay
   theta <- theta - lr * wd * theta with ``weight_decay`` (0.05 in CVPT) on every
   trainable tensor, biases and the head included.
+* ``timm_adamw``: the same torch AdamW through timm's ``create_optimizer_v2``
+  with its default ``filter_bias_and_bn``, as SSF trains: no decay on what is
+  1-D in PyTorch (biases, LayerNorm and SSF scales/shifts; our q/k/v biases
+  are (H, D/H)) and none on biases.
 * lr = base_lr * batch / 256; linear warmup then cosine to zero, evaluated per
   epoch (the reference steps its scheduler once per epoch, so epoch 0 trains
   at lr 0) or per step.
@@ -28,7 +32,9 @@ from vpt_jax import errors
 from vpt_jax.params.freezing import FROZEN, TRAIN
 
 SCHEDULE_UNITS = ("epoch", "step")
-OPTIMIZERS = ("sgd", "adamw", "torch_adamw")
+OPTIMIZERS = ("sgd", "adamw", "torch_adamw", "timm_adamw")
+# Leaves timm's param_groups_weight_decay leaves undecayed besides 1-D ones.
+_TIMM_NO_DECAY = ("bias", "scale", "shift")
 # The reference's AdamW hard-codes this decay and ignores SOLVER.WEIGHT_DECAY.
 ADAMW_WEIGHT_DECAY = 0.01
 
@@ -163,7 +169,8 @@ def make_optimizer(labels, *, name: str, learning_rate: optax.Schedule,
     name: "sgd" (coupled L2 except the head bias), "adamw" (HF AdamW, decay
       0.01 on non-bias leaves, like the reference; ``weight_decay`` ignored
       unless 0, in which case the reference falls back to plain SGD) or
-      "torch_adamw" (torch.optim.AdamW, ``weight_decay`` on every leaf).
+      "torch_adamw" (torch.optim.AdamW, ``weight_decay`` on every leaf) or
+      "timm_adamw" (the same, no decay on biases, scales, shifts, 1-D leaves).
     learning_rate: schedule of the step.
     weight_decay: L2 coefficient for SGD; a float, or a traced scalar when one
       compiled program trains several settings (``sweeps``, which then passes
@@ -179,6 +186,12 @@ def make_optimizer(labels, *, name: str, learning_rate: optax.Schedule,
   if name == "torch_adamw":
     # optax.adamw decays with the pre-step weights, as torch's p *= 1 - lr * wd does.
     inner = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+  elif name == "timm_adamw":
+    mask = lambda params: map_with_path_names(
+        lambda path, leaf: leaf.ndim > 1 and path.rsplit("/", 1)[-1] not in _TIMM_NO_DECAY,
+        params)
+    inner = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
+                        mask=mask)
   elif name == "adamw" and decay:
     inner = hf_adamw(learning_rate, ADAMW_WEIGHT_DECAY, lambda p: not is_bias(p))
   else:

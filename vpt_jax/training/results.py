@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.data import fingerprints
+from vpt_jax.export import merging
 from vpt_jax.export import standalone
 from vpt_jax.export import task_export
 from vpt_jax.methods import registry
@@ -133,6 +134,8 @@ def write_results(run: setup.Run, scores: dict, log_prefix: str = "",
       results["standalone_export"] = os.path.join(results["export"], run.config.export.format)
   if run.config.eval.costs:
     results["cost"] = costs.run_costs(run, results.get("export"), inference)
+  if run.config.export.merged:
+    results["export_merged"] = export_merged(run)
   if jax.process_index() == 0:
     with tf.io.gfile.GFile(os.path.join(run.workdir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
@@ -158,3 +161,13 @@ def export(run: setup.Run) -> Optional[str]:
                            platforms=settings.platforms,
                            backbone_path=run.config.model.init_checkpoint or None)
   return directory
+
+
+def export_merged(run: setup.Run) -> Optional[str]:
+  """Writes the merged backbone and its linear task export (process 0, ``export.merging``)."""
+  if jax.process_index() != 0:
+    return None
+  return merging.export_merged(
+      os.path.join(run.workdir, "export_merged"), run.state["params"], spec=run.spec,
+      num_classes=run.data.num_classes, class_names=run.data.class_names,
+      normalization=run.norm, init_seed=run.config.seed)

@@ -121,6 +121,8 @@ def from_checkpoint(config: ml_collections.ConfigDict, workdir: str, action: str
           f"{workdir} has no checkpoint to {action}; train first (--mode train) or point "
           "--workdir at a trained run")
     if action == "export":
+      if config.export.merged:  # --config.export.merged=True: the merged backbone too
+        results.export_merged(run)
       return results.export(run)
     return finish(run)
   finally:
