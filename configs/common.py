@@ -48,6 +48,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.prompt.dropout = 0.1       # in [0, 1); 0 = off
   config.prompt.projection = -1     # >= 1: prompts of this width, projected; < 1 = none
   config.prompt.pool = "original"
+  # VPT's ablations (vpt_shallow/vpt_deep/vpt+bias on ViTs; methods/prompt_ablations.py):
+  # location prepend | add | add-1 | pad | below | prepend-pixel[-gaussian|-imgnettransform];
+  # deep_layers k >= 1: deep prompts in the first k blocks only (0 = all), reverse_deep:
+  # the last k; deep_shared: one set for every block; deep_noexpand: prompts leave after
+  # block k - 1; init random | final-cls | cls-nolastl | cls-nofirstl (per-class mean
+  # class-token embeddings of the training split; num_prompts = number of classes).
+  config.prompt.location = "prepend"
+  config.prompt.deep_layers = 0
+  config.prompt.reverse_deep = False
+  config.prompt.deep_shared = False
+  config.prompt.deep_noexpand = False
+  config.prompt.init = "random"
 
   # Settings of the other methods; each is read only by the method(s) named.
   # Prompt counts and prompt dropout of VPT, VFPT, E2VPT and CVPT are the

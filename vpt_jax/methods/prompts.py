@@ -28,7 +28,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vpt_jax.methods import base
+from vpt_jax.methods import prompt_ablations
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import pixel_prompts
 from vpt_jax.models.prompts import per_example_dropout, prompt_init_bound, uniform_symmetric
 
 E2VPT_PARAMS = r"e2vpt/.*"
@@ -71,6 +73,7 @@ class VisualPrompts(nn.Module):
   where d = ``projection`` if >= 1 (then a shared Dense(d -> width) named
   ``projection`` maps them, kaiming-normal fan-out as the reference) else width.
   Dropout is applied after broadcasting, so every example gets its own mask.
+  ``repeat`` > 1 repeats the (single) set that many times before the dropout.
   With ``num_fourier`` > 0 (VFPT) the first ``num_fourier`` prompts of every
   set are Fourier-transformed after the dropout (``fourier_prompts``).
   """
@@ -82,6 +85,7 @@ class VisualPrompts(nn.Module):
   dropout_rate: float = 0.0
   num_fourier: int = 0
   fourier_dimension: str = "all"
+  repeat: int = 1
 
   @nn.compact
   def __call__(self, batch_size: int, *, train: bool):
@@ -99,6 +103,8 @@ class VisualPrompts(nn.Module):
           self.width, name="projection",
           kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
           bias_init=uniform_symmetric(1.0 / math.sqrt(prompt_dim)))(prompts)
+    if self.repeat > 1:  # one set for every block (DEEP_SHARED), dropped out per block
+      prompts = jnp.broadcast_to(prompts, (self.repeat,) + prompts.shape[1:])
     prompts = per_example_dropout(prompts, batch_size, self.dropout_rate, train)
     if self.num_fourier:
       prompts = fourier_prompts(prompts, self.num_fourier, self.fourier_dimension)
@@ -134,29 +140,67 @@ class KeyValuePrompts(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class VptOptions(hooks_lib.Hooks):
-  """VPT: ``num_prompts`` prompts per set, one set (shallow) or one per block (deep)."""
+  """VPT: ``num_prompts`` prompts per set, one set (shallow) or one per block (deep).
+
+  The ablation fields (``prompt_ablations``; defaults = plain VPT):
+  ``location`` (prepend, add, add-1 or a pixel location), ``deep_layers`` k
+  (deep prompts in the first k blocks, 0 = all), ``reverse`` (the last k
+  instead; the first of them is the ``shallow`` parameter), ``shared`` (one
+  set for all blocks) and ``noexpand`` (prompts leave after block k - 1).
+  ``image_size`` sizes the add location's sets (1 + (image_size / P)^2 tokens).
+  """
   num_prompts: int
   deep: bool = False
   dropout: float = 0.0
   projection: int = -1
+  location: str = "prepend"
+  deep_layers: int = 0
+  reverse: bool = False
+  shared: bool = False
+  noexpand: bool = False
+  image_size: int = 0
 
   def prompt_tokens(self) -> int:
-    return self.num_prompts
+    in_sequence = self.location == "prepend" or self.location.startswith("prepend-pixel")
+    return self.num_prompts if in_sequence else 0
 
   def fourier(self) -> tuple[int, str]:
     """(how many prompts of every set are Fourier-transformed, over which axes)."""
     return 0, "all"
 
+  def _blocks(self, depth: int) -> tuple[int, ...]:
+    """The blocks a prompt set enters before."""
+    if not self.deep:
+      return (0,)
+    k = self.deep_layers or depth
+    return tuple(range(depth - k, depth)) if self.reverse else tuple(range(k))
+
+  def prompt_plan(self, depth: int) -> hooks_lib.PromptPlan:
+    k = self.deep_layers or depth
+    return hooks_lib.PromptPlan(
+        location="add" if self.location in ("add", "add-1") else "prepend",
+        layers=self._blocks(depth), remove_at=k if self.noexpand and k < depth else -1,
+        first_replaces=self.reverse)
+
+  def embed_patches(self, images, embed, geometry, *, train):
+    if self.location not in pixel_prompts.PIXEL_LOCATIONS:
+      return super().embed_patches(images, embed, geometry, train=train)
+    return pixel_prompts.PixelPrompts(self.location, self.num_prompts, geometry.width,
+                                      geometry.patch_size, name="vpt")(images, embed)
+
   def prompts(self, batch_size, geometry, *, train):
-    if not self.num_prompts:
+    if not self.num_prompts or self.location in pixel_prompts.PIXEL_LOCATIONS:
       return None
+    tokens = {"add": 1 + (self.image_size // geometry.patch_size) ** 2,
+              "add-1": 1}.get(self.location, self.num_prompts)
+    num_sets = len(self._blocks(geometry.depth))
     num_fourier, dimension = self.fourier()
     return VisualPrompts(
-        num_prompts=self.num_prompts, num_sets=geometry.depth if self.deep else 1,
+        num_prompts=tokens, num_sets=1 if self.shared else num_sets,
         width=geometry.width, patch_size=geometry.patch_size,
         projection=self.projection, dropout_rate=self.dropout,
-        num_fourier=num_fourier, fourier_dimension=dimension, name="vpt")(
-            batch_size, train=train)
+        num_fourier=num_fourier, fourier_dimension=dimension,
+        repeat=num_sets if self.shared else 1, name="vpt")(batch_size, train=train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +266,9 @@ def _check_e2vpt(settings: base.Settings, spec, geometry) -> None:
 def _prompt_method(name: str, rules, *, deep: bool, fresh=(base.VPT_PARAMS,), make_hooks=None,
                    **fields) -> base.Method:
   """A method with VPT prompts (fresh ``vpt/``), SGD and VPT's head."""
-  if make_hooks is None:
-    make_hooks = lambda spec: VptOptions(**_vpt_fields(spec, deep))
+  if make_hooks is None:  # plain VPT, shaped by the prompt ablation options
+    make_hooks = lambda spec: VptOptions(**_vpt_fields(spec, deep),
+                                         **prompt_ablations.hook_fields(spec))
   return base.Method(name, rules, fresh=fresh, uses_prompts=True, deep_prompts=deep,
                      make_hooks=make_hooks, **fields)
 

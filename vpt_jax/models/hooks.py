@@ -11,6 +11,9 @@ calls the hook (see each hook for the module).
 Model level (``vit.VisionTransformer``, names relative to the model):
   * ``prompts``: token sets inserted after CLS (VPT shallow and deep), and
     ``prompt_tokens`` for the pooling layout [CLS, prompts, patches];
+    ``prompt_plan`` says where the sets enter (VPT's location and depth
+    ablations) and ``embed_patches`` lets pixel-space prompts act on the
+    images and the patch convolution;
   * ``block_inputs``: per-block arrays with a leading depth axis, block l gets
     slice l as ``BlockContext.inputs`` (CVPT's cross prompts, E2VPT's
     key-value prompts);
@@ -56,6 +59,25 @@ class Geometry(NamedTuple):
   patch_size: int
 
 
+class PromptPlan(NamedTuple):
+  """Where the sets of ``Hooks.prompts`` enter the ViT encoder (VPT's ablations).
+
+  Attributes:
+    location: "prepend" (P tokens after CLS) or "add" (added to every token:
+      sets of shape (B, T, D) with T = the sequence length or 1).
+    layers: set s enters before block ``layers[s]``; None = 0..S-1 (shallow,
+      or deep in every block).
+    remove_at: prepended prompt tokens leave the sequence before this block
+      (-1 = never).
+    first_replaces: the first prepended set overwrites the P tokens after CLS
+      (patch tokens when none were prepended before; VPT's REVERSE_DEEP code).
+  """
+  location: str = "prepend"
+  layers: Any = None
+  remove_at: int = -1
+  first_replaces: bool = False
+
+
 class BlockContext(NamedTuple):
   """What a block hands its hooks.
 
@@ -85,6 +107,21 @@ class Hooks:
     """Prompt sets (S, B, P, D), S = 1 (shallow) or depth (deep), or None."""
     del batch_size, geometry, train
     return None
+
+  def prompt_plan(self, depth: int) -> PromptPlan:
+    """Where the ``prompts`` sets enter a ``depth``-block encoder (default: after CLS,
+    set l before block l)."""
+    del depth
+    return PromptPlan()
+
+  def embed_patches(self, images, embed, geometry: Geometry, *, train: bool):
+    """(patch tokens (B, h, w, D), prompt tokens (P, D) or None) from the images.
+
+    ``embed`` is the backbone's patch convolution (B, H, W, C) -> (B, h, w, D);
+    pixel-space prompts (VPT's pad, below and prepend-pixel) act here.
+    """
+    del geometry, train
+    return embed(images), None
 
   def block_inputs(self, batch_size: int, geometry: Geometry, dtype, *, train: bool):
     """A pytree of arrays with a leading depth axis (block l reads slice l), or None."""

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models import position_embeddings
+from vpt_jax.models import prompt_schedule
 from vpt_jax.models import vit_blocks
 from vpt_jax.models import vit_variants
 
@@ -55,7 +56,8 @@ class Encoder(nn.Module):
   """Position embedding, prompt insertion, the blocks and the final norm.
 
   Returns the normalised tokens the pooling needs. With ``prompts`` of shape
-  (S, B, P, D) (S = 1 for shallow, S = depth for deep), the output layout is
+  (S, B, P, D) (S = 1 for shallow, S = depth for deep; ``hooks.prompt_plan``
+  says where each set enters, see ``prompt_schedule``), the output layout is
   [CLS, prompts, patches]; with ``pool == "original"`` and ``skip_dead_work``
   only CLS is computed in the last block, so the output is (B, 1, D).
 
@@ -96,27 +98,13 @@ class Encoder(nn.Module):
     x = position_embeddings.AddPositionEmbs(posemb_init, name=posemb_name)(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     num_prompts = 0 if prompts is None else prompts.shape[2]
-    deep = num_prompts > 0 and prompts.shape[0] > 1
-    if deep and prompts.shape[0] != self.depth:
-      raise ValueError(f"deep prompts need {self.depth} sets, got {prompts.shape[0]}")
-    # Pools other than CLS index the output as [CLS, prompts, patches].
-    prompt_outputs_needed = self.pool != "original"
-    # Prompts travel in the sequence unless every block discards their outputs.
-    in_sequence = num_prompts > 0 and not (deep and self.skip_dead_work)
-    if in_sequence:
-      x = insert_after_cls(x, prompts[0])
+    steps = prompt_schedule.schedule(
+        self.hooks.prompt_plan(self.depth), 0 if prompts is None else prompts.shape[0], self.depth,
+        # Pools other than CLS index the output as [CLS, prompts, patches].
+        outputs_read=self.pool != "original", skip_dead_work=self.skip_dead_work)
     for layer in range(self.depth):
       last = layer == self.depth - 1
-      kv_only = None
-      if deep and layer > 0 and in_sequence:
-        # The previous block's prompt outputs are replaced by this block's prompts.
-        x = jnp.concatenate([x[:, :1], prompts[layer], x[:, 1 + num_prompts:]], axis=1)
-      elif deep and not in_sequence:
-        if last and prompt_outputs_needed:
-          x = insert_after_cls(x, prompts[layer])
-          in_sequence = True
-        else:
-          kv_only = prompts[layer]
+      x, kv_only = prompt_schedule.apply(x, steps[layer], prompts, num_prompts)
       num_outputs = 1 if (last and self.skip_dead_work and self.pool == "original") else None
       # Positional: nn.remat's static arguments (BLOCK_STATIC_ARGNUMS) must be.
       x = block_class(
@@ -205,16 +193,18 @@ class VisionTransformer(nn.Module):
     if images.shape[1] % patch or images.shape[2] % patch:
       raise ValueError(f"image size {images.shape[1:3]} is not divisible by the patch "
                        f"size {patch}; resize to a multiple of {patch}")
-    tokens = nn.Conv(size.width, (patch, patch), strides=(patch, patch),
-                     padding="VALID", dtype=self.dtype, name="embedding")(images)
+    embed = nn.Conv(size.width, (patch, patch), strides=(patch, patch),
+                    padding="VALID", dtype=self.dtype, name="embedding")
+    sizes = vit_variants.geometry(self.variant)
+    tokens, pixel_prompts = self.hooks.embed_patches(images, embed, sizes, train=train)
     batch, height, width, channels = tokens.shape
     tokens = tokens.reshape(batch, height * width, channels)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, channels))
     tokens = jnp.concatenate(
         [jnp.broadcast_to(cls.astype(tokens.dtype), (batch, 1, channels)), tokens], axis=1)
 
-    sizes = vit_variants.geometry(self.variant)
-    prompts = self.hooks.prompts(batch, sizes, train=train)
+    prompts = (self.hooks.prompts(batch, sizes, train=train) if pixel_prompts is None
+               else jnp.broadcast_to(pixel_prompts, (1, batch) + pixel_prompts.shape))
     if prompts is not None:
       prompts = prompts.astype(tokens.dtype)
     method_inputs = self.hooks.block_inputs(batch, sizes, tokens.dtype, train=train)
