@@ -74,9 +74,11 @@ class PixelPrompts(nn.Module):
       return embed(pad_images(images, imagenet_normalize(lr), imagenet_normalize(tb), p)), None
     if self.location == "below":
       channels = self.param("below", uniform_symmetric(bound), (height, width, p))
-      kernel = self.param("below_kernel", uniform_symmetric(bound), (patch, patch, p, self.width))
+      kernel = self.param("below_kernel", uniform_symmetric(bound),
+                          (patch, patch, p, self.width))
       extra = jax.lax.conv_general_dilated(
-          channels[None], kernel, (patch, patch), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+          channels[None], kernel, (patch, patch), "VALID",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
       tokens = embed(images)
       return tokens + extra.astype(tokens.dtype), None
     if not self.location.startswith("prepend-pixel"):

@@ -63,6 +63,8 @@ def schedule(plan: hooks_lib.PromptPlan, num_sets: int, depth: int, *,
   """
   if plan.location not in LOCATIONS:
     raise ValueError(f"Unknown prompt location {plan.location!r}; choose one of {LOCATIONS}")
+  if not num_sets:  # no token prompts (none at all, or pixel-space ones)
+    return tuple(BlockPrompts() for _ in range(depth))
   layers = tuple(range(num_sets)) if plan.layers is None else tuple(plan.layers)
   if len(layers) != num_sets or any(not 0 <= l < depth for l in layers) or (
       list(layers) != sorted(set(layers))):
