@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.e2vpt = ml_collections.ConfigDict()
   config.e2vpt.kv_prompts = 5       # key-value prompts per block (visual: prompt.*)
   config.e2vpt.kv_dropout = 0.0     # in [0, 1)
+  config.vqt = ml_collections.ConfigDict()
+  config.vqt.num_queries = 1        # query tokens per block (the reference's scripts: 1)
+  config.vqt.dropout = 0.1          # per-example dropout on the queries, [0, 1)
+  config.vqt.combine = "concat"     # concat | mean | weighted_sum (reference) | osu
   config.sidetune = ml_collections.ConfigDict()
   config.sidetune.widths = "32,64,128"  # side CNN channels (stride-2 3x3 convs)
   config.sidetune.checkpoint = ""   # optional .npz of the side CNN

@@ -58,6 +58,9 @@ CASES = {
     "lora": ("lora", {"lora.targets": "query,key,value,out"}, 2),
     "vfpt": ("vfpt", {}, 2),
     "e2vpt": ("e2vpt", {}, 2),
+    "vqt": ("vqt", {}, 2),
+    # A VPT ablation (methods/prompt_ablations.py): below also trains the patch conv.
+    "vpt_shallow-below": ("vpt_shallow", {"prompt.location": "below"}, 2),
 }
 # Trainable parameters that provably stay at their initial value (vpt.md 1.9):
 # with both adapter projections zero, only Up's bias ever gets a gradient.
@@ -104,6 +107,11 @@ def expected_trainable(case: str, depth: int) -> int:
       "lora": depth * 4 * 2 * D * RANK + HEAD,
       "vfpt": depth * M * D + HEAD,
       "e2vpt": depth * M * D + depth * HEADS * KV * (D // HEADS) + HEAD,
+      # one query per block; the head reads D (1 + depth) features
+      "vqt": depth * D + D * (1 + depth) * CLASSES + CLASSES,
+      # prompt channels (H, W, M), their kernel (P, P, M, D), the patch conv (P, P, 3, D) + D
+      "vpt_shallow-below": (IMAGE * IMAGE * M + PATCH * PATCH * M * D
+                            + PATCH * PATCH * 3 * D + D + HEAD),
   }
   formulas["adapter-vpt_reference"] = formulas["adapter"]
   return formulas[case]

@@ -25,6 +25,7 @@ OVERRIDES = {
     "e2vpt.kv_prompts": 3, "e2vpt.kv_dropout": 0.5,
     "sidetune.widths": "4, 8",
     "mlp.dropout": 0.3,
+    "vqt.num_queries": 2, "vqt.dropout": 0.2, "vqt.combine": "weighted_sum",
 }
 
 
@@ -59,6 +60,7 @@ EXPECTED = {
     "vpt+bias": _shared("vpt+bias", **PROMPTED),
     "vfpt": _shared("vfpt", **PROMPTED, vfpt={"percentage": 0.75, "dimension": "hidden"}),
     "e2vpt": _shared("e2vpt", **PROMPTED, e2vpt={"num_prompts": 3, "dropout": 0.5}),
+    "vqt": _shared("vqt", vqt={"num_queries": 2, "dropout": 0.2, "combine": "weighted_sum"}),
 }
 
 

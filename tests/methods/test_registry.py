@@ -27,7 +27,7 @@ def test_the_registry_holds_the_paper_methods():
   assert sorted(registry.METHODS) == [
       "adapter", "bias", "cvpt", "e2vpt", "full", "linear", "lora", "mlp-2", "mlp-3", "mlp-5",
       "mlp-9", "partial-1", "partial-2", "partial-4", "sidetune", "vfpt", "vpt+bias",
-      "vpt_deep", "vpt_shallow"]
+      "vpt_deep", "vpt_shallow", "vqt"]
   assert all(registry.get_method(name).name == name for name in registry.METHODS)
 
 
@@ -43,7 +43,7 @@ def test_unknown_names_list_every_method_and_the_closest():
   assert str(error.value) == (
       "Unknown method 'vpt-deep'; valid methods: adapter, bias, cvpt, e2vpt, full, linear, "
       "lora, mlp-2, mlp-3, mlp-5, mlp-9, partial-1, partial-2, partial-4, sidetune, vfpt, "
-      "vpt+bias, vpt_deep, vpt_shallow (partial-k and mlp-k take any k) "
+      "vpt+bias, vpt_deep, vpt_shallow, vqt (partial-k and mlp-k take any k) "
       "(did you mean vpt_deep?)")
 
 

@@ -17,6 +17,7 @@ cvpt           CVPT's per-block cross-attention prompts          torch_adamw
 lora           LoRA factors of the attention projections         adamw
 vfpt           VPT-deep prompts, part Fourier-transformed        sgd
 e2vpt          VPT-deep prompts and key-value prompts            sgd
+vqt            per-block query tokens (+ their combine weights)  sgd
 =============  ================================================  ==============
 
 ``partial-k`` and ``mlp-k`` accept any k >= 1 (resp. >= 2); the paper's are
@@ -43,8 +44,10 @@ from vpt_jax.methods import lora
 from vpt_jax.methods import partial
 from vpt_jax.methods import prompts
 from vpt_jax.methods import sidetune
+from vpt_jax.methods import vqt
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
+_MODULES += (vqt,)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 

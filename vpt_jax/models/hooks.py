@@ -18,6 +18,8 @@ Model level (``vit.VisionTransformer``, names relative to the model):
     slice l as ``BlockContext.inputs`` (CVPT's cross prompts, E2VPT's
     key-value prompts);
   * ``stochastic_depth``: the drop-path rate and when it is off (CVPT);
+  * ``query_tokens``, ``combine_queries``: per-block query-only tokens and how
+    their outputs join the pooled features before the head (VQT);
   * ``pooled_features``: the pooled (B, D) features before the head
     (side-tuning); ``reads_images`` says they need the images, so the model
     refuses to run from cached features.
@@ -127,6 +129,16 @@ class Hooks:
     """A pytree of arrays with a leading depth axis (block l reads slice l), or None."""
     del batch_size, geometry, dtype, train
     return None
+
+  def query_tokens(self, batch_size: int, geometry: Geometry, *, train: bool):
+    """Query-only tokens (depth, B, T, D) run through block l beside its tokens, or None."""
+    del batch_size, geometry, train
+    return None
+
+  def combine_queries(self, features, query_outputs):
+    """features (B, D) and the blocks' query outputs (depth, B, T, D) -> head input (B, F)."""
+    del query_outputs
+    return features
 
   def stochastic_depth(self, rate: float, deterministic: bool, *,
                        train: bool) -> tuple[float, bool]:

@@ -66,6 +66,10 @@ class Encoder(nn.Module):
   ``stochastic_depth * l / (depth - 1)`` (timm's linear ramp),
   active when ``drop_path_deterministic`` is False.
 
+  ``queries`` (depth, B, T, D) (``Hooks.query_tokens``, VQT): block l also
+  runs queries[l] as query-only rows; the output is then (tokens, query
+  outputs (depth, B, T, D), taken before any final norm).
+
   ``remat`` (one of REMAT_MODES): with "block" every block is wrapped in
   ``nn.remat``; the parameters, outputs and gradients are unchanged.
 
@@ -89,7 +93,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, prompts=None, *, deterministic: bool = True, method_inputs=None,
-               drop_path_deterministic: bool = True):
+               drop_path_deterministic: bool = True, queries=None):
     if self.remat not in REMAT_MODES:
       raise ValueError(f"Unknown remat {self.remat!r}; choose one of {REMAT_MODES}")
     block_class = (nn.remat(vit_blocks.Encoder1DBlock, static_argnums=BLOCK_STATIC_ARGNUMS)
@@ -102,6 +106,7 @@ class Encoder(nn.Module):
         self.hooks.prompt_plan(self.depth), 0 if prompts is None else prompts.shape[0], self.depth,
         # Pools other than CLS index the output as [CLS, prompts, patches].
         outputs_read=self.pool != "original", skip_dead_work=self.skip_dead_work)
+    query_outputs = []
     for layer in range(self.depth):
       last = layer == self.depth - 1
       x, kv_only = prompt_schedule.apply(x, steps[layer], prompts, num_prompts)
@@ -113,11 +118,21 @@ class Encoder(nn.Module):
           hooks=self.hooks, dtype=self.dtype, name=f"encoderblock_{layer}")(
               x, kv_only, num_outputs, deterministic,
               jax.tree.map(lambda inputs: inputs[layer], method_inputs),
-              drop_path_deterministic)
-    if self.flavour == "mae":  # MAE's pooled features get fc_norm instead
-      return x
-    return nn.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
-                        name="encoder_norm")(x)
+              drop_path_deterministic, None if queries is None else queries[layer])
+      if queries is not None:  # query outputs leave; they never enter the next block
+        query_outputs.append(x[:, :queries.shape[2]])
+        x = x[:, queries.shape[2]:]
+    if self.flavour != "mae":  # MAE's pooled features get fc_norm instead
+      x = nn.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
+                       name="encoder_norm")(x)
+    return x if queries is None else (x, jnp.stack(query_outputs))
+
+
+def with_cls(patches, cls):
+  """Patch tokens (B, h, w, D) and CLS (1, 1, D) -> [CLS, patches] (B, 1 + h w, D)."""
+  batch, height, width, channels = patches.shape
+  cls = jnp.broadcast_to(cls.astype(patches.dtype), (batch, 1, channels))
+  return jnp.concatenate([cls, patches.reshape(batch, height * width, channels)], axis=1)
 
 
 def pool_tokens(tokens, pool: str, num_prompts: int):
@@ -197,17 +212,13 @@ class VisionTransformer(nn.Module):
                     padding="VALID", dtype=self.dtype, name="embedding")
     sizes = vit_variants.geometry(self.variant)
     tokens, pixel_prompts = self.hooks.embed_patches(images, embed, sizes, train=train)
-    batch, height, width, channels = tokens.shape
-    tokens = tokens.reshape(batch, height * width, channels)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, channels))
-    tokens = jnp.concatenate(
-        [jnp.broadcast_to(cls.astype(tokens.dtype), (batch, 1, channels)), tokens], axis=1)
-
+    tokens = with_cls(tokens, self.param("cls", nn.initializers.zeros, (1, 1, size.width)))
+    batch = tokens.shape[0]
     prompts = (self.hooks.prompts(batch, sizes, train=train) if pixel_prompts is None
                else jnp.broadcast_to(pixel_prompts, (1, batch) + pixel_prompts.shape))
-    if prompts is not None:
-      prompts = prompts.astype(tokens.dtype)
+    prompts = None if prompts is None else prompts.astype(tokens.dtype)
     method_inputs = self.hooks.block_inputs(batch, sizes, tokens.dtype, train=train)
+    queries = self.hooks.query_tokens(batch, sizes, train=train)
 
     flavour = vit_variants.variant_flavour(self.variant)
     # MAE's "original" representation is the mean of every non-CLS token,
@@ -225,12 +236,16 @@ class VisionTransformer(nn.Module):
         dtype=self.dtype, remat=self.remat, flavour=flavour, name="Transformer")(
             tokens, prompts, deterministic=not (train and self.backbone_dropout),
             method_inputs=method_inputs,
-            drop_path_deterministic=drop_path_deterministic)
+            drop_path_deterministic=drop_path_deterministic, queries=queries)
+    if queries is not None:
+      encoded, query_outputs = encoded
     features = pool_tokens(encoded, pool, self.hooks.prompt_tokens())
     if flavour == "mae":  # a fresh LayerNorm; MAE's checkpoint has none
       features = nn.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
                               name="fc_norm")(features)
     features = self.hooks.pooled_features(images, features.astype(jnp.float32), self.dtype)
+    if queries is not None:
+      features = self.hooks.combine_queries(features, query_outputs.astype(jnp.float32))
     if return_features:
       return features
     return head(features, train=train)
