@@ -82,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.e2vpt = ml_collections.ConfigDict()
   config.e2vpt.kv_prompts = 5       # key-value prompts per block (visual: prompt.*)
   config.e2vpt.kv_dropout = 0.0     # in [0, 1)
+  # Pruning (methods/e2vpt_pruning.py): prune=True trains token and piece masks on the
+  # visual prompts; pruned_tokens "3,7" and pruned_pieces "0:1 5;2:3" fix them (rewinding).
+  config.e2vpt.prune = False
+  config.e2vpt.pieces = 16          # pieces per prompt token (piece j: dims d, d % pieces == j)
+  config.e2vpt.pruned_tokens = ""
+  config.e2vpt.pruned_pieces = ""
   config.vqt = ml_collections.ConfigDict()
   config.vqt.num_queries = 1        # query tokens per block (the reference's scripts: 1)
   config.vqt.dropout = 0.1          # per-example dropout on the queries, [0, 1)

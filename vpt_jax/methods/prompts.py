@@ -11,7 +11,8 @@
 * E2VPT (Han et al., "E^2VPT: An Effective and Efficient Approach for Visual
   Prompt Tuning", ICCV 2023; cvpt.md 3): per-block key-value prompts
   (L, H, N_kv, D/H) appended, already projected, to every attention's keys and
-  values (used with VPT-deep visual prompts; no pruning).
+  values (used with VPT-deep visual prompts), and the pruning masks and
+  rewinding of ``e2vpt_pruning``.
 
 Parameters: ``vpt/shallow``, ``vpt/deep``, ``vpt/projection`` and
 ``e2vpt/kv_prompts``. The prompt count, dropout and projection come from the
@@ -28,12 +29,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vpt_jax.methods import base
+from vpt_jax.methods import e2vpt_pruning
 from vpt_jax.methods import prompt_ablations
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models import pixel_prompts
 from vpt_jax.models.prompts import per_example_dropout, prompt_init_bound, uniform_symmetric
 
-E2VPT_PARAMS = r"e2vpt/.*"
+# Key-value prompts and the pruning phase's masks (e2vpt_pruning).
+E2VPT_PARAMS = r"e2vpt(_masks)?/.*"
 FOURIER_DIMENSIONS = ("all", "hidden", "sequence")
 
 
@@ -218,6 +221,21 @@ class E2vptOptions(VptOptions):
   """E2VPT: VPT's prompts plus ``kv_prompts`` key-value prompts per block."""
   kv_prompts: int = 5
   kv_dropout: float = 0.0
+  # Pruning (e2vpt_pruning): learnable token/piece masks, or the rewinding's fixed ones.
+  learn_masks: bool = False
+  pieces: int = 16
+  pruned_tokens: tuple = ()
+  pruned_pieces: tuple = ()
+
+  def prompts(self, batch_size, geometry, *, train):
+    prompts = super().prompts(batch_size, geometry, train=train)
+    if self.learn_masks:
+      return e2vpt_pruning.PromptMasks(self.pieces, name="e2vpt_masks")(prompts)
+    if self.pruned_tokens or self.pruned_pieces:
+      tokens, pieces = e2vpt_pruning.fixed_masks(self.num_prompts, self.pieces,
+                                                 self.pruned_tokens, self.pruned_pieces)
+      return prompts * e2vpt_pruning.expand_masks(tokens, pieces, prompts.shape[-1])
+    return prompts
 
   def block_inputs(self, batch_size, geometry, dtype, *, train):
     del dtype  # cast to the keys' dtype inside the attention
@@ -254,13 +272,42 @@ def _check_vfpt(settings: base.Settings, spec, geometry) -> None:
 
 def _e2vpt_settings(config) -> base.Settings:
   section = config.e2vpt
-  return dict(num_prompts=int(section.kv_prompts), dropout=float(section.kv_dropout))
+  settings = dict(num_prompts=int(section.kv_prompts), dropout=float(section.kv_dropout))
+  tokens = [int(t) for t in base.names(section.pruned_tokens)]
+  pieces = e2vpt_pruning.parse_pruned_pieces(section.pruned_pieces)
+  if section.prune or tokens or pieces:  # only then: earlier specs stay as they were
+    settings["masks"] = dict(learn=bool(section.prune), pieces=int(section.pieces),
+                             pruned_tokens=tokens, pruned_pieces=pieces)
+  return settings
 
 
 def _check_e2vpt(settings: base.Settings, spec, geometry) -> None:
-  del spec, geometry
   if settings["num_prompts"] < 1:
     base.fail(f"e2vpt.kv_prompts must be >= 1, got {settings['num_prompts']}")
+  masks = settings.get("masks")
+  if not masks:
+    return
+  pieces, num_prompts = masks["pieces"], spec["num_prompts"]
+  if pieces < 1 or geometry.width % pieces:
+    base.fail(f"e2vpt.pieces={pieces} must divide the width {geometry.width} (16 for ViT-B)")
+  if masks["learn"] and (masks["pruned_tokens"] or masks["pruned_pieces"]):
+    base.fail("e2vpt.prune learns the masks; the rewinding's e2vpt.pruned_tokens/"
+              "pruned_pieces fix them: set one or the other")
+  if any(not 0 <= t < num_prompts for t in masks["pruned_tokens"]) or any(
+      not (0 <= t < num_prompts and 0 <= p < pieces) for t, p in masks["pruned_pieces"]):
+    base.fail(f"e2vpt.pruned_tokens/pruned_pieces name a token outside [0, {num_prompts}) "
+              f"or a piece outside [0, {pieces})")
+
+
+def _e2vpt_hooks(spec) -> E2vptOptions:
+  settings = spec["e2vpt"]
+  masks = settings.get("masks") or {}
+  return E2vptOptions(
+      **_vpt_fields(spec, True), kv_prompts=settings["num_prompts"],
+      kv_dropout=settings["dropout"], learn_masks=bool(masks.get("learn", False)),
+      pieces=int(masks.get("pieces", 16)),
+      pruned_tokens=tuple(masks.get("pruned_tokens", ())),
+      pruned_pieces=tuple(tuple(pair) for pair in masks.get("pruned_pieces", ())))
 
 
 def _prompt_method(name: str, rules, *, deep: bool, fresh=(base.VPT_PARAMS,), make_hooks=None,
@@ -290,9 +337,7 @@ METHODS = (
     _prompt_method("e2vpt", base.train_only(base.VPT_PARAMS, E2VPT_PARAMS), deep=True,
                    fresh=(base.VPT_PARAMS, E2VPT_PARAMS), settings="e2vpt",
                    description="E2VPT: VPT-deep prompts and key-value prompts in every "
-                               "attention, plus the head (no pruning)",
+                               "attention, plus the head (pruning masks: e2vpt.prune)",
                    read_settings=_e2vpt_settings, settings_check=_check_e2vpt,
-                   make_hooks=lambda spec: E2vptOptions(
-                       **_vpt_fields(spec, True), kv_prompts=spec["e2vpt"]["num_prompts"],
-                       kv_dropout=spec["e2vpt"]["dropout"])),
+                   make_hooks=_e2vpt_hooks),
 )
