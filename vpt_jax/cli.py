@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 
 import ml_collections
 
-MODES = ("train", "evaluate", "export", "predict", "report")
+MODES = ("train", "evaluate", "export", "predict", "report",
+         "e2vpt_masks")  # E2VPT's pruning levels from a trained run (training/e2vpt_masks)
 
 
 def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -213,6 +214,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
     return trainer.train_and_evaluate(config, workdir)
   if mode in ("evaluate", "export"):
     return trainer.from_checkpoint(config, workdir, mode)
+  if mode == "e2vpt_masks":
+    from vpt_jax.training import e2vpt_masks  # pylint: disable=g-import-not-at-top
+    return e2vpt_masks.write_pruning_levels(config, workdir)
   paths = [p for p in config.predict.images.split(",") if p]
   if not paths:
     raise ValueError("predict mode needs --config.predict.images=a.png,b.jpg")

@@ -112,13 +112,16 @@ def lowest(scores: np.ndarray, count: int) -> list[int]:
 
 def pruning_levels(token_scores: np.ndarray, piece_scores: np.ndarray,
                    percents: Sequence[int] = PERCENTS) -> tuple[list, list]:
-  """Per level, the pruned tokens [i, ...] and the pruned pieces [[token, piece], ...]."""
+  """Per level, the pruned tokens [i, ...] and the pruned pieces [[token, piece], ...].
+
+  One level per distinct count (the reference names its mask files by count).
+  """
   num_tokens, pieces = piece_scores.shape
   token_levels = [lowest(token_scores, count)
-                  for count in prune_counts(num_tokens, MIN_TOKENS, percents)]
+                  for count in sorted(set(prune_counts(num_tokens, MIN_TOKENS, percents)))]
   piece_levels = [[[token, piece] for token in range(num_tokens)
                    for piece in lowest(piece_scores[token], count)]
-                  for count in prune_counts(pieces, MIN_PIECES, percents)]
+                  for count in sorted(set(prune_counts(pieces, MIN_PIECES, percents)))]
   return token_levels, piece_levels
 
 
