@@ -48,6 +48,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.prompt.dropout = 0.1       # in [0, 1); 0 = off
   config.prompt.projection = -1     # >= 1: prompts of this width, projected; < 1 = none
   config.prompt.pool = "original"
+  # VPT's ablations (vpt_shallow/vpt_deep/vpt+bias on ViTs; methods/prompt_ablations.py):
+  # location prepend | add | add-1 | pad | below | prepend-pixel[-gaussian|-imgnettransform];
+  # deep_layers k >= 1: deep prompts in the first k blocks only (0 = all), reverse_deep:
+  # the last k; deep_shared: one set for every block; deep_noexpand: prompts leave after
+  # block k - 1; init random | final-cls | cls-nolastl | cls-nofirstl (per-class mean
+  # class-token embeddings of the training split; num_prompts = number of classes).
+  config.prompt.location = "prepend"
+  config.prompt.deep_layers = 0
+  config.prompt.reverse_deep = False
+  config.prompt.deep_shared = False
+  config.prompt.deep_noexpand = False
+  config.prompt.init = "random"
 
   # Settings of the other methods; each is read only by the method(s) named.
   # Prompt counts and prompt dropout of VPT, VFPT, E2VPT and CVPT are the
@@ -106,6 +118,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.convpass.scale = 1.0       # s; per task 0.01 .. 100 (protocol/hparams.py)
   config.convpass.conv_init = "identity"  # identity (centre tap) | xavier
   config.convpass.dropout = 0.1     # on the bypass before Up, [0, 1)
+  # Pruning (methods/e2vpt_pruning.py): prune=True trains token and piece masks on the
+  # visual prompts; pruned_tokens "3,7" and pruned_pieces "0:1 5;2:3" fix them (rewinding).
+  config.e2vpt.prune = False
+  config.e2vpt.pieces = 16          # pieces per prompt token (piece j: dims d, d % pieces == j)
+  config.e2vpt.pruned_tokens = ""
+  config.e2vpt.pruned_pieces = ""
+  config.vqt = ml_collections.ConfigDict()
+  config.vqt.num_queries = 1        # query tokens per block (the reference's scripts: 1)
+  config.vqt.dropout = 0.1          # per-example dropout on the queries, [0, 1)
+  config.vqt.combine = "concat"     # concat | mean | weighted_sum (reference) | osu
   config.sidetune = ml_collections.ConfigDict()
   config.sidetune.widths = "32,64,128"  # side CNN channels (stride-2 3x3 convs)
   config.sidetune.checkpoint = ""   # optional .npz of the side CNN

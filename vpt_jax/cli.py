@@ -13,7 +13,8 @@ import ml_collections
 
 from vpt_jax import errors
 
-MODES = ("train", "evaluate", "export", "predict", "report", "fingerprint")
+MODES = ("train", "evaluate", "export", "predict", "report", "fingerprint",
+         "e2vpt_masks")  # E2VPT's pruning levels from a trained run (training/e2vpt_masks)
 
 
 def _config_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -319,6 +320,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
     return fingerprint_splits(config, workdir)
   if mode in ("evaluate", "export"):
     return trainer.from_checkpoint(config, workdir, mode)
+  if mode == "e2vpt_masks":
+    from vpt_jax.training import e2vpt_masks  # pylint: disable=g-import-not-at-top
+    return e2vpt_masks.write_pruning_levels(config, workdir)
   paths = [p for p in config.predict.images.split(",") if p]
   if not paths:
     raise errors.UserError("predict mode needs --config.predict.images=a.png,b.jpg")

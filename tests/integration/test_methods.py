@@ -71,6 +71,9 @@ CASES = {
     "fact_tt": ("fact_tt", {"fact.rank": RANK, "fact.scale": 10.0}, 2),
     "fact_tk": ("fact_tk", {"fact.rank": RANK, "fact.scale": 10.0}, 2),
     "repadapter": ("repadapter", {"repadapter.dim": 4, "repadapter.scale": 5.0}, 2),
+    "vqt": ("vqt", {}, 2),
+    # A VPT ablation (methods/prompt_ablations.py): below also trains the patch conv.
+    "vpt_shallow-below": ("vpt_shallow", {"prompt.location": "below"}, 2),
 }
 # Cases whose export may fold into the plain ViT (export.merging).
 MERGEABLE = ("linear", "full", "partial-1", "bias", "lora", "ssf", "difffit", "ln_tune",
@@ -132,6 +135,11 @@ def expected_trainable(case: str, depth: int) -> int:
       "fact_tk": 2 * D * RANK + RANK * (4 + 2 * MLP // D) * depth + RANK ** 3 + HEAD,
       # Two adapters per block: down D x h + h, grouped up h x D / 2 + D (h = 4).
       "repadapter": 2 * depth * (D * 4 + 4 + 4 * D // 2 + D) + HEAD,
+      # one query per block; the head reads D (1 + depth) features
+      "vqt": depth * D + D * (1 + depth) * CLASSES + CLASSES,
+      # prompt channels (H, W, M), their kernel (P, P, M, D), the patch conv (P, P, 3, D) + D
+      "vpt_shallow-below": (IMAGE * IMAGE * M + PATCH * PATCH * M * D
+                            + PATCH * PATCH * 3 * D + D + HEAD),
   }
   # Bottleneck adapters of width BOTTLENECK: Down D x b + b, Up b x D + D.
   bottleneck = 2 * D * BOTTLENECK + BOTTLENECK + D

@@ -35,6 +35,7 @@ OVERRIDES = {
     "fact.rank": 4, "fact.scale": 10.0, "fact.dropout": 0.2, "fact.drop_path": 0.2,
     "repadapter.dim": 4, "repadapter.groups": 2, "repadapter.scale": 5.0,
     "repadapter.dropout": 0.2, "repadapter.drop_path": 0.2,
+    "vqt.num_queries": 2, "vqt.dropout": 0.2, "vqt.combine": "weighted_sum",
 }
 
 
@@ -82,6 +83,7 @@ EXPECTED = {
        for m in ("fact_tt", "fact_tk")},
     "repadapter": _shared("repadapter", repadapter={"dim": 4, "groups": 2, "scale": 5.0,
                                                     "dropout": 0.2, "drop_path": 0.2}),
+    "vqt": _shared("vqt", vqt={"num_queries": 2, "dropout": 0.2, "combine": "weighted_sum"}),
 }
 
 
@@ -107,3 +109,21 @@ def test_spec_round_trips_through_json_to_the_same_model(method):
   # JSON turns the tuples of hook objects into lists; the model must not change.
   assert factory.build_model(json.loads(json.dumps(spec)), 5) == factory.build_model(spec, 5)
   hash(factory.build_model(json.loads(json.dumps(spec)), 5).hooks)  # hashable for nn.remat
+
+
+# VPT's prompt ablations (methods/prompt_ablations.py): a section only when set.
+ABLATION_OVERRIDES = {"prompt.location": "add-1", "prompt.deep_layers": 3,
+                      "prompt.reverse_deep": True, "prompt.init": "random"}
+ABLATION_EXPECTED = _shared(
+    "vpt_deep", **PROMPTED, prompt_ablation={
+        "location": "add-1", "deep_layers": 3, "reverse_deep": True, "deep_shared": False,
+        "deep_noexpand": False, "init": "random"})
+
+
+def test_prompt_ablation_spec_is_pinned_and_round_trips():
+  config = fixtures.method_config("vpt_deep", "test4/4", 16, num_prompts=4,
+                                  **OVERRIDES, **ABLATION_OVERRIDES)
+  spec = factory.model_spec(config)
+  assert json.dumps(spec, sort_keys=True) == json.dumps(ABLATION_EXPECTED, sort_keys=True)
+  factory.validate_spec(spec)
+  assert factory.build_model(json.loads(json.dumps(spec)), 5) == factory.build_model(spec, 5)

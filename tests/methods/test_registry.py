@@ -27,8 +27,9 @@ def test_the_registry_holds_the_paper_methods():
   assert sorted(registry.METHODS) == sorted([
       "adapter", "bias", "cvpt", "e2vpt", "full", "linear", "lora", "mlp-2", "mlp-3", "mlp-5",
       "mlp-9", "partial-1", "partial-2", "partial-4", "sidetune", "vfpt", "vpt+bias",
-      "vpt_deep", "vpt_shallow"]
-      + ["ssf", "difffit", "ln_tune", "fact_tt", "fact_tk", "repadapter"])
+      "vpt_deep", "vpt_shallow", "vqt"]
+      + ["ssf", "difffit", "ln_tune", "fact_tt", "fact_tk", "repadapter"]
+      + ["houlsby", "adaptformer", "adapter_plus", "convpass"])
   assert all(registry.get_method(name).name == name for name in registry.METHODS)
 
 

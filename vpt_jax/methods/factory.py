@@ -20,6 +20,7 @@ from vpt_jax import errors
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import vit_layouts
+from vpt_jax.methods import prompt_ablations
 from vpt_jax.methods import registry
 from vpt_jax.methods import sidetune
 from vpt_jax.models import backbones
@@ -55,6 +56,9 @@ def model_spec(config) -> dict[str, Any]:
     spec.update(num_prompts=int(config.prompt.num_prompts),
                 prompt_dropout=float(config.prompt.dropout),
                 prompt_projection=int(config.prompt.projection))
+  ablation = prompt_ablations.spec_section(config)
+  if ablation is not None:  # VPT's ablations (only when some option is set)
+    spec["prompt_ablation"] = ablation
   settings = method.spec_settings(config)
   if settings is not None:
     spec[method.settings] = settings
@@ -80,6 +84,7 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
   if method.head_init not in heads.HEAD_INITS:
     raise ValueError(f"method {method.name} has an unknown head init {method.head_init!r}")
   family.validate(spec, method)
+  prompt_ablations.check(spec)
   method.rules(family.block_patterns(spec["variant"]), family.final_norm)  # partial-k: k <= depth
 
 
@@ -154,4 +159,5 @@ def trainable_rules(config) -> tuple[tuple[str, str], ...]:
   family = backbones.get_family(config.model.variant)
   method_rules = registry.get_method(config.method).rules(
       family.block_patterns(config.model.variant), family.final_norm)
-  return tuple((pattern, FROZEN) for pattern in family.always_frozen) + method_rules
+  return (tuple((pattern, FROZEN) for pattern in family.always_frozen)
+          + prompt_ablations.extra_rules(model_spec(config)) + method_rules)

@@ -11,7 +11,8 @@
 * E2VPT (Han et al., "E^2VPT: An Effective and Efficient Approach for Visual
   Prompt Tuning", ICCV 2023; cvpt.md 3): per-block key-value prompts
   (L, H, N_kv, D/H) appended, already projected, to every attention's keys and
-  values (used with VPT-deep visual prompts; no pruning).
+  values (used with VPT-deep visual prompts), and the pruning masks and
+  rewinding of ``e2vpt_pruning``.
 
 Parameters: ``vpt/shallow``, ``vpt/deep``, ``vpt/projection`` and
 ``e2vpt/kv_prompts``. The prompt count, dropout and projection come from the
@@ -29,10 +30,14 @@ import jax.numpy as jnp
 
 from vpt_jax import errors
 from vpt_jax.methods import base
+from vpt_jax.methods import e2vpt_pruning
+from vpt_jax.methods import prompt_ablations
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import pixel_prompts
 from vpt_jax.models.prompts import per_example_dropout, prompt_init_bound, uniform_symmetric
 
-E2VPT_PARAMS = r"e2vpt/.*"
+# Key-value prompts and the pruning phase's masks (e2vpt_pruning).
+E2VPT_PARAMS = r"e2vpt(_masks)?/.*"
 FOURIER_DIMENSIONS = ("all", "hidden", "sequence")
 
 
@@ -72,6 +77,7 @@ class VisualPrompts(nn.Module):
   where d = ``projection`` if >= 1 (then a shared Dense(d -> width) named
   ``projection`` maps them, kaiming-normal fan-out as the reference) else width.
   Dropout is applied after broadcasting, so every example gets its own mask.
+  ``repeat`` > 1 repeats the (single) set that many times before the dropout.
   With ``num_fourier`` > 0 (VFPT) the first ``num_fourier`` prompts of every
   set are Fourier-transformed after the dropout (``fourier_prompts``).
   """
@@ -83,6 +89,7 @@ class VisualPrompts(nn.Module):
   dropout_rate: float = 0.0
   num_fourier: int = 0
   fourier_dimension: str = "all"
+  repeat: int = 1
 
   @nn.compact
   def __call__(self, batch_size: int, *, train: bool):
@@ -100,6 +107,8 @@ class VisualPrompts(nn.Module):
           self.width, name="projection",
           kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
           bias_init=uniform_symmetric(1.0 / math.sqrt(prompt_dim)))(prompts)
+    if self.repeat > 1:  # one set for every block (DEEP_SHARED), dropped out per block
+      prompts = jnp.broadcast_to(prompts, (self.repeat,) + prompts.shape[1:])
     prompts = per_example_dropout(prompts, batch_size, self.dropout_rate, train)
     if self.num_fourier:
       prompts = fourier_prompts(prompts, self.num_fourier, self.fourier_dimension)
@@ -135,29 +144,67 @@ class KeyValuePrompts(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class VptOptions(hooks_lib.Hooks):
-  """VPT: ``num_prompts`` prompts per set, one set (shallow) or one per block (deep)."""
+  """VPT: ``num_prompts`` prompts per set, one set (shallow) or one per block (deep).
+
+  The ablation fields (``prompt_ablations``; defaults = plain VPT):
+  ``location`` (prepend, add, add-1 or a pixel location), ``deep_layers`` k
+  (deep prompts in the first k blocks, 0 = all), ``reverse`` (the last k
+  instead; the first of them is the ``shallow`` parameter), ``shared`` (one
+  set for all blocks) and ``noexpand`` (prompts leave after block k - 1).
+  ``image_size`` sizes the add location's sets (1 + (image_size / P)^2 tokens).
+  """
   num_prompts: int
   deep: bool = False
   dropout: float = 0.0
   projection: int = -1
+  location: str = "prepend"
+  deep_layers: int = 0
+  reverse: bool = False
+  shared: bool = False
+  noexpand: bool = False
+  image_size: int = 0
 
   def prompt_tokens(self) -> int:
-    return self.num_prompts
+    in_sequence = self.location == "prepend" or self.location.startswith("prepend-pixel")
+    return self.num_prompts if in_sequence else 0
 
   def fourier(self) -> tuple[int, str]:
     """(how many prompts of every set are Fourier-transformed, over which axes)."""
     return 0, "all"
 
+  def _blocks(self, depth: int) -> tuple[int, ...]:
+    """The blocks a prompt set enters before."""
+    if not self.deep:
+      return (0,)
+    k = self.deep_layers or depth
+    return tuple(range(depth - k, depth)) if self.reverse else tuple(range(k))
+
+  def prompt_plan(self, depth: int) -> hooks_lib.PromptPlan:
+    k = self.deep_layers or depth
+    return hooks_lib.PromptPlan(
+        location="add" if self.location in ("add", "add-1") else "prepend",
+        layers=self._blocks(depth), remove_at=k if self.noexpand and k < depth else -1,
+        first_replaces=self.reverse)
+
+  def embed_patches(self, images, embed, geometry, *, train):
+    if self.location not in pixel_prompts.PIXEL_LOCATIONS:
+      return super().embed_patches(images, embed, geometry, train=train)
+    return pixel_prompts.PixelPrompts(self.location, self.num_prompts, geometry.width,
+                                      geometry.patch_size, name="vpt")(images, embed)
+
   def prompts(self, batch_size, geometry, *, train):
-    if not self.num_prompts:
+    if not self.num_prompts or self.location in pixel_prompts.PIXEL_LOCATIONS:
       return None
+    tokens = {"add": 1 + (self.image_size // geometry.patch_size) ** 2,
+              "add-1": 1}.get(self.location, self.num_prompts)
+    num_sets = len(self._blocks(geometry.depth))
     num_fourier, dimension = self.fourier()
     return VisualPrompts(
-        num_prompts=self.num_prompts, num_sets=geometry.depth if self.deep else 1,
+        num_prompts=tokens, num_sets=1 if self.shared else num_sets,
         width=geometry.width, patch_size=geometry.patch_size,
         projection=self.projection, dropout_rate=self.dropout,
-        num_fourier=num_fourier, fourier_dimension=dimension, name="vpt")(
-            batch_size, train=train)
+        num_fourier=num_fourier, fourier_dimension=dimension,
+        repeat=num_sets if self.shared else 1, name="vpt")(batch_size, train=train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +222,21 @@ class E2vptOptions(VptOptions):
   """E2VPT: VPT's prompts plus ``kv_prompts`` key-value prompts per block."""
   kv_prompts: int = 5
   kv_dropout: float = 0.0
+  # Pruning (e2vpt_pruning): learnable token/piece masks, or the rewinding's fixed ones.
+  learn_masks: bool = False
+  pieces: int = 16
+  pruned_tokens: tuple = ()
+  pruned_pieces: tuple = ()
+
+  def prompts(self, batch_size, geometry, *, train):
+    prompts = super().prompts(batch_size, geometry, train=train)
+    if self.learn_masks:
+      return e2vpt_pruning.PromptMasks(self.pieces, name="e2vpt_masks")(prompts)
+    if self.pruned_tokens or self.pruned_pieces:
+      tokens, pieces = e2vpt_pruning.fixed_masks(self.num_prompts, self.pieces,
+                                                 self.pruned_tokens, self.pruned_pieces)
+      return prompts * e2vpt_pruning.expand_masks(tokens, pieces, prompts.shape[-1])
+    return prompts
 
   def block_inputs(self, batch_size, geometry, dtype, *, train):
     del dtype  # cast to the keys' dtype inside the attention
@@ -211,20 +273,50 @@ def _check_vfpt(settings: base.Settings, spec, geometry) -> None:
 
 def _e2vpt_settings(config) -> base.Settings:
   section = config.e2vpt
-  return dict(num_prompts=int(section.kv_prompts), dropout=float(section.kv_dropout))
+  settings = dict(num_prompts=int(section.kv_prompts), dropout=float(section.kv_dropout))
+  tokens = [int(t) for t in base.names(section.pruned_tokens)]
+  pieces = e2vpt_pruning.parse_pruned_pieces(section.pruned_pieces)
+  if section.prune or tokens or pieces:  # only then: earlier specs stay as they were
+    settings["masks"] = dict(learn=bool(section.prune), pieces=int(section.pieces),
+                             pruned_tokens=tokens, pruned_pieces=pieces)
+  return settings
 
 
 def _check_e2vpt(settings: base.Settings, spec, geometry) -> None:
-  del spec, geometry
   if settings["num_prompts"] < 1:
     base.fail(f"e2vpt.kv_prompts must be >= 1, got {settings['num_prompts']}")
+  masks = settings.get("masks")
+  if not masks:
+    return
+  pieces, num_prompts = masks["pieces"], spec["num_prompts"]
+  if pieces < 1 or geometry.width % pieces:
+    base.fail(f"e2vpt.pieces={pieces} must divide the width {geometry.width} (16 for ViT-B)")
+  if masks["learn"] and (masks["pruned_tokens"] or masks["pruned_pieces"]):
+    base.fail("e2vpt.prune learns the masks; the rewinding's e2vpt.pruned_tokens/"
+              "pruned_pieces fix them: set one or the other")
+  if any(not 0 <= t < num_prompts for t in masks["pruned_tokens"]) or any(
+      not (0 <= t < num_prompts and 0 <= p < pieces) for t, p in masks["pruned_pieces"]):
+    base.fail(f"e2vpt.pruned_tokens/pruned_pieces name a token outside [0, {num_prompts}) "
+              f"or a piece outside [0, {pieces})")
+
+
+def _e2vpt_hooks(spec) -> E2vptOptions:
+  settings = spec["e2vpt"]
+  masks = settings.get("masks") or {}
+  return E2vptOptions(
+      **_vpt_fields(spec, True), kv_prompts=settings["num_prompts"],
+      kv_dropout=settings["dropout"], learn_masks=bool(masks.get("learn", False)),
+      pieces=int(masks.get("pieces", 16)),
+      pruned_tokens=tuple(masks.get("pruned_tokens", ())),
+      pruned_pieces=tuple(tuple(pair) for pair in masks.get("pruned_pieces", ())))
 
 
 def _prompt_method(name: str, rules, *, deep: bool, fresh=(base.VPT_PARAMS,), make_hooks=None,
                    **fields) -> base.Method:
   """A method with VPT prompts (fresh ``vpt/``), SGD and VPT's head."""
-  if make_hooks is None:
-    make_hooks = lambda spec: VptOptions(**_vpt_fields(spec, deep))
+  if make_hooks is None:  # plain VPT, shaped by the prompt ablation options
+    make_hooks = lambda spec: VptOptions(**_vpt_fields(spec, deep),
+                                         **prompt_ablations.hook_fields(spec))
   return base.Method(name, rules, fresh=fresh, uses_prompts=True, deep_prompts=deep,
                      make_hooks=make_hooks, **fields)
 
@@ -246,9 +338,7 @@ METHODS = (
     _prompt_method("e2vpt", base.train_only(base.VPT_PARAMS, E2VPT_PARAMS), deep=True,
                    fresh=(base.VPT_PARAMS, E2VPT_PARAMS), settings="e2vpt",
                    description="E2VPT: VPT-deep prompts and key-value prompts in every "
-                               "attention, plus the head (no pruning)",
+                               "attention, plus the head (pruning masks: e2vpt.prune)",
                    read_settings=_e2vpt_settings, settings_check=_check_e2vpt,
-                   make_hooks=lambda spec: E2vptOptions(
-                       **_vpt_fields(spec, True), kv_prompts=spec["e2vpt"]["num_prompts"],
-                       kv_dropout=spec["e2vpt"]["dropout"])),
+                   make_hooks=_e2vpt_hooks),
 )

@@ -27,6 +27,7 @@ ln_tune        every LayerNorm's scale and bias                  torch_adamw
 fact_tt        FacT-TT: shared U, V, per-layer cores             torch_adamw
 fact_tk        FacT-TK: shared U, V, core tensor, layer factors  torch_adamw
 repadapter     group-wise linear adapters before attention, MLP  torch_adamw
+vqt            per-block query tokens (+ their combine weights)  sgd
 =============  ================================================  ==============
 
 ``partial-k`` and ``mlp-k`` accept any k >= 1 (resp. >= 2); the paper's are
@@ -62,10 +63,12 @@ from vpt_jax.methods import prompts
 from vpt_jax.methods import repadapter
 from vpt_jax.methods import sidetune
 from vpt_jax.methods import ssf
+from vpt_jax.methods import vqt
 
 _MODULES = (prompts, head_only, full, partial, bias, adapter, sidetune, cvpt, lora)
 _MODULES += (bottleneck_adapters, convpass)
 _MODULES += (ssf, difffit, fact, repadapter)  # re-parameterisable methods (merge into the backbone)
+_MODULES += (vqt,)
 
 METHODS = {method.name: method for module in _MODULES for method in module.METHODS}
 

@@ -11,10 +11,15 @@ calls the hook (see each hook for the module).
 Model level (``vit.VisionTransformer``, names relative to the model):
   * ``prompts``: token sets inserted after CLS (VPT shallow and deep), and
     ``prompt_tokens`` for the pooling layout [CLS, prompts, patches];
+    ``prompt_plan`` says where the sets enter (VPT's location and depth
+    ablations) and ``embed_patches`` lets pixel-space prompts act on the
+    images and the patch convolution;
   * ``block_inputs``: per-block arrays with a leading depth axis, block l gets
     slice l as ``BlockContext.inputs`` (CVPT's cross prompts, E2VPT's
     key-value prompts);
   * ``stochastic_depth``: the drop-path rate and when it is off (CVPT);
+  * ``query_tokens``, ``combine_queries``: per-block query-only tokens and how
+    their outputs join the pooled features before the head (VQT);
   * ``pooled_features``: the pooled (B, D) features before the head
     (side-tuning); ``reads_images`` says they need the images, so the model
     refuses to run from cached features.
@@ -65,6 +70,25 @@ class Geometry(NamedTuple):
   mlp_dim: int = 0  # the MLP's hidden width (0: not a ViT)
 
 
+class PromptPlan(NamedTuple):
+  """Where the sets of ``Hooks.prompts`` enter the ViT encoder (VPT's ablations).
+
+  Attributes:
+    location: "prepend" (P tokens after CLS) or "add" (added to every token:
+      sets of shape (B, T, D) with T = the sequence length or 1).
+    layers: set s enters before block ``layers[s]``; None = 0..S-1 (shallow,
+      or deep in every block).
+    remove_at: prepended prompt tokens leave the sequence before this block
+      (-1 = never).
+    first_replaces: the first prepended set overwrites the P tokens after CLS
+      (patch tokens when none were prepended before; VPT's REVERSE_DEEP code).
+  """
+  location: str = "prepend"
+  layers: Any = None
+  remove_at: int = -1
+  first_replaces: bool = False
+
+
 class BlockContext(NamedTuple):
   """What a block hands its hooks.
 
@@ -98,10 +122,35 @@ class Hooks:
     del batch_size, geometry, train
     return None
 
+  def prompt_plan(self, depth: int) -> PromptPlan:
+    """Where the ``prompts`` sets enter a ``depth``-block encoder (default: after CLS,
+    set l before block l)."""
+    del depth
+    return PromptPlan()
+
+  def embed_patches(self, images, embed, geometry: Geometry, *, train: bool):
+    """(patch tokens (B, h, w, D), prompt tokens (P, D) or None) from the images.
+
+    ``embed`` is the backbone's patch convolution (B, H, W, C) -> (B, h, w, D);
+    pixel-space prompts (VPT's pad, below and prepend-pixel) act here.
+    """
+    del geometry, train
+    return embed(images), None
+
   def block_inputs(self, batch_size: int, geometry: Geometry, dtype, *, train: bool):
     """A pytree of arrays with a leading depth axis (block l reads slice l), or None."""
     del batch_size, geometry, dtype, train
     return None
+
+  def query_tokens(self, batch_size: int, geometry: Geometry, *, train: bool):
+    """Query-only tokens (depth, B, T, D) run through block l beside its tokens, or None."""
+    del batch_size, geometry, train
+    return None
+
+  def combine_queries(self, features, query_outputs):
+    """features (B, D) and the blocks' query outputs (depth, B, T, D) -> head input (B, F)."""
+    del query_outputs
+    return features
 
   def stochastic_depth(self, rate: float, deterministic: bool, *,
                        train: bool) -> tuple[float, bool]:

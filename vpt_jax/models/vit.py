@@ -31,6 +31,7 @@ from vpt_jax import errors
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models import position_embeddings
+from vpt_jax.models import prompt_schedule
 from vpt_jax.models import vit_blocks
 from vpt_jax.models import vit_variants
 
@@ -56,7 +57,8 @@ class Encoder(nn.Module):
   """Position embedding, prompt insertion, the blocks and the final norm.
 
   Returns the normalised tokens the pooling needs. With ``prompts`` of shape
-  (S, B, P, D) (S = 1 for shallow, S = depth for deep), the output layout is
+  (S, B, P, D) (S = 1 for shallow, S = depth for deep; ``hooks.prompt_plan``
+  says where each set enters, see ``prompt_schedule``), the output layout is
   [CLS, prompts, patches]; with ``pool == "original"`` and ``skip_dead_work``
   only CLS is computed in the last block, so the output is (B, 1, D).
 
@@ -64,6 +66,10 @@ class Encoder(nn.Module):
   axis) reach block l as their slice l. Block l's drop path rate is
   ``stochastic_depth * l / (depth - 1)`` (timm's linear ramp),
   active when ``drop_path_deterministic`` is False.
+
+  ``queries`` (depth, B, T, D) (``Hooks.query_tokens``, VQT): block l also
+  runs queries[l] as query-only rows; the output is then (tokens, query
+  outputs (depth, B, T, D), taken before any final norm).
 
   ``remat`` (one of REMAT_MODES): with "block" every block is wrapped in
   ``nn.remat``; the parameters, outputs and gradients are unchanged.
@@ -88,7 +94,7 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, prompts=None, *, deterministic: bool = True, method_inputs=None,
-               drop_path_deterministic: bool = True):
+               drop_path_deterministic: bool = True, queries=None):
     if self.remat not in REMAT_MODES:
       raise ValueError(f"Unknown remat {self.remat!r}; choose one of {REMAT_MODES}")
     block_class = (nn.remat(vit_blocks.Encoder1DBlock, static_argnums=BLOCK_STATIC_ARGNUMS)
@@ -97,27 +103,14 @@ class Encoder(nn.Module):
     x = position_embeddings.AddPositionEmbs(posemb_init, name=posemb_name)(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     num_prompts = 0 if prompts is None else prompts.shape[2]
-    deep = num_prompts > 0 and prompts.shape[0] > 1
-    if deep and prompts.shape[0] != self.depth:
-      raise ValueError(f"deep prompts need {self.depth} sets, got {prompts.shape[0]}")
-    # Pools other than CLS index the output as [CLS, prompts, patches].
-    prompt_outputs_needed = self.pool != "original"
-    # Prompts travel in the sequence unless every block discards their outputs.
-    in_sequence = num_prompts > 0 and not (deep and self.skip_dead_work)
-    if in_sequence:
-      x = insert_after_cls(x, prompts[0])
+    steps = prompt_schedule.schedule(
+        self.hooks.prompt_plan(self.depth), 0 if prompts is None else prompts.shape[0], self.depth,
+        # Pools other than CLS index the output as [CLS, prompts, patches].
+        outputs_read=self.pool != "original", skip_dead_work=self.skip_dead_work)
+    query_outputs = []
     for layer in range(self.depth):
       last = layer == self.depth - 1
-      kv_only = None
-      if deep and layer > 0 and in_sequence:
-        # The previous block's prompt outputs are replaced by this block's prompts.
-        x = jnp.concatenate([x[:, :1], prompts[layer], x[:, 1 + num_prompts:]], axis=1)
-      elif deep and not in_sequence:
-        if last and prompt_outputs_needed:
-          x = insert_after_cls(x, prompts[layer])
-          in_sequence = True
-        else:
-          kv_only = prompts[layer]
+      x, kv_only = prompt_schedule.apply(x, steps[layer], prompts, num_prompts)
       num_outputs = 1 if (last and self.skip_dead_work and self.pool == "original") else None
       # Positional: nn.remat's static arguments (BLOCK_STATIC_ARGNUMS) must be.
       x = block_class(
@@ -126,11 +119,21 @@ class Encoder(nn.Module):
           hooks=self.hooks, dtype=self.dtype, name=f"encoderblock_{layer}")(
               x, kv_only, num_outputs, deterministic,
               jax.tree.map(lambda inputs: inputs[layer], method_inputs),
-              drop_path_deterministic)
-    if self.flavour == "mae":  # MAE's pooled features get fc_norm instead
-      return x
-    return self.hooks.norm_output("encoder_norm", nn.LayerNorm(
-        epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x))
+              drop_path_deterministic, None if queries is None else queries[layer])
+      if queries is not None:  # query outputs leave; they never enter the next block
+        query_outputs.append(x[:, :queries.shape[2]])
+        x = x[:, queries.shape[2]:]
+    if self.flavour != "mae":  # MAE's pooled features get fc_norm instead
+      x = self.hooks.norm_output("encoder_norm", nn.LayerNorm(
+          epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x))
+    return x if queries is None else (x, jnp.stack(query_outputs))
+
+
+def with_cls(patches, cls):
+  """Patch tokens (B, h, w, D) and CLS (1, 1, D) -> [CLS, patches] (B, 1 + h w, D)."""
+  batch, height, width, channels = patches.shape
+  cls = jnp.broadcast_to(cls.astype(patches.dtype), (batch, 1, channels))
+  return jnp.concatenate([cls, patches.reshape(batch, height * width, channels)], axis=1)
 
 
 def pool_tokens(tokens, pool: str, num_prompts: int):
@@ -206,21 +209,22 @@ class VisionTransformer(nn.Module):
     if images.shape[1] % patch or images.shape[2] % patch:
       raise ValueError(f"image size {images.shape[1:3]} is not divisible by the patch "
                        f"size {patch}; resize to a multiple of {patch}")
-    tokens = nn.Conv(size.width, (patch, patch), strides=(patch, patch),
-                     padding="VALID", dtype=self.dtype, name="embedding")(images)
-    tokens = self.hooks.projection_output("embedding", images, tokens, (size.width,), 3,
-                                          self.dtype)
-    batch, height, width, channels = tokens.shape
-    tokens = tokens.reshape(batch, height * width, channels)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, channels))
-    tokens = jnp.concatenate(
-        [jnp.broadcast_to(cls.astype(tokens.dtype), (batch, 1, channels)), tokens], axis=1)
+    patch_conv = nn.Conv(size.width, (patch, patch), strides=(patch, patch),
+                         padding="VALID", dtype=self.dtype, name="embedding")
+
+    def embed(pixels):  # the patch embedding's output passes projection_output (SSF, FacT)
+      return self.hooks.projection_output("embedding", pixels, patch_conv(pixels),
+                                          (size.width,), 3, self.dtype)
 
     sizes = vit_variants.geometry(self.variant)
-    prompts = self.hooks.prompts(batch, sizes, train=train)
-    if prompts is not None:
-      prompts = prompts.astype(tokens.dtype)
+    tokens, pixel_prompts = self.hooks.embed_patches(images, embed, sizes, train=train)
+    tokens = with_cls(tokens, self.param("cls", nn.initializers.zeros, (1, 1, size.width)))
+    batch = tokens.shape[0]
+    prompts = (self.hooks.prompts(batch, sizes, train=train) if pixel_prompts is None
+               else jnp.broadcast_to(pixel_prompts, (1, batch) + pixel_prompts.shape))
+    prompts = None if prompts is None else prompts.astype(tokens.dtype)
     method_inputs = self.hooks.block_inputs(batch, sizes, tokens.dtype, train=train)
+    queries = self.hooks.query_tokens(batch, sizes, train=train)
 
     flavour = vit_variants.variant_flavour(self.variant)
     # MAE's "original" representation is the mean of every non-CLS token,
@@ -238,12 +242,16 @@ class VisionTransformer(nn.Module):
         dtype=self.dtype, remat=self.remat, flavour=flavour, name="Transformer")(
             tokens, prompts, deterministic=not (train and self.backbone_dropout),
             method_inputs=method_inputs,
-            drop_path_deterministic=drop_path_deterministic)
+            drop_path_deterministic=drop_path_deterministic, queries=queries)
+    if queries is not None:
+      encoded, query_outputs = encoded
     features = pool_tokens(encoded, pool, self.hooks.prompt_tokens())
     if flavour == "mae":  # a fresh LayerNorm; MAE's checkpoint has none
       features = nn.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
                               name="fc_norm")(features)
     features = self.hooks.pooled_features(images, features.astype(jnp.float32), self.dtype)
+    if queries is not None:
+      features = self.hooks.combine_queries(features, query_outputs.astype(jnp.float32))
     if return_features:
       return features
     return head(features, train=train)

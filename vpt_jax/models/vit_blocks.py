@@ -120,6 +120,10 @@ class Encoder1DBlock(nn.Module):
   * ``num_outputs``: only the first rows of ``x`` are computed (e.g. CLS in
     the last block of a CLS-pooled model); all rows still serve as keys.
 
+  ``queries`` (B, T, D) are the opposite of ``kv_only``: rows that go through
+  the whole block (norms, attention as queries, MLP, residuals) but are no
+  keys or values, so the other rows do not see them (VQT's query tokens).
+
   DP is drop path (stochastic depth) at ``drop_path_rate``: per example, the
   branch is zeroed with that probability and otherwise scaled by 1 / (1 - rate).
 
@@ -137,8 +141,9 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, kv_only=None, num_outputs: Optional[int] = None,
                deterministic: bool = True, method_inputs=None,
-               drop_path_deterministic: bool = True):
-    """x: (B, N, D) -> (B, N or num_outputs, D)."""
+               drop_path_deterministic: bool = True, queries=None):
+    """x: (B, N, D) -> (B, N or num_outputs, D); with ``queries`` (B, T, D) their
+    outputs come first: (B, T + (N or num_outputs), D)."""
     hooks = self.hooks
     attention = Attention(self.num_heads, hooks=hooks, dtype=self.dtype,
                           name="MultiHeadDotProductAttention_0")
@@ -150,6 +155,9 @@ class Encoder1DBlock(nn.Module):
       return nn.Dropout(self.drop_path_rate, broadcast_dims=(1, 2))(
           branch, deterministic=drop_path_deterministic)
 
+    num_queries = 0 if queries is None else queries.shape[1]
+    if queries is not None:  # query-only rows in front: every later step is per row
+      x = jnp.concatenate([queries.astype(x.dtype), x], axis=1)
     x = hooks.block_input(x, context)
     pre_attention_norm = nn.LayerNorm(
         epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_0")
@@ -159,12 +167,12 @@ class Encoder1DBlock(nn.Module):
       return hooks.attention_input(normed_rows, context)
 
     normed = attention_rows(x)
-    keys_values = normed
+    keys_values = normed[:, num_queries:]
     if kv_only is not None:
-      keys_values = jnp.concatenate([normed[:, :1], attention_rows(kv_only), normed[:, 1:]],
-                                    axis=1)
+      keys_values = jnp.concatenate(
+          [keys_values[:, :1], attention_rows(kv_only), keys_values[:, 1:]], axis=1)
     if num_outputs is not None:
-      x, normed = x[:, :num_outputs], normed[:, :num_outputs]
+      x, normed = x[:, :num_queries + num_outputs], normed[:, :num_queries + num_outputs]
     branch = attention(normed, keys_values, hooks.extra_keys_values(context), context)
     beside = hooks.attention_parallel(normed, x, context)
     x = x + drop_path(hooks.attention_branch(branch, x, context))

@@ -22,6 +22,7 @@ from vpt_jax.checkpoints import train_state as ckpt_lib
 from vpt_jax.data import eval_stream
 from vpt_jax.data import source_protocols
 from vpt_jax.methods import factory
+from vpt_jax.methods import prompt_class_init
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.training import config_checks
@@ -136,6 +137,7 @@ def build_runs(configs, workdirs) -> list[Run]:
   spec = factory.model_spec(config)
   model = factory.build_model(spec, data.num_classes)
   variables, host_params = _initial_parameters(config, spec, model, mesh)
+  host_params = _class_token_prompts(config, spec, data, norm, host_params)
   fingerprint = (npz_lib.fingerprint(config.model.init_checkpoint)
                  if config.model.init_checkpoint else None)
   labels = freezing.label_params(host_params, factory.trainable_rules(config))
@@ -205,6 +207,16 @@ def _initial_parameters(config, spec: dict, model, mesh) -> tuple[dict, dict]:
         lambda loaded, initial: initial if isinstance(loaded, jax.ShapeDtypeStruct) else loaded,
         from_files, host_params)
   return variables, host_params
+
+
+def _class_token_prompts(config, spec: dict, data: inputs.TrainData, norm: dict,
+                         host_params: dict) -> dict:
+  """The prompts of ``prompt.init`` (VPT's class-token inits) from the loaded backbone."""
+  try:
+    return prompt_class_init.initialise(spec, host_params, data.images, data.labels,
+                                        data.num_classes, norm, config.eval.batch_size)
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from e
 
 
 def close(run: Run) -> None:
