@@ -13,6 +13,8 @@ with ``MASK_CLS_TOKEN=True``:
 2. **Importance.** After training, the gradient of the loss with respect to
    each mask entry, averaged over the training batches in eval mode (signed,
    not its magnitude; ``NORMALIZE_SCORES_BY_TOKEN=False``): ``mask_importance``.
+   (The reference's pass also calls ``optimizer.step()``, but with a fresh
+   warmup schedule's first learning rate, 0, so nothing moves; we take no step.)
 3. **Pruning levels.** For p in {10, ..., 90}%: int(N p / 100) tokens
    (at most N - 1, stopping at the first capped level) and per token
    int(pieces p / 100) pieces (at most pieces - 4), those of lowest score
