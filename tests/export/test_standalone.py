@@ -1,5 +1,7 @@
 """The entry point into the standalone formats: settings refused before anything loads."""
 
+import json
+
 import jax
 import pytest
 
@@ -35,3 +37,18 @@ def test_fixed_batch_size_and_platforms_reach_the_function(tmp_path, backbone):
   assert exported.in_avals[0].shape == (2, IMAGE, IMAGE, 3)
   assert exported.platforms == ("tpu", "cpu")
   assert exported.out_avals[0].shape == (2, 3)
+
+
+def test_run_py_export_of_many_tasks_writes_one_stacked_model(tmp_path, capsys):
+  from vpt_jax import cli  # pylint: disable=g-import-not-at-top
+  _, backbone, exports = export_fixtures.write_workspace(tmp_path)
+  output = str(tmp_path / "served")
+  tasks = ",".join(f"{name}={exports[name]}" for name in ("c", "a"))
+  assert cli.export_tasks(tasks, output, backbone, "stablehlo", 0, "cpu") == output
+  assert capsys.readouterr().out.strip() == output
+  with open(f"{output}/model.json") as f:
+    sidecar = json.load(f)
+  assert [t["name"] for t in sidecar["tasks"]] == ["c", "a"]  # task index order: --tasks'
+  with open(f"{output}/model.stablehlo", "rb") as f:
+    exported = jax.export.deserialize(f.read())
+  assert [str(a.shape) for a in exported.in_avals] == ["(b, 16, 16, 3)", "(b,)"]
