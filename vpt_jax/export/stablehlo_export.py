@@ -44,9 +44,8 @@ from vpt_jax.export import task_export
 from vpt_jax.export import task_stacking
 from vpt_jax.methods import factory
 
-# The values of config.export.format: the library's own export, and the served ones.
+# The values of config.export.format: the library's own export, then the standalone ones.
 FORMATS = ("npz", "stablehlo", "saved_model")
-SERVED_FORMATS = FORMATS[1:]
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = "cpu,cuda,tpu"
 SIDECAR_FORMAT = "vpt_jax.served_model"
