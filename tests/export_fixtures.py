@@ -3,6 +3,7 @@ single-task path the serving tests compare the multi-task server with."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,15 @@ def workspace(tmp_path_factory):
   return write_workspace(tmp_path_factory.mktemp("serving"))
 
 
+@pytest.fixture(scope="module")
+def two_structure_workspace(tmp_path_factory):
+  """``write_workspace``'s tasks a, b, c (VPT-deep) and d (LoRA, 4 classes: a second
+  structure group), once per test module."""
+  root, backbone, exports = write_workspace(tmp_path_factory.mktemp("standalone"))
+  exports["d"] = write_export(root / "d", backbone, "lora", 4, 13)
+  return root, backbone, exports
+
+
 # export directory -> (jitted single-task apply, its variables)
 _ALONE = {}
 
@@ -136,6 +146,50 @@ def write_pngs(directory, n):
   return paths
 
 
+def softmax(logits):
+  """float64 NumPy softmax of each row; -inf logits get probability 0."""
+  logits = np.asarray(logits, np.float64)
+  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def check_standalone_outputs(outputs, expected_logits):
+  """Logits within the two-program rounding bound; probabilities their softmax."""
+  atol = batched_logits_atol(expected_logits)
+  np.testing.assert_allclose(outputs["logits"], expected_logits, rtol=0, atol=atol)
+  assert outputs["logits"].dtype == outputs["probabilities"].dtype == np.float32
+  # A softmax moves by at most the largest change of its logits' differences.
+  np.testing.assert_allclose(outputs["probabilities"], softmax(expected_logits), rtol=0,
+                             atol=2 * atol + 1e-6)
+
+
+def check_stacked_outputs(outputs, exports, backbone, images, task_index):
+  """Asserts a stacked model's outputs: each example its task's alone, -inf padded, NaN rows
+  for task indices out of range; its first example called alone gives the same logits.
+
+  ``exports``: {name: directory} in the model's task order.
+  """
+  names = list(exports)
+  logits = outputs["all"]["logits"]
+  assert logits.shape == (len(images), max(len(task_export.read_export(d)[0]["class_names"])
+                                           for d in exports.values()))
+  for i, k in enumerate(task_index):
+    if not 0 <= k < len(names):
+      assert np.all(np.isnan(logits[i])) and np.all(np.isnan(outputs["all"]["probabilities"][i]))
+      continue
+    expected = single_task_logits(exports[names[k]], backbone, images[i:i + 1])
+    classes = expected.shape[1]
+    check_standalone_outputs(
+        {name: value[i:i + 1, :classes] for name, value in outputs["all"].items()}, expected)
+    assert np.all(np.isneginf(logits[i, classes:]))
+    assert np.all(outputs["all"]["probabilities"][i, classes:] == 0)
+  if "one" in outputs:
+    one = outputs["one"]["logits"][0]
+    classes = np.isfinite(logits[0]).sum()
+    np.testing.assert_allclose(one[:classes], logits[0, :classes], rtol=0,
+                               atol=batched_logits_atol(logits[0, :classes]))
+
+
 # Run first in a subprocess without the repository: fails unless vpt_jax is unimportable.
 _WITHOUT_VPT_JAX = """
 import sys
@@ -155,11 +209,13 @@ import json
 import numpy as np
 for directory in sys.argv[1:]:
   with open(directory + '/model.json') as f:
-    lines = json.load(f)['load'].splitlines()
+    sidecar = json.load(f)
+  lines = sidecar['load'].splitlines()
   namespace = {}
   exec('\\n'.join(lines[:-1]), namespace)  # the imports and the loading
   inputs = dict(np.load(directory + '/inputs.npz'))
-  for tag, count in (('all', None), ('one', 1)):
+  symbolic = sidecar['signature']['inputs'][0]['shape'][0] == 'b'
+  for tag, count in (('all', None), ('one', 1))[:2 if symbolic else 1]:
     namespace.update({name: value[:count] for name, value in inputs.items()})
     exec(lines[-1], namespace)  # the call
     np.savez(directory + '/outputs_' + tag + '.npz',
@@ -176,7 +232,8 @@ def call_without_vpt_jax(directories, inputs, cwd):
   ``inputs`` (per directory: {input name: array}).
 
   Returns:
-    Per directory {"all": outputs of the whole batch, "one": of its first example}.
+    Per directory (its sidecar, {"all": outputs of the whole batch, "one": of its
+    first example (for a symbolic batch only)}).
   """
   site_packages = os.path.dirname(os.path.dirname(jax.__file__))
   for directory, arrays in zip(directories, inputs):
@@ -186,5 +243,12 @@ def call_without_vpt_jax(directories, inputs, cwd):
   out = subprocess.run([sys.executable, "-I", "-S", "-c", script, *map(str, directories)],
                        cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
-  return [{tag: dict(np.load(os.path.join(directory, f"outputs_{tag}.npz")))
-           for tag in ("all", "one")} for directory in directories]
+  results = []
+  for directory in directories:
+    with open(os.path.join(directory, "model.json")) as f:
+      sidecar = json.load(f)
+    results.append((sidecar, {
+        tag: dict(np.load(os.path.join(directory, f"outputs_{tag}.npz")))
+        for tag in ("all", "one")
+        if os.path.exists(os.path.join(directory, f"outputs_{tag}.npz"))}))
+  return results

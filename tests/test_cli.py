@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import checkpoint_fixtures
+import tolerances
 from configs import vpt as vpt_config
 from vpt_jax import cli
 
@@ -157,3 +158,43 @@ def test_fingerprint_mode_matches_what_the_run_recorded(trained):
   assert found["test_split"]["count"] == 10 and len(found["test_split"]["classes"]) == 5
   with open(os.path.join(workdir, "data_fingerprints.json")) as f:
     assert json.load(f) == found
+
+
+def test_export_mode_writes_a_model_that_serves_without_vpt_jax(trained, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from vpt_jax import errors  # pylint: disable=g-import-not-at-top
+  from vpt_jax.export import predict  # pylint: disable=g-import-not-at-top
+  root, arg, _, _ = trained
+  workdir = str(root / "run")
+  config = _config(root, arg)
+  with config.unlocked():
+    config.export.format = "onnx"
+  with pytest.raises(errors.UserError, match="unknown export.format 'onnx'"):
+    cli.run(config, workdir, "export")  # refused before the checkpoint is read
+  with config.unlocked():
+    config.export.format = "stablehlo"
+    config.export.platforms = "cpu"
+  assert cli.run(config, workdir, "export") == os.path.join(workdir, "export")
+  directory = os.path.join(workdir, "export", "stablehlo")
+  with open(os.path.join(directory, "model.json")) as f:
+    sidecar = json.load(f)
+  assert sidecar["class_names"] == ["square", "ellipse", "triangle", "cross", "heart"]
+  assert sidecar["image_size"] == 32 and sidecar["normalization"]["mean"] == [0.485, 0.456, 0.406]
+
+  # The exported function's probabilities are predict mode's (the library's path).
+  paths = []
+  for i in range(2):
+    image = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    paths.append(str(tmp_path / f"image{i}.png"))
+    Image.fromarray(image).save(paths[-1])
+  with open(os.path.join(directory, "model.stablehlo"), "rb") as f:
+    exported = jax.export.deserialize(f.read())
+  probabilities = np.asarray(exported.call(predict.read_images(paths, 32))["probabilities"])
+  for row, prediction in zip(probabilities, cli.run(_config(root, arg, images=",".join(paths)),
+                                                    workdir, "predict")):
+    for name, probability in prediction["classes"]:
+      # Two float32 programs of a 2-block ViT (4 chained sums per block, of at most
+      # 1 + 2 + 64 tokens, activations of order 1): a softmax moves by at most
+      # its logits' largest change.
+      atol = tolerances.rounding_atol(1.0, reduction_length=67, steps=2 * 4)
+      assert abs(row[sidecar["class_names"].index(name)] - probability) <= atol

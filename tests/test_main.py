@@ -36,3 +36,10 @@ def test_debug_shows_the_traceback(tmp_path):
   out = _run(NO_DATA + ["--debug"], tmp_path)
   assert out.returncode != 0
   assert "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
+def test_export_of_many_tasks_needs_an_output_directory():
+  out = subprocess.run([sys.executable, "run.py", "--mode=export", "--tasks=a=/exports/a"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert "--mode=export --tasks=... writes one model: give --output=DIR" in out.stderr

@@ -1,7 +1,5 @@
 """StableHLO exports: loaded and run where vpt_jax cannot be imported, they give our logits."""
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,29 +19,7 @@ pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
 IMAGE = export_fixtures.IMAGE
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-  """Tasks a, b, c (VPT-deep, one structure) and d (LoRA: a second structure group)."""
-  root, backbone, exports = export_fixtures.write_workspace(tmp_path_factory.mktemp("hlo"))
-  exports["d"] = export_fixtures.write_export(root / "d", backbone, "lora", 4, 13)
-  return root, backbone, exports
-
-
-def _softmax(logits):
-  """float64 NumPy softmax of each row; -inf logits get probability 0."""
-  logits = np.asarray(logits, np.float64)
-  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def _check_outputs(outputs, expected_logits):
-  """Logits within the two-program rounding bound; probabilities their softmax."""
-  atol = export_fixtures.batched_logits_atol(expected_logits)
-  np.testing.assert_allclose(outputs["logits"], expected_logits, rtol=0, atol=atol)
-  assert outputs["logits"].dtype == outputs["probabilities"].dtype == np.float32
-  # A softmax moves by at most the largest change of its logits' differences.
-  np.testing.assert_allclose(outputs["probabilities"], _softmax(expected_logits), rtol=0,
-                             atol=2 * atol + 1e-6)
+workspace = export_fixtures.two_structure_workspace
 
 
 SINGLE_IMAGES = export_fixtures.random_images(3, seed=4)
@@ -64,14 +40,10 @@ def served(workspace):
                                    str(single), platforms=("cpu", "tpu"))
   stablehlo_export.write_stablehlo(stablehlo_export.stacked_tasks_model(exports, backbone),
                                    str(stacked), platforms=("cpu",))
-  outputs = export_fixtures.call_without_vpt_jax(
+  results = export_fixtures.call_without_vpt_jax(
       [single, stacked],
       [{"images": SINGLE_IMAGES}, {"images": STACKED_IMAGES, "task_index": TASK_INDEX}], root)
-  sidecars = []
-  for directory in (single, stacked):
-    with open(directory / "model.json") as f:
-      sidecars.append(json.load(f))
-  return dict(zip(("single", "stacked"), zip(sidecars, outputs)))
+  return dict(zip(("single", "stacked"), results))
 
 
 def test_single_task_serves_without_vpt_jax(workspace, served):
@@ -90,8 +62,8 @@ def test_single_task_serves_without_vpt_jax(workspace, served):
   assert len(sidecar["load"].splitlines()) == 3
 
   expected = export_fixtures.single_task_logits(exports["b"], backbone, SINGLE_IMAGES)
-  _check_outputs(outputs["all"], expected)   # symbolic batch: 3 images, then 1
-  _check_outputs(outputs["one"], expected[:1])
+  export_fixtures.check_standalone_outputs(outputs["all"], expected)   # symbolic batch: 3 images, then 1
+  export_fixtures.check_standalone_outputs(outputs["one"], expected[:1])
 
 
 def test_stacked_tasks_serve_without_vpt_jax(workspace, served):
@@ -102,21 +74,8 @@ def test_stacked_tasks_serve_without_vpt_jax(workspace, served):
   assert [t["num_classes"] for t in sidecar["tasks"]] == [3, 5, 2, 4]
   assert sidecar["signature"]["inputs"][1] == {"name": "task_index", "shape": ["b"],
                                                "dtype": "int32"}
-  logits = outputs["all"]["logits"]
-  assert logits.shape == (7, 5)
-  names = "abcd"
-  for i, k in enumerate(TASK_INDEX[:5]):
-    expected = export_fixtures.single_task_logits(exports[names[k]], backbone,
-                                                  STACKED_IMAGES[i:i + 1])
-    classes = expected.shape[1]
-    _check_outputs({name: value[i:i + 1, :classes] for name, value in outputs["all"].items()},
-                   expected)
-    assert np.all(np.isneginf(logits[i, classes:]))
-    assert np.all(outputs["all"]["probabilities"][i, classes:] == 0)
-  assert np.all(np.isnan(logits[5:])) and np.all(np.isnan(outputs["all"]["probabilities"][5:]))
-  one = outputs["one"]["logits"][0]  # the first example alone (task d, 4 classes)
-  np.testing.assert_allclose(one[:4], logits[0, :4], rtol=0,
-                             atol=export_fixtures.batched_logits_atol(logits[0, :4]))
+  export_fixtures.check_stacked_outputs(outputs, exports, backbone, STACKED_IMAGES,
+                                        TASK_INDEX)
 
 
 def test_bad_settings_are_one_line_errors():

@@ -98,6 +98,12 @@ REFUSED_VALUES = {
                              "Bad regex 'head/(' in trainable rules"),
     "scratch_with_backbone": ({"model.from_scratch": True},
                               "model.from_scratch=True but model.init_checkpoint="),
+    "export_format": ({"export.format": "onnx"},
+                      "unknown export.format 'onnx'; choose one of npz, stablehlo, saved_model"),
+    "export_batch_size": ({"export.format": "stablehlo", "export.batch_size": -1},
+                          "export.batch_size=-1: use 0 for any batch size (symbolic) or a fixed"),
+    "export_platforms": ({"export.format": "saved_model", "export.platforms": "gpu"},
+                         "export.platforms='gpu': give a comma-separated subset of cpu, cuda"),
 }
 
 

@@ -105,6 +105,15 @@ class MultiTaskServer:
     """The class count of ``task``."""
     return self.tasks[self._check_task(task)].num_classes
 
+  def location(self, task: str) -> tuple[int, int]:
+    """(group number, row in the group's stacked variables) of ``task``."""
+    return self._where[self._check_task(task)]
+
+  @property
+  def backbone_leaves(self) -> dict[str, jax.Array]:
+    """{"params/<path>": device array}: the backbone leaves the groups read, once each."""
+    return dict(self._shared_cache)
+
   def _check_task(self, task: str) -> str:
     if task not in self.tasks:
       raise errors.UserError(f"unknown task {task!r}; this server has {sorted(self.tasks)}")

@@ -44,9 +44,8 @@ from vpt_jax.export import task_export
 from vpt_jax.export import task_stacking
 from vpt_jax.methods import factory
 
-# The values of config.export.format: the library's own export, and the served ones.
+# The values of config.export.format: the library's own export, then the standalone ones.
 FORMATS = ("npz", "stablehlo", "saved_model")
-SERVED_FORMATS = FORMATS[1:]
 KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT_PLATFORMS = "cpu,cuda,tpu"
 SIDECAR_FORMAT = "vpt_jax.served_model"
@@ -173,14 +172,12 @@ def stacked_tasks_model(exports: Mapping[str, str],
   """
   server = serving.MultiTaskServer(exports, backbone_path)
   names = list(exports)
-  where = {name: (g, group.task_names.index(name))
-           for g, group in enumerate(server.groups) for name in group.task_names}
-  task_group = jnp.asarray([where[n][0] for n in names], jnp.int32)
-  task_row = jnp.asarray([where[n][1] for n in names], jnp.int32)
-  weights = {"backbone": dict(server._shared_cache),  # pylint: disable=protected-access
+  task_group = jnp.asarray([server.location(n)[0] for n in names], jnp.int32)
+  task_row = jnp.asarray([server.location(n)[1] for n in names], jnp.int32)
+  weights = {"backbone": server.backbone_leaves,
              "groups": [{"per_task": g.per_task, "mean": g.mean, "std": g.std,
                          "num_classes": g.num_classes} for g in server.groups]}
-  tasks = [_task_entry(n, task_export.read_export(exports[n])[0]) for n in names]
+  metadata = {n: server.tasks[n].metadata for n in names}
   size = server.image_size
   return ServedModel(
       fn=functools.partial(_stacked_fn, server.groups, task_group, task_row,
@@ -188,12 +185,12 @@ def stacked_tasks_model(exports: Mapping[str, str],
       weights=weights,
       inputs=(("images", (size, size, 3), "uint8"), ("task_index", (), "int32")),
       num_classes=server.max_classes,
-      description={"kind": "stacked_tasks", "image_size": size, "tasks": tasks,
+      description={"kind": "stacked_tasks", "image_size": size,
+                   "tasks": [_task_entry(n, metadata[n]) for n in names],
                    "structure_groups": len(server.groups),
                    "backbone": {"path": server.backbone_path,
                                 "sha256": server.backbone_fingerprint,
-                                "variant": task_export.read_export(
-                                    exports[names[0]])[0]["model"]["variant"]}})
+                                "variant": metadata[names[0]]["model"]["variant"]}})
 
 
 def batch_dimension(batch_size: int):
@@ -266,7 +263,7 @@ def write_sidecar(served: ServedModel, directory: str, *, export_format: str,
              "signature": signature(served, batch_size), "platforms": list(platforms),
              "jax_version": jax.__version__, "load": load}
   path = os.path.join(directory, SIDECAR_FILE)
-  task_export._write_text_atomically(  # pylint: disable=protected-access
+  task_export.write_text_atomically(
       path, json.dumps(sidecar, indent=2, sort_keys=True))
   return path
 

@@ -38,6 +38,14 @@ class ExportError(errors.UserError):
   """An export that is missing, malformed or does not fit the backbone."""
 
 
+def write_text_atomically(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename (no half-written file)."""
+  temporary = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(temporary, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
 # The fix for a broken export: write it again from the run that made it.
 _REEXPORT = ("write it again from its run: run.py --mode export with the run's --config and "
              "--workdir")

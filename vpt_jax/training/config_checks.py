@@ -69,11 +69,14 @@ def validate_config(config) -> None:
 def _check_export(config) -> None:
   """Export settings; a standalone format also traces the model (abstract weights, no data)."""
   settings = config.export
-  platforms = stablehlo_export.check_settings(settings.format, settings.batch_size,
-                                              settings.platforms)
-  if settings.format != "npz":
-    stablehlo_export.check_exportable(factory.model_spec(config), normalization(config),
-                                      settings.batch_size, platforms)
+  try:
+    platforms = stablehlo_export.check_settings(settings.format, settings.batch_size,
+                                                settings.platforms)
+    if settings.format != "npz":
+      stablehlo_export.check_exportable(factory.model_spec(config), normalization(config),
+                                        settings.batch_size, platforms)
+  except errors.UserError as e:
+    raise ConfigError(str(e)) from e
 
 
 def check_data(config) -> None:
