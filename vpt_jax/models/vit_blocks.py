@@ -151,18 +151,15 @@ class Encoder1DBlock(nn.Module):
           branch, deterministic=drop_path_deterministic)
 
     x = hooks.block_input(x, context)
-    pre_attention_norm = nn.LayerNorm(
-        epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_0")
-
-    def attention_rows(rows):
-      normed_rows = hooks.norm_output("LayerNorm_0", pre_attention_norm(rows))
-      return hooks.attention_input(normed_rows, context)
-
-    normed = attention_rows(x)
-    keys_values = normed
+    # kv_only rows are normalised with the others in one call (a hook may create modules).
+    rows = x if kv_only is None else jnp.concatenate([x[:, :1], kv_only, x[:, 1:]], axis=1)
+    normed_rows = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
+                               name="LayerNorm_0")(rows)
+    keys_values = hooks.attention_input(hooks.norm_output("LayerNorm_0", normed_rows), context)
+    normed = keys_values
     if kv_only is not None:
-      keys_values = jnp.concatenate([normed[:, :1], attention_rows(kv_only), normed[:, 1:]],
-                                    axis=1)
+      normed = jnp.concatenate([keys_values[:, :1], keys_values[:, 1 + kv_only.shape[1]:]],
+                               axis=1)
     if num_outputs is not None:
       x, normed = x[:, :num_outputs], normed[:, :num_outputs]
     branch = attention(normed, keys_values, hooks.extra_keys_values(context), context)
