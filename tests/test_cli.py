@@ -12,6 +12,7 @@ from PIL import Image
 import checkpoint_fixtures
 from configs import vpt as vpt_config
 from vpt_jax import cli
+from vpt_jax.export import merging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,3 +130,12 @@ def test_cpu_devices_splits_the_host_and_refuses_to_come_late():
   lines = result.stdout.splitlines()
   assert lines[0] == "2"
   assert lines[1].startswith("refused: --cpu_devices=3 came too late")
+
+
+def test_merged_export_of_a_prompt_method_is_refused_before_compute(trained):
+  root, arg, _, _ = trained
+  config = _config(root, arg)
+  with config.unlocked():
+    config.export_merged = True
+  with pytest.raises(merging.MergeError, match="'vpt_deep' cannot merge"):
+    cli.run(config, str(root / "run"), "export")
