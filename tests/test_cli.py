@@ -13,6 +13,7 @@ import checkpoint_fixtures
 import tolerances
 from configs import vpt as vpt_config
 from vpt_jax import cli
+from vpt_jax.export import merging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,3 +199,12 @@ def test_export_mode_writes_a_model_that_serves_without_vpt_jax(trained, tmp_pat
       # its logits' largest change.
       atol = tolerances.rounding_atol(1.0, reduction_length=67, steps=2 * 4)
       assert abs(row[sidecar["class_names"].index(name)] - probability) <= atol
+
+
+def test_merged_export_of_a_prompt_method_is_refused_before_compute(trained):
+  root, arg, _, _ = trained
+  config = _config(root, arg)
+  with config.unlocked():
+    config.export.merged = True
+  with pytest.raises(merging.MergeError, match="'vpt_deep' cannot merge"):
+    cli.run(config, str(root / "run"), "export")

@@ -66,3 +66,19 @@ def test_structures_are_grouped_and_each_example_matches(workspace):
       ["a", "b"], ["bitfit"], ["deep3"], ["lora"], ["mlp"]]
   tasks = ["lora", "a", "bitfit", "mlp", "deep3", "b", "bitfit", "a", "mlp"]
   _check_mixed_batch(server, exports, backbone, tasks, _images(len(tasks), seed=1))
+
+
+def test_reparameterisable_methods_share_a_mixed_batch(workspace):
+  # SSF, DiffFit (per-task LayerNorm scales and biases, as LN-tune), FacT-TK,
+  # RepAdapter beside VPT on one backbone: each example gets its own task's logits.
+  root, backbone, exports = workspace
+  methods = ("ssf", "difffit", "fact_tk", "repadapter")
+  exports = {"a": exports["a"], **{
+      method: _write_export(root / method, backbone, method, 3, 60 + i,
+                            **{"fact.rank": 2, "repadapter.dim": 4})
+      for i, method in enumerate(methods)}}
+  server = serving.MultiTaskServer(exports, backbone)
+  assert sorted(sorted(g.task_names) for g in server.groups) == sorted(
+      [[task] for task in exports])
+  tasks = ["ssf", "a", "fact_tk", "repadapter", "difffit", "ssf"]
+  _check_mixed_batch(server, exports, backbone, tasks, _images(len(tasks), seed=2))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,3 +46,24 @@ def test_counts_at_vit_b16_average_to_the_papers():
     mean = np.mean([_b16(method, rank) for rank in ranks]) / 1e6
     assert round(mean, 3) == paper, (method, mean)
 
+
+
+@pytest.mark.parametrize("kind", ["tt", "tk"])
+def test_factor_init_follows_the_official_code(kind):
+  # FacTu: torch Linear default, U(+-1/sqrt(D)); FacTv zeros; TT cores Linear
+  # defaults U(+-1/sqrt(fan_in)); TK xavier_uniform: FacTc (r, r, r) fans r^2 and
+  # r^2 -> sqrt(6 / 2r^2), FacTp (r, 12 L) -> sqrt(6 / (12 L + r)).
+  rank, depth, width = 8, 12, 768
+  factors = fact.FactFactors(kind, rank, depth, width, 4)
+  params = factors.init(jax.random.key(0), jnp.float32)["params"]
+  bounds = {"u": 1 / np.sqrt(width)}
+  if kind == "tt":
+    bounds.update({"query": 1 / np.sqrt(rank), "Dense_0": 1 / np.sqrt(rank),
+                   "Dense_1": 1 / np.sqrt(4 * rank)})
+  else:
+    bounds.update({"c": np.sqrt(6 / (2 * rank ** 2)), "p": np.sqrt(6 / (12 * depth + rank))})
+  for name, bound in bounds.items():
+    values = np.asarray(params[name])
+    assert np.abs(values).max() <= bound and np.abs(values).max() > 0.95 * bound, name
+    assert abs(values.std() - bound / np.sqrt(3)) < 0.1 * bound, name  # uniform's std
+  assert not np.any(np.asarray(params["v"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -33,3 +35,18 @@ def test_count_at_vit_b16():
   weights = r"Transformer/encoderblock_\d+/repadapter_(attention|mlp)/(down|up)/kernel"
   assert reparam_fixtures.b16_count("repadapter", settings, weights) == 221_184
 
+
+
+def test_init_follows_the_official_code():
+  # conv_A xavier_uniform (fans D and h), zero biases, conv_B zero: starts as identity.
+  adapter = repadapter.RepAdapter(dim=8, groups=2, scale=1.0, dropout=0.1)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 768)), jnp.float32)
+  params = adapter.init(jax.random.key(0), x, train=False)["params"]
+  bound = np.sqrt(6 / (768 + 8))
+  down = np.asarray(params["down"]["kernel"])
+  assert down.shape == (768, 8) and bound * 0.95 < np.abs(down).max() <= bound
+  assert params["up"]["kernel"].shape == (2, 4, 384)
+  for leaf in (params["down"]["bias"], params["up"]["kernel"], params["up"]["bias"]):
+    assert not np.any(np.asarray(leaf))
+  np.testing.assert_array_equal(np.asarray(adapter.apply({"params": params}, x, train=False)),
+                                np.asarray(x))

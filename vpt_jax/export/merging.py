@@ -21,6 +21,7 @@ import re
 
 import jax
 import numpy as np
+import tensorflow as tf
 
 from vpt_jax import errors
 from vpt_jax.checkpoints import npz as npz_lib
@@ -97,7 +98,7 @@ def export_merged(directory: str, params, *, spec: dict, num_classes: int, class
     extra = sorted(set(flat) ^ set(expected))
     raise MergeError(f"the merged {spec['method']} model is not a plain ViT (differs in "
                      f"{extra[:5] or 'shapes'}); export it without config.export.merged")
-  os.makedirs(directory, exist_ok=True)
+  tf.io.gfile.makedirs(directory)
   backbone_path = os.path.join(directory, BACKBONE_FILE)
   npz_lib.save_npz(to_official_layout(flat), backbone_path)
   tree = trees.unflatten(flat)

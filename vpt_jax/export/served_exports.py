@@ -8,9 +8,9 @@ refuses, with a message naming the task:
 * an export that trained backbone weights other than biases (full,
   partial-k): sharing one copy of the backbone is the point; serve those
   alone (``predict.predict_files``). Exports that override only backbone
-  biases (bias: BitFit, vpt+bias) are served: their biases become per-task
-  leaves, gathered per example like prompts (about 0.4 MB per example for
-  ViT-B/16's 103K biases);
+  biases (bias: BitFit, vpt+bias) or LayerNorm scales too (ln_tune, difffit)
+  are served: these vectors become per-task leaves, gathered per example like
+  prompts (about 0.4 MB per example for ViT-B/16's 103K biases);
 * tasks of different image sizes or backbone variants in one server (one
   input array, one backbone): use one server per image size.
 """
@@ -26,6 +26,7 @@ import numpy as np
 from vpt_jax import errors
 from vpt_jax.export import task_export
 from vpt_jax.methods import registry
+from vpt_jax.methods.reparam_common import LAYER_NORM_PARAMS
 
 PARAMS = "params"
 BATCH_STATS = "batch_stats"
@@ -83,7 +84,8 @@ def check_servable(export: LoadedExport) -> None:
         f"task {export.name!r} ({export.directory}) was trained without a backbone file, "
         "so its frozen weights are its own random initialisation and there is no shared "
         "backbone to serve it on; classify with it alone (predict.predict_files)")
-  weights = [p for p in backbone_overrides(export) if p.rsplit("/", 1)[-1] != "bias"]
+  weights = [p for p in backbone_overrides(export)
+             if p.rsplit("/", 1)[-1] != "bias" and not re.fullmatch(LAYER_NORM_PARAMS, p)]
   if weights:
     raise task_export.ExportError(
         f"task {export.name!r} ({export.directory}, method "
