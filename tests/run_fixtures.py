@@ -40,6 +40,7 @@ def tiny_config(backbone_path, data_dir, **overrides):
   config.optim.warmup_epochs = 1
   config.optim.base_lr = 2.0
   config.eval.batch_size = 4  # 10 test images: the last batch is padded
+  config.eval.costs = False  # a compile per run; tests/training/test_costs.py turns it on
   config.log_every_steps = 3
   config.checkpoint.every_steps = 3
   config.checkpoint.keep = 10

@@ -26,16 +26,18 @@ def test_reference_grids_and_seeds_per_method():
 
 
 def test_run_configs_per_phase():
-  config = protocol_config("method=vpt_deep,tasks=clevr_dist")
+  config = protocol_config("method=vpt_deep,tasks=clevr_dist", **{"eval.save_predictions": True})
   tune = run_plan.run_config(config, run_plan.RunSpec("vtab/clevr_dist", "tune", 2.5, 1e-3, 42))
   assert (tune.data.task, tune.data.train_split, tune.data.eval_split, tune.data.test_split) == (
       "vtab/clevr_dist", "train800", "val200", "")
   assert (tune.optim.base_lr, tune.optim.weight_decay) == (2.5, 1e-3)
   assert tune.prompt.num_prompts == hparams.vpt_deep_prompts("clevr_dist") == 200
   assert "protocol" not in tune
+  assert not tune.eval.save_predictions  # predictions of the final runs only
   final = run_plan.run_config(config, run_plan.RunSpec("vtab/clevr_dist", "final", 2.5, 0.0, 800))
   assert (final.data.train_split, final.data.eval_split, final.data.test_split, final.seed) == (
       "train800val200", "", "test", 800)
+  assert final.eval.save_predictions
   cub = run_plan.run_config(protocol_config("tasks=fgvc/cub"),
                             run_plan.RunSpec("fgvc/cub", "final", 1.0, 0.0, 42))
   assert (cub.data.train_split, cub.data.test_split, cub.data.preprocess) == (

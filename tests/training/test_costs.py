@@ -34,7 +34,7 @@ def _matmul_flops(tokens, width=16, mlp=32):
 def test_a_run_records_its_costs(backbone, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   results = trainer.train_and_evaluate(tiny_config(backbone, data_dir, **{
-      "optim.epochs": 2, "log_every_steps": 1}), workdir)
+      "optim.epochs": 2, "log_every_steps": 1, "eval.costs": True}), workdir)
   cost = results["cost"]
   assert cost["trainable_params"] == results["trainable_params"]
   head = 16 * 3 + 3  # test/4: width 16; 3 count classes

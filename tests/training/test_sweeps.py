@@ -19,6 +19,7 @@ from vpt_jax.protocol import run_plan
 from vpt_jax.protocol import run_records
 from vpt_jax.protocol import tuning
 from vpt_jax.training import config_checks
+from vpt_jax.training import predictions
 from vpt_jax.training import sweeps
 
 pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
@@ -165,9 +166,11 @@ def test_a_setting_whose_weights_overflow_keeps_only_finite_checkpoints(
   """Two settings in one program, a save every step, keep=2: lr 8e39 overflows
   its weights at step 4 under a finite loss (``OVERFLOWS_AT_STEP_4``) and stops
   alone, keeping steps 2 and 3; lr 2.0 (same decay) trains its 9 steps. A rerun
-  resumes each from its own newest checkpoint: the first stops at step 4 again."""
+  resumes each from its own newest checkpoint: the first stops at step 4 again.
+  Only the finished setting saves its test predictions (its own row of the
+  fused per-example logits)."""
   overrides = {**run_fixtures.OVERFLOWS_AT_STEP_4, "checkpoint.every_steps": 1,
-               "checkpoint.keep": 2}
+               "checkpoint.keep": 2, "eval.save_predictions": True}
   configs = [run_fixtures.tiny_config(backbone, data_dir, **overrides),
              run_fixtures.tiny_config(backbone, data_dir, **dict(overrides, **{
                  "optim.base_lr": 2.0}))]
@@ -181,6 +184,11 @@ def test_a_setting_whose_weights_overflow_keeps_only_finite_checkpoints(
     assert run_fixtures.saved_steps(workdirs[0]) == [2, 3]
     assert all(run_fixtures.checkpoint_is_finite(workdirs[0], step) for step in (2, 3))
     assert finished["step"] == 9 and run_fixtures.saved_steps(workdirs[1]) == [8, 9]
+  logits, labels = predictions.read(os.path.join(workdirs[1], "predictions_test.npz"))
+  assert logits.shape == (10, 3) and labels.shape == (10,)  # 10 test images, 3 counts
+  correct = int(np.sum(np.argmax(logits.astype(np.float32), -1) == labels))
+  assert abs(correct - round(10 * finished["test"]["top1"])) <= 1  # float16 ties aside
+  assert not os.path.exists(os.path.join(workdirs[0], "predictions_test.npz"))
 
 
 # ----------------------------------------------------------------- no compute
