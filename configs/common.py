@@ -75,19 +75,25 @@ def base_config() -> ml_collections.ConfigDict:
   config.houlsby.bottleneck = 8     # OSU ViT_PEFT_Vision grid 4, 8, 16, 32
   config.houlsby.scale = 0.1        # s in a + s Adapter(a); OSU grid 0.01, 0.1, 1, 10
   config.houlsby.dropout = 0.1      # on the bottleneck, [0, 1)
+  # Each section's backbone_drop_path: the official code's stochastic depth on the
+  # frozen branches while training (linear over the blocks), [0, 1).
+  config.houlsby.backbone_drop_path = 0.1
   config.adaptformer = ml_collections.ConfigDict()
   config.adaptformer.bottleneck = 64
   config.adaptformer.scale = 0.1    # s beside the MLP
   config.adaptformer.norm = "none"  # none | in | out (the adapter's LayerNorm)
   config.adaptformer.dropout = 0.1  # [0, 1)
+  config.adaptformer.backbone_drop_path = 0.0  # main_image.py's --drop_path default
   config.adapter_plus = ml_collections.ConfigDict()
   config.adapter_plus.bottleneck = 8  # the paper's per-task 1..32: protocol/hparams.py
   config.adapter_plus.drop_path = 0.1  # on the adapter branch while training, [0, 1)
+  config.adapter_plus.backbone_drop_path = 0.1
   config.convpass = ml_collections.ConfigDict()  # methods/convpass.py (PETL-ViT's code)
   config.convpass.bottleneck = 8    # d; OSU grid 8, 16
   config.convpass.scale = 1.0       # s; per task 0.01 .. 100 (protocol/hparams.py)
   config.convpass.conv_init = "identity"  # identity (centre tap) | xavier
   config.convpass.dropout = 0.1     # on the bypass before Up, [0, 1)
+  config.convpass.backbone_drop_path = 0.1  # and on each bypass, independently
   config.sidetune = ml_collections.ConfigDict()
   config.sidetune.widths = "32,64,128"  # side CNN channels (stride-2 3x3 convs)
   config.sidetune.checkpoint = ""   # optional .npz of the side CNN
