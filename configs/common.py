@@ -72,8 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.e2vpt.kv_dropout = 0.0     # in [0, 1)
   # Bottleneck adapters (methods/bottleneck_adapters.py; defaults: the official codes).
   config.houlsby = ml_collections.ConfigDict()
-  config.houlsby.bottleneck = 8     # OSU ViT_PEFT_Vision grid 4, 8, 16, 32
-  config.houlsby.scale = 0.1        # s in a + s Adapter(a); OSU grid 0.01, 0.1, 1, 10
+  config.houlsby.bottleneck = 8     # adapter_plus's houlsby.yaml; OSU grid 4, 8, 16, 32
+  config.houlsby.scale = 0.1        # s in a + s Adapter(a): OSU's default; grid 0.01..10
   config.houlsby.dropout = 0.1      # on the bottleneck, [0, 1)
   # Each section's backbone_drop_path: the official code's stochastic depth on the
   # frozen branches while training (linear over the blocks), [0, 1).
@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.adapter_plus.backbone_drop_path = 0.1
   config.convpass = ml_collections.ConfigDict()  # methods/convpass.py (PETL-ViT's code)
   config.convpass.bottleneck = 8    # d; OSU grid 8, 16
-  config.convpass.scale = 1.0       # s; per task 0.01 .. 100 (protocol/hparams.py)
+  config.convpass.scale = 1.0       # s (set_Convpass's default); per task 0.01..100
   config.convpass.conv_init = "identity"  # identity (centre tap) | xavier
   config.convpass.dropout = 0.1     # on the bypass before Up, [0, 1)
   config.convpass.backbone_drop_path = 0.1  # and on each bypass, independently
