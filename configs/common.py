@@ -102,22 +102,28 @@ def base_config() -> ml_collections.ConfigDict:
   config.e2vpt.kv_dropout = 0.0     # in [0, 1)
   # Bottleneck adapters (methods/bottleneck_adapters.py; defaults: the official codes).
   config.houlsby = ml_collections.ConfigDict()
-  config.houlsby.bottleneck = 8     # OSU ViT_PEFT_Vision grid 4, 8, 16, 32
-  config.houlsby.scale = 0.1        # s in a + s Adapter(a); OSU grid 0.01, 0.1, 1, 10
+  config.houlsby.bottleneck = 8     # adapter_plus's houlsby.yaml; OSU grid 4, 8, 16, 32
+  config.houlsby.scale = 0.1        # s in a + s Adapter(a): OSU's default; grid 0.01..10
   config.houlsby.dropout = 0.1      # on the bottleneck, [0, 1)
+  # Each section's backbone_drop_path: the official code's stochastic depth on the
+  # frozen branches while training (linear over the blocks), [0, 1).
+  config.houlsby.backbone_drop_path = 0.1
   config.adaptformer = ml_collections.ConfigDict()
   config.adaptformer.bottleneck = 64
   config.adaptformer.scale = 0.1    # s beside the MLP
   config.adaptformer.norm = "none"  # none | in | out (the adapter's LayerNorm)
   config.adaptformer.dropout = 0.1  # [0, 1)
+  config.adaptformer.backbone_drop_path = 0.0  # main_image.py's --drop_path default
   config.adapter_plus = ml_collections.ConfigDict()
   config.adapter_plus.bottleneck = 8  # the paper's per-task 1..32: protocol/hparams.py
   config.adapter_plus.drop_path = 0.1  # on the adapter branch while training, [0, 1)
+  config.adapter_plus.backbone_drop_path = 0.1
   config.convpass = ml_collections.ConfigDict()  # methods/convpass.py (PETL-ViT's code)
   config.convpass.bottleneck = 8    # d; OSU grid 8, 16
-  config.convpass.scale = 1.0       # s; per task 0.01 .. 100 (protocol/hparams.py)
+  config.convpass.scale = 1.0       # s (set_Convpass's default); per task 0.01..100
   config.convpass.conv_init = "identity"  # identity (centre tap) | xavier
   config.convpass.dropout = 0.1     # on the bypass before Up, [0, 1)
+  config.convpass.backbone_drop_path = 0.1  # and on each bypass, independently
   # Pruning (methods/e2vpt_pruning.py): prune=True trains token and piece masks on the
   # visual prompts; pruned_tokens "3,7" and pruned_pieces "0:1 5;2:3" fix them (rewinding).
   config.e2vpt.prune = False

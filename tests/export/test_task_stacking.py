@@ -82,3 +82,23 @@ def test_reparameterisable_methods_share_a_mixed_batch(workspace):
       [[task] for task in exports])
   tasks = ["ssf", "a", "fact_tk", "repadapter", "difffit", "ssf"]
   _check_mixed_batch(server, exports, backbone, tasks, _images(len(tasks), seed=2))
+
+
+def test_bottleneck_adapters_serve_in_a_mixed_batch(workspace):
+  root, backbone, _ = workspace
+  small = {"adaptformer.bottleneck": 4}  # the tiny backbone is 16 wide
+  exports = {
+      "houlsby": _write_export(root / "houlsby", backbone, "houlsby", 3, 30),
+      # Trained with another stochastic depth (training-only): it shares the forward.
+      "houlsby2": _write_export(root / "houlsby2", backbone, "houlsby", 4, 31,
+                                **{"houlsby.backbone_drop_path": 0.0}),
+      "adaptformer": _write_export(root / "adaptformer", backbone, "adaptformer", 2, 32,
+                                   **small),
+      "adapter_plus": _write_export(root / "adapter_plus", backbone, "adapter_plus", 5, 33),
+      "convpass": _write_export(root / "convpass", backbone, "convpass", 3, 34),
+  }
+  server = serving.MultiTaskServer(exports, backbone)
+  assert sorted(sorted(g.task_names) for g in server.groups) == [
+      ["adapter_plus"], ["adaptformer"], ["convpass"], ["houlsby", "houlsby2"]]
+  tasks = ["convpass", "houlsby", "adaptformer", "houlsby2", "adapter_plus"]
+  _check_mixed_batch(server, exports, backbone, tasks, _images(len(tasks), seed=2))

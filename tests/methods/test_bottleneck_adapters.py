@@ -120,10 +120,22 @@ def test_method_dropout_acts_only_with_a_block_key(hooks):
   # While training the model hands each block a key (block_inputs); in evaluation none.
   evaluated, params, x = _forward(hooks)
   block, _ = adapter_fixtures.random_block(hooks, x)
-  trained = [np.asarray(block.apply({"params": params}, x, None, None, True, jax.random.key(s)))
+  trained = [np.asarray(block.apply({"params": params}, x, None, None, True,
+                                    {"key": jax.random.key(s), "drop_path": 0.0}))
              for s in (1, 2)]
   assert not np.allclose(trained[0], evaluated) and not np.allclose(trained[0], trained[1])
   assert hooks.block_inputs(2, None, np.float32, train=False) is None
+
+
+@pytest.mark.parametrize("hooks, rate", [(adapters.HoulsbyOptions(), 0.1),
+                                         (adapters.AdaptFormerOptions(), 0.0),
+                                         (adapters.AdapterPlusOptions(), 0.1)])
+def test_backbone_stochastic_depth_is_the_official_one_while_training(hooks, rate):
+  # OSU's and adapter_plus's drop_path_rate 0.1; AdaptFormer's main_image.py 0.
+  assert hooks.backbone_drop_path == rate
+  if rate:
+    assert hooks.stochastic_depth(0.0, True, train=True) == (rate, False)
+  assert hooks.stochastic_depth(0.0, True, train=False)[1]
 
 
 # ViT-B/16 (D = 768, 12 blocks), the methods' parameters without the head.

@@ -13,6 +13,7 @@ import numpy_vit
 import tolerances
 from vpt_jax.methods import convpass
 from vpt_jax.methods import factory
+from vpt_jax.models import vit_blocks
 from vpt_jax.params import trees
 
 TOLERANCE = tolerances.FORWARD_VS_NUMPY
@@ -83,13 +84,19 @@ def test_b16_counts_equal_the_official_logs(bottleneck, expected):
   assert adapter_fixtures.b16_count(hooks, convpass.CONVPASS_PARAMS) == expected
 
 
-def test_dropout_acts_only_with_a_block_key():
-  hooks = convpass.ConvpassOptions(bottleneck=D_CONV, dropout=0.5)
+def test_dropout_and_drop_path_act_only_with_a_block_key():
+  hooks = convpass.ConvpassOptions(bottleneck=D_CONV, dropout=0.0)
   x = adapter_fixtures.tokens()
   block, params = adapter_fixtures.random_block(hooks, x)
   evaluated = block.apply({"params": params}, x)
-  trained = block.apply({"params": params}, x, None, None, True, jax.random.key(1))
-  assert not np.allclose(trained, evaluated)
+  train = lambda rate, options=hooks: vit_blocks.Encoder1DBlock(
+      adapter_fixtures.MLP, adapter_fixtures.HEADS, hooks=options).apply(
+          {"params": params}, x, None, None, True, {"key": jax.random.key(1), "drop_path": rate})
+  # The bypasses' own drop path at this block's rate (the frozen branches' is the block's).
+  np.testing.assert_array_equal(train(0.0), evaluated)
+  assert not np.allclose(train(0.5), evaluated)
+  assert not np.allclose(train(0.0, convpass.ConvpassOptions(bottleneck=D_CONV)), evaluated)
+  assert hooks.stochastic_depth(0.0, True, train=True) == (0.1, False)  # PETL-ViT's rate
   assert sorted({p.split("/")[0] for p in trees.flatten(params)} - {
       "LayerNorm_0", "LayerNorm_1", "MultiHeadDotProductAttention_0", "MlpBlock_0"}) == [
           "convpass_attention", "convpass_mlp"]

@@ -41,7 +41,7 @@ HEAD_BIAS = "params/head/bias"
 # Spec fields that act only while training: tasks differing only in these share
 # a structure (dropout is off at inference; remat changes only the backward pass).
 TRAINING_ONLY_FIELDS = ("dropout_rate", "prompt_dropout", "remat")
-TRAINING_ONLY_SETTINGS = ("dropout", "drop_path")
+TRAINING_ONLY_SETTINGS = ("dropout", "drop_path", "backbone_drop_path")
 
 
 def structure_key(export: served_exports.LoadedExport) -> str:

@@ -70,38 +70,62 @@ class DropoutKeys(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class StochasticHooks(hooks_lib.Hooks):
-  """Hands each block a dropout key while training, when the rate field is > 0.
+  """The adapters' training-time randomness: their own dropout and the backbone's drop path.
 
-  ``rate_field`` names the subclass's field holding its dropout (or drop-path) rate.
+  ``rate_field`` names the subclass's field holding its adapter dropout (or
+  drop-path) rate. ``backbone_drop_path`` is the official codes' stochastic
+  depth on the frozen branches while training (timm's linear ramp over the
+  blocks, 0 at the first). While training, block l gets ``{"key": its dropout
+  key, "drop_path": its ramped rate}`` as ``BlockContext.inputs``; in
+  evaluation nothing.
   """
+  backbone_drop_path: float = 0.0
   rate_field = "dropout"
 
   @property
   def stochastic_rate(self) -> float:
     return getattr(self, self.rate_field)
 
+  def stochastic_depth(self, rate, deterministic, *, train):
+    if self.backbone_drop_path <= 0:
+      return rate, deterministic
+    return self.backbone_drop_path, not train
+
   def block_inputs(self, batch_size, geometry, dtype, *, train):
     del batch_size, dtype
-    if not train or self.stochastic_rate <= 0:
+    if not train or max(self.stochastic_rate, self.backbone_drop_path) <= 0:
       return None
-    return DropoutKeys(geometry.depth, name="adapter_dropout")()
+    ramp = jnp.arange(geometry.depth) / max(geometry.depth - 1, 1)
+    return {"key": DropoutKeys(geometry.depth, name="adapter_dropout")(),
+            "drop_path": self.backbone_drop_path * ramp}
+
+
+def block_key(block: hooks_lib.BlockContext):
+  """This block's dropout key while training, None in evaluation."""
+  return None if block.inputs is None else block.inputs["key"]
+
+
+def _scaled_keep(x, rate, key, shape):
+  keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
 
 
 def dropout(x, rate: float, key, site: int):
   """Inverted dropout of x with this block's ``key`` (None = evaluation: x unchanged)."""
   if key is None or rate <= 0:
     return x
-  keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, x.shape)
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+  return _scaled_keep(x, jnp.asarray(rate), jax.random.fold_in(key, site), x.shape)
 
 
-def drop_path(x, rate: float, key, site: int):
-  """Stochastic depth: per example, x is zeroed with probability ``rate`` (else scaled)."""
-  if key is None or rate <= 0:
+def drop_path(x, rate, key, site: int):
+  """Stochastic depth: per example, x is zeroed with probability ``rate`` (else scaled).
+
+  ``rate`` may be traced (a block's ramped rate); key None = evaluation: x unchanged.
+  """
+  if key is None or (isinstance(rate, (int, float)) and rate <= 0):
     return x
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  keep = jax.random.bernoulli(jax.random.fold_in(key, site), 1.0 - rate, shape)
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+  return _scaled_keep(x, jnp.asarray(rate), jax.random.fold_in(key, site), shape)
 
 
 def bottleneck(x, features: int, activation: str, init: str, dropout_rate: float = 0.0,

@@ -27,8 +27,12 @@ Each adapter is ``adapter_parts.Bottleneck`` (Down -> activation -> dropout
   and drop path 0.1 on the adapter branch while training. Parameters
   ``.../adapter_plus/{down,up}/...`` and ``.../adapter_plus/scale``.
 
-The official codes also train with the backbone's stochastic depth 0.1; here
-the frozen backbone runs in eval mode as for every frozen method.
+While training, ``backbone_drop_path`` is the official codes' stochastic
+depth on the frozen branches (linear over the blocks): 0.1 for Houlsby (OSU's
+drop_path_rate, on the attention/MLP branch with its adapter) and Adapter+
+(its vit.drop_path), 0 for AdaptFormer (main_image.py's default); the
+adapters' own randomness reaches the blocks as keys (``adapter_parts``).
+AdaptFormer's "learnable_scalar" scale is not offered.
 """
 
 from __future__ import annotations
@@ -55,11 +59,12 @@ class HoulsbyOptions(adapter_parts.StochasticHooks):
   bottleneck: int = 8
   scale: float = 0.1
   dropout: float = 0.1
+  backbone_drop_path: float = 0.1
 
   def _adapt(self, branch, block, name, site):
     adapter = adapter_parts.Bottleneck(self.bottleneck, "relu", "xavier", self.dropout,
                                        dtype=block.dtype, name=name)
-    return branch + adapter(branch, block.inputs, site) * jnp.asarray(self.scale, branch.dtype)
+    return branch + adapter(branch, adapter_parts.block_key(block), site) * jnp.asarray(self.scale, branch.dtype)
 
   def attention_branch(self, branch, x, block):
     return self._adapt(branch, block, "houlsby_attention", 0)
@@ -98,7 +103,7 @@ class AdaptFormerOptions(adapter_parts.StochasticHooks):
   def mlp_parallel(self, normed, x, block):
     del normed  # the official branch reads the un-normalised stream
     return AdaptFormerBranch(self.bottleneck, self.scale, self.norm, self.dropout,
-                             dtype=block.dtype, name="adaptformer")(x, block.inputs)
+                             dtype=block.dtype, name="adaptformer")(x, adapter_parts.block_key(block))
 
 
 class AdapterPlus(nn.Module):
@@ -119,28 +124,32 @@ class AdapterPlusOptions(adapter_parts.StochasticHooks):
   """Adapter+: block output x -> x + scale * DP(Bottleneck(x))."""
   bottleneck: int = 8
   drop_path: float = 0.1
+  backbone_drop_path: float = 0.1
   rate_field = "drop_path"
 
   def block_output(self, x, block):
     return x + AdapterPlus(self.bottleneck, self.drop_path, dtype=block.dtype,
-                           name="adapter_plus")(x, block.inputs)
+                           name="adapter_plus")(x, adapter_parts.block_key(block))
 
 
 def _read_houlsby(config) -> base.Settings:
   section = config.houlsby
   return dict(bottleneck=int(section.bottleneck), scale=float(section.scale),
-              dropout=float(section.dropout))
+              dropout=float(section.dropout),
+              backbone_drop_path=float(section.backbone_drop_path))
 
 
 def _read_adaptformer(config) -> base.Settings:
   section = config.adaptformer
   return dict(bottleneck=int(section.bottleneck), scale=float(section.scale),
-              norm=str(section.norm), dropout=float(section.dropout))
+              norm=str(section.norm), dropout=float(section.dropout),
+              backbone_drop_path=float(section.backbone_drop_path))
 
 
 def _read_adapter_plus(config) -> base.Settings:
   section = config.adapter_plus
-  return dict(bottleneck=int(section.bottleneck), drop_path=float(section.drop_path))
+  return dict(bottleneck=int(section.bottleneck), drop_path=float(section.drop_path),
+              backbone_drop_path=float(section.backbone_drop_path))
 
 
 def _checker(section: str):
@@ -148,7 +157,7 @@ def _checker(section: str):
   def check(settings: base.Settings, spec, geometry: hooks_lib.Geometry) -> None:
     del spec
     adapter_parts.check_bottleneck(section, settings["bottleneck"], geometry.width)
-    for rate in ("dropout", "drop_path"):
+    for rate in ("dropout", "drop_path", "backbone_drop_path"):
       if rate in settings:
         adapter_parts.check_rate(f"{section}.{rate}", settings[rate])
     if settings.get("norm", "none") not in ADAPTFORMER_NORMS:

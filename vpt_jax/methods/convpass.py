@@ -19,9 +19,9 @@ identity at its centre tap (``conv_init="identity"``, the code's
 configs (``protocol/hparams.py``). Parameters
 ``Transformer/encoderblock_{i}/convpass_{attention,mlp}/{down,conv,up}/...``.
 
-The code trains with the backbone's stochastic depth 0.1 (on the frozen
-branches and the bypasses); here the frozen backbone runs in eval mode as for
-every frozen method, and only the bypasses' dropout is reproduced.
+While training, ``backbone_drop_path`` (0.1, the code's timm drop_path_rate,
+linear over the blocks) drops the frozen attention/MLP branches and, with
+independent draws as the code's separate ``drop_path`` calls, each bypass.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Convpass(nn.Module):
   bottleneck: int
   conv_init: str = "identity"
   dropout: float = 0.1
+  backbone_drop_path: float = 0.1
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -91,10 +92,14 @@ class ConvpassOptions(adapter_parts.StochasticHooks):
   scale: float = 1.0
   conv_init: str = "identity"
   dropout: float = 0.1
+  backbone_drop_path: float = 0.1
 
   def _bypass(self, normed, block, name, site):
+    key = adapter_parts.block_key(block)
     bypass = Convpass(self.bottleneck, self.conv_init, self.dropout, dtype=block.dtype,
-                      name=name)(normed, block.inputs, site)
+                      name=name)(normed, key, site)
+    if key is not None:  # its own drop path, independent of the frozen branch's
+      bypass = adapter_parts.drop_path(bypass, block.inputs["drop_path"], key, site + 2)
     return bypass * jnp.asarray(self.scale, bypass.dtype)
 
   def attention_parallel(self, normed, x, block):
@@ -107,13 +112,15 @@ class ConvpassOptions(adapter_parts.StochasticHooks):
 def _read_settings(config) -> base.Settings:
   section = config.convpass
   return dict(bottleneck=int(section.bottleneck), scale=float(section.scale),
-              conv_init=str(section.conv_init), dropout=float(section.dropout))
+              conv_init=str(section.conv_init), dropout=float(section.dropout),
+              backbone_drop_path=float(section.backbone_drop_path))
 
 
 def _check_settings(settings: base.Settings, spec, geometry: hooks_lib.Geometry) -> None:
   del spec
   adapter_parts.check_bottleneck("convpass", settings["bottleneck"], geometry.width)
-  adapter_parts.check_rate("convpass.dropout", settings["dropout"])
+  for rate in ("dropout", "backbone_drop_path"):
+    adapter_parts.check_rate(f"convpass.{rate}", settings[rate])
   if settings["conv_init"] not in CONV_INITS:
     base.fail(f"Unknown convpass.conv_init {settings['conv_init']!r}; choose one of "
               f"{CONV_INITS}")

@@ -45,7 +45,8 @@ Block level (``vit_blocks.Encoder1DBlock`` and its ``Attention``, names relative
 
 Block hooks must treat every token row independently (or see all of them):
 a block may compute only the first rows (``num_outputs``) or see prompts only
-as keys and values (``kv_only``). Prompts are made in float32 and cast to the
+as keys and values (``kv_only``). (Convpass mixes neighbouring patch rows but
+never CLS with them, so CLS alone, the only ``num_outputs`` used, stays exact.) Prompts are made in float32 and cast to the
 compute dtype by the backbone; ``block_inputs`` get the dtype and cast as
 their method needs. A hook object's fields must not reuse a hook's name (the
 field would hide the hook).
