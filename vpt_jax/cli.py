@@ -30,7 +30,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise errors.UserError(f"config file {path!r} does not exist; configs live in configs/, "
-                     "e.g. --config=configs/vpt.py:method=vpt_deep")
+                           "e.g. --config=configs/vpt.py:method=vpt_deep")
   module_spec = importlib.util.spec_from_file_location("_checked_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -141,7 +141,7 @@ def parse_predict_inputs(text: str) -> list[tuple[str, str]]:
       reader = csv.DictReader(f)
       if not reader.fieldnames or not {"task", "file"} <= set(reader.fieldnames):
         raise errors.UserError(f"{text}: the first row must name the columns 'task' and 'file', "
-                         f"got {reader.fieldnames}")
+                               f"got {reader.fieldnames}")
       pairs = [(row["task"].strip(), row["file"].strip()) for row in reader]
   else:
     pairs = _split_pairs(text, ":", "--inputs", "must be task:image_path, e.g. "
@@ -165,7 +165,7 @@ def predict_tasks(tasks: str, inputs: str, backbone_path: str = "", output: str 
   unknown = sorted({task for task, _ in pairs} - set(exports))
   if unknown:
     raise errors.UserError(f"--inputs names tasks {unknown} that --tasks does not load; "
-                     f"loaded: {sorted(exports)}")
+                           f"loaded: {sorted(exports)}")
   server = serving.MultiTaskServer(exports, backbone_path or None)
   return _print_json_lines(server.classify_files(pairs, top_k=top_k, batch_size=batch_size),
                            output)
@@ -196,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   if "suite" in config:
     if mode != "train" or config.suite not in suites:
       raise errors.UserError(f"suite {config.suite!r}: known suites {sorted(suites)} run with "
-                       "--mode train only")
+                             "--mode train only")
     return suites[config.suite](config, workdir)
   if "protocol" in config:
     from vpt_jax.protocol import report  # pylint: disable=g-import-not-at-top
@@ -205,12 +205,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
       return report.write_report(workdir)
     if mode != "train":
       raise errors.UserError("protocol configs support --mode train (run or resume the "
-                       "protocol) and --mode report")
+                             "protocol) and --mode report")
     return tuning.run_protocol(config, workdir)
   if mode == "report":
     raise errors.UserError("--mode report reads a protocol's results folder: use it with a "
-                     "protocol config (configs/vtab_protocol.py), or run "
-                     "python -m vpt_jax.protocol.report WORKDIR")
+                           "protocol config (configs/vtab_protocol.py), or run "
+                           "python -m vpt_jax.protocol.report WORKDIR")
   if mode == "train":
     return trainer.train_and_evaluate(config, workdir)
   if mode in ("evaluate", "export"):

@@ -12,6 +12,7 @@ import json
 import pytest
 
 import checkpoint_fixtures as fixtures
+from vpt_jax import errors
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 
@@ -84,3 +85,11 @@ def test_spec_round_trips_through_json_to_the_same_model(method):
   # JSON turns the tuples of hook objects into lists; the model must not change.
   assert factory.build_model(json.loads(json.dumps(spec)), 5) == factory.build_model(spec, 5)
   hash(factory.build_model(json.loads(json.dumps(spec)), 5).hooks)  # hashable for nn.remat
+
+
+def test_image_size_zero_is_named_as_such_not_as_a_patch_mismatch():
+  config = fixtures.method_config("vpt_deep", "test4/4", 16, num_prompts=4)
+  spec = {**factory.model_spec(config), "image_size": 0}
+  with pytest.raises(errors.UserError, match=r"^model.image_size=0 must be a positive number "
+                                             r"of pixels; set --config.model.image_size="):
+    factory.validate_spec(spec)

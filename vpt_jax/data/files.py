@@ -27,13 +27,15 @@ import json
 import os
 import re
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from vpt_jax import errors
 
+# What the file sources' pipeline asserts on a file it cannot read or decode.
+CORRUPT_IMAGE = "cannot read or decode image"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
 _SPLIT_ITEM = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
@@ -65,11 +67,11 @@ def select(split: str, sizes: Mapping[str, int]) -> list[tuple[str, int, int]]:
     match = _SPLIT_ITEM.match(item)
     if not match:
       raise errors.UserError(f"Cannot parse split {item!r} of {split!r}; write NAME, "
-                       "NAME[start:stop] or NAME[a%:b%], joined by '+'")
+                             "NAME[start:stop] or NAME[a%:b%], joined by '+'")
     name = match["name"]
     if name not in sizes:
       raise errors.UserError(f"Unknown split {name!r} in {split!r}; this data has "
-                       f"{', '.join(sorted(sizes))}")
+                             f"{', '.join(sorted(sizes))}")
     size = sizes[name]
     start, stop, _ = slice(_boundary(match["start"], size),
                            _boundary(match["stop"], size)).indices(size)
@@ -142,7 +144,7 @@ class FileSource:
       names = tf.strings.reduce_join(paths[expected:example["index"]], separator=", ")
       if not skip:
         tf.debugging.Assert(tf.equal(missing, 0), [
-            "cannot read or decode image", names, f"in {builder}. Replace or delete the "
+            CORRUPT_IMAGE, names, f"in {builder}. Replace or delete the "
             "file, or set --config.data.skip_corrupt=true to skip unreadable images "
             "(their number is reported)."], summarize=1)
       else:
@@ -157,6 +159,27 @@ class FileSource:
     ds = ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), check)
     ds = ds.filter(lambda example: example["index"] < count)
     return ds.map(lambda example: {"image": example["image"], "label": example["label"]})
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator:
+  """``dataset.as_numpy_iterator()``; an unreadable image file is a UserError naming it.
+
+  The file sources stop on such a file with a tf.debugging.Assert inside the
+  pipeline (see ``FileSource.dataset``), which TensorFlow raises as an
+  InvalidArgumentError with its graph node attached; this is its one line.
+  """
+  iterator = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      if CORRUPT_IMAGE not in e.message:
+        raise
+      parts = re.findall(r"\[([^\[\]]*)\]", e.message.splitlines()[0])
+      raise errors.UserError(" ".join(parts) or e.message.splitlines()[0]) from e
+    yield batch
 
 
 def _names(split: str, available: Mapping[str, object]) -> set[str]:
@@ -301,8 +324,9 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
   Images (.jpg, .jpeg, .png, .bmp, .gif) are ordered by a hash of their path.
   """
   if not tf.io.gfile.isdir(root):
-    raise errors.MissingInputError(f"image folder {root} does not exist; set --config.data.path "
-                            "to a folder with one sub-folder per class")
+    what = "is a file, not a folder" if tf.io.gfile.exists(root) else "does not exist"
+    raise errors.MissingInputError(f"image folder {root} {what}; set --config.data.path to a "
+                                   "folder with one sub-folder per class")
   top = _subdirs(root)
   # Split layout: the top folders hold only folders (the classes).
   split_layout = bool(top) and all(
@@ -313,7 +337,7 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
   classes = sorted({c for path in split_dirs.values() for c in _subdirs(path)})
   if not classes:
     raise errors.MissingInputError(f"{root} has no class sub-folders; expected root/<class>/*.jpg "
-                            "or root/<split>/<class>/*.jpg")
+                                   "or root/<split>/<class>/*.jpg")
   index = {name: i for i, name in enumerate(classes)}
   wanted = _names(split, split_dirs)
   parts = {}
@@ -326,5 +350,5 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
     parts[name] = [(path, labels[path]) for path in _hashed_order(root, files)]
   if num_classes and num_classes != len(classes):
     raise errors.UserError(f"{root} has {len(classes)} class folders but data.num_classes is "
-                     f"{num_classes}; set --config.data.num_classes={len(classes)} or 0")
+                           f"{num_classes}; set --config.data.num_classes={len(classes)} or 0")
   return _source(f"image folder {root}", split, parts, len(classes), classes, skip_corrupt)

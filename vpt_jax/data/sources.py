@@ -159,7 +159,7 @@ def make_source(data, split: str) -> source_protocols.AnySource:
     return files.vpt_json_folder(data.path, split, num_classes=data.num_classes,
                                  skip_corrupt=data.skip_corrupt)
   raise errors.UserError(f"Unknown data.task {task!r}; use '' (data.builder), vtab/<task>, "
-                   "fgvc/<dataset>, folder, list or json")
+                         "fgvc/<dataset>, folder, list or json")
 
 
 def check_data_config(data) -> Optional[str]:

@@ -14,6 +14,7 @@ import jax
 import tensorflow as tf
 
 from vpt_jax import errors
+from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
 from vpt_jax.methods import factory
@@ -150,7 +151,7 @@ def _check_backbone(model) -> None:
         "model.init_checkpoint is empty: the backbone would be random (and frozen, for "
         "prompt and head-only methods); pass --config.model.init_checkpoint=PATH, or "
         "--config.model.from_scratch=True to train from a random init on purpose")
-  if checkpoint and not tf.io.gfile.exists(checkpoint):
+  if checkpoint and not npz_lib.exists(checkpoint):
     raise ConfigError(
         f"Backbone checkpoint {checkpoint!r} does not exist. Download it (e.g. "
         "gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
@@ -164,7 +165,7 @@ def _check_side_network(config, method) -> None:
     raise ConfigError(
         f"sidetune.checkpoint={side_checkpoint!r} is only read by method 'sidetune', not "
         f"{config.method!r}; drop --config.sidetune.checkpoint or use --config.method=sidetune")
-  if side_checkpoint and not tf.io.gfile.exists(side_checkpoint):
+  if side_checkpoint and not npz_lib.exists(side_checkpoint):
     raise ConfigError(
         f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
         "by sidetune.save_side_network, or --config.sidetune.checkpoint='' to start the "
