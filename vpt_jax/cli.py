@@ -220,4 +220,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
     raise errors.UserError("predict mode needs --config.predict.images=a.png,b.jpg")
   export_dir = config.predict.export_dir or f"{workdir}/export"
   return _print_json_lines(predict.predict_files(
-      export_dir, paths, backbone_path=config.model.init_checkpoint or None))
+      export_dir, paths, backbone_path=_predict_backbone(export_dir,
+                                                         config.model.init_checkpoint)))
+
+
+def _predict_backbone(export_dir: str, configured: str) -> Optional[str]:
+  """The backbone to predict with: the one the export recorded (None), if it is on disk.
+
+  A config's ``model.init_checkpoint`` is often its default (the gs:// ViT-B/16),
+  not the file the export was trained on; that one is recorded with its sha256
+  (checked on load). Only when the recorded file is not here is the configured
+  one used (its fingerprint is checked against the recorded one all the same).
+  """
+  from vpt_jax.export import task_export  # pylint: disable=g-import-not-at-top
+  metadata_path = os.path.join(export_dir, task_export.METADATA_FILE)
+  recorded = None
+  if os.path.exists(metadata_path):
+    with open(metadata_path) as f:
+      recorded = (json.load(f).get("backbone") or {}).get("path")
+  if recorded and os.path.exists(recorded):
+    return None
+  return configured or None

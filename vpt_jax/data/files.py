@@ -314,15 +314,8 @@ def _hashed_order(root: str, files: list[str]) -> list[str]:
   return sorted(files, key=key)
 
 
-def image_folder(root: str, split: str, *, num_classes: int = 0,
-                 skip_corrupt: bool = False) -> FileSource:
-  """A folder with one sub-folder per class, optionally below split folders.
-
-  Layouts: ``root/<class>/<image>`` (one split, named "all") or
-  ``root/<split>/<class>/<image>`` (splits named after their folders). Class
-  ids are the sorted class-folder names over all splits, so every split agrees.
-  Images (.jpg, .jpeg, .png, .bmp, .gif) are ordered by a hash of their path.
-  """
+def _split_dirs(root: str) -> dict[str, str]:
+  """{split name: folder} of an image folder: its split sub-folders, or {"all": root}."""
   if not tf.io.gfile.isdir(root):
     what = "is a file, not a folder" if tf.io.gfile.exists(root) else "does not exist"
     raise errors.MissingInputError(f"image folder {root} {what}; set --config.data.path to a "
@@ -333,7 +326,39 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
       _subdirs(os.path.join(root, d))
       and not any(_is_image(f) for f in tf.io.gfile.listdir(os.path.join(root, d)))
       for d in top)
-  split_dirs = {d: os.path.join(root, d) for d in top} if split_layout else {"all": root}
+  return {d: os.path.join(root, d) for d in top} if split_layout else {"all": root}
+
+
+# A flat class folder's held-out share: the last 20% of the fixed hashed order.
+FLAT_FOLDER_SPLITS = {"train_split": "all[:80%]", "eval_split": "", "test_split": "all[80%:]"}
+
+
+def folder_splits(root: str) -> dict[str, str]:
+  """The train, eval and test splits an image folder's layout implies.
+
+  ``root/train/``, ``root/val/`` (or ``validation/``) and ``root/test/`` are
+  used as found (a missing one is "" = none; no ``train/`` keeps "train" so
+  the refusal names it); a flat class folder is split 80/20 into train and
+  test (``FLAT_FOLDER_SPLITS``).
+  """
+  found = _split_dirs(root)
+  if set(found) == {"all"}:
+    return dict(FLAT_FOLDER_SPLITS)
+  val = next((name for name in ("val", "validation") if name in found), "")
+  return {"train_split": "train", "eval_split": val,
+          "test_split": "test" if "test" in found else ""}
+
+
+def image_folder(root: str, split: str, *, num_classes: int = 0,
+                 skip_corrupt: bool = False) -> FileSource:
+  """A folder with one sub-folder per class, optionally below split folders.
+
+  Layouts: ``root/<class>/<image>`` (one split, named "all") or
+  ``root/<split>/<class>/<image>`` (splits named after their folders). Class
+  ids are the sorted class-folder names over all splits, so every split agrees.
+  Images (.jpg, .jpeg, .png, .bmp, .gif) are ordered by a hash of their path.
+  """
+  split_dirs = _split_dirs(root)
   classes = sorted({c for path in split_dirs.values() for c in _subdirs(path)})
   if not classes:
     raise errors.MissingInputError(f"{root} has no class sub-folders; expected root/<class>/*.jpg "

@@ -65,9 +65,15 @@ def validate_config(config) -> None:
 def check_data(config) -> None:
   """Refuses splits that select nothing and one-class tasks, from sizes and metadata.
 
+  A class folder run with the default (TFDS) splits gets its splits from the
+  folder's layout first (``sources.derive_folder_splits``), printed.
+
   Cheap (no example decoded) but reads the datasets: run after ``validate_config``
   and before the first step, so a long run cannot fail at its final evaluation.
   """
+  derived = sources.derive_folder_splits(config.data)
+  if derived:
+    print(derived)
   data_problem = sources.check_data_splits(config.data)
   if data_problem:
     raise ConfigError(data_problem)
@@ -93,8 +99,10 @@ def _check_optim(optim, method) -> None:
       raise ConfigError(f"optim.{field}={optim[field]} must be positive; set "
                         f"--config.optim.{field} to a value above 0")
   if not 0 <= optim.warmup_epochs <= optim.epochs:
-    raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
-                      f"[0, epochs={optim.epochs}]")
+    raise ConfigError(f"optim.warmup_epochs={optim.warmup_epochs:g} must lie in [0, "
+                      f"optim.epochs={optim.epochs}]; set --config.optim.warmup_epochs="
+                      f"{0.1 * max(optim.epochs, 0):g} (a tenth of the epochs, as the "
+                      "default 10 of 100) or 0")
   if optim.base_lr <= 0:
     raise ConfigError(f"optim.base_lr={optim.base_lr} must be positive (a learning rate "
                       "below 0 climbs the loss); set --config.optim.base_lr to a value above 0")
