@@ -206,7 +206,7 @@ def parse_predict_inputs(text: str) -> list[tuple[str, str]]:
       reader = csv.DictReader(f)
       if not reader.fieldnames or not {"task", "file"} <= set(reader.fieldnames):
         raise errors.UserError(f"{text}: the first row must name the columns 'task' and 'file', "
-                         f"got {reader.fieldnames}")
+                               f"got {reader.fieldnames}")
       pairs = [(row["task"].strip(), row["file"].strip()) for row in reader]
   else:
     pairs = _split_pairs(text, ":", "--inputs", "must be task:image_path, e.g. "
@@ -230,7 +230,7 @@ def predict_tasks(tasks: str, inputs: str, backbone_path: str = "", output: str 
   unknown = sorted({task for task, _ in pairs} - set(exports))
   if unknown:
     raise errors.UserError(f"--inputs names tasks {unknown} that --tasks does not load; "
-                     f"loaded: {sorted(exports)}")
+                           f"loaded: {sorted(exports)}")
   server = serving.MultiTaskServer(exports, backbone_path or None)
   return _print_json_lines(server.classify_files(pairs, top_k=top_k, batch_size=batch_size),
                            output)
@@ -299,7 +299,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
   if "suite" in config:
     if mode != "train" or config.suite not in suites:
       raise errors.UserError(f"suite {config.suite!r}: known suites {sorted(suites)} run with "
-                       "--mode train only")
+                             "--mode train only")
     return suites[config.suite](config, workdir)
   if "protocol" in config:
     from vpt_jax.protocol import report  # pylint: disable=g-import-not-at-top
@@ -308,12 +308,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
       return report.write_report(workdir)
     if mode != "train":
       raise errors.UserError("protocol configs support --mode train (run or resume the "
-                       "protocol) and --mode report")
+                             "protocol) and --mode report")
     return tuning.run_protocol(config, workdir)
   if mode == "report":
     raise errors.UserError("--mode report reads a protocol's results folder: use it with a "
-                     "protocol config (configs/vtab_protocol.py), or run "
-                     "python -m vpt_jax.protocol.report WORKDIR")
+                           "protocol config (configs/vtab_protocol.py), or run "
+                           "python -m vpt_jax.protocol.report WORKDIR")
   if mode == "train":
     return trainer.train_and_evaluate(config, workdir)
   if mode == "fingerprint":
@@ -328,4 +328,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
     raise errors.UserError("predict mode needs --config.predict.images=a.png,b.jpg")
   export_dir = config.predict.export_dir or f"{workdir}/export"
   return _print_json_lines(predict.predict_files(
-      export_dir, paths, backbone_path=config.model.init_checkpoint or None))
+      export_dir, paths, backbone_path=_predict_backbone(export_dir,
+                                                         config.model.init_checkpoint)))
+
+
+def _predict_backbone(export_dir: str, configured: str) -> Optional[str]:
+  """The backbone to predict with: the one the export recorded (None), if it is on disk.
+
+  A config's ``model.init_checkpoint`` is often its default (the gs:// ViT-B/16),
+  not the file the export was trained on; that one is recorded with its sha256
+  (checked on load). Only when the recorded file is not here is the configured
+  one used (its fingerprint is checked against the recorded one all the same).
+  """
+  from vpt_jax.export import task_export  # pylint: disable=g-import-not-at-top
+  metadata_path = os.path.join(export_dir, task_export.METADATA_FILE)
+  recorded = None
+  if os.path.exists(metadata_path):
+    with open(metadata_path) as f:
+      recorded = (json.load(f).get("backbone") or {}).get("path")
+  if recorded and os.path.exists(recorded):
+    return None
+  return configured or None

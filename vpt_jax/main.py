@@ -38,6 +38,14 @@ def _import_tensorflow_quietly(argv) -> None:
   if any(re.match(r"--?(v|verbosity)(=|$)", arg) for arg in argv):
     import tensorflow  # pylint: disable=unused-import
     return
+  _import_quietly_from_fd_2()
+  import tensorflow  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  # TensorFlow's Python warnings (deprecations inside tf.image) stay off too.
+  tensorflow.get_logger().setLevel("ERROR")
+
+
+def _import_quietly_from_fd_2() -> None:
+  """Imports TensorFlow with file descriptor 2 pointing at a temporary file (see above)."""
   sys.stderr.flush()
   console = os.dup(2)
   with tempfile.TemporaryFile() as captured:

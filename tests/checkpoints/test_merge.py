@@ -42,6 +42,7 @@ def test_new_module_parameters_go_into_fresh(tmp_path):
     fixtures.load_backbone(tree, ckpt.path)
   assert error.value.missing == [adapter_key]
   assert "fresh=" in str(error.value)
+  assert "--config.model.variant" in str(error.value)  # what a user of run.py can change
   loaded = flatten(fixtures.load_backbone(
       tree, ckpt.path, fresh=merge.DEFAULT_FRESH + (r"Transformer/encoderblock_\d+/adapter/.*",)))
   np.testing.assert_array_equal(loaded[adapter_key], np.full((16, 4), 0.5))

@@ -168,3 +168,36 @@ def test_remote_paths_go_through_gfile(tmp_path):
   with pytest.raises(npz.CheckpointNotFoundError, match="absent.npz"):
     npz.read_npz(f"file://{tmp_path}/absent.npz")
 
+
+
+def test_a_file_that_exists_but_cannot_be_read_is_not_reported_missing(tmp_path, monkeypatch):
+  path = str(tmp_path / "ViT-B_16.npz")
+  fixtures.write_tiny_backbone(path)
+  real_open = open
+
+  def no_permission(file, *args, **kwargs):  # what chmod 000 does to a non-root user
+    if file == path:
+      raise PermissionError(13, "Permission denied", file)
+    return real_open(file, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", no_permission)
+  with pytest.raises(npz.CheckpointError, match=r"exists but cannot be read \(Permission "
+                                                r"denied\); .*chmod") as error:
+    npz.read_npz(path)
+  assert not isinstance(error.value, FileNotFoundError)
+
+
+def test_an_unreachable_remote_checkpoint_names_the_network_and_credentials(monkeypatch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def offline(path):  # what TensorFlow raises without network (seen with TF 2.21)
+    raise tf.errors.FailedPreconditionError(
+        None, None, "Error executing an HTTP request: libcurl code 6 meaning 'Could not "
+        f"resolve hostname'\n\t when reading metadata of {path}")
+
+  monkeypatch.setattr(tf.io.gfile, "exists", offline)
+  with pytest.raises(npz.CheckpointError,
+                     match=r"cannot reach gs://vit_models/x.npz \(Error executing an HTTP "
+                           r"request.*\); check the network and credentials") as error:
+    npz.read_npz("gs://vit_models/x.npz")
+  assert "\n" not in str(error.value)

@@ -70,7 +70,23 @@ def test_legacy_pickle_and_foreign_files_are_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# Against real torch files (torch is not a dependency; skipped without it).
+# Against real torch files. torch is not a dependency (requirements.txt), so the
+# files torch.save wrote are checked in: tests/checkpoints/real_torch/real.pth.tar
+# was written by torch 2.13.0 (CPU) with exactly the state of the test below, and
+# expected.npz holds torch's own values of it (``tensor.numpy()``; bfloat16 as
+# float32). The test below writes and reads the same file live where torch is
+# installed.
+REAL_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_torch")
+
+
+def test_a_file_written_by_torch_2_13_reads_as_torch_saw_it():
+  arrays = torch_files.read_state_dict(os.path.join(REAL_TORCH, "real.pth.tar"))
+  with np.load(os.path.join(REAL_TORCH, "expected.npz"), allow_pickle=False) as expected:
+    assert sorted(arrays) == sorted(expected.files)  # "module." stripped, "epoch" dropped
+    for key in expected.files:
+      np.testing.assert_array_equal(arrays[key], expected[key], err_msg=key)
+      assert arrays[key].dtype == expected[key].dtype, key
+  np.testing.assert_array_equal(arrays["w_t"], arrays["w"].T)  # a strided view of w
 
 
 def test_real_torch_save_files_match():

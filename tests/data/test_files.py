@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import data_fixtures
+from vpt_jax import errors
 from vpt_jax.data import eval_stream
 from vpt_jax.data import files
 from vpt_jax.data import source_protocols
@@ -132,6 +133,17 @@ def test_image_folder_flat_layout(tmp_path):
   np.testing.assert_array_equal(np.concatenate(halves), images)
 
 
+@pytest.mark.parametrize("kind, message", [("missing", "does not exist"),
+                                           ("a file", "is a file, not a folder")])
+def test_an_image_folder_that_is_not_a_folder_says_which(tmp_path, kind, message):
+  root = tmp_path / "pets"
+  if kind == "a file":
+    root.write_text("not a folder")
+  with pytest.raises(errors.MissingInputError, match=f"image folder {root} {message}; set "
+                                                     "--config.data.path"):
+    sources.make_source(_data(task="folder", path=str(root)), "all")
+
+
 def test_image_folder_split_layout_shares_class_ids(tmp_path):
   root = tmp_path / "data"
   for split, classes in (("train", ("b", "c")), ("test", ("a", "b", "c"))):
@@ -169,8 +181,11 @@ def with_corrupt(tmp_path):
 
 def test_a_corrupt_image_is_named(with_corrupt):
   source = sources.make_source(_data(task="folder", path=with_corrupt), "all")
-  with pytest.raises(Exception, match=r"cannot read or decode image.*broken.jpg.*skip_corrupt"):
+  with pytest.raises(errors.UserError,
+                     match=r"^cannot read or decode image \S*broken.jpg in image folder .*"
+                           r"skip_corrupt=true") as error:
     _load(source)
+  assert "\n" not in str(error.value)  # not TensorFlow's node dump
 
 
 def test_skipping_corrupt_images_reports_the_count(with_corrupt, capfd):

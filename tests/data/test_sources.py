@@ -32,3 +32,47 @@ def test_task_configs_validate():
   bad.data.preprocess = "crop"
   with pytest.raises(config_checks.ConfigError, match="resize_crop_flip"):
     config_checks.validate_config(bad)
+
+
+def _folder_config(path, **splits):
+  config = common.base_config()
+  config.data.task, config.data.path = "folder", str(path)
+  for field, split in splits.items():
+    config.data[field] = split
+  return config.data
+
+
+def _class_folders(root, *classes):
+  for name in classes:
+    (root / name).mkdir(parents=True)
+    (root / name / "0.png").write_bytes(b"")  # only the layout is read
+
+
+def test_the_default_splits_are_the_base_configs():
+  data = common.base_config().data
+  assert {field: data[field] for field in sources.SPLIT_FIELDS} == sources.DEFAULT_SPLITS
+
+
+@pytest.mark.parametrize("folders, expected", [
+    # A flat class folder: a fixed 80/20 share of its hashed order.
+    (["cat", "dog"], {"train_split": "all[:80%]", "eval_split": "", "test_split": "all[80%:]"}),
+    (["train/cat", "train/dog", "val/cat", "test/dog"],
+     {"train_split": "train", "eval_split": "val", "test_split": "test"}),
+    (["train/cat", "validation/dog"],
+     {"train_split": "train", "eval_split": "validation", "test_split": ""}),
+])
+def test_a_class_folder_with_the_default_splits_takes_them_from_its_layout(tmp_path, folders,
+                                                                           expected):
+  _class_folders(tmp_path, *folders)
+  data = _folder_config(tmp_path)
+  said = sources.derive_folder_splits(data)
+  assert {field: data[field] for field in sources.SPLIT_FIELDS} == expected
+  assert said.startswith("data splits from the folder layout: ") and all(
+      f"{field}={split!r}" in said for field, split in expected.items())
+
+
+def test_splits_the_user_set_are_kept(tmp_path):
+  _class_folders(tmp_path, "cat", "dog")
+  data = _folder_config(tmp_path, train_split="all[:50%]")
+  assert sources.derive_folder_splits(data) is None
+  assert (data.train_split, data.test_split) == ("all[:50%]", "test")

@@ -1,6 +1,8 @@
 """Two processes on localhost (jax.distributed over gloo), each feeding its own
-half of every global batch, end with the parameters of one process."""
+half of every global batch and evaluating its own share of the test set, end with the
+parameters and the test results of one process."""
 
+import json
 import os
 import socket
 import subprocess
@@ -69,3 +71,15 @@ def test_two_processes_match_one(tmp_path):
                                   reduction_length=8 * 67, steps=6)
   for path in expected:
     np.testing.assert_allclose(found[path], expected[path], rtol=0, atol=atol, err_msg=path)
+
+  # The evaluation: each process scores its own share, and the results count every
+  # test image once (vpt_sprites/tiny's test split: 10), with the single run's scores.
+  results = {}
+  for name in ("single", "multi"):
+    with open(tmp_path / name / "results.json") as f:
+      results[name] = json.load(f)["test"]
+  assert results["multi"]["count"] == results["single"]["count"] == 10
+  # The parameters differ by at most atol (float rounding): the argmax of a near-tie
+  # may flip, the mean loss moves by the same order as the logits, well under 1e-3.
+  assert abs(results["multi"]["top1"] - results["single"]["top1"]) <= tolerances.one_example(10)
+  np.testing.assert_allclose(results["multi"]["loss"], results["single"]["loss"], rtol=1e-3)

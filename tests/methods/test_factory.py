@@ -12,6 +12,7 @@ import json
 import pytest
 
 import checkpoint_fixtures as fixtures
+from vpt_jax import errors
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 
@@ -133,3 +134,11 @@ def test_prompt_ablation_spec_is_pinned_and_round_trips():
   assert json.dumps(spec, sort_keys=True) == json.dumps(ABLATION_EXPECTED, sort_keys=True)
   factory.validate_spec(spec)
   assert factory.build_model(json.loads(json.dumps(spec)), 5) == factory.build_model(spec, 5)
+
+
+def test_image_size_zero_is_named_as_such_not_as_a_patch_mismatch():
+  config = fixtures.method_config("vpt_deep", "test4/4", 16, num_prompts=4)
+  spec = {**factory.model_spec(config), "image_size": 0}
+  with pytest.raises(errors.UserError, match=r"^model.image_size=0 must be a positive number "
+                                             r"of pixels; set --config.model.image_size="):
+    factory.validate_spec(spec)

@@ -306,12 +306,31 @@ def test_bad_settings_are_refused_before_compute(family, method, overrides, mess
     factory.validate_spec(spec)
 
 
-def test_the_reference_sizes_are_accepted_without_resizing():
+# The last feature map of a 234 px input, by hand. ResNet-50: the 7x7 stride-2 stem
+# (pad 3) 234 -> 117, the 3x3 stride-2 max-pool (pad 1) -> 59, three stride-2 3x3
+# convs (pad 1) -> 30 -> 15 -> 8. ConvNeXt-B: the 4x4 stride-4 stem -> 58, three 2x2
+# stride-2 downsamplings -> 29 -> 14 -> 7.
+@pytest.mark.parametrize("family, variant, last_stage, side, channels", [
+    ("resnet", "resnet-50", "layer4_2", 8, 2048), ("convnext", "convnext-B", "stage3_2", 7, 1024)])
+def test_the_reference_sizes_are_accepted_without_resizing(family, variant, last_stage, side,
+                                                           channels):
   # 224 px crops + 2 x 5 prompt pixels = 234, not a multiple of 32: the reference's input.
-  for family, variant in (("resnet", "resnet-50"), ("convnext", "convnext-B")):
-    factory.validate_spec(factory.model_spec(method_config(
-        family, "vpt_shallow", **{"model.variant": variant, "model.image_size": 224,
-                                  "prompt.num_prompts": 5})))
+  spec = factory.model_spec(method_config(
+      family, "vpt_shallow", **{"model.variant": variant, "model.image_size": 224,
+                                "prompt.num_prompts": 5}))
+  factory.validate_spec(spec)
+  model = factory.build_model(spec, 7)
+  images = jnp.zeros((1, 224, 224, 3))
+
+  def forward_shapes():
+    variables = model.init(jax.random.key(0), images)
+    return model.apply(variables, images, capture_intermediates=True, mutable=["intermediates"])
+
+  logits, state = jax.eval_shape(forward_shapes)  # shapes only: full size costs nothing
+  seen = state["intermediates"]
+  assert seen["vpt"]["__call__"][0].shape == (1, 234, 234, 3)  # padded, not resized
+  assert seen[last_stage]["__call__"][0].shape == (1, side, side, channels)
+  assert logits.shape == (1, 7)
 
 
 # ----------------------------------------------------------------------------

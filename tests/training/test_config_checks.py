@@ -60,6 +60,9 @@ REFUSED_VALUES = {
     "zero_epochs": ({"optim.epochs": 0, "optim.warmup_epochs": 0},
                     "optim.epochs=0 must be positive; set --config.optim.epochs to a value "
                     "above 0"),
+    "warmup_beyond_epochs": ({"optim.epochs": 3, "optim.warmup_epochs": 10},
+                             "optim.warmup_epochs=10 must lie in [0, optim.epochs=3]; set "
+                             "--config.optim.warmup_epochs=0.3 (a tenth of the epochs"),
     "prompt_dropout_one": ({"prompt.dropout": 1.0},
                            "prompt.dropout=1.0 is a dropout rate and must lie in [0, 1) "
                            "(0 = off); set --config.prompt.dropout=0.1"),

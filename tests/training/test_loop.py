@@ -95,3 +95,20 @@ def test_keep_never_trades_the_newest_finite_checkpoint_for_a_diverged_one(
     steps_logged = [json.loads(line)["step"] for line in f if "train/loss" in line]
   # The rerun resumed at step 3: it logged nothing again before stopping at step 4.
   assert steps_logged == [1, 2, 3]
+
+
+def test_the_schedule_a_real_run_logs_is_the_hand_computed_one(backbone, data_dir, tmp_path):
+  # 24 training images in batches of 6: 4 steps an epoch, 3 epochs, 12 steps. The peak
+  # is base_lr * batch / 256 = 2.0 * 6 / 256. Step s trains with the optimizer's count
+  # s - 1, at the integer epoch floor((s - 1) / 4): epoch 0 is the warmup epoch (lr 0),
+  # epoch 1 the start of the cosine (the peak), epoch 2 its middle (half the peak).
+  config = tiny_config(backbone, data_dir, **{
+      "optim.batch_size": 6, "log_every_steps": 1, "data.eval_split": "", "eval.batch_size": 5})
+  trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    logged = {row["step"]: row["train/learning_rate"] for row in map(json.loads, f)
+              if "train/learning_rate" in row}
+  peak = 2.0 * 6 / 256
+  expected = [0.0] * 4 + [peak] * 4 + [peak / 2] * 4
+  assert sorted(logged) == list(range(1, 13))
+  np.testing.assert_allclose([logged[step] for step in range(1, 13)], expected, rtol=1e-6)

@@ -103,11 +103,13 @@ def _mismatch_message(source: str, missing, unexpected, mismatched, file_flat,
     hints.append("The file has no class token (a big_vision model trained with "
                  "pool_type 'gap' or 'map'?); this model needs a 'tok' model.")
   if missing:
-    hints.append("Parameters meant to start from their initialisation (prompts, "
-                 "heads, adapters) belong in fresh=.")
+    hints.append("A file for this --config.model.variant holds every backbone parameter "
+                 "(from Python, merge_backbone(fresh=...) starts named ones from their "
+                 "initialisation).")
   if unexpected:
-    hints.append("File parameters the model should not use can be dropped with "
-                 "ignore=.")
+    hints.append("The file holds parameters this model lacks: check "
+                 "--config.model.variant and the file (from Python, "
+                 "merge_backbone(ignore=...) drops named ones).")
   if not hints:
     hints.append("Check the model configuration (variant, image size) against "
                  "the checkpoint.")

@@ -101,14 +101,29 @@ def _gfile():
   return tf.io.gfile
 
 
+def exists(path: str) -> bool:
+  """Whether ``path`` (local or remote) exists.
+
+  Raises:
+    CheckpointError: a remote path that cannot be reached (no network, no
+      credentials), with the fix, instead of TensorFlow's HTTP error.
+  """
+  if not _is_remote(path):
+    return os.path.exists(path)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    return tf.io.gfile.exists(path)
+  except tf.errors.OpError as e:
+    raise CheckpointError(
+        f"cannot reach {path} ({e.message.splitlines()[0]}); check the network and "
+        "credentials (gcloud auth application-default login), or copy the file to a local "
+        "path and pass that") from e
+
+
 def _check_exists(path: str) -> None:
-  if _is_remote(path):
-    gfile = _gfile()
-    exists = gfile.exists(path)
-    is_dir = exists and gfile.isdir(path)
-  else:
-    exists, is_dir = os.path.exists(path), os.path.isdir(path)
-  if not exists:
+  found = exists(path)
+  is_dir = found and (_gfile().isdir(path) if _is_remote(path) else os.path.isdir(path))
+  if not found:
     raise CheckpointNotFoundError(f"Checkpoint file not found: {path}. {_OFFICIAL_HINT}")
   if is_dir:
     raise CheckpointNotFoundError(
@@ -128,7 +143,11 @@ def open_for_reading(path: str) -> BinaryIO:
     # zipfile needs cheap random access; buffer remote objects once in memory.
     with _gfile().GFile(path, "rb") as f:
       return io.BytesIO(f.read())
-  return open(path, "rb")
+  try:
+    return open(path, "rb")
+  except PermissionError as e:  # it exists: "not found" would mislead
+    raise CheckpointError(f"Checkpoint file {path} exists but cannot be read ({e.strerror}); "
+                          "give your user read permission (chmod a+r) or copy it") from e
 
 
 # ----------------------------------------------------------------------------

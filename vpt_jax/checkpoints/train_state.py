@@ -195,7 +195,8 @@ def check_fits(saved, target, step: int, directory) -> None:
     key = min(differ, key=lambda k: ("head" not in k, not k.startswith("trainable/"), k))
     problem = f"{key} is {saved_shapes[key]} there but {wanted[key]} in the model"
   else:
-    extra, missing = sorted(set(saved_shapes) - set(wanted)), sorted(set(wanted) - set(saved_shapes))
+    extra = sorted(set(saved_shapes) - set(wanted))
+    missing = sorted(set(wanted) - set(saved_shapes))
     problem = (f"it lacks {missing[:3]}" if missing else "") + (
         f"{' and ' if missing else ''}it holds {extra[:3]} the model lacks" if extra else "")
   raise TrainStateError(

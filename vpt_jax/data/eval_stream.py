@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import numpy as np
 import tensorflow as tf
 
+from vpt_jax.data import files
 from vpt_jax.data import preprocessing
 from vpt_jax.data import source_protocols
 
@@ -75,7 +76,7 @@ def eval_batches(source: source_protocols.AnySource, *, image_size: int, local_b
                            process_count=process_count, preprocess=preprocess)
   total = num_eval_batches(source, local_batch=local_batch, process_count=process_count)
   emitted = 0
-  for batch in dataset.as_numpy_iterator():
+  for batch in files.numpy_batches(dataset):
     real = len(batch["label"])
     pad = local_batch - real
     mask = np.arange(local_batch) < real

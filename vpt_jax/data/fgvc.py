@@ -82,6 +82,6 @@ def get_dataset(name: str) -> FgvcDataset:
   if key not in DATASETS:
     close = difflib.get_close_matches(name.lower(), list(DATASETS) + list(ALIASES), n=3)
     raise errors.UserError(f"Unknown FGVC dataset {name!r}"
-                     + (f" (did you mean {', '.join(close)}?)" if close else "")
-                     + f"; choose one of {', '.join(DATASETS)}")
+                           + (f" (did you mean {', '.join(close)}?)" if close else "")
+                           + f"; choose one of {', '.join(DATASETS)}")
   return DATASETS[key]

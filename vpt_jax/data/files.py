@@ -27,13 +27,15 @@ import json
 import os
 import re
 import sys
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from vpt_jax import errors
 
+# What the file sources' pipeline asserts on a file it cannot read or decode.
+CORRUPT_IMAGE = "cannot read or decode image"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 LIST_SPLITS = ("train800", "val200", "train800val200", "test")
 _SPLIT_ITEM = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
@@ -65,11 +67,11 @@ def select(split: str, sizes: Mapping[str, int]) -> list[tuple[str, int, int]]:
     match = _SPLIT_ITEM.match(item)
     if not match:
       raise errors.UserError(f"Cannot parse split {item!r} of {split!r}; write NAME, "
-                       "NAME[start:stop] or NAME[a%:b%], joined by '+'")
+                             "NAME[start:stop] or NAME[a%:b%], joined by '+'")
     name = match["name"]
     if name not in sizes:
       raise errors.UserError(f"Unknown split {name!r} in {split!r}; this data has "
-                       f"{', '.join(sorted(sizes))}")
+                             f"{', '.join(sorted(sizes))}")
     size = sizes[name]
     start, stop, _ = slice(_boundary(match["start"], size),
                            _boundary(match["stop"], size)).indices(size)
@@ -142,7 +144,7 @@ class FileSource:
       names = tf.strings.reduce_join(paths[expected:example["index"]], separator=", ")
       if not skip:
         tf.debugging.Assert(tf.equal(missing, 0), [
-            "cannot read or decode image", names, f"in {builder}. Replace or delete the "
+            CORRUPT_IMAGE, names, f"in {builder}. Replace or delete the "
             "file, or set --config.data.skip_corrupt=true to skip unreadable images "
             "(their number is reported)."], summarize=1)
       else:
@@ -157,6 +159,27 @@ class FileSource:
     ds = ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), check)
     ds = ds.filter(lambda example: example["index"] < count)
     return ds.map(lambda example: {"image": example["image"], "label": example["label"]})
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator:
+  """``dataset.as_numpy_iterator()``; an unreadable image file is a UserError naming it.
+
+  The file sources stop on such a file with a tf.debugging.Assert inside the
+  pipeline (see ``FileSource.dataset``), which TensorFlow raises as an
+  InvalidArgumentError with its graph node attached; this is its one line.
+  """
+  iterator = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      if CORRUPT_IMAGE not in e.message:
+        raise
+      parts = re.findall(r"\[([^\[\]]*)\]", e.message.splitlines()[0])
+      raise errors.UserError(" ".join(parts) or e.message.splitlines()[0]) from e
+    yield batch
 
 
 def _names(split: str, available: Mapping[str, object]) -> set[str]:
@@ -291,6 +314,41 @@ def _hashed_order(root: str, files: list[str]) -> list[str]:
   return sorted(files, key=key)
 
 
+def _split_dirs(root: str) -> dict[str, str]:
+  """{split name: folder} of an image folder: its split sub-folders, or {"all": root}."""
+  if not tf.io.gfile.isdir(root):
+    what = "is a file, not a folder" if tf.io.gfile.exists(root) else "does not exist"
+    raise errors.MissingInputError(f"image folder {root} {what}; set --config.data.path to a "
+                                   "folder with one sub-folder per class")
+  top = _subdirs(root)
+  # Split layout: the top folders hold only folders (the classes).
+  split_layout = bool(top) and all(
+      _subdirs(os.path.join(root, d))
+      and not any(_is_image(f) for f in tf.io.gfile.listdir(os.path.join(root, d)))
+      for d in top)
+  return {d: os.path.join(root, d) for d in top} if split_layout else {"all": root}
+
+
+# A flat class folder's held-out share: the last 20% of the fixed hashed order.
+FLAT_FOLDER_SPLITS = {"train_split": "all[:80%]", "eval_split": "", "test_split": "all[80%:]"}
+
+
+def folder_splits(root: str) -> dict[str, str]:
+  """The train, eval and test splits an image folder's layout implies.
+
+  ``root/train/``, ``root/val/`` (or ``validation/``) and ``root/test/`` are
+  used as found (a missing one is "" = none; no ``train/`` keeps "train" so
+  the refusal names it); a flat class folder is split 80/20 into train and
+  test (``FLAT_FOLDER_SPLITS``).
+  """
+  found = _split_dirs(root)
+  if set(found) == {"all"}:
+    return dict(FLAT_FOLDER_SPLITS)
+  val = next((name for name in ("val", "validation") if name in found), "")
+  return {"train_split": "train", "eval_split": val,
+          "test_split": "test" if "test" in found else ""}
+
+
 def image_folder(root: str, split: str, *, num_classes: int = 0,
                  skip_corrupt: bool = False) -> FileSource:
   """A folder with one sub-folder per class, optionally below split folders.
@@ -300,20 +358,11 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
   ids are the sorted class-folder names over all splits, so every split agrees.
   Images (.jpg, .jpeg, .png, .bmp, .gif) are ordered by a hash of their path.
   """
-  if not tf.io.gfile.isdir(root):
-    raise errors.MissingInputError(f"image folder {root} does not exist; set --config.data.path "
-                            "to a folder with one sub-folder per class")
-  top = _subdirs(root)
-  # Split layout: the top folders hold only folders (the classes).
-  split_layout = bool(top) and all(
-      _subdirs(os.path.join(root, d))
-      and not any(_is_image(f) for f in tf.io.gfile.listdir(os.path.join(root, d)))
-      for d in top)
-  split_dirs = {d: os.path.join(root, d) for d in top} if split_layout else {"all": root}
+  split_dirs = _split_dirs(root)
   classes = sorted({c for path in split_dirs.values() for c in _subdirs(path)})
   if not classes:
     raise errors.MissingInputError(f"{root} has no class sub-folders; expected root/<class>/*.jpg "
-                            "or root/<split>/<class>/*.jpg")
+                                   "or root/<split>/<class>/*.jpg")
   index = {name: i for i, name in enumerate(classes)}
   wanted = _names(split, split_dirs)
   parts = {}
@@ -326,5 +375,5 @@ def image_folder(root: str, split: str, *, num_classes: int = 0,
     parts[name] = [(path, labels[path]) for path in _hashed_order(root, files)]
   if num_classes and num_classes != len(classes):
     raise errors.UserError(f"{root} has {len(classes)} class folders but data.num_classes is "
-                     f"{num_classes}; set --config.data.num_classes={len(classes)} or 0")
+                           f"{num_classes}; set --config.data.num_classes={len(classes)} or 0")
   return _source(f"image folder {root}", split, parts, len(classes), classes, skip_corrupt)

@@ -40,7 +40,7 @@ def check_modes(resize: str, preprocess: str) -> None:
   _check_resize_method(resize)
   if preprocess not in PREPROCESS_MODES:
     raise errors.UserError(f"Unknown preprocess mode {preprocess!r}; choose one of "
-                     f"{PREPROCESS_MODES}")
+                           f"{PREPROCESS_MODES}")
 
 
 def resize_images(images, image_size: int, method: str = "tf1_bilinear"):

@@ -159,7 +159,7 @@ def make_source(data, split: str) -> source_protocols.AnySource:
     return files.vpt_json_folder(data.path, split, num_classes=data.num_classes,
                                  skip_corrupt=data.skip_corrupt)
   raise errors.UserError(f"Unknown data.task {task!r}; use '' (data.builder), vtab/<task>, "
-                   "fgvc/<dataset>, folder, list or json")
+                         "fgvc/<dataset>, folder, list or json")
 
 
 def check_data_config(data) -> Optional[str]:
@@ -200,6 +200,25 @@ def check_data_config(data) -> Optional[str]:
 
 # The config.data fields holding a split string, in the order a run reads them.
 SPLIT_FIELDS = ("train_split", "eval_split", "test_split")
+# Their defaults (configs/common.py): TFDS split names, which a folder does not have.
+DEFAULT_SPLITS = {"train_split": "train[:800]+validation[:200]", "eval_split": "",
+                  "test_split": "test"}
+
+
+def derive_folder_splits(data) -> Optional[str]:
+  """For ``data.task=folder`` with the default splits, sets them from the folder's layout.
+
+  Returns the line saying which splits were used, or None when nothing was
+  derived (another task, or splits the user set).
+  """
+  if data.task != "folder" or any(data[f] != DEFAULT_SPLITS[f] for f in SPLIT_FIELDS):
+    return None
+  splits = files.folder_splits(data.path)
+  for field, split in splits.items():
+    data[field] = split
+  return ("data splits from the folder layout: " + ", ".join(
+      f"{field}={split!r}" for field, split in splits.items())
+          + " (set --config.data.train_split etc. to choose others)")
 
 
 def check_data_splits(data) -> Optional[str]:

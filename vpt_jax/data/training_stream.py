@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from vpt_jax import errors
+from vpt_jax.data import files
 from vpt_jax.data import preprocessing
 from vpt_jax.data import source_protocols
 
@@ -48,7 +49,7 @@ def load_split_arrays(source: source_protocols.AnySource, *, image_size: int,
   del process_index, process_count  # Every process holds the whole split.
   ds = preprocessing.preprocessed_examples(source, image_size=image_size, resize=resize)
   images, labels = [], []
-  for batch in ds.batch(_LOAD_BATCH).prefetch(1).as_numpy_iterator():
+  for batch in files.numpy_batches(ds.batch(_LOAD_BATCH).prefetch(1)):
     images.append(batch["image"])
     labels.append(batch["label"])
   _check_not_empty(images, source)
@@ -133,7 +134,7 @@ def load_train_set(source: source_protocols.AnySource, *, image_size: int,
   ds = preprocessing.preprocessed_examples(source, image_size=image_size, resize=resize,
                                           preprocess=preprocess, crop=False)
   images, labels = [], []
-  for example in ds.prefetch(8).as_numpy_iterator():
+  for example in files.numpy_batches(ds.prefetch(8)):
     images.append(example["image"])
     labels.append(example["label"])
   _check_not_empty(images, source)

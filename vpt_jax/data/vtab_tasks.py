@@ -305,8 +305,8 @@ def get_task(name: str) -> VtabTask:
   if key not in TASKS:
     close = difflib.get_close_matches(name, list(TASKS) + list(ALIASES), n=3)
     raise errors.UserError(f"Unknown VTAB task {name!r}"
-                     + (f" (did you mean {', '.join(close)}?)" if close else "")
-                     + f"; the 19 tasks: {', '.join(TASKS)}")
+                           + (f" (did you mean {', '.join(close)}?)" if close else "")
+                           + f"; the 19 tasks: {', '.join(TASKS)}")
   return TASKS[key]
 
 

@@ -78,7 +78,8 @@ class MultiTaskServer:
                               "a server holds one backbone")
     self.backbone_path = backbone_path or loaded[0].metadata["backbone"]["path"]
     if not self.backbone_path:
-      raise errors.UserError(f"task {loaded[0].name!r} records no backbone path; pass backbone_path")
+      raise errors.UserError(f"task {loaded[0].name!r} records no backbone path; pass the "
+                             "backbone file (--backbone)")
     self.backbone_fingerprint = npz_lib.fingerprint(self.backbone_path)
     served_exports.check_backbone_fingerprints(loaded, self.backbone_path,
                                                self.backbone_fingerprint)
@@ -142,10 +143,10 @@ class MultiTaskServer:
     expected = (self.image_size, self.image_size, 3)
     if images.ndim != 4 or images.shape[1:] != expected:
       raise errors.UserError(f"images must be (B, {self.image_size}, {self.image_size}, 3) pixel "
-                       f"arrays (resize to the tasks' image size), got {images.shape}")
+                             f"arrays (resize to the tasks' image size), got {images.shape}")
     if len(tasks) != images.shape[0]:
       raise errors.UserError(f"{images.shape[0]} images but {len(tasks)} task names; give one "
-                       "task per image")
+                             "task per image")
     where = [self._where[self._check_task(t)] for t in tasks]
     output = np.full((len(tasks), self.max_classes), -np.inf, np.float32)
     present = sorted({g for g, _ in where})

@@ -42,11 +42,11 @@ class Adapter(nn.Module):
     width = y.shape[-1]
     if self.init_scheme not in ADAPTER_INITS:
       raise errors.UserError(f"Unknown adapter init {self.init_scheme!r}; choose one of "
-                       f"{ADAPTER_INITS}")
+                             f"{ADAPTER_INITS}")
     bottleneck = width // self.reduction if self.reduction >= 1 else 0
     if bottleneck < 1:
       raise errors.UserError(f"adapter reduction {self.reduction} leaves no bottleneck for width "
-                       f"{width}; use a reduction between 1 and {width}")
+                             f"{width}; use a reduction between 1 and {width}")
     down_init = (nn.initializers.zeros if self.init_scheme == "vpt_reference"
                  else nn.initializers.xavier_uniform())
     h = nn.Dense(bottleneck, dtype=self.dtype, name="down", kernel_init=down_init,

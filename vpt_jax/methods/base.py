@@ -127,7 +127,7 @@ class Method:
     depth = len(block_patterns)
     if self.last_blocks > depth:
       raise errors.UserError(f"{self.name} tunes the last {self.last_blocks} blocks but the model "
-                       f"has {depth}; use partial-k with k <= {depth}, or 'full'")
+                             f"has {depth}; use partial-k with k <= {depth}, or 'full'")
     blocks = "|".join(block_patterns[depth - self.last_blocks:])
     return ((rf"({blocks})/.*", TRAIN), (final_norm, TRAIN)) + self.trainable_rules
 

@@ -70,17 +70,21 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
   method = registry.get_method(spec["method"])
   family = backbones.get_family(spec["variant"])
   family.check_method(method.name)
+  if spec["image_size"] < 1:
+    raise errors.UserError(f"model.image_size={spec['image_size']} must be a positive number "
+                           "of pixels; set --config.model.image_size=224 (or the backbone's)")
   if method.uses_prompts and spec["num_prompts"] < 1:
     raise errors.UserError(f"method {method.name} needs prompt.num_prompts >= 1, got "
-                     f"{spec['num_prompts']}")
+                           f"{spec['num_prompts']}")
   if spec["dtype"] not in backbones.DTYPES:
-    raise errors.UserError(f"Unknown dtype {spec['dtype']!r}; choose one of {sorted(backbones.DTYPES)}")
+    raise errors.UserError(f"Unknown dtype {spec['dtype']!r}; choose one of "
+                           f"{sorted(backbones.DTYPES)}")
   remat = spec.get("remat", "none")  # specs written before the field hold none
   if remat not in REMAT_MODES:
     raise errors.UserError(f"Unknown model.remat {remat!r}; choose one of {REMAT_MODES}")
   if remat != "none" and not family.supports_remat:
     raise errors.UserError(f"model.remat={remat!r} is not implemented for {family.name} backbones "
-                     "(only for the ViT family); set --config.model.remat=none")
+                           "(only for the ViT family); set --config.model.remat=none")
   if method.head_init not in heads.HEAD_INITS:
     raise ValueError(f"method {method.name} has an unknown head init {method.head_init!r}")
   family.validate(spec, method)

@@ -58,7 +58,7 @@ def fourier_prompts(prompts, num_fourier: int, dimension: str = "all"):
   """
   if dimension not in FOURIER_DIMENSIONS:
     raise errors.UserError(f"Unknown Fourier dimension {dimension!r}; choose one of "
-                     f"{FOURIER_DIMENSIONS}")
+                           f"{FOURIER_DIMENSIONS}")
   if not 0 < num_fourier <= prompts.shape[-2]:
     raise errors.UserError(f"num_fourier must lie in [1, {prompts.shape[-2]}], got {num_fourier}")
   fourier = prompts[..., :num_fourier, :]

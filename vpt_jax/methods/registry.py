@@ -98,5 +98,5 @@ def get_method(name: str) -> base.Method:
     return make(k)
   close = difflib.get_close_matches(name, METHODS, n=3)
   raise errors.UserError(f"Unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))} "
-                   "(partial-k and mlp-k take any k)"
-                   + (f" (did you mean {', '.join(close)}?)" if close else ""))
+                         "(partial-k and mlp-k take any k)"
+                         + (f" (did you mean {', '.join(close)}?)" if close else ""))

@@ -79,7 +79,7 @@ def load_side_network(params, path: str) -> dict:
   """
   if "side" not in params:
     raise errors.UserError(f"sidetune.checkpoint={path!r} is set but the model has no side "
-                     "network; use method=sidetune or clear the setting")
+                           "network; use method=sidetune or clear the setting")
   side = merge_lib.merge_backbone(params["side"], npz_lib.read_npz(path), fresh=SIDE_FRESH,
                                 source=path)
   return {**params, "side": side}

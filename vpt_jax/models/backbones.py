@@ -94,7 +94,7 @@ class Family:
     if not self.supports(method_name):
       names = ", ".join(n + "k" if n.endswith("-") else n for n in self.supported_methods)
       raise errors.UserError(f"method {method_name!r} is not defined for {self.name} backbones; "
-                       f"choose one of {names}")
+                             f"choose one of {names}")
 
 
 def _family_module(variant: str) -> tuple[str, str]:

@@ -91,7 +91,7 @@ def decode_variant(variant: str) -> tuple[str, Any]:
     return family, sizes[size]
   valid = [f"{name}-{size}" for name, table in _SIZES.items() for size in table]
   raise errors.UserError(f"Unknown ConvNet variant {variant!r}; choose one of {', '.join(valid)}"
-                   + backbones.did_you_mean(variant, valid, n=2))
+                         + backbones.did_you_mean(variant, valid, n=2))
 
 
 # ----------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class PadPrompts(nn.Module):
     batch, height, width, channels = images.shape
     if p < 1 or channels != 3:
       raise errors.UserError(f"pad prompts need num_prompts >= 1 and RGB images; got "
-                       f"num_prompts={p} and images of shape {images.shape}")
+                             f"num_prompts={p} and images of shape {images.shape}")
     uniform = nn.initializers.uniform(scale=1.0)  # U(0, 1)
     top_bottom = self.param("top_bottom", uniform, (2 * p, width + 2 * p, 3))
     left_right = self.param("left_right", uniform, (height, 2 * p, 3))

@@ -39,15 +39,15 @@ def validate(spec: Mapping[str, Any], method: hooks.Method) -> None:
   _, size = decode_variant(spec["variant"])
   if spec["pool"] != "original":
     raise errors.UserError(f"prompt.pool={spec['pool']!r} chooses among ViT tokens; ConvNets "
-                     "average-pool their feature map: use prompt.pool=original")
+                           "average-pool their feature map: use prompt.pool=original")
   padding = 0
   if method.uses_prompts:
     if spec["prompt_projection"] >= 1:
       raise errors.UserError(f"prompt.projection={spec['prompt_projection']} projects token "
-                       "prompts; ConvNet pad prompts are pixels: use prompt.projection=-1")
+                             "prompts; ConvNet pad prompts are pixels: use prompt.projection=-1")
     if spec["prompt_dropout"]:
       raise errors.UserError(f"prompt.dropout={spec['prompt_dropout']}: the reference's pad "
-                       "prompts have no dropout; use prompt.dropout=0")
+                             "prompts have no dropout; use prompt.dropout=0")
     padding = 2 * spec["num_prompts"]
   fed = spec["image_size"] + padding
   if fed < size.stride:

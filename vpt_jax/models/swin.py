@@ -227,7 +227,7 @@ class SwinTransformer(nn.Module):
     unit = image_size_unit(self.variant)
     if images.shape[1] != images.shape[2] or images.shape[1] % unit:
       raise errors.UserError(f"{self.variant} takes square images whose side is a multiple of "
-                       f"{unit} (patch x window x 2^(stages - 1)); got {images.shape[1:3]}")
+                             f"{unit} (patch x window x 2^(stages - 1)); got {images.shape[1:3]}")
     tokens = PatchEmbedding(size.embed_dim, patch, self.dtype, name="patch_embed")(images)
     batch, resolution, _, channels = tokens.shape
     x = tokens.reshape(batch, resolution * resolution, channels)

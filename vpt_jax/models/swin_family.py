@@ -37,10 +37,10 @@ def validate(spec: Mapping[str, Any], method: hooks.Method) -> None:
         f"patch x window x 2^(stages - 1) = {unit}; use e.g. {suggestion}")
   if spec["pool"] not in POOL_TYPES:
     raise errors.UserError(f"pool {spec['pool']!r} is not defined for Swin, which averages all "
-                     f"tokens as the reference; use pool='original'")
+                           f"tokens as the reference; use pool='original'")
   if spec.get("prompt_projection", -1) >= 1:
     raise errors.UserError("prompt.projection is not supported for Swin (the reference defines "
-                     "the projection but never applies it); use prompt.projection=-1")
+                           "the projection but never applies it); use prompt.projection=-1")
 
 
 def build(spec: Mapping[str, Any], num_classes: int,

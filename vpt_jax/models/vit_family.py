@@ -26,7 +26,7 @@ def validate(spec: Mapping[str, Any], method: hooks_lib.Method) -> None:
   size, patch = vit_variants.decode_variant(spec["variant"])
   if vit_variants.variant_flavour(spec["variant"]) and size.width % 4:
     raise errors.UserError(f"{spec['variant']} uses a 2-D sin-cos position embedding, which "
-                     f"needs a width divisible by 4 (got {size.width})")
+                           f"needs a width divisible by 4 (got {size.width})")
   if spec["image_size"] < patch or spec["image_size"] % patch:
     raise errors.UserError(
         f"image size {spec['image_size']} is not divisible by the patch size {patch} of "

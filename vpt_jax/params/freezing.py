@@ -36,7 +36,7 @@ def label_params(params, rules: Sequence[Sequence[str]]) -> dict:
   for rule in rules:
     if len(rule) != 2 or rule[1] not in LABELS:
       raise errors.UserError(f"Bad trainable rule {tuple(rule)!r}: expected (regex, label) "
-                       f"with label in {LABELS}")
+                             f"with label in {LABELS}")
     try:
       compiled.append((re.compile(rule[0]), rule[1]))
     except re.error as e:

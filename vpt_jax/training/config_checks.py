@@ -14,6 +14,7 @@ import jax
 import tensorflow as tf
 
 from vpt_jax import errors
+from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
 from vpt_jax.export import merging
@@ -82,9 +83,15 @@ def _check_export(config) -> None:
 def check_data(config) -> None:
   """Refuses splits that select nothing and one-class tasks, from sizes and metadata.
 
+  A class folder run with the default (TFDS) splits gets its splits from the
+  folder's layout first (``sources.derive_folder_splits``), printed.
+
   Cheap (no example decoded) but reads the datasets: run after ``validate_config``
   and before the first step, so a long run cannot fail at its final evaluation.
   """
+  derived = sources.derive_folder_splits(config.data)
+  if derived:
+    print(derived)
   data_problem = sources.check_data_splits(config.data)
   if data_problem:
     raise ConfigError(data_problem)
@@ -110,8 +117,10 @@ def _check_optim(optim, method) -> None:
       raise ConfigError(f"optim.{field}={optim[field]} must be positive; set "
                         f"--config.optim.{field} to a value above 0")
   if not 0 <= optim.warmup_epochs <= optim.epochs:
-    raise ConfigError(f"optim.warmup_epochs {optim.warmup_epochs} must lie in "
-                      f"[0, epochs={optim.epochs}]")
+    raise ConfigError(f"optim.warmup_epochs={optim.warmup_epochs:g} must lie in [0, "
+                      f"optim.epochs={optim.epochs}]; set --config.optim.warmup_epochs="
+                      f"{0.1 * max(optim.epochs, 0):g} (a tenth of the epochs, as the "
+                      "default 10 of 100) or 0")
   if optim.base_lr <= 0:
     raise ConfigError(f"optim.base_lr={optim.base_lr} must be positive (a learning rate "
                       "below 0 climbs the loss); set --config.optim.base_lr to a value above 0")
@@ -168,7 +177,7 @@ def _check_backbone(model) -> None:
         "model.init_checkpoint is empty: the backbone would be random (and frozen, for "
         "prompt and head-only methods); pass --config.model.init_checkpoint=PATH, or "
         "--config.model.from_scratch=True to train from a random init on purpose")
-  if checkpoint and not tf.io.gfile.exists(checkpoint):
+  if checkpoint and not npz_lib.exists(checkpoint):
     raise ConfigError(
         f"Backbone checkpoint {checkpoint!r} does not exist. Download it (e.g. "
         "gs://vit_models/imagenet21k/ViT-B_16.npz) or pass a local path with "
@@ -182,7 +191,7 @@ def _check_side_network(config, method) -> None:
     raise ConfigError(
         f"sidetune.checkpoint={side_checkpoint!r} is only read by method 'sidetune', not "
         f"{config.method!r}; drop --config.sidetune.checkpoint or use --config.method=sidetune")
-  if side_checkpoint and not tf.io.gfile.exists(side_checkpoint):
+  if side_checkpoint and not npz_lib.exists(side_checkpoint):
     raise ConfigError(
         f"Side-network checkpoint {side_checkpoint!r} does not exist. Pass a file written "
         "by sidetune.save_side_network, or --config.sidetune.checkpoint='' to start the "

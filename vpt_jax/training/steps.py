@@ -92,7 +92,7 @@ def check_accumulation(accumulation_steps: int, batch_size: Optional[int] = None
   if (isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral)
       or accumulation_steps < 1):
     raise errors.UserError(f"optim.accumulation_steps must be an integer >= 1 (1 = off), got "
-                     f"{accumulation_steps!r}")
+                           f"{accumulation_steps!r}")
   if batch_size is not None and batch_size % accumulation_steps:
     raise errors.UserError(
         f"batch size {batch_size} is not divisible by optim.accumulation_steps="
