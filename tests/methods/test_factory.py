@@ -84,3 +84,22 @@ def test_spec_round_trips_through_json_to_the_same_model(method):
   # JSON turns the tuples of hook objects into lists; the model must not change.
   assert factory.build_model(json.loads(json.dumps(spec)), 5) == factory.build_model(spec, 5)
   hash(factory.build_model(json.loads(json.dumps(spec)), 5).hooks)  # hashable for nn.remat
+
+
+def test_a_partial_init_draws_exactly_the_kept_leaves_of_a_full_init():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = fixtures.method_config("vpt_deep", "test4/4", 16, num_prompts=4, **OVERRIDES)
+  model = factory.build_model(factory.model_spec(config), 5)
+  full = factory.init_variables(model, 16, seed=3)["params"]
+  # Keep the prompts and the head (what a pretrained run draws), drop the backbone.
+  keep = {name: name in ("head", "vpt") for name in full}
+  assert sorted(full) == ["Transformer", "cls", "embedding", "head", "vpt"]
+  keep_params = {name: jax.tree.map(lambda _, kept=kept: kept, full[name])
+                 for name, kept in keep.items()}
+  partial = factory.init_variables(model, 16, seed=3, keep_params=keep_params)["params"]
+  for name, kept in keep.items():
+    if kept:
+      jax.tree.map(np.testing.assert_array_equal, partial[name], full[name])
+    else:
+      assert all(leaf is None for leaf in jax.tree.leaves(partial[name], is_leaf=lambda x: x is None))
