@@ -60,6 +60,9 @@ def test_requirements_txt_is_a_pinned_instance_of_the_package():
   build = _assert_pins_satisfy(_applicable(_pyproject()["build-system"]["requires"]), pins)
   assert build == BUILD_TOOLS
   assert set(pins) == runtime | dev | build, "requirements.txt and pyproject.toml differ"
+  # macOS and ARM Linux get `tensorflow` instead of `tensorflow-cpu`: the same release.
+  (full_tf,) = [r for r in map(Requirement, project["dependencies"]) if r.name == "tensorflow"]
+  assert full_tf.specifier.contains(pins["tensorflow-cpu"])
 
 
 def test_accelerator_extras_pin_the_same_jax_as_the_cpu_set():
