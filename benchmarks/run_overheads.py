@@ -13,9 +13,11 @@ Two measurements:
 2. A ViT-B/16-sized backbone (``--backbone_mb``, random float32 in the official
    .npz layout's size, 330 MB as ViT-B_16.npz): read time and the sha256
    fingerprint, the first and the repeated call in one process.
+3. A run's parameter setup for ViT-B/16 VPT-deep from a (random) backbone
+   file: read, strict merge and the init of the fresh leaves (prompts, head).
 
   python benchmarks/run_overheads.py                  # both
-  python benchmarks/run_overheads.py --skip_run       # the backbone only
+  python benchmarks/run_overheads.py --skip_run       # 2 and 3 only
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def profile_child(workdir: str, cache_dir: str) -> None:
     if e.code:
       raise
   total = time.perf_counter() - began
+  profiler.dump_stats(os.path.join(os.path.dirname(workdir), "profile.pstats"))
   stats = pstats.Stats(profiler).stats
   seconds = {"run (after imports)": total}
   for row, suffix, function in PHASES:
@@ -125,6 +128,33 @@ def backbone_table(megabytes: int) -> None:
     print(f"  {label}: {seconds:.2f} s")
 
 
+def init_table(megabytes_note: str = "") -> None:
+  """Seconds of a run's parameter setup for ViT-B/16 VPT-deep from a backbone file."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from vpt_jax.checkpoints import npz  # pylint: disable=g-import-not-at-top
+  from vpt_jax.methods import factory  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from vpt_jax.training import setup  # pylint: disable=g-import-not-at-top
+  config = common.base_config()
+  common.apply_method(config, "vpt_deep")
+  config.model.variant, config.model.image_size, config.prompt.num_prompts = "B/16", 224, 50
+  spec = factory.model_spec(config)
+  model = factory.build_model(spec, 10)
+  shapes = factory.variable_shapes(model, 224)["params"]
+  rng = np.random.default_rng(0)
+  backbone = {name: jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), tree)
+              for name, tree in shapes.items() if name not in ("head", "vpt")}
+  with tempfile.TemporaryDirectory(prefix="vpt_jax_init_") as tmp:
+    config.model.init_checkpoint = os.path.join(tmp, "ViT-B_16.npz")
+    npz.save_npz(backbone, config.model.init_checkpoint)
+    began = time.perf_counter()
+    setup._initial_parameters(config, spec, model, mesh_lib.make_data_mesh())  # pylint: disable=protected-access
+    print(f"\nparameter setup of a run, ViT-B/16 VPT-deep from a backbone file (read, strict "
+          f"merge, init of the fresh leaves){megabytes_note}: {time.perf_counter() - began:.1f} s")
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.profile_child:
@@ -135,6 +165,7 @@ def main(argv=None):
   if not args.skip_run:
     run_table()
   backbone_table(args.backbone_mb)
+  init_table()
 
 
 if __name__ == "__main__":

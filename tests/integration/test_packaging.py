@@ -60,6 +60,9 @@ def test_requirements_txt_is_a_pinned_instance_of_the_package():
   build = _assert_pins_satisfy(_applicable(_pyproject()["build-system"]["requires"]), pins)
   assert build == BUILD_TOOLS
   assert set(pins) == runtime | dev | build, "requirements.txt and pyproject.toml differ"
+  # macOS and ARM Linux get `tensorflow` instead of `tensorflow-cpu`: the same release.
+  (full_tf,) = [r for r in map(Requirement, project["dependencies"]) if r.name == "tensorflow"]
+  assert full_tf.specifier.contains(pins["tensorflow-cpu"])
 
 
 def test_accelerator_extras_pin_the_same_jax_as_the_cpu_set():
@@ -99,8 +102,11 @@ def _fresh_venv(root) -> str:
   return venv
 
 
-def _build_and_install(root) -> str:
-  """Builds the wheel from a copy of the checkout's files; installs it offline."""
+_PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+
+
+def _copy_checkout(root) -> str:
+  """The package's files copied out of the checkout (a build writes beside them)."""
   source = os.path.join(root, "source")
   os.makedirs(source)
   for name in ("pyproject.toml", "README.md"):
@@ -108,17 +114,38 @@ def _build_and_install(root) -> str:
   for name in ("vpt_jax", "configs", "assets"):
     shutil.copytree(os.path.join(REPO, name), os.path.join(source, name),
                     ignore=shutil.ignore_patterns("__pycache__"))
-  pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-  subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", root, source],
+  return source
+
+
+def _install(venv: str, *what: str) -> None:
+  # --no-index: every dependency must already be met by the pinned set (no download).
+  install = subprocess.run(_PIP + ["--python", os.path.join(venv, "bin", "python"), "install",
+                                   "--no-index", "--no-build-isolation", *what],
+                           capture_output=True, text=True)
+  assert install.returncode == 0, install.stderr[-3000:]
+
+
+def _build_and_install(root) -> str:
+  """Builds the wheel from a copy of the checkout's files; installs it offline."""
+  source = _copy_checkout(root)
+  subprocess.run(_PIP + ["wheel", "--no-deps", "--no-build-isolation", "-w", root, source],
                  check=True, capture_output=True)
   (wheel,) = [f for f in os.listdir(root) if f.endswith(".whl")]
   venv = _fresh_venv(root)
-  # --no-index: every dependency must already be met by the pinned set (no download).
-  install = subprocess.run(pip + ["--python", os.path.join(venv, "bin", "python"), "install",
-                                  "--no-index", os.path.join(root, wheel)],
-                           capture_output=True, text=True)
-  assert install.returncode == 0, install.stderr[-3000:]
+  _install(venv, os.path.join(root, wheel))
   return venv
+
+
+def test_an_editable_install_finds_the_checkouts_configs_and_backbone(tmp_path):
+  source = _copy_checkout(tmp_path)
+  venv = _fresh_venv(tmp_path)
+  _install(venv, "-e", source)
+  script = ("from vpt_jax import cli; cli.make_configs_importable(); "
+            "print(cli.load_config_file(cli.resolve_config_spec('vpt_jax:quickstart')).backbone)")
+  out = subprocess.run([os.path.join(venv, "bin", "python"), "-c", script], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip() == os.path.join(source, "assets", "sprites_vit_nano8.npz")
 
 
 def test_the_installed_wheel_runs_from_outside_the_checkout(tmp_path):

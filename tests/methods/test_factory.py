@@ -142,3 +142,22 @@ def test_image_size_zero_is_named_as_such_not_as_a_patch_mismatch():
   with pytest.raises(errors.UserError, match=r"^model.image_size=0 must be a positive number "
                                              r"of pixels; set --config.model.image_size="):
     factory.validate_spec(spec)
+
+
+def test_a_partial_init_draws_exactly_the_kept_leaves_of_a_full_init():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config = fixtures.method_config("vpt_deep", "test4/4", 16, num_prompts=4, **OVERRIDES)
+  model = factory.build_model(factory.model_spec(config), 5)
+  full = factory.init_variables(model, 16, seed=3)["params"]
+  # Keep the prompts and the head (what a pretrained run draws), drop the backbone.
+  keep = {name: name in ("head", "vpt") for name in full}
+  assert sorted(full) == ["Transformer", "cls", "embedding", "head", "vpt"]
+  keep_params = {name: jax.tree.map(lambda _, kept=kept: kept, full[name])
+                 for name, kept in keep.items()}
+  partial = factory.init_variables(model, 16, seed=3, keep_params=keep_params)["params"]
+  for name, kept in keep.items():
+    if kept:
+      jax.tree.map(np.testing.assert_array_equal, partial[name], full[name])
+    else:
+      assert all(leaf is None for leaf in jax.tree.leaves(partial[name], is_leaf=lambda x: x is None))

@@ -100,11 +100,21 @@ def build_model(spec: Mapping[str, Any], num_classes: int):
 
 
 def init_variables(model: nn.Module, image_size: int, seed: int,
-                   out_shardings=None) -> dict:
-  """``model.init`` under jit: {"params": ..., and "batch_stats" if the model has them}."""
-  init_fn = lambda: model.init(jax.random.key(seed),
-                               jnp.zeros((1, image_size, image_size, 3), jnp.float32))
-  return dict(jax.jit(init_fn, out_shardings=out_shardings)())
+                   out_shardings=None, keep_params=None) -> dict:
+  """``model.init`` under jit: {"params": ..., and "batch_stats" if the model has them}.
+
+  ``keep_params``: a tree of bools shaped like the params; the leaves marked
+  False come back as None and are never computed (XLA drops their random
+  draws), the others hold exactly the values of a full init.
+  """
+  def init_fn():
+    variables = dict(model.init(jax.random.key(seed),
+                                jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
+    if keep_params is not None:
+      variables["params"] = jax.tree.map(lambda keep, leaf: leaf if keep else None,
+                                         keep_params, variables["params"])
+    return variables
+  return jax.jit(init_fn, out_shardings=out_shardings)()
 
 
 def variable_shapes(model: nn.Module, image_size: int) -> dict:
