@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vpt_jax import errors
+from vpt_jax.checkpoints import hub
 from vpt_jax.params.trees import unflatten
 
 __all__ = [
@@ -230,8 +231,8 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def fingerprint(path: str) -> str:
-  """sha256 hex digest of the file's bytes, read in 1 MiB chunks (local or gs://)."""
-  path = os.fspath(path)
+  """sha256 hex digest of the file's bytes, read in 1 MiB chunks (local, gs:// or hf://)."""
+  path = hub.local_path(os.fspath(path))
   _check_exists(path)
   digest = hashlib.sha256()
   opener = _gfile().GFile if _is_remote(path) else open

@@ -16,6 +16,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax.checkpoints import hub
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import vit_layouts
@@ -110,8 +111,11 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
   layout detection of ``checkpoints.npz``, other families' ``.npz`` files hold
   the model's own names; PyTorch files (``backbones.TORCH_SUFFIXES``)
   are read without executing pickled code and converted by the variant's
-  family (MAE, MoCo v3, Swin, ConvNeXt, ResNet).
+  family (MAE, MoCo v3, Swin, ConvNeXt, ResNet); a sharded index
+  (``*.index.json``) reads its shards; an ``hf://`` reference is resolved
+  through the hub's cache first (``checkpoints.hub``).
   """
+  path = hub.local_path(path)
   family = backbones.get_family(variant)
   if backbones.is_torch_file(path):
     if family.convert_torch is None:

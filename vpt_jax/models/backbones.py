@@ -39,7 +39,8 @@ FAMILY_MODULES = (
 PAPER_VARIANTS = ("B/16", "L/16", "H/14", "mae-B/16", "moco-B/16", "swin-B/4w7",
                   "convnext-B", "resnet-50")
 # File name endings read as PyTorch state dicts (converted by the family).
-TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
+TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors",
+                  ".safetensors.index.json", ".bin.index.json")  # + sharded (index JSON)
 # spec["dtype"] -> the backbones' compute dtype (every family).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
