@@ -31,6 +31,7 @@ import jax.numpy as jnp
 # "" (the plain ViT) comes last.
 FAMILY_MODULES = (
     ("swin", "swin-", "vpt_jax.models.swin_family"),
+    ("timm", "timm-vit-", "vpt_jax.models.timm_family"),  # timm ViTs by timm name
     ("convnext", "convnext-", "vpt_jax.models.convnet_family"),
     ("resnet", "resnet-", "vpt_jax.models.convnet_family"),
     ("vit", "", "vpt_jax.models.vit_family"),
