@@ -32,6 +32,7 @@ import jax.numpy as jnp
 FAMILY_MODULES = (
     ("swin", "swin-", "vpt_jax.models.swin_family"),
     ("timm", "timm-vit-", "vpt_jax.models.timm_family"),  # timm ViTs by timm name
+    ("dinov2", "dinov2-", "vpt_jax.models.dinov2_family"),
     ("convnext", "convnext-", "vpt_jax.models.convnet_family"),
     ("resnet", "resnet-", "vpt_jax.models.convnet_family"),
     ("vit", "", "vpt_jax.models.vit_family"),

@@ -16,15 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import vit_options
 
 LAYER_NORM_EPSILON = 1e-6
 
 
 class MlpBlock(nn.Module):
-  """Dense -> exact GELU -> dropout -> Dense -> dropout. (B, N, D) -> (B, N, D)."""
+  """Dense -> activation (exact GELU) -> dropout -> Dense -> dropout. (B, N, D) -> (B, N, D)."""
   mlp_dim: int
   dropout_rate: float = 0.1
   dtype: jnp.dtype = jnp.float32
+  activation: str = "gelu"  # vit_options.FFN_KINDS but swiglu
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
@@ -34,7 +36,7 @@ class MlpBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     y = dense(self.mlp_dim, "Dense_0")(x)
-    y = nn.gelu(y, approximate=False)
+    y = vit_options.activate(y, self.activation)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = dense(width, "Dense_1")(y)
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -110,6 +112,10 @@ class Encoder1DBlock(nn.Module):
   DP is drop path (stochastic depth) at ``drop_path_rate``: per example, the
   branch is zeroed with that probability and otherwise scaled by 1 / (1 - rate).
 
+  ``options`` (``vit_options.TowerOptions``): the LayerNorm epsilon, the FFN
+  (activation or SwiGLU) and LayerScale, which scales SA's and the FFN's
+  output (``ls1``, ``ls2``) before the branch hooks see them.
+
   Every argument may also be passed positionally: ``nn.remat`` holds only
   positional arguments static (``BLOCK_STATIC_ARGNUMS``), so ``Encoder`` calls
   each block that way.
@@ -120,6 +126,7 @@ class Encoder1DBlock(nn.Module):
   drop_path_rate: float = 0.0
   hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
   dtype: jnp.dtype = jnp.float32
+  options: vit_options.TowerOptions = vit_options.PLAIN
 
   @nn.compact
   def __call__(self, x, kv_only=None, num_outputs: Optional[int] = None,
@@ -137,8 +144,9 @@ class Encoder1DBlock(nn.Module):
           branch, deterministic=drop_path_deterministic)
 
     x = hooks.block_input(x, context)
+    options = self.options
     pre_attention_norm = nn.LayerNorm(
-        epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_0")
+        epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="LayerNorm_0")
     normed = pre_attention_norm(x)
     keys_values = normed
     if kv_only is not None:
@@ -147,12 +155,15 @@ class Encoder1DBlock(nn.Module):
     if num_outputs is not None:
       x, normed = x[:, :num_outputs], normed[:, :num_outputs]
     branch = attention(normed, keys_values, hooks.extra_keys_values(context))
+    branch = vit_options.scaled(options, branch, "ls1")
     x = x + drop_path(hooks.attention_branch(branch, x, context))
     x = hooks.after_attention(x, context)
     normed = nn.LayerNorm(
-        epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_1")(x)
+        epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="LayerNorm_1")(x)
     normed = hooks.mlp_input(normed, x, context)
-    branch = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
-                      name="MlpBlock_0")(normed, deterministic=deterministic)
+    ffn = (vit_options.SwiGLU(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_0")
+           if options.ffn == "swiglu" else
+           MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, options.ffn, name="MlpBlock_0"))
+    branch = vit_options.scaled(options, ffn(normed, deterministic=deterministic), "ls2")
     x = x + drop_path(hooks.mlp_branch(branch, context))
     return hooks.block_output(x, context)
