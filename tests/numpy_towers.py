@@ -149,3 +149,28 @@ def dinov2_features(state, images, *, heads, offset, antialias, prompts=None):
     tokens = tokens + s[p + "ls2.gamma"] * y
     i += 1
   return layer_norm(tokens, s["norm.weight"], s["norm.bias"], 1e-6)[:, 0]
+
+
+def clip_features(state, images, *, heads, quick=True, prompts=None):
+  """openai/CLIP VisionTransformer.forward from ``visual.*`` keys: ln_post(CLS) @ proj.
+
+  ``prompts`` (p, D) are inserted after CLS, after ln_pre (VPT's placement).
+  """
+  s = {k[len("visual."):]: v for k, v in _f(state).items() if k.startswith("visual.")}
+  x = conv_patches(np.asarray(images, np.float64), s["conv1.weight"])
+  b, _, d = x.shape
+  x = np.concatenate([np.broadcast_to(s["class_embedding"], (b, 1, d)), x], 1)
+  x = layer_norm(x + s["positional_embedding"], s["ln_pre.weight"], s["ln_pre.bias"], 1e-5)
+  if prompts is not None:
+    x = np.concatenate([x[:, :1], np.broadcast_to(prompts, (b,) + prompts.shape), x[:, 1:]], 1)
+  act = quick_gelu if quick else gelu
+  i = 0
+  while f"transformer.resblocks.{i}.ln_1.weight" in s:
+    p = f"transformer.resblocks.{i}."
+    y = layer_norm(x, s[p + "ln_1.weight"], s[p + "ln_1.bias"], 1e-5)
+    x = x + fused_attention(y, s[p + "attn.in_proj_weight"], s[p + "attn.in_proj_bias"],
+                            s[p + "attn.out_proj.weight"], s[p + "attn.out_proj.bias"], heads)
+    y = layer_norm(x, s[p + "ln_2.weight"], s[p + "ln_2.bias"], 1e-5)
+    x = x + linear(act(linear(y, s, p + "mlp.c_fc")), s, p + "mlp.c_proj")
+    i += 1
+  return layer_norm(x[:, 0], s["ln_post.weight"], s["ln_post.bias"], 1e-5) @ s["proj"]

@@ -45,6 +45,28 @@ def dinov2_state(*, registers: bool, swiglu: bool, grid: int = 5, seed: int = 0)
   return state
 
 
+def clip_state(*, grid: int = 4, embed: int = 8, seed: int = 0, text: bool = True) -> dict:
+  """open_clip_pytorch_model.bin's keys (``visual.*``, plus a token of the text tower)."""
+  r = rand(np.random.default_rng(seed))
+  v = "visual."
+  state = {v + "class_embedding": r(D), v + "positional_embedding": r(1 + grid * grid, D),
+           v + "proj": r(D, embed), v + "conv1.weight": r(D, 3, PATCH, PATCH),
+           v + "ln_pre.weight": 1 + r(D), v + "ln_pre.bias": r(D),
+           v + "ln_post.weight": 1 + r(D), v + "ln_post.bias": r(D)}
+  for i in range(DEPTH):
+    b = f"{v}transformer.resblocks.{i}."
+    state.update({b + "attn.in_proj_weight": r(3 * D, D), b + "attn.in_proj_bias": r(3 * D),
+                  b + "attn.out_proj.weight": r(D, D), b + "attn.out_proj.bias": r(D),
+                  b + "ln_1.weight": 1 + r(D), b + "ln_1.bias": r(D),
+                  b + "mlp.c_fc.weight": r(32, D), b + "mlp.c_fc.bias": r(32),
+                  b + "mlp.c_proj.weight": r(D, 32), b + "mlp.c_proj.bias": r(D),
+                  b + "ln_2.weight": 1 + r(D), b + "ln_2.bias": r(D)})
+  if text:  # the text tower shares the file; the image tower ignores it
+    state.update({"token_embedding.weight": r(10, D), "text_projection": r(D, embed),
+                  "logit_scale": np.array(4.6, np.float32), "positional_embedding": r(5, D)})
+  return state
+
+
 def write_torch(state: dict, path) -> None:
   """``state`` as torch.save writes a plain state dict (zip format)."""
   tensors = collections.OrderedDict(

@@ -33,6 +33,7 @@ FAMILY_MODULES = (
     ("swin", "swin-", "vpt_jax.models.swin_family"),
     ("timm", "timm-vit-", "vpt_jax.models.timm_family"),  # timm ViTs by timm name
     ("dinov2", "dinov2-", "vpt_jax.models.dinov2_family"),
+    ("clip", "clip-", "vpt_jax.models.clip_family"),
     ("convnext", "convnext-", "vpt_jax.models.convnet_family"),
     ("resnet", "resnet-", "vpt_jax.models.convnet_family"),
     ("vit", "", "vpt_jax.models.vit_family"),
