@@ -174,3 +174,40 @@ def clip_features(state, images, *, heads, quick=True, prompts=None):
     x = x + linear(act(linear(y, s, p + "mlp.c_fc")), s, p + "mlp.c_proj")
     i += 1
   return layer_norm(x[:, 0], s["ln_post.weight"], s["ln_post.bias"], 1e-5) @ s["proj"]
+
+
+def siglip_features(state, images, *, heads, prompts=None, map_reads_prompts=True):
+  """transformers' SiglipVisionTransformer (+ MAP head) from ``vision_model.*`` keys.
+
+  ``prompts`` (p, D) go before the patches (no CLS); the MAP probe reads them
+  only if ``map_reads_prompts``.
+  """
+  s = {k[len("vision_model."):]: v for k, v in _f(state).items()
+       if k.startswith("vision_model.")}
+  x = conv_patches(np.asarray(images, np.float64), s["embeddings.patch_embedding.weight"],
+                   s["embeddings.patch_embedding.bias"])
+  x = x + s["embeddings.position_embedding.weight"]
+  b, _, d = x.shape
+  num_prompts = 0 if prompts is None else prompts.shape[0]
+  if prompts is not None:
+    x = np.concatenate([np.broadcast_to(prompts, (b,) + prompts.shape), x], 1)
+  i = 0
+  while f"encoder.layers.{i}.layer_norm1.weight" in s:
+    p = f"encoder.layers.{i}."
+    y = layer_norm(x, s[p + "layer_norm1.weight"], s[p + "layer_norm1.bias"], 1e-6)
+    a = p + "self_attn."
+    x = x + attention(y, y, *(s[f"{a}{n}_proj.{w}"] for n in "qkv" for w in ("weight", "bias")),
+                      s[a + "out_proj.weight"], s[a + "out_proj.bias"], heads)
+    y = layer_norm(x, s[p + "layer_norm2.weight"], s[p + "layer_norm2.bias"], 1e-6)
+    x = x + linear(gelu_tanh(linear(y, s, p + "mlp.fc1")), s, p + "mlp.fc2")
+    i += 1
+  x = layer_norm(x, s["post_layernorm.weight"], s["post_layernorm.bias"], 1e-6)
+  if not map_reads_prompts:
+    x = x[:, num_prompts:]
+  h = "head."
+  probe = np.broadcast_to(s[h + "probe"], (b, 1, d))
+  y = fused_attention(probe, s[h + "attention.in_proj_weight"], s[h + "attention.in_proj_bias"],
+                      s[h + "attention.out_proj.weight"], s[h + "attention.out_proj.bias"],
+                      heads, kv=x)
+  z = layer_norm(y, s[h + "layernorm.weight"], s[h + "layernorm.bias"], 1e-6)
+  return (y + linear(gelu_tanh(linear(z, s, h + "mlp.fc1")), s, h + "mlp.fc2"))[:, 0]

@@ -8,6 +8,8 @@ import collections
 import numpy as np
 
 import flavour_fixtures
+import numpy_vit
+import tolerances
 import torch_fixtures
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
@@ -90,6 +92,92 @@ def loaded_model(method: str, variant: str, path, image_size: int, num_classes: 
   return model, factory.load_backbone_file(params, str(path), variant, fresh)
 
 
+def assert_forward_matches(model, params, x, features) -> None:
+  """The model's pooled features and logits against the NumPy features (+ head)."""
+  np.testing.assert_allclose(model.apply({"params": params}, x, return_features=True),
+                             features, **tolerances.FORWARD_VS_NUMPY)
+  np.testing.assert_allclose(model.apply({"params": params}, x),
+                             numpy_vit.head_forward(params["head"], features),
+                             **tolerances.FORWARD_VS_NUMPY)
+
+
 def images(image_size: int, batch: int = 2, seed: int = 5) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal(
       (batch, image_size, image_size, 3)).astype(np.float32)
+
+
+def _flax_attention(r, prefix: str) -> dict:
+  """flax MultiHeadDotProductAttention's q/k/v/out arrays (D, H, D/H) etc."""
+  hd = D // HEADS
+  arrays = {f"{prefix}{n}/kernel": r(D, HEADS, hd) for n in ("query", "key", "value")}
+  arrays.update({f"{prefix}{n}/bias": r(HEADS, hd) for n in ("query", "key", "value")})
+  arrays.update({prefix + "out/kernel": r(HEADS, hd, D), prefix + "out/bias": r(D)})
+  return arrays
+
+
+def _flax_ln_mlp(r, prefix: str, norm: str) -> dict:
+  return {f"{prefix}{norm}/scale": 1 + r(D), f"{prefix}{norm}/bias": r(D),
+          prefix + "MlpBlock_0/Dense_0/kernel": r(D, 32), prefix + "MlpBlock_0/Dense_0/bias": r(32),
+          prefix + "MlpBlock_0/Dense_1/kernel": r(32, D), prefix + "MlpBlock_0/Dense_1/bias": r(D)}
+
+
+def siglip_big_vision(grid: int = 4, seed: int = 0) -> dict:
+  """big_vision's SigLIP .npz keys (``params/img/...`` beside the text tower)."""
+  r = rand(np.random.default_rng(seed))
+  img = {"embedding/kernel": r(PATCH, PATCH, 3, D), "embedding/bias": r(D),
+         "pos_embedding": r(1, grid * grid, D),
+         "Transformer/encoder_norm/scale": 1 + r(D), "Transformer/encoder_norm/bias": r(D),
+         "MAPHead_0/probe": r(1, 1, D)}
+  for i in range(DEPTH):
+    block = f"Transformer/encoderblock_{i}/"
+    img.update({block + "LayerNorm_0/scale": 1 + r(D), block + "LayerNorm_0/bias": r(D)})
+    img.update(_flax_attention(r, block + "MultiHeadDotProductAttention_0/"))
+    img.update(_flax_ln_mlp(r, block, "LayerNorm_1"))
+  img.update(_flax_attention(r, "MAPHead_0/MultiHeadDotProductAttention_0/"))
+  img.update(_flax_ln_mlp(r, "MAPHead_0/", "LayerNorm_0"))
+  arrays = {"params/img/" + key: value for key, value in img.items()}
+  arrays.update({"params/txt/Embed_0/embedding": r(10, D), "params/t": r(1), "params/b": r(1)})
+  return arrays
+
+
+def _hf_linear(kernel) -> np.ndarray:
+  """A flax kernel (in..., out...) -> torch's (out, in) weight."""
+  return kernel.reshape(D, -1).T if kernel.shape[0] == D else kernel.reshape(-1, D).T
+
+
+def siglip_hf_from_big_vision(arrays: dict) -> dict:
+  """transformers' ``vision_model.*`` state dict of the same weights (its conversion script)."""
+  img = {k[len("params/img/"):]: v for k, v in arrays.items() if k.startswith("params/img/")}
+  v = "vision_model."
+  state = {v + "embeddings.patch_embedding.weight": img["embedding/kernel"].transpose(3, 2, 0, 1),
+           v + "embeddings.patch_embedding.bias": img["embedding/bias"],
+           v + "embeddings.position_embedding.weight": img["pos_embedding"].reshape(-1, D),
+           v + "post_layernorm.weight": img["Transformer/encoder_norm/scale"],
+           v + "post_layernorm.bias": img["Transformer/encoder_norm/bias"],
+           v + "head.probe": img["MAPHead_0/probe"], "logit_scale": arrays["params/t"]}
+
+  def ln_mlp(theirs, ours, norm, our_norm):
+    state.update({f"{theirs}{norm}.weight": img[f"{ours}{our_norm}/scale"],
+                  f"{theirs}{norm}.bias": img[f"{ours}{our_norm}/bias"]})
+    for i in range(2):
+      state[f"{theirs}mlp.fc{i + 1}.weight"] = img[f"{ours}MlpBlock_0/Dense_{i}/kernel"].T
+      state[f"{theirs}mlp.fc{i + 1}.bias"] = img[f"{ours}MlpBlock_0/Dense_{i}/bias"]
+
+  for i in range(DEPTH):
+    theirs, ours = f"{v}encoder.layers.{i}.", f"Transformer/encoderblock_{i}/"
+    attention = ours + "MultiHeadDotProductAttention_0/"
+    for t, o in (("q", "query"), ("k", "key"), ("v", "value"), ("out", "out")):
+      state[f"{theirs}self_attn.{t}_proj.weight"] = _hf_linear(img[f"{attention}{o}/kernel"])
+      state[f"{theirs}self_attn.{t}_proj.bias"] = img[f"{attention}{o}/bias"].reshape(-1)
+    state[theirs + "layer_norm1.weight"] = img[ours + "LayerNorm_0/scale"]
+    state[theirs + "layer_norm1.bias"] = img[ours + "LayerNorm_0/bias"]
+    ln_mlp(theirs, ours, "layer_norm2", "LayerNorm_1")
+  head = "MAPHead_0/MultiHeadDotProductAttention_0/"
+  state[v + "head.attention.in_proj_weight"] = np.concatenate(
+      [_hf_linear(img[f"{head}{n}/kernel"]) for n in ("query", "key", "value")])
+  state[v + "head.attention.in_proj_bias"] = np.concatenate(
+      [img[f"{head}{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
+  state[v + "head.attention.out_proj.weight"] = _hf_linear(img[head + "out/kernel"])
+  state[v + "head.attention.out_proj.bias"] = img[head + "out/bias"]
+  ln_mlp(v + "head.", "MAPHead_0/", "layernorm", "LayerNorm_0")
+  return state

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 
 import numpy_towers
-import numpy_vit
-import tolerances
 import tower_fixtures as tw
 from vpt_jax import errors
 from vpt_jax.checkpoints import npz
@@ -82,8 +80,4 @@ def test_forward_matches_numpy_dinov2(tmp_path, variant, registers, swiglu, imag
   features = numpy_towers.dinov2_features(
       state, x, heads=tw.HEADS, offset=options.interpolate_offset,
       antialias=options.interpolate_antialias, prompts=np.asarray(params["vpt"]["shallow"]))
-  np.testing.assert_allclose(model.apply({"params": params}, x, return_features=True),
-                             features, **tolerances.FORWARD_VS_NUMPY)
-  np.testing.assert_allclose(model.apply({"params": params}, x),
-                             numpy_vit.head_forward(params["head"], features),
-                             **tolerances.FORWARD_VS_NUMPY)
+  tw.assert_forward_matches(model, params, x, features)

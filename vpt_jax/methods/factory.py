@@ -125,6 +125,9 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
     from vpt_jax.checkpoints import torch_files  # pylint: disable=g-import-not-at-top
     return (family.convert_torch(torch_files.read_state_dict(path), variant),
             f"{path} (PyTorch, converted for {family.name})")
+  if family.convert_npz is not None:
+    return (family.convert_npz(npz_lib.read_npz(path), variant),
+            f"{path} (.npz, converted for {family.name})")
   if family.name != "vit":
     # Only ViTs have official .npz layouts; other families' .npz files are
     # ours (``save_npz`` of the model's own parameter names).

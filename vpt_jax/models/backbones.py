@@ -34,6 +34,7 @@ FAMILY_MODULES = (
     ("timm", "timm-vit-", "vpt_jax.models.timm_family"),  # timm ViTs by timm name
     ("dinov2", "dinov2-", "vpt_jax.models.dinov2_family"),
     ("clip", "clip-", "vpt_jax.models.clip_family"),
+    ("siglip", "siglip-", "vpt_jax.models.siglip_family"),
     ("convnext", "convnext-", "vpt_jax.models.convnet_family"),
     ("resnet", "resnet-", "vpt_jax.models.convnet_family"),
     ("vit", "", "vpt_jax.models.vit_family"),
@@ -69,6 +70,9 @@ class Family:
     convert_torch: (state_dict of numpy arrays, variant) -> {model key: array}
       for ``checkpoints.merge.merge_backbone``; None if the family has no
       PyTorch checkpoints.
+    convert_npz: (flat .npz arrays, variant) -> {model key: array} for
+      families whose official ``.npz`` names differ from the model's (SigLIP's
+      big_vision two-tower files); None: the ``.npz`` holds the model's names.
     supported_methods: method names (or prefixes ending in "-") the family
       defines; None = all.
     supports_remat: whether ``build`` honours ``model.remat`` (block
@@ -81,6 +85,7 @@ class Family:
   final_norm: str
   always_frozen: tuple[str, ...] = ()
   convert_torch: Optional[Callable[[Mapping[str, Any], str], dict]] = None
+  convert_npz: Optional[Callable[[Mapping[str, Any], str], dict]] = None
   supported_methods: Optional[tuple[str, ...]] = None
   supports_remat: bool = False
 

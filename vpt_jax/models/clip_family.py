@@ -20,7 +20,6 @@ state-dict files.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -41,15 +40,14 @@ _HINT = ("Hint: pick the CLIP variant of the file (clip-B/32 for ViT-B-32, clip-
 
 def decode(variant: str) -> tuple[str, vit_options.TowerOptions]:
   """"clip-B/16" -> ("B/16", CLIP's options with QuickGELU); "-gelu": exact GELU."""
-  match = re.fullmatch(r"clip-(\w+)/(\d+)(-gelu)?", variant)
-  if not match or match.group(1) not in EMBED_DIMS:
-    raise ValueError(f"Unknown CLIP variant {variant!r}; use clip-<B|L|H>/<patch>[-gelu], "
-                     f"e.g. {', '.join(NAMED_VARIANTS[:3])}")
-  vit_variant = f"{match.group(1)}/{match.group(2)}"
-  vit_variants.decode_variant(vit_variant)
+  usage = f"clip-<B|L|H>/<patch>[-gelu], e.g. {', '.join(NAMED_VARIANTS[:3])}"
+  vit_variant, exact_gelu = tower_family.parse_variant(variant, "clip-", "-gelu", usage)
+  size_name = vit_variant.split("/")[0]
+  if size_name not in EMBED_DIMS:
+    raise ValueError(f"Unknown variant {variant!r}: CLIP has no {size_name} tower; use {usage}")
   return vit_variant, vit_options.TowerOptions(
       patch_bias=False, ln_pre=True, layer_norm_epsilon=1e-5,
-      ffn="gelu" if match.group(3) else "quick_gelu", projection=EMBED_DIMS[match.group(1)])
+      ffn="gelu" if exact_gelu else "quick_gelu", projection=EMBED_DIMS[size_name])
 
 
 def _layout(variant: str) -> dict:
@@ -98,4 +96,6 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
   return torch_vit_layout.converted_arrays(arrays, layout, size)
 
 
-FAMILIES = {"clip": tower_family.make_family("clip", decode, convert_torch)}
+# partial-k also trains what follows the blocks: ln_post and proj.
+FAMILIES = {"clip": tower_family.make_family(
+    "clip", decode, convert_torch, final_norm=r"(Transformer/encoder_norm|projection)/.*")}

@@ -18,7 +18,6 @@ Checkpoints: the official ``dinov2_vitb14_pretrain.pth`` /
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -43,11 +42,9 @@ _HINT = ("Hint: pick the DINOv2 variant of the file (dinov2-B/14 for dinov2_vitb
 
 def decode(variant: str) -> tuple[str, vit_options.TowerOptions]:
   """"dinov2-B/14-reg" -> ("B/14", its TowerOptions)."""
-  match = re.fullmatch(r"dinov2-(\w+/\d+)(-reg)?", variant)
-  if not match:
-    raise ValueError(f"Unknown DINOv2 variant {variant!r}; use dinov2-<S|B|L|g>/14 or "
-                     f"dinov2-<S|B|L|g>/14-reg, e.g. {', '.join(NAMED_VARIANTS[:4])}")
-  vit_variant, registers = match.group(1), bool(match.group(2))
+  vit_variant, registers = tower_family.parse_variant(
+      variant, "dinov2-", "-reg",
+      f"dinov2-<S|B|L|g>/14[-reg], e.g. {', '.join(NAMED_VARIANTS[:4])}")
   size_name = vit_variant.split("/")[0]
   _, patch = vit_variants.decode_variant(vit_variant)
   grid = _TEST_GRID if size_name.startswith("test") else TRAINING_IMAGE_SIZE // patch

@@ -11,6 +11,7 @@ than "original") index [CLS, prompts, patches] and are refused.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping, Optional
 
 from vpt_jax import errors
@@ -45,16 +46,29 @@ def build(spec: Mapping[str, Any], num_classes: int, method: hooks_lib.Method,
 
 def make_family(name: str, decode: Decode,
                 convert_torch: Optional[Callable[[Mapping[str, Any], str], dict]],
-                final_norm: str = r"Transformer/encoder_norm/.*") -> backbones.Family:
+                final_norm: str = r"Transformer/encoder_norm/.*",
+                convert_npz=None) -> backbones.Family:
   """The ``backbones.Family`` of a tower family (remat supported, all methods)."""
   return backbones.Family(
       name=name,
       build=lambda spec, num_classes, method: build(spec, num_classes, method, decode),
       validate=lambda spec, method: validate(spec, method, decode),
       block_patterns=lambda variant: vit_family.block_patterns(decode(variant)[0]),
-      final_norm=final_norm, convert_torch=convert_torch, supports_remat=True)
+      final_norm=final_norm, convert_torch=convert_torch, convert_npz=convert_npz,
+      supports_remat=True)
 
 
 def size_of(variant: str, decode: Decode) -> vit_variants.ViTSize:
   """The ViT size a tower variant decodes to."""
   return vit_variants.decode_variant(decode(variant)[0])[0]
+
+
+def parse_variant(variant: str, prefix: str, suffix: str, usage: str) -> tuple[str, bool]:
+  """"<prefix><size>/<patch>[<suffix>]" -> ("<size>/<patch>", whether the suffix is there).
+
+  Raises ValueError naming ``usage`` (the accepted forms, with examples).
+  """
+  match = re.fullmatch(re.escape(prefix) + r"(\w+/\d+)(" + re.escape(suffix) + ")?", variant)
+  if not match or match.group(1).split("/")[0] not in vit_variants.VIT_SIZES:
+    raise ValueError(f"Unknown variant {variant!r}; use {usage}")
+  return match.group(1), bool(match.group(2))
