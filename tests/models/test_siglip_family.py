@@ -76,3 +76,14 @@ def test_forward_matches_numpy_siglip(tmp_path, variant):
       state, x, heads=tw.HEADS, prompts=params["vpt"]["shallow"],
       map_reads_prompts=not variant.endswith("patchmap"))
   tw.assert_forward_matches(model, params, x, features)
+
+
+def test_bare_vision_tower_keys_convert_the_same():
+  """transformers 5 saves a SiglipVisionModel without the "vision_model." prefix."""
+  state = tw.siglip_hf_from_big_vision(tw.siglip_big_vision())
+  bare = {key[len("vision_model."):]: value for key, value in state.items()
+          if key.startswith("vision_model.")}
+  full, stripped = (siglip_family.convert_torch(s, "siglip-test/4") for s in (state, bare))
+  assert full.keys() == stripped.keys()
+  for key in full:
+    np.testing.assert_array_equal(full[key], stripped[key])

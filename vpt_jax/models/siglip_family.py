@@ -120,9 +120,13 @@ def _hf_layout(variant: str) -> dict:
 
 
 def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.ndarray]:
-  """transformers' SigLIP state dict (``vision_model.*``; the text tower and
+  """transformers' SigLIP state dict (``vision_model.*``, or a bare vision tower's
+  ``embeddings.*``/``encoder.*``/``head.*``; the text tower and
   ``logit_scale``/``logit_bias`` are dropped) -> the model's flat keys (strict)."""
   arrays = {key: value for key, value in state_dict.items() if key.startswith(_HF)}
+  if not arrays and "embeddings.patch_embedding.weight" in state_dict:
+    # A bare SiglipVisionTransformer's state dict (no "vision_model." prefix).
+    arrays = {_HF + key: value for key, value in state_dict.items()}
   layout = _hf_layout(variant)
   size = tower_family.size_of(variant, decode)
   torch_vit_layout.check_torch_layout(arrays, layout, variant, size, _HINT)
