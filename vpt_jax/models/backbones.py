@@ -11,6 +11,10 @@ vit             "B/16", "L/16", "H/14",         ``vit_family`` (MAE and MoCo v3 
 swin            "swin-B/4w7"                    ``swin_family`` (model: ``swin``)
 convnext        "convnext-B"                    ``convnet_family`` (model: ``convnext``)
 resnet          "resnet-50"                     ``convnet_family`` (model: ``resnet``)
+timm            "timm-vit-b16"                  ``timm_family`` (the plain ViT, timm keys)
+dinov2          "dinov2-B/14[-reg]"             ``dinov2_family`` (ViT + ``vit_options``)
+clip            "clip-B/16[-gelu]"              ``clip_family`` (ViT + ``vit_options``)
+siglip          "siglip-So400m/14[-patchmap]"   ``siglip_family`` (ViT + ``vit_options``)
 ==============  ==============================  =====================================
 
 Each family module exposes ``FAMILIES``, {name: ``Family``}, whose functions take the

@@ -35,7 +35,9 @@ NAMED_VARIANTS = ("clip-B/32", "clip-B/16", "clip-L/14", "clip-B/32-gelu", "clip
 EMBED_DIMS = {"B": 512, "L": 768, "H": 1024, "test": 8}
 _PREFIX = "visual."
 _HINT = ("Hint: pick the CLIP variant of the file (clip-B/32 for ViT-B-32, clip-L/14 for "
-         "ViT-L-14); an open_clip file needs its full state dict with the visual.* keys.")
+         "ViT-L-14) and pass open_clip's file (open_clip_model.safetensors or "
+         "open_clip_pytorch_model.bin: the visual.* keys), not a repository's "
+         "model.safetensors (timm's or transformers' layout).")
 
 
 def decode(variant: str) -> tuple[str, vit_options.TowerOptions]:

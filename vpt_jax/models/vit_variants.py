@@ -87,7 +87,8 @@ def decode_variant(variant: str) -> tuple[ViTSize, int]:
   size_name, sep, patch = rest.partition("/")
   if not sep or size_name not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
     raise ValueError(
-        f"Unknown ViT variant {variant!r} (other families: swin-, convnext-, resnet-). "
+        f"Unknown ViT variant {variant!r} (other families: "
+        f"{', '.join(prefix for _, prefix, _ in backbones.FAMILY_MODULES if prefix)}). "
         f"Use '<size>/<patch>' with size in "
         f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}, optionally prefixed "
         f"by a self-supervised flavour ({', '.join(f + '-' for f in FLAVOURS[1:])}, "
