@@ -83,11 +83,16 @@ def tower_spec(method: str, variant: str, image_size: int, **overrides) -> dict:
 
 
 def loaded_model(method: str, variant: str, path, image_size: int, num_classes: int = 5,
-                 **overrides):
-  """(model, params): the spec's model with the backbone read from ``path``."""
+                 shapes_only: bool = False, **overrides):
+  """(model, params): the spec's model with the backbone read from ``path``.
+
+  ``shapes_only``: the fresh parameters stay ShapeDtypeStructs (nothing is
+  initialised or compiled), for tests that only read the loaded values.
+  """
   spec = tower_spec(method, variant, image_size, **overrides)
   model = factory.build_model(spec, num_classes)
-  params = factory.init_variables(model, image_size, seed=1)["params"]
+  params = (factory.variable_shapes(model, image_size) if shapes_only else
+            factory.init_variables(model, image_size, seed=1))["params"]
   fresh = registry.get_method(method).fresh_patterns
   return model, factory.load_backbone_file(params, str(path), variant, fresh)
 

@@ -10,10 +10,10 @@ import pytest
 import hub_fixtures
 import numpy_vit
 import tolerances
-from flavour_fixtures import D, HEADS, HEAD_DIM, IMAGE, flavour_spec, official_state_dict
+import tower_fixtures as tw
+from flavour_fixtures import D, HEADS, HEAD_DIM, IMAGE, official_state_dict
 from vpt_jax.checkpoints import npz
 from vpt_jax.methods import factory
-from vpt_jax.methods import registry
 from vpt_jax.models import backbones
 from vpt_jax.models import timm_family
 from vpt_jax.params.trees import flatten
@@ -38,18 +38,15 @@ def _timm_state(seed=0):
   return official_state_dict("moco", seed)  # timm's names, with a 10-class head
 
 
-def _loaded(method, tmp_path, **overrides):
+def _loaded(method, tmp_path, shapes_only=False):
   state = _timm_state()
   index = hub_fixtures.write_sharded(state, tmp_path / "timm", num_shards=3)
-  spec = flavour_spec(method, VARIANT, **overrides)
-  model = factory.build_model(spec, num_classes=5)
-  params = factory.init_variables(model, IMAGE, seed=0)["params"]
-  fresh = registry.get_method(method).fresh_patterns
-  return state, model, factory.load_backbone_file(params, str(index), VARIANT, fresh)
+  model, params = tw.loaded_model(method, VARIANT, index, IMAGE, shapes_only=shapes_only)
+  return state, model, params
 
 
 def test_sharded_timm_file_loads_every_tensor(tmp_path):
-  state, _, params = _loaded("linear", tmp_path)
+  state, _, params = _loaded("linear", tmp_path, shapes_only=True)
   flat = flatten(params)
   np.testing.assert_array_equal(flat["cls"], state["cls_token"])
   np.testing.assert_array_equal(flat["Transformer/posembed_input/pos_embedding"],
