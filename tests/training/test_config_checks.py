@@ -3,6 +3,7 @@ data is decoded or the model built, with one line naming the field and the fix;
 resuming a workdir whose checkpoint came from a different config is refused,
 naming the fields that differ."""
 
+import builtins
 import os
 import re
 
@@ -116,6 +117,24 @@ def test_bad_values_are_refused_before_compute(backbone, data_dir, tmp_path, no_
   overrides, fragment = REFUSED_VALUES[case]
   _assert_refused(tiny_config(backbone, data_dir, **overrides), str(tmp_path / "run"),
                   fragment)
+
+
+def test_hub_reference_is_resolved_before_compute(backbone, data_dir, tmp_path, no_compute,
+                                                 monkeypatch):
+  """An hf:// checkpoint is resolved at the config check (here: the package is missing)."""
+  real_import = builtins.__import__
+
+  def no_hub(name, *args, **kwargs):
+    if name.startswith("huggingface_hub"):
+      raise ImportError(name)
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_hub)
+  config = tiny_config(backbone, data_dir, **{"model.init_checkpoint": "hf://timm/vit_tiny"})
+  with pytest.raises(errors.UserError, match="pip install huggingface_hub") as error:
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert "\n" not in str(error.value)
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 # Found from the splits' sizes and the classes' metadata; vpt_sprites/tiny has

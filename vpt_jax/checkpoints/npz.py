@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vpt_jax import errors
+from vpt_jax.checkpoints import hub
 from vpt_jax.params.trees import unflatten
 
 __all__ = [
@@ -267,11 +268,11 @@ def _file_identity(path: str) -> tuple[str, int, int, int]:
 
 
 def fingerprint(path: str) -> str:
-  """sha256 hex digest of the file's bytes, read in 1 MiB chunks (local or gs://).
+  """sha256 hex digest of the file's bytes, read in 1 MiB chunks (local, gs:// or hf://).
 
   Remembered for the process, keyed by path, inode, size and modification time.
   """
-  path = os.fspath(path)
+  path = hub.local_path(os.fspath(path))
   _check_exists(path)
   identity = _file_identity(path)
   if identity not in _FINGERPRINTS:

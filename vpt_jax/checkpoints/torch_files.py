@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vpt_jax.checkpoints import npz
+from vpt_jax.checkpoints import sharded_files
 from vpt_jax.checkpoints import torch_pickle
 from vpt_jax.checkpoints.safetensors_files import read_safetensors
 from vpt_jax.checkpoints.torch_zip import read_torch_zip
@@ -105,8 +106,9 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
   Args:
     path: local or gs:// path of a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin``
-      (torch >= 1.6 zip format) or ``.safetensors`` file. The format is
-      recognised by content.
+      (torch >= 1.6 zip format) or ``.safetensors`` file (the format is
+      recognised by content), or a shard index ``*.index.json`` (see
+      ``sharded_files``) whose shards are such files.
 
   Returns:
     {name: array} with the state dict's names (nested "model"/"state_dict"
@@ -121,6 +123,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     CheckpointError: no state dict inside.
   """
   path = os.fspath(path)
+  if sharded_files.is_index(path):
+    return sharded_files.read_sharded(path, read_state_dict)
   with _open(path) as f:
     head = f.read(16)
     if head.startswith(_ZIP_MAGIC):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vpt_jax import errors
+from vpt_jax.checkpoints import hub
 from vpt_jax.checkpoints import merge as merge_lib
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import vit_layouts
@@ -130,8 +131,11 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
   layout detection of ``checkpoints.npz``, other families' ``.npz`` files hold
   the model's own names; PyTorch files (``backbones.TORCH_SUFFIXES``)
   are read without executing pickled code and converted by the variant's
-  family (MAE, MoCo v3, Swin, ConvNeXt, ResNet).
+  family (MAE, MoCo v3, Swin, ConvNeXt, ResNet); a sharded index
+  (``*.index.json``) reads its shards; an ``hf://`` reference is resolved
+  through the hub's cache first (``checkpoints.hub``).
   """
+  path = hub.local_path(path)
   family = backbones.get_family(variant)
   if backbones.is_torch_file(path):
     if family.convert_torch is None:
@@ -141,6 +145,9 @@ def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
     from vpt_jax.checkpoints import torch_files  # pylint: disable=g-import-not-at-top
     return (family.convert_torch(torch_files.read_state_dict(path), variant),
             f"{path} (PyTorch, converted for {family.name})")
+  if family.convert_npz is not None:
+    return (family.convert_npz(npz_lib.read_npz(path), variant),
+            f"{path} (.npz, converted for {family.name})")
   if family.name != "vit":
     # Only ViTs have official .npz layouts; other families' .npz files are
     # ours (``save_npz`` of the model's own parameter names).

@@ -11,6 +11,10 @@ vit             "B/16", "L/16", "H/14",         ``vit_family`` (MAE and MoCo v3 
 swin            "swin-B/4w7"                    ``swin_family`` (model: ``swin``)
 convnext        "convnext-B"                    ``convnet_family`` (model: ``convnext``)
 resnet          "resnet-50"                     ``convnet_family`` (model: ``resnet``)
+timm            "timm-vit-b16"                  ``timm_family`` (the plain ViT, timm keys)
+dinov2          "dinov2-B/14[-reg]"             ``dinov2_family`` (ViT + ``vit_options``)
+clip            "clip-B/16[-gelu]"              ``clip_family`` (ViT + ``vit_options``)
+siglip          "siglip-So400m/14[-patchmap]"   ``siglip_family`` (ViT + ``vit_options``)
 ==============  ==============================  =====================================
 
 Each family module exposes ``FAMILIES``, {name: ``Family``}, whose functions take the
@@ -33,6 +37,10 @@ from vpt_jax import errors
 # "" (the plain ViT) comes last.
 FAMILY_MODULES = (
     ("swin", "swin-", "vpt_jax.models.swin_family"),
+    ("timm", "timm-vit-", "vpt_jax.models.timm_family"),  # timm ViTs by timm name
+    ("dinov2", "dinov2-", "vpt_jax.models.dinov2_family"),
+    ("clip", "clip-", "vpt_jax.models.clip_family"),
+    ("siglip", "siglip-", "vpt_jax.models.siglip_family"),
     ("convnext", "convnext-", "vpt_jax.models.convnet_family"),
     ("resnet", "resnet-", "vpt_jax.models.convnet_family"),
     ("vit", "", "vpt_jax.models.vit_family"),
@@ -41,7 +49,8 @@ FAMILY_MODULES = (
 PAPER_VARIANTS = ("B/16", "L/16", "H/14", "mae-B/16", "moco-B/16", "swin-B/4w7",
                   "convnext-B", "resnet-50")
 # File name endings read as PyTorch state dicts (converted by the family).
-TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
+TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors",
+                  ".safetensors.index.json", ".bin.index.json")  # + sharded (index JSON)
 # spec["dtype"] -> the backbones' compute dtype (every family).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -67,6 +76,9 @@ class Family:
     convert_torch: (state_dict of numpy arrays, variant) -> {model key: array}
       for ``checkpoints.merge.merge_backbone``; None if the family has no
       PyTorch checkpoints.
+    convert_npz: (flat .npz arrays, variant) -> {model key: array} for
+      families whose official ``.npz`` names differ from the model's (SigLIP's
+      big_vision two-tower files); None: the ``.npz`` holds the model's names.
     supported_methods: method names (or prefixes ending in "-") the family
       defines; None = all.
     supports_remat: whether ``build`` honours ``model.remat`` (block
@@ -79,6 +91,7 @@ class Family:
   final_norm: str
   always_frozen: tuple[str, ...] = ()
   convert_torch: Optional[Callable[[Mapping[str, Any], str], dict]] = None
+  convert_npz: Optional[Callable[[Mapping[str, Any], str], dict]] = None
   supported_methods: Optional[tuple[str, ...]] = None
   supports_remat: bool = False
 

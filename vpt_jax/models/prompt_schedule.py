@@ -93,10 +93,14 @@ def schedule(plan: hooks_lib.PromptPlan, num_sets: int, depth: int, *,
   return tuple(steps)
 
 
-def apply(x, step: BlockPrompts, prompts, num_prompts: int):
-  """The stream (B, T, D) before a block and its kv-only tokens (B, P, D) or None."""
+def apply(x, step: BlockPrompts, prompts, num_prompts: int, prefix: int = 1):
+  """The stream (B, T, D) before a block and its kv-only tokens (B, P, D) or None.
+
+  Prompts sit after the ``prefix`` tokens: CLS (1), CLS and registers
+  (DINOv2's 1 + R) or none (SigLIP, 0).
+  """
   if step.drop_rows:
-    x = jnp.concatenate([x[:, :1], x[:, 1 + num_prompts:]], axis=1)
+    x = jnp.concatenate([x[:, :prefix], x[:, prefix + num_prompts:]], axis=1)
   if step.set_index is None:
     return x, None
   inserted = prompts[step.set_index]
@@ -104,7 +108,7 @@ def apply(x, step: BlockPrompts, prompts, num_prompts: int):
     return x + inserted, None
   if step.how == "kv":
     return x, inserted
-  return jnp.concatenate([x[:, :1], inserted, x[:, 1:]], axis=1), None
+  return jnp.concatenate([x[:, :prefix], inserted, x[:, prefix:]], axis=1), None
 
 
 def prompts_at_end(steps: tuple[BlockPrompts, ...]) -> bool:

@@ -30,17 +30,23 @@ import jax.numpy as jnp
 from vpt_jax import errors
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import map_head
+from vpt_jax.models import posemb_interpolation
 from vpt_jax.models import position_embeddings
 from vpt_jax.models import prompt_schedule
 from vpt_jax.models import vit_blocks
+from vpt_jax.models import vit_options
 from vpt_jax.models import vit_variants
 
 POOL_TYPES = ("original", "prompt_pool", "img_pool", "imgprompt_pool")
 
 
-def insert_after_cls(tokens, inserted):
-  """[CLS, rest] + inserted -> [CLS, inserted, rest]. (B,1+N,D),(B,P,D)->(B,1+P+N,D)."""
-  return jnp.concatenate([tokens[:, :1], inserted, tokens[:, 1:]], axis=1)
+def insert_after_cls(tokens, inserted, prefix: int = 1):
+  """[CLS, rest] + inserted -> [CLS, inserted, rest]. (B,1+N,D),(B,P,D)->(B,1+P+N,D).
+
+  ``prefix``: how many leading tokens stay in front (CLS and registers; 0 without CLS).
+  """
+  return jnp.concatenate([tokens[:, :prefix], inserted, tokens[:, prefix:]], axis=1)
 
 
 # Rematerialisation of the encoder blocks: "none" keeps every activation the
@@ -79,6 +85,10 @@ class Encoder(nn.Module):
   returns the last block's tokens without the final norm. The caller passes
   the pool the head really reads (MAE's mean is "imgprompt_pool"), so that
   ``skip_dead_work`` keeps every token it averages.
+
+  ``options`` (``vit_options.TowerOptions``): DINOv2's interpolated position
+  embedding and registers (inserted after CLS, after the position embedding),
+  CLIP's ``ln_pre``; the prompts follow CLS and the registers (``prefix_tokens``).
   """
   depth: int
   mlp_dim: int
@@ -91,6 +101,7 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   flavour: str = ""
+  options: vit_options.TowerOptions = vit_options.PLAIN
 
   @nn.compact
   def __call__(self, x, prompts=None, *, deterministic: bool = True, method_inputs=None,
@@ -99,8 +110,8 @@ class Encoder(nn.Module):
       raise ValueError(f"Unknown remat {self.remat!r}; choose one of {REMAT_MODES}")
     block_class = (nn.remat(vit_blocks.Encoder1DBlock, static_argnums=BLOCK_STATIC_ARGNUMS)
                    if self.remat == "block" else vit_blocks.Encoder1DBlock)
-    posemb_name, posemb_init = vit_variants.FLAVOUR_POSEMB[self.flavour]
-    x = position_embeddings.AddPositionEmbs(posemb_init, name=posemb_name)(x)
+    options, prefix = self.options, self.options.prefix_tokens
+    x = self._embed_positions(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     num_prompts = 0 if prompts is None else prompts.shape[2]
     steps = prompt_schedule.schedule(
@@ -110,13 +121,13 @@ class Encoder(nn.Module):
     query_outputs = []
     for layer in range(self.depth):
       last = layer == self.depth - 1
-      x, kv_only = prompt_schedule.apply(x, steps[layer], prompts, num_prompts)
+      x, kv_only = prompt_schedule.apply(x, steps[layer], prompts, num_prompts, prefix)
       num_outputs = 1 if (last and self.skip_dead_work and self.pool == "original") else None
       # Positional: nn.remat's static arguments (BLOCK_STATIC_ARGNUMS) must be.
       x = block_class(
           self.mlp_dim, self.num_heads, self.dropout_rate,
           drop_path_rate=self.stochastic_depth * layer / max(self.depth - 1, 1),
-          hooks=self.hooks, dtype=self.dtype, name=f"encoderblock_{layer}")(
+          hooks=self.hooks, dtype=self.dtype, options=options, name=f"encoderblock_{layer}")(
               x, kv_only, num_outputs, deterministic,
               jax.tree.map(lambda inputs: inputs[layer], method_inputs),
               drop_path_deterministic, None if queries is None else queries[layer])
@@ -125,8 +136,27 @@ class Encoder(nn.Module):
         x = x[:, queries.shape[2]:]
     if self.flavour != "mae":  # MAE's pooled features get fc_norm instead
       x = self.hooks.norm_output("encoder_norm", nn.LayerNorm(
-          epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x))
+          epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="encoder_norm")(x))
     return x if queries is None else (x, jnp.stack(query_outputs))
+
+  def _embed_positions(self, x):
+    """Position embedding, then (options) ln_pre and the registers after CLS."""
+    options = self.options
+    posemb_name, posemb_init = vit_variants.FLAVOUR_POSEMB[self.flavour]
+    if options.posemb_grid:
+      x = posemb_interpolation.InterpolatedPositionEmbs(
+          options.posemb_grid, options.interpolate_offset, options.interpolate_antialias,
+          name=posemb_name)(x)
+    else:
+      x = position_embeddings.AddPositionEmbs(posemb_init, name=posemb_name)(x)
+    if options.ln_pre:
+      x = nn.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="ln_pre")(x)
+    if options.registers:
+      registers = self.param("registers", nn.initializers.normal(1e-6),
+                             (1, options.registers, x.shape[-1]))
+      x = insert_after_cls(x, jnp.broadcast_to(registers.astype(x.dtype),
+                                               (x.shape[0],) + registers.shape[1:]))
+    return x
 
 
 def with_cls(patches, cls):
@@ -176,6 +206,10 @@ class VisionTransformer(nn.Module):
       gradients and the optimizer state, which follow the parameters).
     remat: "none" or "block" (``REMAT_MODES``): recompute each block's
       activations in the backward pass instead of keeping them.
+    options: the tower's architecture (``vit_options.TowerOptions``; default
+      the plain ViT): no CLS and MAP pooling (SigLIP; prompts then come first,
+      before the patches), CLIP's bias-free patch convolution and ``projection``
+      of the pooled features, and the block and encoder options.
   """
   num_classes: int
   variant: str = "B/16"
@@ -189,6 +223,7 @@ class VisionTransformer(nn.Module):
   hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
+  options: vit_options.TowerOptions = vit_options.PLAIN
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_features: bool = False,
@@ -209,16 +244,10 @@ class VisionTransformer(nn.Module):
     if images.shape[1] % patch or images.shape[2] % patch:
       raise ValueError(f"image size {images.shape[1:3]} is not divisible by the patch "
                        f"size {patch}; resize to a multiple of {patch}")
-    patch_conv = nn.Conv(size.width, (patch, patch), strides=(patch, patch),
-                         padding="VALID", dtype=self.dtype, name="embedding")
-
-    def embed(pixels):  # the patch embedding's output passes projection_output (SSF, FacT)
-      return self.hooks.projection_output("embedding", pixels, patch_conv(pixels),
-                                          (size.width,), 3, self.dtype)
-
+    options = self.options
+    vit_options.check(options)
     sizes = vit_variants.geometry(self.variant)
-    tokens, pixel_prompts = self.hooks.embed_patches(images, embed, sizes, train=train)
-    tokens = with_cls(tokens, self.param("cls", nn.initializers.zeros, (1, 1, size.width)))
+    tokens, pixel_prompts = self._patch_tokens(images, size.width, patch, sizes, train)
     batch = tokens.shape[0]
     prompts = (self.hooks.prompts(batch, sizes, train=train) if pixel_prompts is None
                else jnp.broadcast_to(pixel_prompts, (1, batch) + pixel_prompts.shape))
@@ -230,6 +259,7 @@ class VisionTransformer(nn.Module):
     # MAE's "original" representation is the mean of every non-CLS token,
     # prompts included (the reference's global pool), i.e. imgprompt_pool.
     pool = "imgprompt_pool" if flavour == "mae" and self.pool == "original" else self.pool
+    pool = "map" if options.pooling == "map" else pool
     # The flavour's stochastic depth, only when the backbone trains in train
     # mode (full), unless the method has its own.
     drop_path, drop_path_deterministic = self.hooks.stochastic_depth(
@@ -239,13 +269,14 @@ class VisionTransformer(nn.Module):
         dropout_rate=self.dropout_rate, pool=pool,
         skip_dead_work=self.skip_dead_work,
         stochastic_depth=drop_path, hooks=self.hooks,
-        dtype=self.dtype, remat=self.remat, flavour=flavour, name="Transformer")(
+        dtype=self.dtype, remat=self.remat, flavour=flavour, options=options,
+        name="Transformer")(
             tokens, prompts, deterministic=not (train and self.backbone_dropout),
             method_inputs=method_inputs,
             drop_path_deterministic=drop_path_deterministic, queries=queries)
     if queries is not None:
       encoded, query_outputs = encoded
-    features = pool_tokens(encoded, pool, self.hooks.prompt_tokens())
+    features = self._pool(encoded, pool, size)
     if flavour == "mae":  # a fresh LayerNorm; MAE's checkpoint has none
       features = nn.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
                               name="fc_norm")(features)
@@ -255,3 +286,33 @@ class VisionTransformer(nn.Module):
     if return_features:
       return features
     return head(features, train=train)
+
+  def _patch_tokens(self, images, width: int, patch: int, sizes, train: bool):
+    """(B, H, W, 3) -> ([CLS (if the tower has one), patches] (B, (1 +) N, D),
+    pixel-space prompt tokens (P, D) or None: ``hooks.embed_patches``)."""
+    patch_conv = nn.Conv(width, (patch, patch), strides=(patch, patch), padding="VALID",
+                         use_bias=self.options.patch_bias, dtype=self.dtype, name="embedding")
+
+    def embed(pixels):  # the patch embedding's output passes projection_output (SSF, FacT)
+      return self.hooks.projection_output("embedding", pixels, patch_conv(pixels), (width,),
+                                          3, self.dtype)
+
+    tokens, pixel_prompts = self.hooks.embed_patches(images, embed, sizes, train=train)
+    if not self.options.class_token:
+      batch, height, grid_width, channels = tokens.shape
+      return tokens.reshape(batch, height * grid_width, channels), pixel_prompts
+    return with_cls(tokens, self.param("cls", nn.initializers.zeros, (1, 1, width))), pixel_prompts
+
+  def _pool(self, encoded, pool: str, size: vit_variants.ViTSize):
+    """(B, T, D) -> the pooled (B, D) (or (B, projection)) features."""
+    options, num_prompts = self.options, self.hooks.prompt_tokens()
+    if options.pooling == "map":  # [prompts, patches]: no CLS, prompts come first
+      attended = encoded if options.map_attends_prompts else encoded[:, num_prompts:]
+      features = map_head.MAPHead(size.num_heads, size.mlp_dim, options.layer_norm_epsilon,
+                                  dtype=self.dtype, name="MAPHead_0")(attended)
+    else:
+      features = pool_tokens(encoded, pool, num_prompts)
+    if options.projection:  # CLIP's proj: a bias-free (D, E) matrix
+      features = nn.Dense(options.projection, use_bias=False, dtype=self.dtype,
+                          name="projection")(features)
+    return features

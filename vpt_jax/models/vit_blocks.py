@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import vit_options
 
 LAYER_NORM_EPSILON = 1e-6
 
 
 class MlpBlock(nn.Module):
-  """Dense -> exact GELU -> dropout -> Dense -> dropout. (B, N, D) -> (B, N, D).
+  """Dense -> activation (exact GELU) -> dropout -> Dense -> dropout. (B, N, D) -> (B, N, D).
 
   Each Dense's output passes ``hooks.projection_output`` ("Dense_0", "Dense_1").
   """
@@ -29,6 +30,7 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.1
   hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
   dtype: jnp.dtype = jnp.float32
+  activation: str = "gelu"  # vit_options.FFN_KINDS but swiglu
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool, block=None):
@@ -42,7 +44,7 @@ class MlpBlock(nn.Module):
                                           block)
 
     y = dense(x, self.mlp_dim, "Dense_0")
-    y = nn.gelu(y, approximate=False)
+    y = vit_options.activate(y, self.activation)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = dense(y, width, "Dense_1")
     return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
@@ -127,6 +129,10 @@ class Encoder1DBlock(nn.Module):
   DP is drop path (stochastic depth) at ``drop_path_rate``: per example, the
   branch is zeroed with that probability and otherwise scaled by 1 / (1 - rate).
 
+  ``options`` (``vit_options.TowerOptions``): the LayerNorm epsilon, the FFN
+  (activation or SwiGLU) and LayerScale, which scales SA's and the FFN's
+  output (``ls1``, ``ls2``) before the branch hooks see them.
+
   Every argument may also be passed positionally: ``nn.remat`` holds only
   positional arguments static (``BLOCK_STATIC_ARGNUMS``), so ``Encoder`` calls
   each block that way.
@@ -137,6 +143,7 @@ class Encoder1DBlock(nn.Module):
   drop_path_rate: float = 0.0
   hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
   dtype: jnp.dtype = jnp.float32
+  options: vit_options.TowerOptions = vit_options.PLAIN
 
   @nn.compact
   def __call__(self, x, kv_only=None, num_outputs: Optional[int] = None,
@@ -159,11 +166,12 @@ class Encoder1DBlock(nn.Module):
     if queries is not None:  # query-only rows in front: every later step is per row
       x = jnp.concatenate([queries.astype(x.dtype), x], axis=1)
     x = hooks.block_input(x, context)
+    options = self.options
     # kv_only rows are normalised with the others in one call (a hook may create
     # modules); VQT's query rows come first and are no keys or values.
     rows = x if kv_only is None else jnp.concatenate(
         [x[:, :num_queries + 1], kv_only, x[:, num_queries + 1:]], axis=1)
-    normed_rows = nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype,
+    normed_rows = nn.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype,
                                name="LayerNorm_0")(rows)
     normed = hooks.attention_input(hooks.norm_output("LayerNorm_0", normed_rows), context)
     keys_values = normed[:, num_queries:]
@@ -173,15 +181,20 @@ class Encoder1DBlock(nn.Module):
     if num_outputs is not None:
       x, normed = x[:, :num_queries + num_outputs], normed[:, :num_queries + num_outputs]
     branch = attention(normed, keys_values, hooks.extra_keys_values(context), context)
+    branch = vit_options.scaled(options, branch, "ls1")
     beside = hooks.attention_parallel(normed, x, context)
     x = x + drop_path(hooks.attention_branch(branch, x, context))
     x = x if beside is None else x + beside
     x = hooks.after_attention(x, context)
     normed = nn.LayerNorm(
-        epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="LayerNorm_1")(x)
+        epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="LayerNorm_1")(x)
     normed = hooks.mlp_input(hooks.norm_output("LayerNorm_1", normed), x, context)
-    branch = MlpBlock(self.mlp_dim, self.dropout_rate, hooks=hooks, dtype=self.dtype,
-                      name="MlpBlock_0")(normed, deterministic=deterministic, block=context)
+    ffn = (vit_options.SwiGLU(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_0")
+           if options.ffn == "swiglu" else
+           MlpBlock(self.mlp_dim, self.dropout_rate, hooks=hooks, dtype=self.dtype,
+                    activation=options.ffn, name="MlpBlock_0"))
+    branch = vit_options.scaled(
+        options, ffn(normed, deterministic=deterministic, block=context), "ls2")
     beside = hooks.mlp_parallel(normed, x, context)
     x = x + drop_path(hooks.mlp_branch(branch, context))
     x = x if beside is None else x + beside

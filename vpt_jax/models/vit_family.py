@@ -14,9 +14,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from vpt_jax import errors
-from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.models import backbones
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import torch_vit_layout
 from vpt_jax.models import vit_variants
 from vpt_jax.models import vit
 
@@ -87,7 +87,7 @@ def _strip_wrappers(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list
   return arrays, dropped
 
 
-def _torch_layout(variant: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+def torch_layout(variant: str) -> dict[str, tuple[str, tuple[int, ...]]]:
   """timm key -> (model key, timm shape) for every tensor of the variant.
 
   The position embedding's token count is left as -1: it is resampled on
@@ -130,17 +130,8 @@ def _torch_layout(variant: str) -> dict[str, tuple[str, tuple[int, ...]]]:
   return layout
 
 
-def _file_architecture(arrays: Mapping[str, Any]) -> str:
-  """"width 768, 12 blocks, patch 16" as far as the file's shapes tell."""
-  facts = []
-  if "cls_token" in arrays:
-    facts.append(f"width {np.shape(arrays['cls_token'])[-1]}")
-  blocks = {int(m.group(1)) for key in arrays if (m := re.match(r"blocks\.(\d+)\.", key))}
-  if blocks:
-    facts.append(f"{max(blocks) + 1} blocks")
-  if np.ndim(arrays.get("patch_embed.proj.weight")) == 4:
-    facts.append(f"patch {np.shape(arrays['patch_embed.proj.weight'])[-1]}")
-  return ", ".join(facts) or "no ViT tensors"
+_FLAVOUR_HINT = ("Hint: pick the variant of the checkpoint (e.g. mae-B/16 for "
+                 "mae_pretrain_vit_base.pth, moco-B/16 for linear-vit-b-300ep.pth.tar).")
 
 
 def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.ndarray]:
@@ -172,66 +163,12 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
   dropped = _TORCH_DROPPED + (_MAE_DROPPED if flavour == "mae" else ())
   arrays = {key: value for key, value in arrays.items()
             if not any(re.fullmatch(pattern, key) for pattern in dropped)}
-  layout = _torch_layout(variant)
+  layout = torch_layout(variant)
   if flavour == "mae":  # the reference's fc_norm is new: LayerNorm's own init
     arrays.setdefault("fc_norm.weight", np.ones(size.width, np.float32))
     arrays.setdefault("fc_norm.bias", np.zeros(size.width, np.float32))
-  _check_torch_layout(arrays, layout, variant, size)
-  return _converted(arrays, layout, size)
-
-
-def _check_torch_layout(arrays: Mapping[str, Any], layout: dict, variant: str,
-                        size: vit_variants.ViTSize) -> None:
-  """Raises CheckpointMismatchError listing missing, unexpected and misshapen keys."""
-  missing = sorted(key for key in layout if key not in arrays)
-  unexpected = sorted(key for key in arrays if key not in layout)
-  mismatched = []
-  for key, (_, want) in layout.items():
-    if key in arrays:
-      shape = tuple(np.shape(arrays[key]))
-      if len(shape) != len(want) or any(w not in (-1, s) for s, w in zip(shape, want)):
-        mismatched.append((key, shape, tuple(want)))
-  if missing or unexpected or mismatched:
-    lines = [f"The PyTorch state dict does not fit {variant} (file: "
-             f"{_file_architecture(arrays)}; variant: width {size.width}, {size.depth} "
-             "blocks):"]
-    for title, keys in (("missing", missing), ("unexpected", unexpected)):
-      if keys:
-        lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20])
-                     + (" ..." if len(keys) > 20 else ""))
-    lines += [f"  {key}: file {shape} vs expected {want}" for key, shape, want in mismatched]
-    lines.append("Hint: pick the variant of the checkpoint (e.g. mae-B/16 for "
-                 "mae_pretrain_vit_base.pth, moco-B/16 for linear-vit-b-300ep.pth.tar).")
-    raise npz_lib.CheckpointMismatchError("\n".join(lines), missing, unexpected, mismatched)
-
-
-def _converted(arrays: Mapping[str, Any], layout: dict,
-               size: vit_variants.ViTSize) -> dict[str, np.ndarray]:
-  """The file's arrays under the model's names: transposed, qkv split per head."""
-  heads = size.num_heads
-  head_dim = size.width // heads
-  out: dict[str, np.ndarray] = {}
-  for key, (ours, _) in layout.items():
-    value = np.asarray(arrays[key])
-    if key.endswith("attn.qkv.weight"):
-      prefix = ours.split("{")[0]
-      for index, name in enumerate(("query", "key", "value")):
-        rows = value[index * size.width:(index + 1) * size.width]  # (D_out, D_in)
-        out[f"{prefix}{name}/kernel"] = rows.T.reshape(size.width, heads, head_dim)
-    elif key.endswith("attn.qkv.bias"):
-      prefix = ours.split("{")[0]
-      for index, name in enumerate(("query", "key", "value")):
-        out[f"{prefix}{name}/bias"] = value[index * size.width:(index + 1) * size.width
-                                            ].reshape(heads, head_dim)
-    elif key.endswith("attn.proj.weight"):
-      out[ours] = value.T.reshape(heads, head_dim, size.width)
-    elif key == "patch_embed.proj.weight":
-      out[ours] = value.transpose(2, 3, 1, 0)
-    elif value.ndim == 2:  # Linear (out, in) -> Dense kernel (in, out)
-      out[ours] = value.T
-    else:
-      out[ours] = value
-  return out
+  torch_vit_layout.check_torch_layout(arrays, layout, variant, size, _FLAVOUR_HINT)
+  return torch_vit_layout.converted_arrays(arrays, layout, size)
 
 
 FAMILIES = {"vit": backbones.Family(

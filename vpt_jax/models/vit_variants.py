@@ -29,10 +29,15 @@ VIT_SIZES = {
     "B": ViTSize(width=768, mlp_dim=3072, num_heads=12, depth=12),
     "L": ViTSize(width=1024, mlp_dim=4096, num_heads=16, depth=24),
     "H": ViTSize(width=1280, mlp_dim=5120, num_heads=16, depth=32),
+    # DINOv2's giant (its SwiGLU hidden width: 2/3 of 4 x 1536, rounded up to 8)
+    # and SigLIP's shape-optimised So400m.
+    "g": ViTSize(width=1536, mlp_dim=4096, num_heads=24, depth=40),
+    "So400m": ViTSize(width=1152, mlp_dim=4304, num_heads=16, depth=27),
     "micro": ViTSize(width=96, mlp_dim=192, num_heads=3, depth=6),
     "nano": ViTSize(width=64, mlp_dim=128, num_heads=4, depth=4),  # the quickstart's
     "test": ViTSize(width=16, mlp_dim=32, num_heads=2, depth=2),
     "test4": ViTSize(width=16, mlp_dim=32, num_heads=2, depth=4),  # partial-k tests
+    "testg": ViTSize(width=16, mlp_dim=24, num_heads=2, depth=2),  # DINOv2 SwiGLU tests
 }
 # The variants users name (the checkpoints that exist); any "<size>/<patch>" works.
 NAMED_VARIANTS = ("Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14")
@@ -83,7 +88,8 @@ def decode_variant(variant: str) -> tuple[ViTSize, int]:
   size_name, sep, patch = rest.partition("/")
   if not sep or size_name not in VIT_SIZES or not patch.isdigit() or int(patch) < 1:
     raise errors.UserError(
-        f"Unknown ViT variant {variant!r} (other families: swin-, convnext-, resnet-). "
+        f"Unknown ViT variant {variant!r} (other families: "
+        f"{', '.join(prefix for _, prefix, _ in backbones.FAMILY_MODULES if prefix)}). "
         f"Use '<size>/<patch>' with size in "
         f"{sorted(VIT_SIZES)}, e.g. {', '.join(NAMED_VARIANTS)}, optionally prefixed "
         f"by a self-supervised flavour ({', '.join(f + '-' for f in FLAVOURS[1:])}, "

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from vpt_jax import errors
 from vpt_jax.checkpoints import npz as npz_lib
+from vpt_jax.checkpoints import hub
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.data import sources
 from vpt_jax.export import merging
@@ -177,6 +178,9 @@ def _check_backbone(model) -> None:
         "model.init_checkpoint is empty: the backbone would be random (and frozen, for "
         "prompt and head-only methods); pass --config.model.init_checkpoint=PATH, or "
         "--config.model.from_scratch=True to train from a random init on purpose")
+  if hub.is_hub_reference(checkpoint):
+    hub.local_path(checkpoint)  # resolved (and cached) now: a missing file fails here
+    return
   if checkpoint and not npz_lib.exists(checkpoint):
     raise ConfigError(
         f"Backbone checkpoint {checkpoint!r} does not exist. Download it (e.g. "
