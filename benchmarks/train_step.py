@@ -40,7 +40,8 @@ from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 def parse_args(argv=None):
   parser = bench_lib.model_arguments(__doc__)
   parser.add_argument("--methods", default="vpt_deep,vpt_shallow,cvpt,linear,full,partial-1,"
-                      "bias,adapter,lora,houlsby,adaptformer,adapter_plus,convpass")
+                      "bias,adapter,lora,houlsby,adaptformer,adapter_plus,convpass,"
+                      "ssf,difffit,ln_tune,fact_tt,fact_tk,repadapter,vqt,vfpt,e2vpt")
   parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
   parser.add_argument("--prompt_counts", default="",
                       help="comma-separated prompt counts: one row per method and count "

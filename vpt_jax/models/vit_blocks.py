@@ -167,17 +167,20 @@ class Encoder1DBlock(nn.Module):
       x = jnp.concatenate([queries.astype(x.dtype), x], axis=1)
     x = hooks.block_input(x, context)
     options = self.options
-    # kv_only rows are normalised with the others in one call (a hook may create
-    # modules); VQT's query rows come first and are no keys or values.
-    rows = x if kv_only is None else jnp.concatenate(
-        [x[:, :num_queries + 1], kv_only, x[:, num_queries + 1:]], axis=1)
-    normed_rows = nn.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype,
-                               name="LayerNorm_0")(rows)
-    normed = hooks.attention_input(hooks.norm_output("LayerNorm_0", normed_rows), context)
-    keys_values = normed[:, num_queries:]
+    pre_attention_norm = nn.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype,
+                                      name="LayerNorm_0")
+
+    def attention_rows(rows):
+      # Called a second time for kv_only rows: a hook that creates modules here
+      # cannot serve a method with deep prompts (no method combines the two).
+      normed_rows = hooks.norm_output("LayerNorm_0", pre_attention_norm(rows))
+      return hooks.attention_input(normed_rows, context)
+
+    normed = attention_rows(x)
+    keys_values = normed[:, num_queries:]  # VQT's query rows are no keys or values
     if kv_only is not None:
-      normed = jnp.concatenate([normed[:, :num_queries + 1],
-                                normed[:, num_queries + 1 + kv_only.shape[1]:]], axis=1)
+      keys_values = jnp.concatenate(
+          [keys_values[:, :1], attention_rows(kv_only), keys_values[:, 1:]], axis=1)
     if num_outputs is not None:
       x, normed = x[:, :num_queries + num_outputs], normed[:, :num_queries + num_outputs]
     branch = attention(normed, keys_values, hooks.extra_keys_values(context), context)
