@@ -149,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.head.init = ""
   config.head.file = ""
   config.head.normalize = True
-  config.head.scale = 0.0           # >= 0; 0 = exp(logit_scale) of the text checkpoint, 1 for file
+  config.head.scale = 0.0           # >= 0; 0 = text: the checkpoint's exp(logit_scale); file: 1
   config.head.text_checkpoint = ""  # text: CLIP/open_clip file ("" = model.init_checkpoint)
   config.head.tokenizer = ""        # text: the checkpoint's tokenizer.json (pip install tokenizers)
   config.head.class_names = ""      # text: a file of class names, one a line ("" = the dataset's)

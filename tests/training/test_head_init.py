@@ -11,6 +11,8 @@ from vpt_jax import errors
 from vpt_jax.training import config_checks
 from vpt_jax.training import head_init
 from vpt_jax.training import setup
+from vpt_jax.training import text_heads
+from vpt_jax.training import trainer
 
 TEST_WIDTH = 16  # the hidden width of variant test/4 (models/backbones.py)
 
@@ -91,4 +93,19 @@ def test_bad_head_settings_are_refused_before_any_data(backbone, overrides, mess
 
 def test_all_zero_rows_cannot_be_normalised():
   with pytest.raises(errors.UserError, match="all zeros"):
-    head_init.l2_normalise(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    text_heads.l2_normalise(np.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+def test_evaluate_without_training_scores_the_file_head(backbone, data_dir, tmp_path):
+  """--mode evaluate with head.init and no checkpoint: the zero-shot scores and export."""
+  classes = _classes(backbone, data_dir)
+  rows = _embeddings(tmp_path / "classes.npy", (classes, TEST_WIDTH), seed=4)
+  config = run_fixtures.tiny_config(backbone, data_dir, **{
+      "method": "linear", "head.init": "file", "head.file": str(tmp_path / "classes.npy"),
+      "head.normalize": False, "data.fingerprint": False})
+  workdir = str(tmp_path / "run")
+  outcome = trainer.from_checkpoint(config, workdir, "evaluate")
+  results, flat = run_fixtures.trained_params(workdir)
+  assert outcome["test"]["count"] == results["test"]["count"] == 10
+  np.testing.assert_allclose(flat["head/kernel"], rows.T, rtol=1e-6, atol=1e-7)
+  assert run_fixtures.saved_steps(workdir) == []  # nothing was trained or saved

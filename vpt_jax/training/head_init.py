@@ -34,6 +34,7 @@ import tensorflow as tf
 from vpt_jax import errors
 from vpt_jax.methods import registry
 from vpt_jax.params import trees
+from vpt_jax.training import text_heads
 
 HEAD_INITS = ("", "file", "text")
 HEAD_KERNEL = "head/kernel"
@@ -65,6 +66,8 @@ def check_settings(config) -> None:
     if not tf.io.gfile.exists(head.file):
       raise HeadInitError(f"head.file {head.file!r} does not exist; pass the path of a "
                           "(num_classes, D) .npy of class embeddings")
+  if head.init == "text":
+    text_heads.check_settings(config)
 
 
 def head_shape(param_shapes: dict) -> tuple[int, int]:
@@ -97,15 +100,6 @@ def read_embedding_file(path: str, num_classes: int, width: int) -> np.ndarray:
   return array.astype(np.float64)
 
 
-def l2_normalise(rows: np.ndarray) -> np.ndarray:
-  """Each row divided by its L2 norm (all-zero rows are refused)."""
-  norms = np.linalg.norm(rows, axis=-1, keepdims=True)
-  if (norms == 0).any():
-    raise HeadInitError("a class embedding is all zeros and cannot be normalised; fix its "
-                        "row or set --config.head.normalize=False")
-  return rows / norms
-
-
 def head_from_rows(rows: np.ndarray, scale: float, bias: float = 0.0) -> dict:
   """{"kernel": (D, C) float32 = scale * rows.T, "bias": (C,) float32 = bias}."""
   return {"kernel": (scale * rows.T).astype(np.float32),
@@ -130,10 +124,9 @@ def initial_head(config, param_shapes: dict, num_classes: int,
     raise ValueError(f"head has {model_classes} outputs for {num_classes} classes")
   if head.init == "file":
     rows = read_embedding_file(head.file, num_classes, width)
-    rows = l2_normalise(rows) if head.normalize else rows
+    rows = text_heads.l2_normalise(rows) if head.normalize else rows
     return head_from_rows(rows, head.scale or 1.0)
-  from vpt_jax.training import text_heads  # pylint: disable=g-import-not-at-top
-  return text_heads.text_head(config, width, num_classes, class_names)
+  return head_from_rows(*text_heads.text_rows(config, width, num_classes, class_names))
 
 
 def set_head(host_params: dict, values: Optional[dict]) -> dict:
