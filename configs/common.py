@@ -153,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.head.text_checkpoint = ""  # text: CLIP/open_clip file ("" = model.init_checkpoint)
   config.head.tokenizer = ""        # text: the checkpoint's tokenizer.json (pip install tokenizers)
   config.head.class_names = ""      # text: a file of class names, one a line ("" = the dataset's)
-  config.head.templates = ""        # text: more templates, "|"-separated, besides "a photo of a {}."
+  config.head.templates = ""        # text: "|"-separated templates besides "a photo of a {}."
   config.head.text_heads = 0        # text: attention heads; 0 = width // 64 (CLIP's rule)
   config.head.text_activation = "quick_gelu"  # text: quick_gelu (OpenAI) | gelu (most open_clip)
 
