@@ -12,11 +12,13 @@ import pytest
 import clip_text_fixtures as fx
 import run_fixtures
 import tolerances
+import tower_fixtures
 from vpt_jax import errors
 from vpt_jax.models import clip_text
 from vpt_jax.training import config_checks
 from vpt_jax.training import setup
 from vpt_jax.training import text_heads
+from vpt_jax.training import trainer
 
 NAMES = ("cat", "red_car", "small dog")
 EXTRA = "the big {}.|a photo of the small {}."
@@ -128,3 +130,37 @@ def test_a_text_width_other_than_the_features_is_refused(tmp_path):
   config = run_fixtures.tiny_config("", "", **paths, **{"head.init": "text"})
   with pytest.raises(errors.UserError, match="16 dims but the head reads 8-dim"):
     text_heads.text_rows(config, 8, len(NAMES), None)
+
+
+def _toy_tokenizer(monkeypatch):
+  """The toy vocabulary in place of HF tokenizers (so this runs without the package)."""
+  monkeypatch.setattr(text_heads, "_tokenizers_module", lambda: None)
+  monkeypatch.setattr(text_heads, "load_tokenizer",
+                      lambda path: (fx.toy_encode, fx.START_ID, fx.END_ID))
+
+
+@pytest.mark.numerics
+def test_zero_shot_clip_from_one_open_clip_file(backbone, data_dir, tmp_path, monkeypatch):
+  """clip-test/4 reads visual.* and the head the text keys of the same file; --mode
+  evaluate without training scores that zero-shot head (exported as such)."""
+  _toy_tokenizer(monkeypatch)
+  classes = setup.inputs.load_train_data(
+      run_fixtures.tiny_config(backbone, data_dir)).num_classes
+  names = ["cat", "dog", "red car", "small cat", "big dog", "the car"][:classes]
+  text = fx.text_state_dict(seed=3, embed=8, logit_scale=np.log(100.0))
+  text.pop("visual.conv1.weight")
+  path = str(tmp_path / "open_clip_pytorch_model.bin")
+  tower_fixtures.write_torch({**tower_fixtures.clip_state(text=False), **text}, path)
+  (tmp_path / "names.txt").write_text("\n".join(names))
+  config = run_fixtures.tiny_config(path, data_dir, **{
+      "method": "linear", "model.variant": "clip-test/4", "model.image_size": 16,
+      "head.init": "text", "head.tokenizer": path,  # any existing file: load is replaced
+      "head.class_names": str(tmp_path / "names.txt"), "head.text_heads": fx.HEADS,
+      "data.fingerprint": False})
+  workdir = str(tmp_path / "zero_shot")
+  outcome = trainer.from_checkpoint(config, workdir, "evaluate")
+  _, flat = run_fixtures.trained_params(workdir)
+  expected = _numpy_rows(text, names, ("a photo of a {}.",))
+  np.testing.assert_allclose(flat["head/kernel"] / 100.0, expected.T,
+                             **tolerances.FORWARD_VS_NUMPY)
+  assert outcome["test"]["count"] == 10 and run_fixtures.saved_steps(workdir) == []

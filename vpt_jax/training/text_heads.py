@@ -15,10 +15,11 @@ CLIP does).
 Tokens: ``[<|startoftext|>] + BPE(text) + [<|endoftext|>]``, cut to the
 context length (the last kept token then is <|endoftext|>, as open_clip's
 ``tokenize`` does) and padded with 0, as ``clip.tokenize``. The BPE is the
-checkpoint's ``tokenizer.json`` read by Hugging Face ``tokenizers`` (an
-optional dependency: ``pip install tokenizers``; its normaliser lowercases and
-cleans whitespace as CLIP's ``SimpleTokenizer``; ftfy's text fixing is not
-applied). Class names: ``head.class_names`` (one a line) or the dataset's,
+checkpoint's ``tokenizer.json`` (a path or an ``hf://`` reference, e.g.
+``hf://openai/clip-vit-base-patch16/tokenizer.json``) read by Hugging Face
+``tokenizers`` (an optional dependency: ``pip install tokenizers``); its
+normaliser lowercases and cleans whitespace as CLIP's ``SimpleTokenizer``;
+ftfy's text fixing is not applied. Class names: ``head.class_names`` (one a line) or the dataset's,
 with "_" read as a space.
 """
 
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from vpt_jax import errors
+from vpt_jax.checkpoints import hub
 from vpt_jax.checkpoints import npz as npz_lib
 from vpt_jax.checkpoints import torch_files
 from vpt_jax.models import clip_text
@@ -60,7 +62,9 @@ def check_settings(config) -> None:
   checkpoint = head.text_checkpoint or config.model.init_checkpoint
   for what, path in (("head.tokenizer", head.tokenizer), ("head.text_checkpoint", checkpoint),
                      ("head.class_names", head.class_names)):
-    if path and not tf.io.gfile.exists(path):
+    if hub.is_hub_reference(path):
+      hub.local_path(path)  # resolved (and cached) now: a missing file fails here
+    elif path and not tf.io.gfile.exists(path):
       raise TextHeadError(f"{what} {path!r} does not exist; fix --config.{what}")
   if not head.tokenizer:
     raise TextHeadError("head.init=text needs the checkpoint's BPE vocabulary: pass "
@@ -86,7 +90,9 @@ def _tokenizers_module():
 
 def load_tokenizer(path: str) -> tuple[Callable[[str], list], int, int]:
   """(text -> BPE ids without special tokens, start id, end id) of a tokenizer.json."""
-  tokenizer = _tokenizers_module().Tokenizer.from_str(tf.io.gfile.GFile(path).read())
+  tokenizers = _tokenizers_module()
+  with tf.io.gfile.GFile(hub.local_path(path)) as f:
+    tokenizer = tokenizers.Tokenizer.from_str(f.read())
   start, end = tokenizer.token_to_id(START_TOKEN), tokenizer.token_to_id(END_TOKEN)
   if start is None or end is None:
     raise TextHeadError(f"head.tokenizer {path!r} has no {START_TOKEN} / {END_TOKEN} "
@@ -149,6 +155,7 @@ def class_names_for(path: str, dataset_names: Optional[Sequence[str]],
 
 def read_text_tower(path: str) -> dict:
   """The text arrays of a CLIP/open_clip checkpoint (.npz, PyTorch or safetensors)."""
+  path = hub.local_path(path)  # an hf:// reference: the cached file
   flat = npz_lib.read_npz(path) if path.endswith(".npz") else torch_files.read_state_dict(path)
   return clip_text.text_arrays(flat, path)
 
