@@ -111,3 +111,60 @@ def numpy_encode_text(sd: dict, tokens: np.ndarray, heads: int = HEADS,
     x = _layer_norm(x, sd["ln_final.weight"], sd["ln_final.bias"])
     out.append(x[list(seq).index(END_ID)] @ sd["text_projection"])
   return np.stack(out)
+
+
+def siglip_state_dict(seed: int = 0, *, width=WIDTH, layers=LAYERS, context=CONTEXT,
+                      embed=EMBED) -> dict[str, np.ndarray]:
+  """Random float32 arrays under transformers' SiglipModel text keys (and its scalars)."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape, s=0.3: (s * rng.standard_normal(shape)).astype(np.float32)
+  t = "text_model."
+  sd = {t + "embeddings.token_embedding.weight": normal(len(VOCAB), width),
+        t + "embeddings.position_embedding.weight": normal(context, width, s=0.1),
+        t + "final_layer_norm.weight": 1 + normal(width, s=0.1),
+        t + "final_layer_norm.bias": normal(width, s=0.1),
+        t + "head.weight": normal(embed, width), t + "head.bias": normal(embed),
+        "logit_scale": np.array([np.log(10.0)], np.float32),
+        "logit_bias": np.array([-10.0], np.float32),
+        "vision_model.post_layernorm.weight": normal(width)}  # ignored by the text reader
+  for i in range(layers):
+    p = f"{t}encoder.layers.{i}."
+    for name, (rows, cols) in {"self_attn.q_proj": (width, width),
+                               "self_attn.k_proj": (width, width),
+                               "self_attn.v_proj": (width, width),
+                               "self_attn.out_proj": (width, width),
+                               "mlp.fc1": (3 * width, width),
+                               "mlp.fc2": (width, 3 * width)}.items():
+      sd[f"{p}{name}.weight"], sd[f"{p}{name}.bias"] = normal(rows, cols), normal(rows)
+    for name in ("layer_norm1", "layer_norm2"):
+      sd[f"{p}{name}.weight"], sd[f"{p}{name}.bias"] = 1 + normal(width, s=0.1), normal(width)
+  return sd
+
+
+def numpy_siglip_text(sd: dict, tokens: np.ndarray, heads: int = HEADS) -> np.ndarray:
+  """float64 SigLIP text forward on transformers' names: full attention, LayerNorm eps
+  1e-6, tanh GELU, final LayerNorm, the last position, head (with bias)."""
+  sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+  t = "text_model."
+  gelu_tanh = lambda h: 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  linear = lambda x, name: x @ sd[name + ".weight"].T + sd[name + ".bias"]
+  norm = lambda x, name: _layer_norm(x, sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)
+  out = []
+  for seq in tokens:
+    x = sd[t + "embeddings.token_embedding.weight"][seq] + sd[
+        t + "embeddings.position_embedding.weight"]
+    d = x.shape[1] // heads
+    for i in range(sum(k.endswith("layer_norm1.weight") for k in sd)):
+      p = f"{t}encoder.layers.{i}."
+      h = norm(x, p + "layer_norm1")
+      q, k, v = (linear(h, f"{p}self_attn.{n}_proj") for n in "qkv")
+      mixed = []
+      for j in range(heads):
+        cols = slice(j * d, (j + 1) * d)
+        scores = q[:, cols] @ k[:, cols].T / np.sqrt(d)  # every token sees every token
+        w = np.exp(scores - scores.max(1, keepdims=True))
+        mixed.append((w / w.sum(1, keepdims=True)) @ v[:, cols])
+      x = x + linear(np.concatenate(mixed, 1), p + "self_attn.out_proj")
+      x = x + linear(gelu_tanh(linear(norm(x, p + "layer_norm2"), p + "mlp.fc1")), p + "mlp.fc2")
+    out.append(linear(norm(x, t + "final_layer_norm")[-1], t + "head"))
+  return np.stack(out)

@@ -46,7 +46,7 @@ def test_rows_are_the_normalised_mean_template_embeddings():
   names = [n.replace("_", " ") for n in NAMES]
   tokens = text_heads.tokenize([t.format(n) for n in names for t in found], fx.toy_encode,
                                fx.START_ID, fx.END_ID, fx.CONTEXT)
-  embeddings = text_heads.encode_all(arrays, tokens, fx.HEADS, "quick_gelu")
+  embeddings = text_heads.encode_all(arrays, tokens, fx.HEADS, {"activation": "quick_gelu"})
   rows = text_heads.class_rows(embeddings.reshape(len(names), len(found), -1))
   templates = ("a photo of a {}.", "the big {}.", "a photo of the small {}.")
   np.testing.assert_allclose(rows, _numpy_rows(sd, names, templates),
@@ -135,8 +135,9 @@ def test_a_text_width_other_than_the_features_is_refused(tmp_path):
 def _toy_tokenizer(monkeypatch):
   """The toy vocabulary in place of HF tokenizers (so this runs without the package)."""
   monkeypatch.setattr(text_heads, "_tokenizers_module", lambda: None)
-  monkeypatch.setattr(text_heads, "load_tokenizer",
-                      lambda path: (fx.toy_encode, fx.START_ID, fx.END_ID))
+  monkeypatch.setattr(text_heads, "load_tokenizer", lambda path, siglip: (
+      lambda texts, length: text_heads.tokenize(texts, fx.toy_encode, fx.START_ID, fx.END_ID,
+                                                length)))
 
 
 @pytest.mark.numerics
@@ -164,3 +165,34 @@ def test_zero_shot_clip_from_one_open_clip_file(backbone, data_dir, tmp_path, mo
   np.testing.assert_allclose(flat["head/kernel"] / 100.0, expected.T,
                              **tolerances.FORWARD_VS_NUMPY)
   assert outcome["test"]["count"] == 10 and run_fixtures.saved_steps(workdir) == []
+
+
+def test_siglip_tokens_are_cut_then_padded_to_the_full_length():
+  np.testing.assert_array_equal(text_heads.pad_tokens([[5, 6, 2], [7] * 6], 2, 4),
+                                [[5, 6, 2, 2], [7, 7, 7, 7]])
+
+
+@pytest.mark.numerics
+def test_siglip_rows_scale_and_bias(tmp_path, monkeypatch):
+  """SigLIP: the same normalised template means, exp(logit_scale) and logit_bias."""
+  sd = fx.siglip_state_dict(seed=5)
+  path = fx.write_text_checkpoint(tmp_path / "model.safetensors.pt", sd)
+  siglip_ids = lambda text: fx.toy_encode(text) + [fx.END_ID]  # </s> ends, then pads
+  monkeypatch.setattr(text_heads, "_tokenizers_module", lambda: None)
+  monkeypatch.setattr(text_heads, "load_tokenizer", lambda p, siglip: (
+      lambda texts, length: text_heads.pad_tokens([siglip_ids(t) for t in texts], fx.END_ID,
+                                                  length)))
+  config = run_fixtures.tiny_config("", "", **{
+      "head.init": "text", "head.text_checkpoint": path, "head.tokenizer": path,
+      "head.templates": "the big {}.", "head.text_heads": fx.HEADS})
+  names = ["cat", "red car"]
+  rows, scale, bias = text_heads.text_rows(config, fx.EMBED, 2, names)
+  expected = []
+  for name in names:
+    tokens = text_heads.pad_tokens([siglip_ids(t.format(name)) for t in
+                                    ("a photo of a {}.", "the big {}.")], fx.END_ID, fx.CONTEXT)
+    e = fx.numpy_siglip_text(sd, tokens)
+    mean = (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(0)
+    expected.append(mean / np.linalg.norm(mean))
+  np.testing.assert_allclose(rows, np.stack(expected), **tolerances.FORWARD_VS_NUMPY)
+  assert (scale, bias) == (pytest.approx(10.0, rel=1e-6), -10.0)

@@ -33,7 +33,8 @@ import numpy as np
 from vpt_jax import errors
 
 LAYER_NORM_EPSILON = 1e-5
-ACTIVATIONS = ("quick_gelu", "gelu")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+POOLS = ("end_token", "last")
 # Per-block arrays, under "transformer.resblocks.{i}.".
 BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
               "attn.out_proj.weight", "attn.out_proj.bias", "ln_2.weight", "ln_2.bias",
@@ -41,6 +42,7 @@ BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_b
 TOP_KEYS = ("token_embedding.weight", "positional_embedding", "ln_final.weight",
             "ln_final.bias", "text_projection")
 BLOCK_PREFIX = "transformer.resblocks."
+SCALARS = ("logit_scale", "logit_bias")
 
 
 class TextTowerError(errors.UserError):
@@ -77,8 +79,11 @@ def text_arrays(flat: Mapping[str, np.ndarray], source: str) -> dict[str, np.nda
       raise TextTowerError(f"{source}: {key} has shape {actual}, but a text tower of width "
                            f"{width} needs {shape} (None: any); the file is not a CLIP "
                            "checkpoint or is damaged")
-  if "logit_scale" in flat:
-    arrays["logit_scale"] = np.asarray(flat["logit_scale"], np.float32).reshape(())
+  for key in SCALARS:  # SigLIP (siglip_text) also has a logit bias
+    if key in flat:
+      arrays[key] = np.asarray(flat[key], np.float32).reshape(())
+  if "text_projection_bias" in flat:  # SigLIP's text head is a Linear with a bias
+    arrays["text_projection_bias"] = np.asarray(flat["text_projection_bias"], np.float32)
   return arrays
 
 
@@ -86,41 +91,46 @@ def num_layers(arrays: Mapping[str, np.ndarray]) -> int:
   return sum(key.startswith(BLOCK_PREFIX) and key.endswith(".ln_1.weight") for key in arrays)
 
 
-def _layer_norm(x, weight, bias):
+def _layer_norm(x, weight, bias, epsilon):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPSILON) * weight + bias
+  return (x - mean) * jax.lax.rsqrt(var + epsilon) * weight + bias
 
 
 def _activation(x, name: str):
   if name == "quick_gelu":
     return x * jax.nn.sigmoid(1.702 * x)
-  return jax.nn.gelu(x, approximate=False)
+  return jax.nn.gelu(x, approximate=name == "gelu_tanh")
 
 
-def _attention(x, p: Mapping, num_heads: int):
-  """Causal multi-head self-attention of (B, L, W) as torch's nn.MultiheadAttention."""
+def _attention(x, p: Mapping, num_heads: int, causal: bool):
+  """(Causal) multi-head self-attention of (B, L, W) as torch's nn.MultiheadAttention."""
   batch, length, width = x.shape
   qkv = x @ p["attn.in_proj_weight"].T + p["attn.in_proj_bias"]
   q, k, v = (t.reshape(batch, length, num_heads, width // num_heads)
              for t in jnp.split(qkv, 3, axis=-1))
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(width // num_heads)
-  causal = np.tril(np.ones((length, length), bool))
-  weights = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+  if causal:
+    logits = jnp.where(np.tril(np.ones((length, length), bool)), logits, -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
   return out @ p["attn.out_proj.weight"].T + p["attn.out_proj.bias"]
 
 
 def encode_text(arrays: Mapping[str, jax.Array], tokens: jax.Array, *, num_heads: int = 0,
-                activation: str = "quick_gelu") -> jax.Array:
+                activation: str = "quick_gelu", causal: bool = True, pool: str = "end_token",
+                epsilon: float = LAYER_NORM_EPSILON) -> jax.Array:
   """Text embeddings (B, E) of int tokens (B, L) (L = the positional embedding's length).
 
   ``num_heads`` 0 means ``width // 64`` (CLIP's rule). Unnormalised: CLIP
-  normalises the embeddings where it compares them (``text_heads``).
+  normalises the embeddings where it compares them (``text_heads``). The
+  defaults are CLIP's; SigLIP's tower (``siglip_text.OPTIONS``) attends to
+  every token (``causal=False``), pools the last position and adds
+  ``text_projection_bias``.
   """
-  if activation not in ACTIVATIONS:
-    raise TextTowerError(f"Unknown text activation {activation!r}; choose one of "
-                         f"{ACTIVATIONS}")
+  if activation not in ACTIVATIONS or pool not in POOLS:
+    raise TextTowerError(f"Unknown text activation {activation!r} or pooling {pool!r}; "
+                         f"choose from {ACTIVATIONS} and {POOLS}")
   width = arrays["token_embedding.weight"].shape[1]
   num_heads = num_heads or width // 64
   if not num_heads or width % num_heads:
@@ -129,10 +139,12 @@ def encode_text(arrays: Mapping[str, jax.Array], tokens: jax.Array, *, num_heads
   x = arrays["token_embedding.weight"][tokens] + arrays["positional_embedding"]
   for i in range(num_layers(arrays)):
     p = {k: arrays[f"{BLOCK_PREFIX}{i}.{k}"] for k in BLOCK_KEYS}
-    x = x + _attention(_layer_norm(x, p["ln_1.weight"], p["ln_1.bias"]), p, num_heads)
-    h = _layer_norm(x, p["ln_2.weight"], p["ln_2.bias"])
+    h = _layer_norm(x, p["ln_1.weight"], p["ln_1.bias"], epsilon)
+    x = x + _attention(h, p, num_heads, causal)
+    h = _layer_norm(x, p["ln_2.weight"], p["ln_2.bias"], epsilon)
     h = _activation(h @ p["mlp.c_fc.weight"].T + p["mlp.c_fc.bias"], activation)
     x = x + h @ p["mlp.c_proj.weight"].T + p["mlp.c_proj.bias"]
-  x = _layer_norm(x, arrays["ln_final.weight"], arrays["ln_final.bias"])
-  pooled = x[jnp.arange(x.shape[0]), jnp.argmax(tokens, axis=-1)]
-  return pooled @ arrays["text_projection"]
+  x = _layer_norm(x, arrays["ln_final.weight"], arrays["ln_final.bias"], epsilon)
+  # CLIP: the end-of-text token, the highest id of its vocabulary; SigLIP: the last position.
+  pooled = x[:, -1] if pool == "last" else x[jnp.arange(x.shape[0]), jnp.argmax(tokens, -1)]
+  return pooled @ arrays["text_projection"] + arrays.get("text_projection_bias", 0.0)

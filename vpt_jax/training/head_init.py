@@ -10,10 +10,11 @@ head starts as
   ``normalise`` is row-wise L2 normalisation when ``head.normalize`` (default
   True) and the identity otherwise; ``scale`` is ``head.scale`` (0 = 1); the
   bias is 0.
-* ``text``: ``E`` is the CLIP text tower's class embedding (``text_heads``):
-  the L2-normalised mean over the templates of the L2-normalised text
-  embeddings; ``scale`` is ``head.scale``, 0 = the checkpoint's
-  ``exp(logit_scale)`` (100 for OpenAI CLIP); the bias is 0.
+* ``text``: ``E`` is the CLIP or SigLIP text tower's class embedding
+  (``text_heads``): the L2-normalised mean over the templates of the
+  L2-normalised text embeddings; ``scale`` is ``head.scale``, 0 = the
+  checkpoint's ``exp(logit_scale)`` (100 for OpenAI CLIP); the bias is 0 for
+  CLIP and the checkpoint's ``logit_bias`` for SigLIP.
 
 CLIP's zero-shot logits are ``scale * normalise(f) . normalise(E_c)``; the head
 reads the unnormalised image features ``f`` (for CLIP ``ln_post(CLS) @ proj``),
