@@ -141,6 +141,22 @@ def base_config() -> ml_collections.ConfigDict:
   # mlp-k) compute the backbone features once and train the head on them.
   config.cache_features = True
 
+  # The linear head from class embeddings (training/head_init.py, text_heads.py):
+  # "" = the method's random init | file (head.file: a (num_classes, D) float .npy)
+  # | text (CLIP / SigLIP text tower: the class names in the templates, averaged).
+  # kernel = scale * rows.T, bias 0; rows L2-normalised (file: if head.normalize).
+  config.head = ml_collections.ConfigDict()
+  config.head.init = ""
+  config.head.file = ""
+  config.head.normalize = True
+  config.head.scale = 0.0           # >= 0; 0 = text: the checkpoint's exp(logit_scale); file: 1
+  config.head.text_checkpoint = ""  # text: CLIP/open_clip/SigLIP file ("" = model.init_checkpoint)
+  config.head.tokenizer = ""        # text: the checkpoint's tokenizer.json (pip install tokenizers)
+  config.head.class_names = ""      # text: a file of class names, one a line ("" = the dataset's)
+  config.head.templates = ""        # text: "|"-separated templates besides "a photo of a {}."
+  config.head.text_heads = 0        # text: attention heads; 0 = width // 64 (CLIP's rule)
+  config.head.text_activation = "quick_gelu"  # CLIP: quick_gelu (OpenAI) | gelu (most open_clip)
+
   config.data = ml_collections.ConfigDict()
   config.data.builder = ""          # TFDS name[/config][:version]
   config.data.data_dir = ""         # TFDS data_dir; empty = TFDS default

@@ -24,6 +24,7 @@ from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
+from vpt_jax.training import head_init
 from vpt_jax.training import optimizers
 from vpt_jax.training import steps as steps_lib
 
@@ -38,7 +39,9 @@ RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
                          # equal up to float summation order
                          "model.remat", "optim.accumulation_steps",
                          # only permits an empty init_checkpoint (older runs lack it)
-                         "model.from_scratch")
+                         "model.from_scratch",
+                         # the head's starting values: a resume restores the trained head
+                         "head.")
 
 
 class ConfigError(errors.UserError):
@@ -66,6 +69,7 @@ def validate_config(config) -> None:
   _check_backbone(config.model)
   _check_side_network(config, method)
   _check_export(config)
+  head_init.check_settings(config)
 
 
 def _check_export(config) -> None:

@@ -26,6 +26,7 @@ from vpt_jax.methods import prompt_class_init
 from vpt_jax.methods import registry
 from vpt_jax.params import freezing
 from vpt_jax.training import config_checks
+from vpt_jax.training import head_init
 from vpt_jax.training import inputs
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import metric_writers
@@ -136,7 +137,12 @@ def build_runs(configs, workdirs) -> list[Run]:
   data = inputs.load_train_data(config)
   spec = factory.model_spec(config)
   model = factory.build_model(spec, data.num_classes)
+  # The head's class embeddings are read and checked (and text encoded) before
+  # the model's parameters are initialised.
+  head = config.head.init and head_init.initial_head(config, factory.variable_shapes(
+      model, config.model.image_size)["params"], data.num_classes, data.class_names)
   variables, host_params = _initial_parameters(config, spec, model, mesh)
+  host_params = head_init.set_head(host_params, head)
   host_params = _class_token_prompts(config, spec, data, norm, host_params)
   fingerprint = (npz_lib.fingerprint(config.model.init_checkpoint)
                  if config.model.init_checkpoint else None)

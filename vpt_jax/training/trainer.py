@@ -113,10 +113,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def from_checkpoint(config: ml_collections.ConfigDict, workdir: str, action: str):
-  """Evaluates ("evaluate") or exports ("export") the workdir's latest checkpoint."""
+  """Evaluates ("evaluate") or exports ("export") the workdir's latest checkpoint.
+
+  With ``head.init`` set (file or text) and no checkpoint yet, "evaluate"
+  scores the initial state: the zero-shot accuracy of a text-initialised head.
+  """
   run = setup.setup_run(config, workdir)
   try:
-    if run.manager.latest_step() is None:
+    zero_shot = action == "evaluate" and bool(config.head.init)
+    if run.manager.latest_step() is None and not zero_shot:
       raise config_checks.ConfigError(
           f"{workdir} has no checkpoint to {action}; train first (--mode train) or point "
           "--workdir at a trained run")
