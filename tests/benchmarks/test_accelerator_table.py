@@ -1,5 +1,5 @@
-"""benchmarks/accelerator.sh (its commands, without running them) and the table it prints
-(benchmarks/accelerator_table.py), on hand-written logs."""
+"""benchmarks/accelerator_table.py (the table accelerator.sh prints, on hand-written logs) and
+benchmarks/accelerator.sh itself (its commands, without running them)."""
 
 import importlib.util
 import os
