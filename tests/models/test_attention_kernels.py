@@ -174,8 +174,9 @@ def test_config_sets_the_spec_only_when_not_the_default():
   spec = factory.model_spec(config)
   assert spec["attention"] == "dot_product"
   assert factory.build_model(spec, 5).attention_kernel == "dot_product"
-  swin_spec = _spec("vpt_deep", "swin-test/4w2", "dot_product")
-  assert factory.build_model(swin_spec, 5).attention_kernel == "dot_product"
+  for variant in ("swin-test/4w2", "dinov2-test/4-reg", "timm-vit-test4"):  # other families
+    variant_spec = _spec("vpt_deep", variant, "dot_product")
+    assert factory.build_model(variant_spec, 5).attention_kernel == "dot_product", variant
 
 
 def test_e2vpt_vit_logits_agree_across_kernels():
