@@ -40,7 +40,23 @@ def model_arguments(doc: str) -> argparse.ArgumentParser:
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--num_prompts", type=int, default=50)
   parser.add_argument("--num_classes", type=int, default=10)
+  add_kernel_arguments(parser)
   return parser
+
+
+def add_kernel_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+  """--attention (model.attention) and, unless the benchmark sweeps it, --dtype."""
+  parser.add_argument("--attention", default="einsum",
+                      help="model.attention: einsum | dot_product (jax.nn.dot_product_attention)")
+  if dtype:
+    parser.add_argument("--dtype", default="float32", help="model.dtype: float32 | bfloat16")
+
+
+def apply_kernel_arguments(config, args) -> None:
+  """Sets model.attention (and model.dtype if the parser has --dtype) from ``args``."""
+  config.model.attention = args.attention
+  if hasattr(args, "dtype"):
+    config.model.dtype = args.dtype
 
 
 def method_config(method: str, variant: str, image_size: int,

@@ -71,6 +71,7 @@ def parse_args(argv=None):
   parser.add_argument("--num_classes", type=int, default=100)
   parser.add_argument("--remats", default="none,block", help="model.remat values to compare")
   parser.add_argument("--dtypes", default="float32,bfloat16", help="model.dtype values")
+  bench_lib.add_kernel_arguments(parser, dtype=False)
   parser.add_argument("--accumulations", default="1",
                       help="optim.accumulation_steps values (micro-batch = batch / k)")
   parser.add_argument("--time_steps", type=int, default=0,
@@ -137,6 +138,7 @@ def measure(args, variant: str, remat: str, dtype: str, accumulation: int) -> di
   config = bench_lib.method_config(args.method, variant, args.image_size, args.num_prompts)
   config.model.remat = remat
   config.model.dtype = dtype
+  bench_lib.apply_kernel_arguments(config, args)
   model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes,
                                                            abstract=True)
   param_shapes = variables["params"]
@@ -187,7 +189,8 @@ def time_steps(compiled, model, tx, args) -> float:
 def main(argv=None):
   args = parse_args(argv)
   use_cpu_scheduler(args.cpu_scheduler)
-  print(f"{args.method}, {args.num_prompts} prompts, {args.image_size} px, global batch "
+  print(f"{args.method}, {args.num_prompts} prompts, {args.attention} attention, "
+        f"{args.image_size} px, global batch "
         f"{args.batch_size}, {jax.device_count()} {jax.devices()[0].platform} device(s); "
         + (f"median of {args.time_steps} timed steps" if args.time_steps
            else "compile only (--time_steps N to time)")

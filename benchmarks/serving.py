@@ -70,12 +70,15 @@ def parse_args(argv=None):
                       help="a backbone file of --variant (default: a random one is written)")
   parser.add_argument("--workdir", default="",
                       help="where to write the backbone and exports (default: a temp dir)")
+  bench_lib.add_kernel_arguments(parser)
   return parser.parse_args(argv)
 
 
 def _config(args):
   # --num_prompts only reaches the spec of methods with prompts (and CVPT's).
-  return bench_lib.method_config(args.method, args.variant, args.image_size, args.num_prompts)
+  config = bench_lib.method_config(args.method, args.variant, args.image_size, args.num_prompts)
+  bench_lib.apply_kernel_arguments(config, args)
+  return config
 
 
 def write_random_backbone(path: str, args) -> str:
@@ -189,7 +192,7 @@ def main(argv=None):
                   "GFLOP": compiled.cost_analysis()["flops"] / 1e9,
                   "compile s": compile_seconds})
 
-  print(f"{args.variant} at {size} px, {args.method}"
+  print(f"{args.variant} at {size} px, {args.dtype}, {args.attention} attention, {args.method}"
         f"{f' ({args.num_prompts} prompts)' if 'vpt' in args.method else ''}, batch "
         f"{args.batch_size}, {len(names)} tasks, median of {args.runs} runs, "
         f"{jax.device_count()} {jax.default_backend()} device(s); server loaded in "

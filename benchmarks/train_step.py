@@ -100,6 +100,7 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
   if scope == "all":
     config.trainable_rules = ((".*", "train"),)
   config.model.skip_dead_work = skip_dead_work
+  bench_lib.apply_kernel_arguments(config, args)
   model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes)
   params = variables["params"]
   data_mesh = mesh.make_data_mesh()
@@ -146,6 +147,7 @@ def main(argv=None):
   print(f"{'eval' if args.eval else 'train'} step; "
         f"dense float32 matmul 2048^3: {ceiling:.1f} GFLOP/s; {args.variant} at "
         f"{args.image_size} px, batch {args.batch_size}, {args.num_prompts} prompts, "
+        f"{args.dtype}, {args.attention} attention, "
         f"median of {args.steps} steps, {jax.device_count()} device(s)", flush=True)
   columns = ["method", "prompts", "s/step", "img/s", "GFLOP", "GFLOP/s", "% of matmul",
              "compile s", "opt state MB", "peak RSS GB"]

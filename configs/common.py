@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
   # none | block: recompute each block's activations in the backward pass
   # (less memory for ViT-L/H, about one more forward pass of time).
   config.model.remat = "none"
+  # einsum | dot_product: the attention kernel of ViT and Swin (equal up to rounding;
+  # dot_product = jax.nn.dot_product_attention, JAX picks the implementation).
+  config.model.attention = "einsum"
   # Backbone .npz (local path or gs://). Empty is refused unless from_scratch:
   # a method that freezes the backbone would tune prompts on random features.
   config.model.init_checkpoint = ""

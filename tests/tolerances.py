@@ -62,3 +62,17 @@ def one_example(num_examples: int) -> float:
 # prompts + 64 patches at 32 px), 4 chained sums per block, at most 4 blocks,
 # activations O(1) after LayerNorm: 0.6e-7 * 70 * 16 ~ 6.7e-5 < 1e-4.
 FORWARD_VS_NUMPY = dict(rtol=1e-4, atol=1e-4)
+
+
+def bf16_attention_atol(largest_logit: float, largest_value: float) -> float:
+  """What bfloat16 rounding can change in one attention, softmax(l) v, to first order.
+
+  bfloat16 rounds to 8 significant bits (unit roundoff u = 2^-8). The scaled
+  query and the logits may each be rounded once (error <= 2 u |l| in l); a
+  softmax whose logits move by delta moves its output by at most 2 delta max|v|;
+  the weights and the output are rounded once more (u max|v| each):
+  u max|v| (4 |l| + 2). Both kernels and a float64 reference of the same
+  bfloat16 inputs stay within it; a dropped mask or a wrong scale moves the
+  output by about max|v|.
+  """
+  return 2.0 ** -8 * largest_value * (4.0 * largest_logit + 2.0)

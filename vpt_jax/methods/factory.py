@@ -24,6 +24,7 @@ from vpt_jax.checkpoints import vit_layouts
 from vpt_jax.methods import prompt_ablations
 from vpt_jax.methods import registry
 from vpt_jax.methods import sidetune
+from vpt_jax.models import attention_kernels
 from vpt_jax.models import backbones
 from vpt_jax.models import heads
 from vpt_jax.models import vit
@@ -57,6 +58,8 @@ def model_spec(config) -> dict[str, Any]:
     spec.update(num_prompts=int(config.prompt.num_prompts),
                 prompt_dropout=float(config.prompt.dropout),
                 prompt_projection=int(config.prompt.projection))
+  if config.model.attention != "einsum":  # only when set, so earlier specs stay as they were
+    spec["attention"] = str(config.model.attention)
   ablation = prompt_ablations.spec_section(config)
   if ablation is not None:  # VPT's ablations (only when some option is set)
     spec["prompt_ablation"] = ablation
@@ -86,11 +89,20 @@ def validate_spec(spec: Mapping[str, Any]) -> None:
   if remat != "none" and not family.supports_remat:
     raise errors.UserError(f"model.remat={remat!r} is not implemented for {family.name} backbones "
                            "(only for the ViT family); set --config.model.remat=none")
+  _check_attention(spec.get("attention", "einsum"), family)  # older specs: einsum
   if method.head_init not in heads.HEAD_INITS:
     raise ValueError(f"method {method.name} has an unknown head init {method.head_init!r}")
   family.validate(spec, method)
   prompt_ablations.check(spec)
   method.rules(family.block_patterns(spec["variant"]), family.final_norm)  # partial-k: k <= depth
+
+
+def _check_attention(kernel: str, family: backbones.Family) -> None:
+  """``model.attention`` must be known, and not set for a backbone without attention."""
+  attention_kernels.check_kernel(kernel)
+  if kernel != "einsum" and not family.supports_attention_kernels:
+    raise errors.UserError(f"model.attention={kernel!r} has no effect on {family.name} backbones "
+                           "(no attention layers); set --config.model.attention=einsum")
 
 
 def build_model(spec: Mapping[str, Any], num_classes: int):

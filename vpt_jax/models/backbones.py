@@ -83,6 +83,8 @@ class Family:
       defines; None = all.
     supports_remat: whether ``build`` honours ``model.remat`` (block
       rematerialisation); the others refuse it rather than ignore it.
+    supports_attention_kernels: whether ``build`` honours ``model.attention``
+      (``attention_kernels``); families without attention refuse a non-default.
   """
   name: str
   build: Callable[[Mapping[str, Any], int, Any], Any]
@@ -94,6 +96,7 @@ class Family:
   convert_npz: Optional[Callable[[Mapping[str, Any], str], dict]] = None
   supported_methods: Optional[tuple[str, ...]] = None
   supports_remat: bool = False
+  supports_attention_kernels: bool = False
 
   def supports(self, method_name: str) -> bool:
     """Whether the family defines ``method_name`` (e.g. "partial-3")."""

@@ -35,6 +35,7 @@ class MAPHead(nn.Module):
                                   name="MultiHeadDotProductAttention_0")(probe, tokens)
     normed = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                           name="LayerNorm_0")(pooled)
-    pooled = pooled + vit_blocks.MlpBlock(self.mlp_dim, 0.0, dtype=self.dtype, activation=self.activation,
+    pooled = pooled + vit_blocks.MlpBlock(self.mlp_dim, 0.0, dtype=self.dtype,
+                                          activation=self.activation,
                                           name="MlpBlock_0")(normed, deterministic=True)
     return pooled[:, 0]

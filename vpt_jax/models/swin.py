@@ -198,6 +198,7 @@ class SwinTransformer(nn.Module):
     head_hidden_layers, head_dropout, head_init: the head (``heads.Head``).
     reference_window_order: reproduce the reference's cross-image prompt order
       (see the module docstring); off by default.
+    attention_kernel: "einsum" or "dot_product" (``attention_kernels``).
   """
   num_classes: int
   variant: str = "swin-B/4w7"
@@ -211,6 +212,7 @@ class SwinTransformer(nn.Module):
   head_init: str = "vpt"
   reference_window_order: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_features: bool = False,
@@ -246,7 +248,7 @@ class SwinTransformer(nn.Module):
           drop_path_rates=tuple(rates[first_block:first_block + depth]),
           downsample=stage < num_stages - 1,
           reference_window_order=self.reference_window_order, dtype=self.dtype,
-          name=f"layers_{stage}")(
+          attention_kernel=self.attention_kernel, name=f"layers_{stage}")(
               x, resolution, None if block_prompts is None else block_prompts[stage],
               drop_path_deterministic=not (train and self.backbone_dropout))
       first_block += depth

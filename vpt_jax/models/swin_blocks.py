@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax.models import attention_kernels
 from vpt_jax.models.swin_windows import average_over_windows
 from vpt_jax.models.swin_windows import block_window
 from vpt_jax.models.swin_windows import relative_position_index
@@ -48,12 +49,14 @@ class WindowAttention(nn.Module):
   position bias and the shift mask cover the window tokens only (zero for
   prompt rows and columns). Each window sees its image's prompts and the
   prompt outputs are averaged over the image's windows (or both in the
-  reference's order, see ``spread_over_windows``).
+  reference's order, see ``spread_over_windows``). The bias and the additive
+  shift mask reach ``attention_kernels.attend`` as one float32 logit bias.
   """
   num_heads: int
   window: int
   reference_window_order: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention_kernel: str = "einsum"  # attention_kernels.ATTENTION_KERNELS
 
   @nn.compact
   def __call__(self, windows, prompts=None, mask=None):
@@ -79,15 +82,15 @@ class WindowAttention(nn.Module):
                                        self.reference_window_order)  # (B, nW, P, 3, H, D)
       qkv = jnp.concatenate([prompt_qkv, qkv], axis=2)
     query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", query, key).astype(jnp.float32)
     padding = ((0, 0), (num_prompts, 0), (num_prompts, 0))
     bias = RelativePositionBias(self.num_heads, self.window, name="relative_position")()
-    logits = logits + jnp.pad(bias.astype(jnp.float32), padding)
-    if mask is not None:
-      logits = logits + jnp.pad(jnp.asarray(mask, jnp.float32), padding)[:, None]
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-    attended = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, value)
+    bias = jnp.pad(bias.astype(jnp.float32), padding)[None]  # (1, H, N, N), every window
+    if mask is not None:  # (nW, 1, H, N, N): the window axis is mapped below
+      bias = bias + jnp.pad(jnp.asarray(mask, jnp.float32), padding)[:, None, None]
+    # The window axis becomes a vmapped batch axis: attend takes (B, T, N, H).
+    attended = jax.vmap(
+        lambda q, k, v, b: attention_kernels.attend(q, k, v, self.attention_kernel, b),
+        in_axes=(1, 1, 1, None if mask is None else 0), out_axes=1)(query, key, value, bias)
     attended = attended.reshape(attended.shape[:3] + (channels,))
     output_projection = dense(channels, "proj")
     window_outputs = output_projection(attended[:, :, num_prompts:])
@@ -130,6 +133,7 @@ class SwinBlock(nn.Module):
   drop_path_rate: float = 0.0
   reference_window_order: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, x, resolution: int, *, drop_path_deterministic: bool = True):
@@ -151,7 +155,7 @@ class SwinBlock(nn.Module):
     prompts = normed[:, :num_prompts] if num_prompts else None
     window_outputs, prompt_outputs = WindowAttention(
         self.num_heads, self.window, self.reference_window_order, dtype=self.dtype,
-        name="attn")(windows, prompts, mask)
+        attention_kernel=self.attention_kernel, name="attn")(windows, prompts, mask)
     image = window_reverse(window_outputs, self.window, resolution, resolution)
     if self.shift:
       image = jnp.roll(image, (self.shift, self.shift), axis=(1, 2))
@@ -193,6 +197,7 @@ class SwinStage(nn.Module):
   downsample: bool = True
   reference_window_order: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, x, resolution: int, block_prompts: Optional[Sequence[Any]] = None, *,
@@ -209,7 +214,7 @@ class SwinStage(nn.Module):
       x = SwinBlock(self.num_heads, window, shift, self.num_prompts,
                     drop_path_rate=self.drop_path_rates[i] if self.drop_path_rates else 0.0,
                     reference_window_order=self.reference_window_order, dtype=self.dtype,
-                    name=f"blocks_{i}")(
+                    attention_kernel=self.attention_kernel, name=f"blocks_{i}")(
                         x, resolution, drop_path_deterministic=drop_path_deterministic)
     if self.downsample:
       x = PatchMerging(self.num_prompts, self.dtype, name="downsample")(x, resolution)

@@ -55,6 +55,7 @@ def build(spec: Mapping[str, Any], num_classes: int,
       deep_prompts=method.deep_prompts,
       prompt_dropout=spec["prompt_dropout"],
       dtype=backbones.DTYPES[spec["dtype"]],
+      attention_kernel=spec.get("attention", "einsum"),  # specs written before it: einsum
       **backbones.head_settings(spec, method))
 
 
@@ -180,4 +181,4 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
 FAMILIES = {"swin": backbones.Family(
     name="swin", build=build, validate=validate, block_patterns=block_patterns,
     final_norm=r"norm/.*", convert_torch=convert_torch,
-    supported_methods=SUPPORTED_METHODS)}
+    supported_methods=SUPPORTED_METHODS, supports_attention_kernels=True)}

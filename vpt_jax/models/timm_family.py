@@ -60,4 +60,4 @@ FAMILIES = {"timm": backbones.Family(
     name="timm", build=build, validate=validate,
     block_patterns=lambda variant: vit_family.block_patterns(vit_variant(variant)),
     final_norm=_VIT.final_norm, always_frozen=_VIT.always_frozen,
-    convert_torch=convert_torch, supports_remat=True)}
+    convert_torch=convert_torch, supports_remat=True, supports_attention_kernels=True)}

@@ -48,14 +48,14 @@ def make_family(name: str, decode: Decode,
                 convert_torch: Optional[Callable[[Mapping[str, Any], str], dict]],
                 final_norm: str = r"Transformer/encoder_norm/.*",
                 convert_npz=None) -> backbones.Family:
-  """The ``backbones.Family`` of a tower family (remat supported, all methods)."""
+  """The ``backbones.Family`` of a tower family (remat, model.attention, all methods)."""
   return backbones.Family(
       name=name,
       build=lambda spec, num_classes, method: build(spec, num_classes, method, decode),
       validate=lambda spec, method: validate(spec, method, decode),
       block_patterns=lambda variant: vit_family.block_patterns(decode(variant)[0]),
       final_norm=final_norm, convert_torch=convert_torch, convert_npz=convert_npz,
-      supports_remat=True)
+      supports_remat=True, supports_attention_kernels=True)
 
 
 def size_of(variant: str, decode: Decode) -> vit_variants.ViTSize:

@@ -102,6 +102,7 @@ class Encoder(nn.Module):
   remat: str = "none"
   flavour: str = ""
   options: vit_options.TowerOptions = vit_options.PLAIN
+  attention_kernel: str = "einsum"  # attention_kernels.ATTENTION_KERNELS
 
   @nn.compact
   def __call__(self, x, prompts=None, *, deterministic: bool = True, method_inputs=None,
@@ -127,7 +128,8 @@ class Encoder(nn.Module):
       x = block_class(
           self.mlp_dim, self.num_heads, self.dropout_rate,
           drop_path_rate=self.stochastic_depth * layer / max(self.depth - 1, 1),
-          hooks=self.hooks, dtype=self.dtype, options=options, name=f"encoderblock_{layer}")(
+          hooks=self.hooks, dtype=self.dtype, options=options,
+          attention_kernel=self.attention_kernel, name=f"encoderblock_{layer}")(
               x, kv_only, num_outputs, deterministic,
               jax.tree.map(lambda inputs: inputs[layer], method_inputs),
               drop_path_deterministic, None if queries is None else queries[layer])
@@ -210,6 +212,7 @@ class VisionTransformer(nn.Module):
       the plain ViT): no CLS and MAP pooling (SigLIP; prompts then come first,
       before the patches), CLIP's bias-free patch convolution and ``projection``
       of the pooled features, and the block and encoder options.
+    attention_kernel: "einsum" or "dot_product" (``attention_kernels``).
   """
   num_classes: int
   variant: str = "B/16"
@@ -224,6 +227,7 @@ class VisionTransformer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: str = "none"
   options: vit_options.TowerOptions = vit_options.PLAIN
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, return_features: bool = False,
@@ -268,7 +272,7 @@ class VisionTransformer(nn.Module):
         depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.num_heads,
         dropout_rate=self.dropout_rate, pool=pool,
         skip_dead_work=self.skip_dead_work,
-        stochastic_depth=drop_path, hooks=self.hooks,
+        stochastic_depth=drop_path, hooks=self.hooks, attention_kernel=self.attention_kernel,
         dtype=self.dtype, remat=self.remat, flavour=flavour, options=options,
         name="Transformer")(
             tokens, prompts, deterministic=not (train and self.backbone_dropout),

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from vpt_jax.models import attention_kernels
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models import vit_options
 
@@ -63,10 +63,12 @@ class Attention(nn.Module):
   there, with its parameters under this module). ``extra_kv`` (B, N_kv, H, D/H)
   are already projected tokens prepended to the keys and to the values,
   K' = [E; K], V' = [E; V] (E2VPT's key-value prompts); the queries are unchanged.
+  ``attention_kernel``: ``attention_kernels.ATTENTION_KERNELS`` (``model.attention``).
   """
   num_heads: int
   hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
   dtype: jnp.dtype = jnp.float32
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, extra_kv=None, block=None):
@@ -96,10 +98,7 @@ class Attention(nn.Module):
       extra_kv = extra_kv.astype(key.dtype)
       key = jnp.concatenate([extra_kv, key], axis=1)
       value = jnp.concatenate([extra_kv, value], axis=1)
-    query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    attended = attention_kernels.attend(query, key, value, self.attention_kernel)
     return project("out", attended, width, axis=(-2, -1))
 
 
@@ -144,6 +143,7 @@ class Encoder1DBlock(nn.Module):
   hooks: hooks_lib.Hooks = hooks_lib.NO_HOOKS
   dtype: jnp.dtype = jnp.float32
   options: vit_options.TowerOptions = vit_options.PLAIN
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, x, kv_only=None, num_outputs: Optional[int] = None,
@@ -153,6 +153,7 @@ class Encoder1DBlock(nn.Module):
     outputs come first: (B, T + (N or num_outputs), D)."""
     hooks = self.hooks
     attention = Attention(self.num_heads, hooks=hooks, dtype=self.dtype,
+                          attention_kernel=self.attention_kernel,
                           name="MultiHeadDotProductAttention_0")
     context = hooks_lib.BlockContext(attention, method_inputs, self.dtype,
                                      train=not drop_path_deterministic)

@@ -48,6 +48,7 @@ def build(spec: Mapping[str, Any], num_classes: int,
       skip_dead_work=spec["skip_dead_work"],
       dtype=backbones.DTYPES[spec["dtype"]],
       remat=spec.get("remat", "none"),  # specs written before the field: none
+      attention_kernel=spec.get("attention", "einsum"),  # likewise
       hooks=method.hooks(spec),
       **backbones.head_settings(spec, method))
 
@@ -178,4 +179,5 @@ FAMILIES = {"vit": backbones.Family(
     # MoCo v3's sin-cos position embedding is fixed (requires_grad=False in
     # the reference, even for full fine-tuning).
     always_frozen=(r"Transformer/posembed_fixed/.*",),
-    convert_torch=convert_torch, supports_remat=True)}
+    convert_torch=convert_torch, supports_remat=True,
+    supports_attention_kernels=True)}

@@ -38,6 +38,8 @@ RESUME_NEUTRAL_FIELDS = ("log_every_steps", "eval.", "checkpoint.", "export",
                          # on a smaller device): remat is exact, accumulation
                          # equal up to float summation order
                          "model.remat", "optim.accumulation_steps",
+                         # the attention kernel: equal up to rounding
+                         "model.attention",
                          # only permits an empty init_checkpoint (older runs lack it)
                          "model.from_scratch",
                          # the head's starting values: a resume restores the trained head
