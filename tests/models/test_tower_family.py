@@ -57,6 +57,16 @@ def test_partial_k_trains_what_follows_the_blocks():
   assert "Transformer/encoderblock_0/LayerNorm_0/scale" not in trainable
 
 
+@pytest.mark.parametrize("method", ["ssf", "fact_tt"])
+def test_swiglu_towers_refuse_methods_that_change_the_mlp_dense_layers(method):
+  config = checkpoint_fixtures.method_config(method, "dinov2-testg/4", 16)
+  with pytest.raises(errors.UserError, match=rf"^method '{method}' changes the MLP's two Dense "):
+    factory.validate_spec(factory.model_spec(config))
+  # The same method on the GELU MLP is accepted.
+  factory.validate_spec(factory.model_spec(
+      checkpoint_fixtures.method_config(method, "dinov2-test/4", 16)))
+
+
 def test_unknown_variants_name_the_forms():
   with pytest.raises(ValueError, match=r"dinov2-<S\|B\|L\|g>/14\[-reg\]"):
     tower_family.parse_variant("dinov2-Q/14", "dinov2-", "-reg", "dinov2-<S|B|L|g>/14[-reg]")

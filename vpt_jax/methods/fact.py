@@ -101,6 +101,7 @@ class FactFactors(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class FactOptions(common.DropPathHooks):
   """FacT on every block's q/k/v/out and fc1/fc2."""
+  changes_mlp_projections = True
   kind: str = "tt"
   rank: int = 8
   scale: float = 1.0

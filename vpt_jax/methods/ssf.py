@@ -47,6 +47,7 @@ class ScaleShift(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class SsfOptions(common.DropPathHooks):
   """SSF after every linear map and LayerNorm of the ViT."""
+  changes_mlp_projections = True
 
   def projection_output(self, name, inputs, outputs, out_features, num_in_axes, dtype,
                         block=None):

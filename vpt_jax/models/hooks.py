@@ -113,6 +113,9 @@ class Hooks:
 
   # Whether ``pooled_features`` reads the images (then cached features cannot stand in).
   reads_images = False
+  # Whether ``projection_output`` changes the MLP's two Dense layers (Dense_0, Dense_1),
+  # which a SwiGLU FFN (DINOv2-g) does not have: such a backbone refuses the method.
+  changes_mlp_projections = False
 
   def prompt_tokens(self) -> int:
     """How many prompt tokens follow CLS in the output sequence (pooling layout)."""

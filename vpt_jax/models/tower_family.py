@@ -33,6 +33,11 @@ def validate(spec: Mapping[str, Any], method: hooks_lib.Method, decode: Decode) 
     raise errors.UserError(
         f"prompt.pool={spec['pool']!r} is defined for the plain ViT only; {spec['variant']} "
         "pools its own way (CLS or MAP): set --config.prompt.pool=original")
+  if options.ffn == "swiglu" and method.hooks(spec).changes_mlp_projections:
+    raise errors.UserError(
+        f"method {method.name!r} changes the MLP's two Dense layers, which {spec['variant']}'s "
+        "SwiGLU FFN does not have; use a DINOv2 size with the GELU MLP (S, B, L) or another "
+        "method")
   vit_family.validate(dict(spec, variant=vit_variant), method)
 
 
