@@ -1,7 +1,6 @@
 """The package: pyproject.toml agrees with requirements.txt, and a wheel built from
 the checkout installs into a fresh virtual environment and runs from any directory."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -11,6 +10,8 @@ import tomllib
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.suites import test_quickstart
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Build tools: requirements.txt keeps them so that CI can build the wheel offline.
@@ -163,17 +164,12 @@ def test_the_installed_wheel_runs_from_outside_the_checkout(tmp_path):
     # absl ends --help with exit status 1, whatever the program.
     assert "--compilation_cache_dir" in help_text.stdout, help_text.stderr[-3000:]
     assert "vpt_jax:quickstart" in help_text.stdout
-  # The quickstart's :ci variant cut to one run of one epoch in one process (the full
-  # :ci variant runs in tests/suites/test_quickstart.py): configs, the shipped
-  # backbone and the local TFDS builders all come from the installed package.
+  # The quickstart's whole :ci variant: configs, the shipped backbone and the local
+  # TFDS builders all come from the installed package.
   workdir = tmp_path / "quickstart"
-  out = run([os.path.join(venv, "bin", "vpt-jax"), "--config=vpt_jax:quickstart:ci", f"--workdir={workdir}",
-             "--config.run_order=('vpt_deep',)", "--config.workers=1",
-             "--config.base.optim.epochs=1"])
+  out = run([os.path.join(venv, "bin", "vpt-jax"), "--config=vpt_jax:quickstart:ci",
+             f"--workdir={workdir}"])
   assert out.returncode == 0, out.stderr[-3000:]
-  with open(workdir / "results.json") as f:
-    (row,) = json.load(f)
-  assert (row["task"], row["method"]) == ("count", "vpt_deep")
-  assert row["trainable_params"] == 4 * 10 * 64 + 64 * 6 + 6  # nano/8 VPT-deep, 6 classes
+  test_quickstart.check_ci_results(workdir, out.stdout)
   unknown = run([python, "-m", "vpt_jax", "--config=vpt_jax:nope", f"--workdir={workdir}"])
   assert unknown.returncode == 1 and "quickstart" in unknown.stderr

@@ -22,12 +22,9 @@ def test_shipped_backbone_is_small_and_in_the_official_layout():
   assert not [k for k in flat if k.startswith(("head/", "vpt/"))]
 
 
-def test_quickstart_ci_variant(tmp_path):
-  workdir = tmp_path / "quickstart"
-  out = subprocess.run(
-      [sys.executable, "run.py", "--config=configs/quickstart.py:ci", f"--workdir={workdir}"],
-      cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
+def check_ci_results(workdir, stdout: str) -> None:
+  """The :ci variant's five runs, their table and their exports (also run from an
+  installed wheel outside the checkout: tests/integration/test_packaging.py)."""
   with open(workdir / "results.json") as f:
     rows = json.load(f)
   assert [(r["task"], r["method"]) for r in rows] == [
@@ -45,5 +42,21 @@ def test_quickstart_ci_variant(tmp_path):
   assert by_method["vpt_deep"]["trainable_params"] == 4 * 10 * 64 + 64 * 6 + 6
   assert by_method["linear"]["trainable_params"] == 64 * 6 + 6
   assert by_method["full"]["trainable_params"] == 147_520 + 390
-  assert "| count | vpt_deep |" in out.stdout
+  assert "| count | vpt_deep |" in stdout
   assert os.path.exists(workdir / "count" / "vpt_deep" / "export" / "task.json")
+
+
+def test_quickstart_ci_variant_from_the_checkout(tmp_path):
+  # Cut to one run of one epoch in one process: the whole :ci variant runs from an
+  # installed wheel outside the checkout (test_packaging), with check_ci_results.
+  workdir = tmp_path / "quickstart"
+  out = subprocess.run(
+      [sys.executable, "run.py", "--config=configs/quickstart.py:ci", f"--workdir={workdir}",
+       "--config.run_order=('vpt_deep',)", "--config.workers=1", "--config.base.optim.epochs=1"],
+      cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    (row,) = json.load(f)
+  assert (row["task"], row["method"]) == ("count", "vpt_deep")
+  assert row["trainable_params"] == 4 * 10 * 64 + 64 * 6 + 6  # nano/8 VPT-deep, 6 classes
+  assert "| count | vpt_deep |" in out.stdout
