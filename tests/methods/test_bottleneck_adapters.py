@@ -116,15 +116,18 @@ def test_adaptformer_starts_at_the_backbone():
 @pytest.mark.parametrize("hooks", [adapters.HoulsbyOptions(bottleneck=4, dropout=0.5),
                                    adapters.AdapterPlusOptions(bottleneck=4, drop_path=0.5)],
                          ids=["houlsby-dropout", "adapter_plus-drop_path"])
-def test_method_dropout_acts_only_with_a_block_key(hooks):
-  # While training the model hands each block a key (block_inputs); in evaluation none.
+def test_method_dropout_acts_only_while_training(hooks):
+  # While training (the block's drop path on, at rate 0 here) the hooks draw from the
+  # "dropout" rng; in evaluation they change nothing.
   evaluated, params, x = _forward(hooks)
   block, _ = adapter_fixtures.random_block(hooks, x)
-  trained = [np.asarray(block.apply({"params": params}, x, None, None, True,
-                                    {"key": jax.random.key(s), "drop_path": 0.0}))
+  trained = [np.asarray(block.apply({"params": params}, x, None, None, True, None, False,
+                                    rngs={"dropout": jax.random.key(s)}))
              for s in (1, 2)]
   assert not np.allclose(trained[0], evaluated) and not np.allclose(trained[0], trained[1])
-  assert hooks.block_inputs(2, None, np.float32, train=False) is None
+  np.testing.assert_array_equal(
+      block.apply({"params": params}, x, None, None, True, None, True,
+                  rngs={"dropout": jax.random.key(1)}), evaluated)
 
 
 @pytest.mark.parametrize("hooks, rate", [(adapters.HoulsbyOptions(), 0.1),

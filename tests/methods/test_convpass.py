@@ -84,15 +84,21 @@ def test_b16_counts_equal_the_official_logs(bottleneck, expected):
   assert adapter_fixtures.b16_count(hooks, convpass.CONVPASS_PARAMS) == expected
 
 
-def test_dropout_and_drop_path_act_only_with_a_block_key():
+def test_dropout_and_drop_path_act_only_while_training():
   hooks = convpass.ConvpassOptions(bottleneck=D_CONV, dropout=0.0)
   x = adapter_fixtures.tokens()
   block, params = adapter_fixtures.random_block(hooks, x)
+  # Zero frozen attention and MLP branches: their own drop path cannot change the output,
+  # so only the bypasses' drop path (at this block's rate) can.
+  params = trees.unflatten({
+      p: (np.zeros_like(v) if p.startswith(("MultiHeadDotProductAttention_0/out",
+                                            "MlpBlock_0/Dense_1")) else v)
+      for p, v in trees.flatten(params).items()})
   evaluated = block.apply({"params": params}, x)
   train = lambda rate, options=hooks: vit_blocks.Encoder1DBlock(
-      adapter_fixtures.MLP, adapter_fixtures.HEADS, hooks=options).apply(
-          {"params": params}, x, None, None, True, {"key": jax.random.key(1), "drop_path": rate})
-  # The bypasses' own drop path at this block's rate (the frozen branches' is the block's).
+      adapter_fixtures.MLP, adapter_fixtures.HEADS, drop_path_rate=rate, hooks=options).apply(
+          {"params": params}, x, None, None, True, None, False,
+          rngs={"dropout": jax.random.key(1)})
   np.testing.assert_array_equal(train(0.0), evaluated)
   assert not np.allclose(train(0.5), evaluated)
   assert not np.allclose(train(0.0, convpass.ConvpassOptions(bottleneck=D_CONV)), evaluated)

@@ -1,10 +1,10 @@
 """Pieces the bottleneck-adapter methods share: inits, activations, method dropout.
 
-The adapters' own dropout (and Adapter+'s drop path) is active only while
-training, but block hooks do not see the train flag; so a method that needs
-it hands every block a dropout key through ``Hooks.block_inputs`` (present
-only when training) and its hooks draw from that key (``dropout``,
-``drop_path``), which changes nothing in evaluation.
+The adapters' own dropout (and Adapter+'s and Convpass's drop path) is active
+only while training: ``StochasticHooks`` switches the backbone's stochastic
+depth on whenever training, so the blocks hand their hooks
+``BlockContext.train`` (and the block's ramped ``drop_path`` rate), as
+``reparam_common.DropPathHooks`` does for the re-parameterisable methods.
 """
 
 from __future__ import annotations
@@ -59,89 +59,45 @@ ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
                "quick_gelu": quick_gelu}
 
 
-class DropoutKeys(nn.Module):
-  """One dropout key per block, (depth,) keys drawn from the "dropout" rng."""
-  depth: int
-
-  @nn.compact
-  def __call__(self):
-    return jax.random.split(self.make_rng("dropout"), self.depth)
-
-
 @dataclasses.dataclass(frozen=True)
 class StochasticHooks(hooks_lib.Hooks):
   """The adapters' training-time randomness: their own dropout and the backbone's drop path.
 
-  ``rate_field`` names the subclass's field holding its adapter dropout (or
-  drop-path) rate. ``backbone_drop_path`` is the official codes' stochastic
-  depth on the frozen branches while training (timm's linear ramp over the
-  blocks, 0 at the first). While training, block l gets ``{"key": its dropout
-  key, "drop_path": its ramped rate}`` as ``BlockContext.inputs``; in
-  evaluation nothing.
+  ``backbone_drop_path`` is the official codes' stochastic depth on the frozen
+  branches while training (timm's linear ramp over the blocks, 0 at the
+  first). It is switched on whenever training (at rate 0 it drops nothing),
+  so the block hooks see ``BlockContext.train`` for the adapters' own dropout.
   """
   backbone_drop_path: float = 0.0
-  rate_field = "dropout"
-
-  @property
-  def stochastic_rate(self) -> float:
-    return getattr(self, self.rate_field)
 
   def stochastic_depth(self, rate, deterministic, *, train):
-    if self.backbone_drop_path <= 0:
-      return rate, deterministic
+    del rate, deterministic  # the method's own, whenever training
     return self.backbone_drop_path, not train
 
-  def block_inputs(self, batch_size, geometry, dtype, *, train):
-    del batch_size, dtype
-    if not train or max(self.stochastic_rate, self.backbone_drop_path) <= 0:
-      return None
-    ramp = jnp.arange(geometry.depth) / max(geometry.depth - 1, 1)
-    return {"key": DropoutKeys(geometry.depth, name="adapter_dropout")(),
-            "drop_path": self.backbone_drop_path * ramp}
 
-
-def block_key(block: hooks_lib.BlockContext):
-  """This block's dropout key while training, None in evaluation."""
-  return None if block.inputs is None else block.inputs["key"]
-
-
-def _scaled_keep(x, rate, key, shape):
-  keep = jax.random.bernoulli(key, 1.0 - rate, shape)
-  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
-
-
-def dropout(x, rate: float, key, site: int):
-  """Inverted dropout of x with this block's ``key`` (None = evaluation: x unchanged)."""
-  if key is None or rate <= 0:
-    return x
-  return _scaled_keep(x, jnp.asarray(rate), jax.random.fold_in(key, site), x.shape)
-
-
-def drop_path(x, rate, key, site: int):
+def drop_path(x, rate: float, train: bool):
   """Stochastic depth: per example, x is zeroed with probability ``rate`` (else scaled).
 
-  ``rate`` may be traced (a block's ramped rate); key None = evaluation: x unchanged.
+  Call it inside a module's ``@nn.compact`` method; draws from the "dropout"
+  rng while ``train``, else x unchanged.
   """
-  if key is None or (isinstance(rate, (int, float)) and rate <= 0):
-    return x
-  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-  return _scaled_keep(x, jnp.asarray(rate), jax.random.fold_in(key, site), shape)
+  return nn.Dropout(rate, broadcast_dims=tuple(range(1, x.ndim)))(x, deterministic=not train)
 
 
 def bottleneck(x, features: int, activation: str, init: str, dropout_rate: float = 0.0,
-               key=None, site: int = 0, dtype=jnp.float32):
+               train: bool = False, dtype=jnp.float32):
   """Up(dropout(act(Down(x)))): (..., D) -> (..., D), D -> ``features`` -> D.
 
   Call it inside a module's ``@nn.compact`` method: it adds that module's
   ``down/{kernel,bias}`` and ``up/{kernel,bias}``, initialised by ``init``
   (INITS); ``activation`` a key of ACTIVATIONS; dropout on the bottleneck
-  activations at ``dropout_rate`` when a key is given.
+  activations at ``dropout_rate`` while ``train``.
   """
   width = x.shape[-1]
   down_kernel, down_bias, up_kernel, up_bias = projection_inits(init, width)
   h = nn.Dense(features, dtype=dtype, name="down", kernel_init=down_kernel,
                bias_init=down_bias)(x)
-  h = dropout(ACTIVATIONS[activation](h), dropout_rate, key, site)
+  h = nn.Dropout(dropout_rate)(ACTIVATIONS[activation](h), deterministic=not train)
   return nn.Dense(width, dtype=dtype, name="up", kernel_init=up_kernel, bias_init=up_bias)(h)
 
 
@@ -154,9 +110,9 @@ class Bottleneck(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, key=None, site: int = 0):
-    return bottleneck(x, self.features, self.activation, self.init, self.dropout_rate, key,
-                      site, self.dtype)
+  def __call__(self, x, train: bool = False):
+    return bottleneck(x, self.features, self.activation, self.init, self.dropout_rate, train,
+                      self.dtype)
 
 
 def check_bottleneck(section: str, features: int, width: int) -> None:

@@ -31,7 +31,7 @@ While training, ``backbone_drop_path`` is the official codes' stochastic
 depth on the frozen branches (linear over the blocks): 0.1 for Houlsby (OSU's
 drop_path_rate, on the attention/MLP branch with its adapter) and Adapter+
 (its vit.drop_path), 0 for AdaptFormer (main_image.py's default); the
-adapters' own randomness reaches the blocks as keys (``adapter_parts``).
+adapters' own dropout acts while training (``adapter_parts``).
 AdaptFormer's "learnable_scalar" scale is not offered.
 """
 
@@ -61,16 +61,16 @@ class HoulsbyOptions(adapter_parts.StochasticHooks):
   dropout: float = 0.1
   backbone_drop_path: float = 0.1
 
-  def _adapt(self, branch, block, name, site):
+  def _adapt(self, branch, block, name):
     adapter = adapter_parts.Bottleneck(self.bottleneck, "relu", "xavier", self.dropout,
                                        dtype=block.dtype, name=name)
-    return branch + adapter(branch, adapter_parts.block_key(block), site) * jnp.asarray(self.scale, branch.dtype)
+    return branch + adapter(branch, block.train) * jnp.asarray(self.scale, branch.dtype)
 
   def attention_branch(self, branch, x, block):
-    return self._adapt(branch, block, "houlsby_attention", 0)
+    return self._adapt(branch, block, "houlsby_attention")
 
   def mlp_branch(self, branch, block):
-    return self._adapt(branch, block, "houlsby_mlp", 1)
+    return self._adapt(branch, block, "houlsby_mlp")
 
 
 class AdaptFormerBranch(nn.Module):
@@ -82,11 +82,11 @@ class AdaptFormerBranch(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, key=None):
+  def __call__(self, x, train: bool = False):
     layer_norm = nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")
     if self.norm == "in":
       x = layer_norm(x)
-    up = adapter_parts.bottleneck(x, self.bottleneck, "relu", "lora", self.dropout, key,
+    up = adapter_parts.bottleneck(x, self.bottleneck, "relu", "lora", self.dropout, train,
                                   dtype=self.dtype)
     up = up * jnp.asarray(self.scale, up.dtype)
     return layer_norm(up) if self.norm == "out" else up
@@ -103,7 +103,7 @@ class AdaptFormerOptions(adapter_parts.StochasticHooks):
   def mlp_parallel(self, normed, x, block):
     del normed  # the official branch reads the un-normalised stream
     return AdaptFormerBranch(self.bottleneck, self.scale, self.norm, self.dropout,
-                             dtype=block.dtype, name="adaptformer")(x, adapter_parts.block_key(block))
+                             dtype=block.dtype, name="adaptformer")(x, block.train)
 
 
 class AdapterPlus(nn.Module):
@@ -113,10 +113,10 @@ class AdapterPlus(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, key=None):
+  def __call__(self, x, train: bool = False):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     h = adapter_parts.bottleneck(x, self.bottleneck, "gelu", "houlsby", dtype=self.dtype)
-    return adapter_parts.drop_path(h, self.drop_path, key, 0) * scale.astype(h.dtype)
+    return adapter_parts.drop_path(h, self.drop_path, train) * scale.astype(h.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +125,10 @@ class AdapterPlusOptions(adapter_parts.StochasticHooks):
   bottleneck: int = 8
   drop_path: float = 0.1
   backbone_drop_path: float = 0.1
-  rate_field = "drop_path"
 
   def block_output(self, x, block):
     return x + AdapterPlus(self.bottleneck, self.drop_path, dtype=block.dtype,
-                           name="adapter_plus")(x, adapter_parts.block_key(block))
+                           name="adapter_plus")(x, block.train)
 
 
 def _read_houlsby(config) -> base.Settings:

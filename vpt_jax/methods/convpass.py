@@ -60,11 +60,10 @@ class Convpass(nn.Module):
   bottleneck: int
   conv_init: str = "identity"
   dropout: float = 0.1
-  backbone_drop_path: float = 0.1
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, y, key=None, site: int = 0):
+  def __call__(self, y, train: bool = False):
     batch, num_tokens, width = y.shape
     side = token_grid(num_tokens)
     down_kernel, down_bias, up_kernel, up_bias = adapter_parts.projection_inits(
@@ -80,7 +79,7 @@ class Convpass(nn.Module):
     if side:
       patches = conv(h[:, 1:].reshape(batch, side, side, self.bottleneck))
       cls = jnp.concatenate([cls, patches.reshape(batch, side * side, -1)], axis=1)
-    h = adapter_parts.dropout(adapter_parts.quick_gelu(cls), self.dropout, key, site)
+    h = nn.Dropout(self.dropout)(adapter_parts.quick_gelu(cls), deterministic=not train)
     return nn.Dense(width, dtype=self.dtype, name="up", kernel_init=up_kernel,
                     bias_init=up_bias)(h)
 
@@ -94,19 +93,18 @@ class ConvpassOptions(adapter_parts.StochasticHooks):
   dropout: float = 0.1
   backbone_drop_path: float = 0.1
 
-  def _bypass(self, normed, block, name, site):
-    key = adapter_parts.block_key(block)
+  def _bypass(self, normed, block, name):
     bypass = Convpass(self.bottleneck, self.conv_init, self.dropout, dtype=block.dtype,
-                      name=name)(normed, key, site)
-    if key is not None:  # its own drop path, independent of the frozen branch's
-      bypass = adapter_parts.drop_path(bypass, block.inputs["drop_path"], key, site + 2)
+                      name=name)(normed, block.train)
+    # Its own drop path at the block's rate, drawn independently of the frozen branch's.
+    bypass = adapter_parts.drop_path(bypass, block.drop_path, block.train)
     return bypass * jnp.asarray(self.scale, bypass.dtype)
 
   def attention_parallel(self, normed, x, block):
-    return self._bypass(normed, block, "convpass_attention", 0)
+    return self._bypass(normed, block, "convpass_attention")
 
   def mlp_parallel(self, normed, x, block):
-    return self._bypass(normed, block, "convpass_mlp", 1)
+    return self._bypass(normed, block, "convpass_mlp")
 
 
 def _read_settings(config) -> base.Settings:

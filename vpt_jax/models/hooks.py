@@ -99,12 +99,16 @@ class BlockContext(NamedTuple):
     inputs: this block's slice of ``Hooks.block_inputs`` (None without).
     dtype: the block's compute dtype.
     train: the method's own dropout is on: training with the stochastic
-      depth the method's ``stochastic_depth`` switched on.
+      depth the method's ``stochastic_depth`` switched on (its hooks draw
+      from the "dropout" rng, e.g. with ``nn.Dropout``).
+    drop_path: this block's drop-path rate (timm's linear ramp over the
+      blocks), for a method that drops its own branches as the block does.
   """
   attention: Callable[..., Any]
   inputs: Any
   dtype: Any
   train: bool = False
+  drop_path: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,7 +156,8 @@ class Encoder1DBlock(nn.Module):
                           attention_kernel=self.attention_kernel,
                           name="MultiHeadDotProductAttention_0")
     context = hooks_lib.BlockContext(attention, method_inputs, self.dtype,
-                                     train=not drop_path_deterministic)
+                                     train=not drop_path_deterministic,
+                                     drop_path=self.drop_path_rate)
 
     def drop_path(branch):
       # Broadcast over tokens and channels: one keep/drop decision per example.
