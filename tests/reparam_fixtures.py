@@ -11,6 +11,8 @@ import re
 import numpy as np
 
 import checkpoint_fixtures as fixtures
+import numpy_reparam
+import tolerances
 from vpt_jax.methods import registry
 from vpt_jax.models import vit
 from vpt_jax.params import trees
@@ -24,6 +26,18 @@ def _hooks(method: str, settings: dict):
 def tiny_model(method: str, settings: dict):
   """The tiny test ViT with ``method``'s hooks built from ``settings`` (its spec section)."""
   return vit.VisionTransformer(**fixtures.TINY_VIT, hooks=_hooks(method, settings))
+
+
+def assert_matches_numpy(model, **reference_options) -> None:
+  """``model`` on random parameters and images equals ``numpy_reparam.vit_forward``.
+
+  ``reference_options``: the reference's method scales (e.g. ``fact_scale``).
+  """
+  params = fixtures.random_params(model)  # every leaf random, so no update is zero
+  images = fixtures.uniform_images()
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, images)),
+                             numpy_reparam.vit_forward(params, images, **reference_options),
+                             **tolerances.FORWARD_VS_NUMPY)
 
 
 def b16_count(method: str, settings: dict, pattern: str) -> int:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-import checkpoint_fixtures as fixtures
-import numpy_reparam
 import reparam_fixtures
-import tolerances
 from vpt_jax.methods import base
 from vpt_jax.methods import difffit
 from vpt_jax.methods import reparam_common
@@ -18,12 +14,7 @@ SETTINGS = {"drop_path": 0.1}
 
 @pytest.mark.numerics
 def test_difffit_matches_numpy_reference():
-  model = reparam_fixtures.tiny_model("difffit", SETTINGS)
-  params = fixtures.random_params(model)
-  images = fixtures.uniform_images()
-  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, images)),
-                             numpy_reparam.vit_forward(params, images),
-                             **tolerances.FORWARD_VS_NUMPY)
+  reparam_fixtures.assert_matches_numpy(reparam_fixtures.tiny_model("difffit", SETTINGS))
 
 
 def test_counts_at_vit_b16():

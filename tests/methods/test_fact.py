@@ -9,10 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import checkpoint_fixtures as fixtures
-import numpy_reparam
 import reparam_fixtures
-import tolerances
 from vpt_jax.methods import fact
 from vpt_jax.protocol import hparams
 
@@ -22,12 +19,9 @@ SETTINGS = {"rank": 3, "scale": 1.7, "dropout": 0.1, "drop_path": 0.1}
 @pytest.mark.numerics
 @pytest.mark.parametrize("method", ["fact_tt", "fact_tk"])
 def test_fact_matches_numpy_reference(method):
-  model = reparam_fixtures.tiny_model(method, SETTINGS)
-  params = fixtures.random_params(model)  # V random too, so the update is not zero
-  images = fixtures.uniform_images()
-  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, images)),
-                             numpy_reparam.vit_forward(params, images, fact_scale=1.7),
-                             **tolerances.FORWARD_VS_NUMPY)
+  # V random too, so the update is not zero.
+  reparam_fixtures.assert_matches_numpy(reparam_fixtures.tiny_model(method, SETTINGS),
+                                        fact_scale=1.7)
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,10 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import checkpoint_fixtures as fixtures
-import numpy_reparam
 import reparam_fixtures
-import tolerances
 from vpt_jax.methods import repadapter
 
 SETTINGS = {"dim": 4, "groups": 2, "scale": 0.7, "dropout": 0.1, "drop_path": 0.1}
@@ -18,12 +15,8 @@ SETTINGS = {"dim": 4, "groups": 2, "scale": 0.7, "dropout": 0.1, "drop_path": 0.
 
 @pytest.mark.numerics
 def test_repadapter_matches_numpy_reference():
-  model = reparam_fixtures.tiny_model("repadapter", SETTINGS)
-  params = fixtures.random_params(model)
-  images = fixtures.uniform_images()
-  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, images)),
-                             numpy_reparam.vit_forward(params, images, repadapter_scale=0.7),
-                             **tolerances.FORWARD_VS_NUMPY)
+  reparam_fixtures.assert_matches_numpy(reparam_fixtures.tiny_model("repadapter", SETTINGS),
+                                        repadapter_scale=0.7)
 
 
 def test_count_at_vit_b16():

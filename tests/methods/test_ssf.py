@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 
 import checkpoint_fixtures as fixtures
-import numpy_reparam
 import reparam_fixtures
-import tolerances
 from vpt_jax.methods import ssf
 from vpt_jax.models import vit
 from vpt_jax.params import trees
 
 pytestmark = pytest.mark.numerics
-
-TOLERANCE = tolerances.FORWARD_VS_NUMPY
 
 
 def _model():
@@ -25,11 +21,7 @@ def _model():
 
 
 def test_ssf_matches_numpy_reference():
-  model = _model()
-  params = fixtures.random_params(model)
-  images = fixtures.uniform_images()
-  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, images)),
-                             numpy_reparam.vit_forward(params, images), **TOLERANCE)
+  reparam_fixtures.assert_matches_numpy(_model())
 
 
 def test_ssf_placement():
