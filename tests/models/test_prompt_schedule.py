@@ -23,7 +23,6 @@ def test_default_deep_with_and_without_dead_work_skipping():
   assert steps[-1] == B(False, 2, "insert")
   steps = ps.schedule(PLAN(), 3, 3, outputs_read=False, skip_dead_work=False)
   assert steps == (B(False, 0, "insert"), B(True, 1, "insert"), B(True, 2, "insert"))
-  assert ps.prompts_at_end(steps)
 
 
 def test_shallow_and_first_k_blocks_keep_the_prompts_travelling():
@@ -31,14 +30,12 @@ def test_shallow_and_first_k_blocks_keep_the_prompts_travelling():
       B(False, 0, "insert"), B(), B())
   steps = ps.schedule(PLAN(layers=(0, 1)), 2, 4, outputs_read=False, skip_dead_work=True)
   assert steps == (B(False, 0, "kv"), B(False, 1, "insert"), B(), B())
-  assert ps.prompts_at_end(steps)
 
 
 def test_noexpand_removes_the_prompts_and_reverse_overwrites_patches():
   steps = ps.schedule(PLAN(layers=(0, 1), remove_at=2), 2, 4, outputs_read=False,
                       skip_dead_work=False)
   assert steps == (B(False, 0, "insert"), B(True, 1, "insert"), B(True), B())
-  assert not ps.prompts_at_end(steps)
   # With skipping, block 1's prompts are keys/values only: nothing to remove.
   steps = ps.schedule(PLAN(layers=(0, 1), remove_at=2), 2, 4, outputs_read=False,
                       skip_dead_work=True)

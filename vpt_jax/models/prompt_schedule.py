@@ -110,10 +110,3 @@ def apply(x, step: BlockPrompts, prompts, num_prompts: int, prefix: int = 1):
     return x, inserted
   return jnp.concatenate([x[:, :prefix], inserted, x[:, prefix:]], axis=1), None
 
-
-def prompts_at_end(steps: tuple[BlockPrompts, ...]) -> bool:
-  """Whether the prompt outputs of the last block are in the output sequence."""
-  in_sequence = False
-  for step in steps:
-    in_sequence = (in_sequence and not step.drop_rows) or step.how == "insert"
-  return in_sequence
