@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpt_jax import errors
+from vpt_jax.models import attention_kernels
 from vpt_jax.models import vit_options
 
 LAYER_NORM_EPSILON = 1e-5
@@ -104,11 +105,10 @@ def _attention(x, p: Mapping, num_heads: int, causal: bool):
   qkv = x @ p["attn.in_proj_weight"].T + p["attn.in_proj_bias"]
   q, k, v = (t.reshape(batch, length, num_heads, width // num_heads)
              for t in jnp.split(qkv, 3, axis=-1))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(width // num_heads)
-  if causal:
-    logits = jnp.where(np.tril(np.ones((length, length), bool)), logits, -jnp.inf)
-  weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
+  # Causal: token t sees tokens <= t (an additive -inf bias on the logits above the diagonal).
+  bias = (jnp.where(np.tril(np.ones((1, 1, length, length), bool)), 0.0, -jnp.inf)
+          if causal else None)
+  out = attention_kernels.attend(q, k, v, bias=bias).reshape(batch, length, width)
   return out @ p["attn.out_proj.weight"].T + p["attn.out_proj.bias"]
 
 
