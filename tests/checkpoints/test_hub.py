@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import types
 
 import numpy as np
 import pytest
@@ -97,3 +98,32 @@ def test_uncached_file_is_named(offline_cache, tmp_path):
   hub_fixtures.hub_cache(offline_cache, "org/partial", files)
   with pytest.raises(errors.UserError, match=r"shard model-00001-of-00002.safetensors"):
     hub.local_path("hf://org/partial")
+
+
+def test_a_reference_is_resolved_once_until_its_file_goes(tmp_path, monkeypatch):
+  """The config check, the loading and the fingerprint of a run ask the hub once."""
+  cached = tmp_path / "model.safetensors"
+  cached.write_bytes(b"weights")
+  calls = []
+
+  def download(repo_id, filename, revision=None):
+    calls.append((repo_id, filename, revision))
+    return str(cached)
+
+  fake_errors = types.SimpleNamespace(EntryNotFoundError=KeyError,
+                                      LocalEntryNotFoundError=KeyError,
+                                      RepositoryNotFoundError=LookupError)
+  fake = types.SimpleNamespace(
+      hf_hub_download=download, errors=fake_errors,
+      constants=types.SimpleNamespace(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE=False))
+  monkeypatch.setattr(hub, "_hub", lambda: fake)
+  monkeypatch.setattr(hub, "_RESOLVED", {})
+  reference = "hf://org/resolve-once"
+  assert [hub.local_path(reference) for _ in range(3)] == [str(cached)] * 3
+  assert calls == [("org/resolve-once", "model.safetensors", None)]
+  fake.constants.HF_HUB_CACHE = str(tmp_path / "other")  # another cache: asked again
+  hub.local_path(reference)
+  assert len(calls) == 2
+  cached.unlink()  # the file went (a cleaned cache): asked again
+  hub.local_path(reference)
+  assert len(calls) == 3

@@ -72,3 +72,14 @@ def test_unknown_variants_name_the_forms():
     tower_family.parse_variant("dinov2-Q/14", "dinov2-", "-reg", "dinov2-<S|B|L|g>/14[-reg]")
   with pytest.raises(errors.UserError, match="prompt.pool=original"):
     factory.validate_spec(tw.tower_spec("vpt_shallow", "siglip-test/4", 16, pool="prompt_pool"))
+
+
+def test_tower_state_takes_the_prefixed_tower_or_prefixes_a_bare_one():
+  two_towers = {"visual.conv1.weight": 1, "visual.proj": 2, "token_embedding.weight": 3}
+  assert tower_family.tower_state(two_towers, "visual.", "conv1.weight") == {
+      "visual.conv1.weight": 1, "visual.proj": 2}
+  bare = {"conv1.weight": 1, "proj": 2}
+  assert tower_family.tower_state(bare, "visual.", "conv1.weight") == {
+      "visual.conv1.weight": 1, "visual.proj": 2}
+  # Neither the prefix nor the bare tower's key: nothing (the layout check names what is missing).
+  assert tower_family.tower_state({"token_embedding.weight": 3}, "visual.", "conv1.weight") == {}

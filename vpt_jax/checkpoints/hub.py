@@ -27,6 +27,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "open_clip_pytorch_model.bin")
 _REFERENCE = re.compile(r"hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+?))?(?:/([^@]+))?")
 INSTALL_HINT = "pip install huggingface_hub"
+# {(reference, the hub's cache folder, offline): local file}. One run resolves its
+# reference several times (the config check, the loading, the backbone fingerprint):
+# online each is a request to the hub, and a moving revision ("main") must not give
+# the fingerprint a different file than the one loaded.
+_RESOLVED: dict[tuple[str, str, bool], str] = {}
 
 
 def is_hub_reference(path) -> bool:
@@ -55,6 +60,7 @@ def parse_reference(reference: str) -> tuple[str, str | None, str]:
 def _hub():
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
+    import huggingface_hub.constants  # pylint: disable=g-import-not-at-top,unused-import
     import huggingface_hub.errors  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise errors.UserError(
@@ -87,14 +93,25 @@ def _with_shards(hub, repo_id: str, index_name: str, index_path: str, revision) 
 def local_path(path: str) -> str:
   """``path`` itself, or the local file an ``hf://`` reference resolves to.
 
+  Resolved once per process (and hub cache folder and offline mode); again
+  only if that file has gone since.
+
   Raises:
     UserError: huggingface_hub is missing, or neither the hub nor the cache
       (offline) has the file (the message names the files tried).
   """
   if not is_hub_reference(path):
     return path
-  repo_id, revision, filename = parse_reference(path)
+  parsed = parse_reference(path)  # a malformed reference fails before the package is needed
   hub = _hub()
+  key = (path, str(hub.constants.HF_HUB_CACHE), bool(hub.constants.HF_HUB_OFFLINE))
+  if key not in _RESOLVED or not os.path.exists(_RESOLVED[key]):
+    _RESOLVED[key] = _resolve(hub, path, *parsed)
+  return _RESOLVED[key]
+
+
+def _resolve(hub, path: str, repo_id: str, revision, filename: str) -> str:
+  """The hub's (or its cache's) file for the reference ``path`` (see ``local_path``)."""
   for candidate in (filename,) if filename else WEIGHT_FILES:
     try:
       found = _download(hub, repo_id, candidate, revision)

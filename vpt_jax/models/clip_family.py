@@ -89,13 +89,9 @@ def _layout(variant: str) -> dict:
 
 def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.ndarray]:
   """A CLIP state dict's image tower (``visual.*``) -> the model's flat keys (strict)."""
-  arrays = {key: value for key, value in state_dict.items() if key.startswith(_PREFIX)}
-  if not arrays and "conv1.weight" in state_dict:  # a bare image tower's state dict
-    arrays = {_PREFIX + key: value for key, value in state_dict.items()}
-  layout = _layout(variant)
-  size = tower_family.size_of(variant, decode)
-  torch_vit_layout.check_torch_layout(arrays, layout, variant, size, _HINT)
-  return torch_vit_layout.converted_arrays(arrays, layout, size)
+  arrays = tower_family.tower_state(state_dict, _PREFIX, bare_key="conv1.weight")
+  return torch_vit_layout.checked_conversion(
+      arrays, _layout(variant), variant, tower_family.size_of(variant, decode), _HINT)
 
 
 # partial-k also trains what follows the blocks: ln_post and proj.

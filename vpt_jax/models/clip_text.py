@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vpt_jax import errors
+from vpt_jax.models import attention_kernels
+from vpt_jax.models import vit_options
 
 LAYER_NORM_EPSILON = 1e-5
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")  # vit_options.activate computes each
 POOLS = ("end_token", "last")
 # Per-block arrays, under "transformer.resblocks.{i}.".
 BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
@@ -97,23 +99,16 @@ def _layer_norm(x, weight, bias, epsilon):
   return (x - mean) * jax.lax.rsqrt(var + epsilon) * weight + bias
 
 
-def _activation(x, name: str):
-  if name == "quick_gelu":
-    return x * jax.nn.sigmoid(1.702 * x)
-  return jax.nn.gelu(x, approximate=name == "gelu_tanh")
-
-
 def _attention(x, p: Mapping, num_heads: int, causal: bool):
   """(Causal) multi-head self-attention of (B, L, W) as torch's nn.MultiheadAttention."""
   batch, length, width = x.shape
   qkv = x @ p["attn.in_proj_weight"].T + p["attn.in_proj_bias"]
   q, k, v = (t.reshape(batch, length, num_heads, width // num_heads)
              for t in jnp.split(qkv, 3, axis=-1))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(width // num_heads)
-  if causal:
-    logits = jnp.where(np.tril(np.ones((length, length), bool)), logits, -jnp.inf)
-  weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
+  # Causal: token t sees tokens <= t (an additive -inf bias on the logits above the diagonal).
+  bias = (jnp.where(np.tril(np.ones((1, 1, length, length), bool)), 0.0, -jnp.inf)
+          if causal else None)
+  out = attention_kernels.attend(q, k, v, bias=bias).reshape(batch, length, width)
   return out @ p["attn.out_proj.weight"].T + p["attn.out_proj.bias"]
 
 
@@ -142,7 +137,7 @@ def encode_text(arrays: Mapping[str, jax.Array], tokens: jax.Array, *, num_heads
     h = _layer_norm(x, p["ln_1.weight"], p["ln_1.bias"], epsilon)
     x = x + _attention(h, p, num_heads, causal)
     h = _layer_norm(x, p["ln_2.weight"], p["ln_2.bias"], epsilon)
-    h = _activation(h @ p["mlp.c_fc.weight"].T + p["mlp.c_fc.bias"], activation)
+    h = vit_options.activate(h @ p["mlp.c_fc.weight"].T + p["mlp.c_fc.bias"], activation)
     x = x + h @ p["mlp.c_proj.weight"].T + p["mlp.c_proj.bias"]
   x = _layer_norm(x, arrays["ln_final.weight"], arrays["ln_final.bias"], epsilon)
   # CLIP: the end-of-text token, the highest id of its vocabulary; SigLIP: the last position.

@@ -83,10 +83,8 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
   """An official DINOv2 state dict -> the model's flat keys (strict; see the module)."""
   arrays = {key: value for key, value in state_dict.items()
             if key != "mask_token" and not key.startswith("head.")}
-  layout = _layout(variant)
-  size = tower_family.size_of(variant, decode)
-  torch_vit_layout.check_torch_layout(arrays, layout, variant, size, _HINT)
-  return torch_vit_layout.converted_arrays(arrays, layout, size)
+  return torch_vit_layout.checked_conversion(
+      arrays, _layout(variant), variant, tower_family.size_of(variant, decode), _HINT)
 
 
 FAMILIES = {"dinov2": tower_family.make_family("dinov2", decode, convert_torch)}

@@ -123,14 +123,11 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
   """transformers' SigLIP state dict (``vision_model.*``, or a bare vision tower's
   ``embeddings.*``/``encoder.*``/``head.*``; the text tower and
   ``logit_scale``/``logit_bias`` are dropped) -> the model's flat keys (strict)."""
-  arrays = {key: value for key, value in state_dict.items() if key.startswith(_HF)}
-  if not arrays and "embeddings.patch_embedding.weight" in state_dict:
-    # A bare SiglipVisionTransformer's state dict (no "vision_model." prefix).
-    arrays = {_HF + key: value for key, value in state_dict.items()}
-  layout = _hf_layout(variant)
-  size = tower_family.size_of(variant, decode)
-  torch_vit_layout.check_torch_layout(arrays, layout, variant, size, _HINT)
-  return torch_vit_layout.converted_arrays(arrays, layout, size)
+  # A bare SiglipVisionTransformer's state dict has no "vision_model." prefix.
+  arrays = tower_family.tower_state(state_dict, _HF,
+                                    bare_key="embeddings.patch_embedding.weight")
+  return torch_vit_layout.checked_conversion(
+      arrays, _hf_layout(variant), variant, tower_family.size_of(variant, decode), _HINT)
 
 
 # partial-k also trains what follows the blocks: the final norm and the MAP head.

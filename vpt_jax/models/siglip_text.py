@@ -41,13 +41,6 @@ def is_siglip(flat: Mapping[str, np.ndarray]) -> bool:
 
 def to_clip_names(flat: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
   """The text arrays of a SigLIP state dict under ``clip_text``'s names (checked there)."""
-  out = {ours: flat[PREFIX + theirs] for theirs, ours in TOP_NAMES.items()
-         if PREFIX + theirs in flat}
-  if PREFIX + "head.weight" in flat:  # Linear (E, W) -> x @ (W, E)
-    out["text_projection"] = np.asarray(flat[PREFIX + "head.weight"]).T
-  for key in clip_text.SCALARS:
-    if key in flat:
-      out[key] = flat[key]
   layers = sorted({int(m.group(1)) for key in flat
                    for m in [re.match(rf"{PREFIX}encoder\.layers\.(\d+)\.", key)] if m})
   block = [f"{t}.{n}" for t in [*BLOCK_NAMES, *(f"self_attn.{p}_proj" for p in "qkv")]
@@ -59,13 +52,15 @@ def to_clip_names(flat: Mapping[str, np.ndarray], source: str) -> dict[str, np.n
     raise clip_text.TextTowerError(
         f"{source} lacks SigLIP's text {missing[0] if missing else 'encoder.layers.0.*'!r}; "
         "pass a transformers SigLIP checkpoint (google/siglip-*) or a CLIP one")
+  # Every key below is present: the check above named each one.
+  out = {ours: flat[PREFIX + theirs] for theirs, ours in TOP_NAMES.items()}
+  out["text_projection"] = np.asarray(flat[PREFIX + "head.weight"]).T  # Linear (E, W) -> (W, E)
+  out.update({key: flat[key] for key in clip_text.SCALARS if key in flat})
   for i in layers:
     theirs, ours = f"{PREFIX}encoder.layers.{i}.", f"{clip_text.BLOCK_PREFIX}{i}."
     for name in ("weight", "bias"):
       for t, o in BLOCK_NAMES.items():
-        if f"{theirs}{t}.{name}" in flat:
-          out[f"{ours}{o}.{name}"] = flat[f"{theirs}{t}.{name}"]
-      parts = [f"{theirs}self_attn.{p}_proj.{name}" for p in "qkv"]
-      if all(part in flat for part in parts):
-        out[f"{ours}attn.in_proj_{name}"] = np.concatenate([flat[p] for p in parts])
+        out[f"{ours}{o}.{name}"] = flat[f"{theirs}{t}.{name}"]
+      out[f"{ours}attn.in_proj_{name}"] = np.concatenate(
+          [flat[f"{theirs}self_attn.{p}_proj.{name}"] for p in "qkv"])
   return clip_text.text_arrays(out, f"{source} (SigLIP text_model.*)")

@@ -71,6 +71,13 @@ def check_torch_layout(arrays: Mapping[str, Any], layout: dict, variant: str,
     raise npz_lib.CheckpointMismatchError("\n".join(lines), missing, unexpected, mismatched)
 
 
+def checked_conversion(arrays: Mapping[str, Any], layout: dict, variant: str,
+                       size: vit_variants.ViTSize, hint: str) -> dict[str, np.ndarray]:
+  """``check_torch_layout`` then ``converted_arrays``: what every family's converter ends with."""
+  check_torch_layout(arrays, layout, variant, size, hint)
+  return converted_arrays(arrays, layout, size)
+
+
 def _split_fused(ours: str, value: np.ndarray, size: vit_variants.ViTSize) -> dict:
   """A fused q|k|v weight (3D, D) or bias (3D,) -> the three per-head arrays."""
   width = size.width

@@ -68,6 +68,15 @@ def size_of(variant: str, decode: Decode) -> vit_variants.ViTSize:
   return vit_variants.decode_variant(decode(variant)[0])[0]
 
 
+def tower_state(state_dict: Mapping[str, Any], prefix: str, bare_key: str) -> dict[str, Any]:
+  """The image tower's ``prefix``* entries of a two-tower state dict; a bare tower's
+  state dict (it holds ``bare_key`` unprefixed) gets ``prefix`` added to every key."""
+  arrays = {key: value for key, value in state_dict.items() if key.startswith(prefix)}
+  if not arrays and bare_key in state_dict:
+    arrays = {prefix + key: value for key, value in state_dict.items()}
+  return arrays
+
+
 def parse_variant(variant: str, prefix: str, suffix: str, usage: str) -> tuple[str, bool]:
   """"<prefix><size>/<patch>[<suffix>]" -> ("<size>/<patch>", whether the suffix is there).
 

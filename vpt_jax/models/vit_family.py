@@ -168,8 +168,7 @@ def convert_torch(state_dict: Mapping[str, Any], variant: str) -> dict[str, np.n
   if flavour == "mae":  # the reference's fc_norm is new: LayerNorm's own init
     arrays.setdefault("fc_norm.weight", np.ones(size.width, np.float32))
     arrays.setdefault("fc_norm.bias", np.zeros(size.width, np.float32))
-  torch_vit_layout.check_torch_layout(arrays, layout, variant, size, _FLAVOUR_HINT)
-  return torch_vit_layout.converted_arrays(arrays, layout, size)
+  return torch_vit_layout.checked_conversion(arrays, layout, variant, size, _FLAVOUR_HINT)
 
 
 FAMILIES = {"vit": backbones.Family(
