@@ -11,6 +11,7 @@ import checkpoint_fixtures as fixtures
 import numpy_adapters as ref
 import numpy_vit
 import tolerances
+from vpt_jax import errors
 from vpt_jax.methods import bottleneck_adapters as adapters
 from vpt_jax.methods import factory
 from vpt_jax.params import trees
@@ -169,4 +170,17 @@ def test_b16_counts_equal_the_official_logs(hooks, pattern, expected):
 def test_other_families_refuse_the_adapters(method, variant):
   config = fixtures.method_config(method, variant, 224)
   with pytest.raises(ValueError, match=f"'{method}' is not defined for .* backbones"):
+    factory.validate_spec(factory.model_spec(config))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"houlsby.bottleneck": 0}, r"^houlsby.bottleneck 0 must be between 1 and the width 16; "
+                                r"set --config.houlsby.bottleneck in that range$"),
+    ({"houlsby.dropout": 1.0}, r"^houlsby.dropout 1.0 must be in \[0, 1\); "
+                               r"set --config.houlsby.dropout in that range$"),
+])
+def test_bad_settings_are_one_line_user_errors(override, message):
+  # A UserError, so the command line prints it as one line (not a traceback).
+  config = fixtures.method_config("houlsby", "test4/4", 16, **override)
+  with pytest.raises(errors.UserError, match=message):
     factory.validate_spec(factory.model_spec(config))

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax import errors
 from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models.prompts import uniform_symmetric
 
@@ -118,11 +119,11 @@ class Bottleneck(nn.Module):
 def check_bottleneck(section: str, features: int, width: int) -> None:
   """Refuses a bottleneck that does not fit the backbone width."""
   if not 1 <= features <= width:
-    raise ValueError(f"{section}.bottleneck {features} must be between 1 and the width "
-                     f"{width}")
+    raise errors.UserError(f"{section}.bottleneck {features} must be between 1 and the width "
+                           f"{width}; set --config.{section}.bottleneck in that range")
 
 
 def check_rate(name: str, rate: float) -> None:
   """Refuses a dropout / drop-path rate outside [0, 1)."""
   if not 0.0 <= rate < 1.0:
-    raise ValueError(f"{name} {rate} must be in [0, 1)")
+    raise errors.UserError(f"{name} {rate} must be in [0, 1); set --config.{name} in that range")

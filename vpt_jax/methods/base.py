@@ -49,8 +49,9 @@ def nothing_to_fold(spec: Mapping[str, Any], flat: dict) -> dict:
 
 
 def fail(message: str):
-  """Raises the ValueError a settings check reports."""
-  raise ValueError(message)
+  """Raises the refusal a settings check reports: a ``UserError`` (one line on the
+  command line), since settings are the user's input."""
+  raise errors.UserError(message)
 
 
 def names(text: str) -> list[str]:
