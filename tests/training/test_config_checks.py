@@ -11,27 +11,17 @@ import pytest
 
 import data_fixtures
 from configs import vpt as vpt_config
+import run_fixtures
 from run_fixtures import tiny_config
 from vpt_jax import errors
-from vpt_jax.methods import factory
 from vpt_jax.training import config_checks
-from vpt_jax.training import inputs
 from vpt_jax.training import trainer
 
 # backbone and data_dir: fixtures of conftest.py.
 
 
-def _refuse(name):
-  def refused(*args, **kwargs):
-    raise AssertionError(f"{name} ran: the bad input was not caught before compute")
-  return refused
-
-
-@pytest.fixture()
-def no_compute(monkeypatch):
-  """Fails the test if the training data is decoded or the model initialised."""
-  monkeypatch.setattr(inputs, "load_train_data", _refuse("inputs.load_train_data"))
-  monkeypatch.setattr(factory, "init_variables", _refuse("factory.init_variables"))
+no_model_init = run_fixtures.no_model_init
+no_compute = run_fixtures.no_compute
 
 
 def _assert_refused(config, workdir, fragment):
