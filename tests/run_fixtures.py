@@ -7,10 +7,13 @@ import re
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 import checkpoint_fixtures
 from configs import common
 from vpt_jax.export import task_export
+from vpt_jax.methods import factory
+from vpt_jax.training import inputs
 
 # tiny_config overrides whose step 4 overflows the weights under a finite loss.
 # 24 images, batch 8: 3 steps an epoch. One warmup epoch holds the lr at 0 for
@@ -70,3 +73,22 @@ def checkpoint_is_finite(workdir, step):
 def error_step(error) -> int:
   """The step a divergence error names ("... at step N; stopping ...")."""
   return int(re.search(r" at step (\d+);", str(error)).group(1))
+
+
+def refuse(name):
+  """A stand-in for ``name`` that fails the test if called: the bad input reached compute."""
+  def refused(*args, **kwargs):
+    raise AssertionError(f"{name} ran: the bad input was not caught before compute")
+  return refused
+
+
+@pytest.fixture()
+def no_model_init(monkeypatch):
+  """Fails the test if the model is initialised (the first compilation of a run)."""
+  monkeypatch.setattr(factory, "init_variables", refuse("factory.init_variables"))
+
+
+@pytest.fixture()
+def no_compute(monkeypatch, no_model_init):
+  """Fails the test if the training data is decoded or the model initialised."""
+  monkeypatch.setattr(inputs, "load_train_data", refuse("inputs.load_train_data"))

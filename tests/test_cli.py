@@ -13,6 +13,7 @@ import checkpoint_fixtures
 import tolerances
 from configs import vpt as vpt_config
 from vpt_jax import cli
+from vpt_jax import errors
 from vpt_jax.export import merging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +164,6 @@ def test_fingerprint_mode_matches_what_the_run_recorded(trained):
 
 def test_export_mode_writes_a_model_that_serves_without_vpt_jax(trained, tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from vpt_jax import errors  # pylint: disable=g-import-not-at-top
   from vpt_jax.export import predict  # pylint: disable=g-import-not-at-top
   root, arg, _, _ = trained
   workdir = str(root / "run")
@@ -208,3 +208,11 @@ def test_merged_export_of_a_prompt_method_is_refused_before_compute(trained):
     config.export.merged = True
   with pytest.raises(merging.MergeError, match="'vpt_deep' cannot merge"):
     cli.run(config, str(root / "run"), "export")
+
+
+def test_fingerprint_mode_refuses_a_bad_data_config_as_a_user_error(tmp_path):
+  config = vpt_config.get_config("builder=dmlab,checkpoint=")
+  config.data.task = "nonsense/task"
+  with pytest.raises(errors.UserError, match=r"Unknown data.task 'nonsense/task'"):
+    cli.run(config, str(tmp_path / "run"), "fingerprint")
+  assert not os.path.exists(tmp_path / "run")  # refused before anything is written

@@ -273,7 +273,7 @@ def fingerprint_splits(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from vpt_jax.data import sources  # pylint: disable=g-import-not-at-top
   problem = sources.check_data_config(config.data)
   if problem:
-    raise ValueError(problem)
+    raise errors.UserError(problem)
   found = {field: dict(fingerprints.config_fingerprint(config, config.data[field]),
                        split=config.data[field])
            for field in sources.SPLIT_FIELDS if config.data[field]}

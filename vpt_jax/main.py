@@ -38,20 +38,12 @@ def _import_tensorflow_quietly(argv) -> None:
   if any(re.match(r"--?(v|verbosity)(=|$)", arg) for arg in argv):
     import tensorflow  # pylint: disable=unused-import
     return
-  _import_quietly_from_fd_2()
-  import tensorflow  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  # TensorFlow's Python warnings (deprecations inside tf.image) stay off too.
-  tensorflow.get_logger().setLevel("ERROR")
-
-
-def _import_quietly_from_fd_2() -> None:
-  """Imports TensorFlow with file descriptor 2 pointing at a temporary file (see above)."""
   sys.stderr.flush()
   console = os.dup(2)
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
-      import tensorflow  # pylint: disable=unused-import,redefined-outer-name
+      import tensorflow  # pylint: disable=redefined-outer-name
     finally:
       os.dup2(console, 2)
       os.close(console)
@@ -60,6 +52,8 @@ def _import_quietly_from_fd_2() -> None:
               if not _TF_LOAD_NOTICES.search(line)]
       if kept:
         print("\n".join(kept), file=sys.stderr)
+  # TensorFlow's Python warnings (deprecations inside tf.image) stay off too.
+  tensorflow.get_logger().setLevel("ERROR")
 
 
 _import_tensorflow_quietly(sys.argv[1:])

@@ -71,31 +71,16 @@ import re
 import pytest
 
 import checkpoint_fixtures
+import run_fixtures
 from run_fixtures import tiny_config
 from vpt_jax import errors
 from vpt_jax.checkpoints import npz
-from vpt_jax.methods import factory
 from vpt_jax.training import config_checks
-from vpt_jax.training import inputs
 from vpt_jax.training import trainer
 
 
-def _refuse(name):
-  def refused(*args, **kwargs):
-    raise AssertionError(f"{name} ran: the bad input was not caught before compute")
-  return refused
-
-
-@pytest.fixture()
-def no_model_init(monkeypatch):
-  """Fails the test if the model is initialised (the first compilation of a run)."""
-  monkeypatch.setattr(factory, "init_variables", _refuse("factory.init_variables"))
-
-
-@pytest.fixture()
-def no_data(monkeypatch, no_model_init):
-  """Fails the test if the training data is decoded or the model initialised."""
-  monkeypatch.setattr(inputs, "load_train_data", _refuse("inputs.load_train_data"))
+no_model_init = run_fixtures.no_model_init
+no_compute = run_fixtures.no_compute
 
 
 def _unwritable(tmp_path, kind):
@@ -110,7 +95,7 @@ def _unwritable(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["below a file", "existing read-only directory"])
 def test_unwritable_workdir_fails_before_anything_is_loaded(
-    backbone, data_dir, tmp_path, no_data, kind):
+    backbone, data_dir, tmp_path, no_compute, kind):
   workdir = _unwritable(tmp_path, kind)
   with pytest.raises(config_checks.ConfigError,
                      match=rf"workdir '{re.escape(workdir)}' is not writable .*--workdir"):
@@ -122,7 +107,7 @@ def test_unwritable_workdir_fails_before_anything_is_loaded(
     ("fgvc/stanford_dog", r"Unknown FGVC dataset 'stanford_dog' \(did you mean stanford_dogs"),
     ("vtb/dmlab", r"Unknown data.task 'vtb/dmlab'; use vtab/<task>, fgvc/<dataset>, folder"),
 ])
-def test_unknown_task_names_the_closest_ones(backbone, data_dir, tmp_path, no_data, task,
+def test_unknown_task_names_the_closest_ones(backbone, data_dir, tmp_path, no_compute, task,
                                              message):
   config = tiny_config(backbone, data_dir, **{"data.task": task})
   with pytest.raises(errors.UserError, match=message):  # one line on the command line
@@ -131,7 +116,7 @@ def test_unknown_task_names_the_closest_ones(backbone, data_dir, tmp_path, no_da
 
 
 @pytest.mark.parametrize("variant, close", [("b/16", "B/16"), ("L16", "L/16")])
-def test_unknown_variant_names_the_closest_ones(backbone, data_dir, tmp_path, no_data,
+def test_unknown_variant_names_the_closest_ones(backbone, data_dir, tmp_path, no_compute,
                                                 variant, close):
   config = tiny_config(backbone, data_dir, **{"model.variant": variant})
   with pytest.raises(errors.UserError, match=rf"Unknown ViT variant '{variant}'.*did you mean .*{close}"):
@@ -179,7 +164,7 @@ def test_broken_backbone_file_fails_before_anything_is_compiled(
 
 
 def test_missing_side_network_checkpoint_fails_before_compute(backbone, data_dir, tmp_path,
-                                                              no_data):
+                                                              no_compute):
   config = tiny_config(backbone, data_dir, **{"method": "sidetune",
                                               "sidetune.checkpoint": "/nonexistent/side.npz"})
   with pytest.raises(config_checks.ConfigError,
@@ -189,7 +174,7 @@ def test_missing_side_network_checkpoint_fails_before_compute(backbone, data_dir
 
 
 def test_side_network_checkpoint_with_another_method_is_refused(backbone, data_dir, tmp_path,
-                                                                 no_data):
+                                                                 no_compute):
   side = tmp_path / "side.npz"
   side.write_bytes(b"")  # exists: the method, not the file, is what is wrong
   config = tiny_config(backbone, data_dir, **{"method": "vpt_deep",
@@ -201,7 +186,7 @@ def test_side_network_checkpoint_with_another_method_is_refused(backbone, data_d
 
 
 def test_dataset_without_a_builder_says_where_to_put_what(backbone, data_dir, tmp_path,
-                                                          no_data):
+                                                          no_compute):
   config = tiny_config(backbone, data_dir, **{"data.task": "fgvc/nabirds"})
   with pytest.raises(config_checks.ConfigError) as error:
     trainer.train_and_evaluate(config, str(tmp_path / "run"))

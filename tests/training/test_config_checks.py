@@ -11,27 +11,17 @@ import pytest
 
 import data_fixtures
 from configs import vpt as vpt_config
+import run_fixtures
 from run_fixtures import tiny_config
 from vpt_jax import errors
-from vpt_jax.methods import factory
 from vpt_jax.training import config_checks
-from vpt_jax.training import inputs
 from vpt_jax.training import trainer
 
 # backbone and data_dir: fixtures of conftest.py.
 
 
-def _refuse(name):
-  def refused(*args, **kwargs):
-    raise AssertionError(f"{name} ran: the bad input was not caught before compute")
-  return refused
-
-
-@pytest.fixture()
-def no_compute(monkeypatch):
-  """Fails the test if the training data is decoded or the model initialised."""
-  monkeypatch.setattr(inputs, "load_train_data", _refuse("inputs.load_train_data"))
-  monkeypatch.setattr(factory, "init_variables", _refuse("factory.init_variables"))
+no_model_init = run_fixtures.no_model_init
+no_compute = run_fixtures.no_compute
 
 
 def _assert_refused(config, workdir, fragment):
@@ -198,3 +188,16 @@ def test_resuming_with_a_different_config_is_refused(backbone, data_dir, tmp_pat
     trainer.train_and_evaluate(
         tiny_config(backbone, data_dir, **{"optim.epochs": 1, "optim.warmup_epochs": 0,
                                            "optim.base_lr": 0.5}), workdir)
+
+
+def test_the_export_trace_runs_once_per_model_and_settings(backbone, data_dir, monkeypatch):
+  """A sweep's settings (same model, other optimizer values) share one export trace."""
+  traced = []
+  real = config_checks.stablehlo_export.check_exportable
+  monkeypatch.setattr(config_checks.stablehlo_export, "check_exportable",
+                      lambda *args: traced.append(args[2]) or real(*args))
+  monkeypatch.setattr(config_checks, "_EXPORTABLE", set())
+  for overrides in ({}, {"optim.base_lr": 0.5}, {"export.batch_size": 4}):
+    config_checks.validate_config(tiny_config(backbone, data_dir, **{
+        "export.format": "stablehlo", "export.platforms": "cpu", **overrides}))
+  assert traced == [0, 4]  # the second config differs only in its learning rate

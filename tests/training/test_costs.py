@@ -36,9 +36,9 @@ def test_a_run_records_its_costs(backbone, data_dir, tmp_path):
   results = trainer.train_and_evaluate(tiny_config(backbone, data_dir, **{
       "optim.epochs": 2, "log_every_steps": 1, "eval.costs": True}), workdir)
   cost = results["cost"]
-  assert cost["trainable_params"] == results["trainable_params"]
-  head = 16 * 3 + 3  # test/4: width 16; 3 count classes
-  assert cost["trainable_params_without_head"] == results["trainable_params"] - head
+  prompts, head = 2 * 2 * 16, 16 * 3 + 3  # test/4: depth 2, width 16; 2 prompts; 3 classes
+  assert cost["trainable_params"] == results["trainable_params"] == prompts + head
+  assert cost["trainable_params_without_head"] == prompts
   export_dir = os.path.join(workdir, "export")
   on_disk = sum(os.path.getsize(os.path.join(root, name))
                 for root, _, names in os.walk(export_dir) for name in names)

@@ -263,8 +263,7 @@ def write_sidecar(served: ServedModel, directory: str, *, export_format: str,
              "signature": signature(served, batch_size), "platforms": list(platforms),
              "jax_version": jax.__version__, "load": load}
   path = os.path.join(directory, SIDECAR_FILE)
-  task_export.write_text_atomically(
-      path, json.dumps(sidecar, indent=2, sort_keys=True))
+  task_export.write_atomically(path, json.dumps(sidecar, indent=2, sort_keys=True))
   return path
 
 
@@ -292,10 +291,7 @@ def write_stablehlo(served: ServedModel, directory: str, *, batch_size: int = 0,
   _, serialized = export_function(served, batch_size, platforms)
   tf.io.gfile.makedirs(directory)
   path = os.path.join(directory, FUNCTION_FILE)
-  temporary = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(temporary, "wb") as f:
-    f.write(serialized)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
+  task_export.write_atomically(path, serialized)
   write_sidecar(served, directory, export_format="stablehlo", batch_size=batch_size,
                 platforms=platforms, load=load_snippet(served, local_path(path)))
   return directory

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +38,12 @@ class ExportError(errors.UserError):
   """An export that is missing, malformed or does not fit the backbone."""
 
 
-def write_text_atomically(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename (no half-written file)."""
+def write_atomically(path: str, data: Union[str, bytes]) -> None:
+  """Writes ``data`` (text or bytes) to ``path`` through a temporary file and a rename
+  (no half-written file)."""
   temporary = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(temporary, "w") as f:
-    f.write(text)
+  with tf.io.gfile.GFile(temporary, "wb" if isinstance(data, bytes) else "w") as f:
+    f.write(data)
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 

@@ -74,15 +74,27 @@ def validate_config(config) -> None:
   head_init.check_settings(config)
 
 
+# The (model spec, normalisation, batch size, platforms) keys whose export trace
+# passed in this process: a sweep's settings and a protocol's runs share one model,
+# so one trace (1-2 s for ViT-B/16) serves them all.
+_EXPORTABLE: set[str] = set()
+
+
 def _check_export(config) -> None:
   """Export settings; a standalone format also traces the model (abstract weights, no data)."""
   settings = config.export
   try:
     platforms = stablehlo_export.check_settings(settings.format, settings.batch_size,
                                                 settings.platforms)
-    if settings.format != "npz":
-      stablehlo_export.check_exportable(factory.model_spec(config), normalization(config),
-                                        settings.batch_size, platforms)
+    if settings.format == "npz":
+      return
+    spec = factory.model_spec(config)
+    key = json.dumps([spec, config.data.normalization, settings.batch_size, platforms],
+                     sort_keys=True)
+    if key not in _EXPORTABLE:
+      stablehlo_export.check_exportable(spec, normalization(config), settings.batch_size,
+                                        platforms)
+      _EXPORTABLE.add(key)
   except errors.UserError as e:
     raise ConfigError(str(e)) from e
 
