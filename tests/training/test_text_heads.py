@@ -125,7 +125,7 @@ def test_text_settings_are_checked_before_any_data(backbone, tmp_path, monkeypat
 
 
 def test_a_text_width_other_than_the_features_is_refused(tmp_path):
-  pytest.importorskip("tokenizers")
+  # Checked before any tokenizer is loaded: runs without the tokenizers package.
   _, paths = _text_files(tmp_path, NAMES)
   config = run_fixtures.tiny_config("", "", **paths, **{"head.init": "text"})
   with pytest.raises(errors.UserError, match="16 dims but the head reads 8-dim"):
