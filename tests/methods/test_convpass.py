@@ -67,7 +67,9 @@ def test_convpass_init_starts_at_the_backbone():
         # init, U(+-1/sqrt(9 d)), would pass an upper bound alone).
         assert 0.9 * bound < np.abs(kernel).max() <= bound
         assert abs(kernel.std() - bound / np.sqrt(3)) < 0.15 * bound  # uniform's std
-      assert np.abs(flat[f"{site}/down/kernel"]).max() > 0
+      down = flat[f"{site}/down/kernel"]  # xavier-uniform (D, d), not "lora"'s U(+-1/sqrt(D))
+      down_bound = np.sqrt(6 / (adapter_fixtures.WIDTH + D_CONV))
+      assert 0.8 * down_bound < np.abs(down).max() <= down_bound
       for leaf in ("down/bias", "conv/bias", "up/kernel", "up/bias"):
         assert not np.any(flat[f"{site}/{leaf}"]), (site, leaf)
 
