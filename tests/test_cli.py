@@ -191,8 +191,10 @@ def test_export_mode_writes_a_model_that_serves_without_vpt_jax(trained, tmp_pat
   with open(os.path.join(directory, "model.stablehlo"), "rb") as f:
     exported = jax.export.deserialize(f.read())
   probabilities = np.asarray(exported.call(predict.read_images(paths, 32))["probabilities"])
-  for row, prediction in zip(probabilities, cli.run(_config(root, arg, images=",".join(paths)),
-                                                    workdir, "predict")):
+  predictions = cli.run(_config(root, arg, images=",".join(paths)), workdir, "predict")
+  assert [p["file"] for p in predictions] == paths  # the loops below compare every one
+  for row, prediction in zip(probabilities, predictions):
+    assert len(prediction["classes"]) == len(sidecar["class_names"])  # top 5 of 5
     for name, probability in prediction["classes"]:
       # Two float32 programs of a 2-block ViT (4 chained sums per block, of at most
       # 1 + 2 + 64 tokens, activations of order 1): a softmax moves by at most

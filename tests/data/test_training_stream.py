@@ -22,6 +22,7 @@ def _take(iterator, n):
 def test_train_batches_resume_equals_uninterrupted():
   full = _take(training_stream.train_batches(10, global_batch=4, seed=3), 20)
   resumed = _take(training_stream.train_batches(10, global_batch=4, seed=3, start_step=7), 13)
+  assert len(resumed) == 13  # the stream is infinite: zip below compares all 13 steps
   for a, b in zip(full[7:], resumed):
     np.testing.assert_array_equal(a, b)
   other_seed = _take(training_stream.train_batches(10, global_batch=4, seed=4), 20)

@@ -62,8 +62,14 @@ def test_convpass_init_starts_at_the_backbone():
         expected[1, 1] = np.eye(D_CONV)
         np.testing.assert_array_equal(kernel, expected)
       else:  # xavier-uniform over fan_in = fan_out = 9 d
-        assert 0 < np.abs(kernel).max() <= np.sqrt(6 / (18 * D_CONV))
-      assert np.abs(flat[f"{site}/down/kernel"]).max() > 0
+        bound = np.sqrt(6 / (18 * D_CONV))
+        # Filling U(-bound, bound), not a narrower init (torch's default Conv2d
+        # init, U(+-1/sqrt(9 d)), would pass an upper bound alone).
+        assert 0.9 * bound < np.abs(kernel).max() <= bound
+        assert abs(kernel.std() - bound / np.sqrt(3)) < 0.15 * bound  # uniform's std
+      down = flat[f"{site}/down/kernel"]  # xavier-uniform (D, d), not "lora"'s U(+-1/sqrt(D))
+      down_bound = np.sqrt(6 / (adapter_fixtures.WIDTH + D_CONV))
+      assert 0.8 * down_bound < np.abs(down).max() <= down_bound
       for leaf in ("down/bias", "conv/bias", "up/kernel", "up/bias"):
         assert not np.any(flat[f"{site}/{leaf}"]), (site, leaf)
 

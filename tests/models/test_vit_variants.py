@@ -200,6 +200,10 @@ def test_every_vit_method_builds_and_trains_the_right_parameters(flavour, method
     if path == POSEMB["moco"]:
       expected = False  # fixed for every method
     assert (label == freezing.TRAIN) == expected, (path, label)
+  # Each pattern names parameters the model has: a method whose parameters the
+  # flavour dropped (no vpt/, adapter/, cvpt/ leaves) would pass the loop above.
+  for pattern in patterns:
+    assert any(re.fullmatch(pattern, path) for path in labels), pattern
 
 
 def _train(variant, method, path, num_steps):

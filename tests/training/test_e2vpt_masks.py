@@ -38,6 +38,7 @@ def test_pruning_levels_of_a_trained_run(backbone, data_dir, tmp_path):
   with open(os.path.join(workdir, e2vpt_masks.RESULT_FILE)) as f:
     assert json.load(f) == result
   scores = np.array(result["token_scores"])
+  assert len(set(scores.tolist())) == 5  # no ties: the check below can tell lowest from highest
   # 5 tokens: 0, 1, 2, 3, 4 pruned (at most 4), each the lowest scores.
   assert [len(level) for level in result["token_levels"]] == [0, 1, 2, 3, 4]
   for level in result["token_levels"]:
