@@ -151,10 +151,7 @@ CVPT_V1 = {
 # VPT paper, ViT-B/16 IN-21k, test top-1 (%). "recalled" (vpt.md 6): NOT
 # verified against the PDF; shown beside our numbers, never used as a target.
 PAPER_SOURCE = "VPT paper Table 1 / appendix, recalled in vpt.md 6 (unverified)"
-_VTAB_ORDER = ("cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet",
-               "svhn", "sun397", "patch_camelyon", "eurosat", "resisc45",
-               "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab", "kitti_dist",
-               "dsprites_loc", "dsprites_ori", "smallnorb_azim", "smallnorb_elev")
+_VTAB_ORDER = adapter_hparams.VTAB_TASKS  # the 19 tasks in the papers' table order
 _VTAB_ROWS = {
     "full": (68.9, 87.7, 64.3, 97.2, 86.9, 87.4, 38.8, 79.7, 95.7, 84.2, 73.9,
              56.3, 58.6, 41.7, 65.5, 57.5, 46.7, 25.7, 29.1),
