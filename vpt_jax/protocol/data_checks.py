@@ -61,6 +61,8 @@ def status(summary: dict, canonical: dict, task_runs: list) -> dict:
   if not runs or all(data is None for _, data in runs):
     return {"state": "unrecorded", "details": []}
   found_by_seed, verified = {}, True  # message -> seeds that show it
+  # The task's reference per role: the same for every seed, so found once.
+  references = {role: _reference(task_runs, role) for role in ROLES}
   for seed, data in runs:
     for role in ROLES:
       if not data or role not in data:
@@ -76,7 +78,7 @@ def status(summary: dict, canonical: dict, task_runs: list) -> dict:
         for d in found:
           if not d.startswith("preprocessing"):
             found_by_seed.setdefault(f"{role} vs canonical {ours['split']}: {d}", []).append(seed)
-      name, first = _reference(task_runs, role)
+      name, first = references[role]
       for d in fingerprints.differences(ours, first) if first is not None else []:
         found_by_seed.setdefault(f"{role} vs {name}: {d}", []).append(seed)
   details = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} {message}"
