@@ -108,7 +108,7 @@ def fingerprint(source: source_protocols.AnySource, *, image_size: int,
   ds = preprocessing.preprocessed_examples(source, image_size=image_size, resize=resize,
                                            preprocess=preprocess, crop=False)
   digests, labels = [], []
-  for example in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+  for example in files.numpy_batches(ds.prefetch(tf.data.AUTOTUNE)):  # unreadable: UserError
     digests.append(pixel_digest(example["image"]))
     labels.append(int(example["label"]))
   id_kind, ids = example_ids(source)
