@@ -51,8 +51,6 @@ from vpt_jax.data import source_protocols
 from vpt_jax.data import sources
 from vpt_jax.data import vtab_tasks
 
-# The hashes that differ when the data differ, from the most to the least telling.
-HASH_FIELDS = ("pixels", "labelled", "ids", "examples", "order")
 # How the canonical VTAB-1k fingerprints are made (the protocol's VTAB settings).
 CANONICAL_IMAGE_SIZE = 224
 CANONICAL_RESIZE = "tf1_bilinear"
