@@ -50,6 +50,7 @@ def child(args) -> dict:
   times = {"imports": time.perf_counter() - STARTED}
   began = time.perf_counter()
   config = bench_lib.method_config(args.method, args.variant, args.image_size, args.num_prompts)
+  bench_lib.apply_kernel_arguments(config, args)
   model, variables, labels, tx, schedule = bench_lib.setup(config, args.num_classes)
   data_mesh = mesh.make_data_mesh()
   params = variables["params"]
@@ -87,7 +88,9 @@ def run_twice(args) -> list[dict]:
           [sys.executable, __file__, f"--child={'' if args.no_cache else cache}",
            f"--variant={args.variant}", f"--image_size={args.image_size}",
            f"--batch_size={args.batch_size}", f"--num_prompts={args.num_prompts}",
-           f"--num_classes={args.num_classes}", f"--method={args.method}"], capture_output=True, text=True, check=True)
+           f"--num_classes={args.num_classes}", f"--method={args.method}",
+           f"--attention={args.attention}", f"--dtype={args.dtype}"],
+          capture_output=True, text=True, check=True)
       times = json.loads(out.stdout.strip().splitlines()[-1])
       rows.append({"run": label, "process wall": time.perf_counter() - began, **times})
     entries = sum(len(files) for _, _, files in os.walk(cache))

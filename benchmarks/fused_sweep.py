@@ -100,6 +100,7 @@ class Bench:
   def __init__(self, args):
     config = bench_lib.method_config(args.method, args.variant, args.image_size,
                                      args.num_prompts)
+    bench_lib.apply_kernel_arguments(config, args)
     config.optim.batch_size = args.batch_size
     config.optim.epochs = args.epochs
     self.config = config

@@ -1,6 +1,6 @@
 r"""The fixed costs of one run that are the library's own, not the model's FLOPs.
 
-Two measurements:
+Three measurements:
 
 1. A whole run, profiled: the quickstart's ``:ci`` variant cut to one run
    (VPT-deep on ``count``, one epoch, one process), through run.py's entry point
@@ -16,7 +16,7 @@ Two measurements:
 3. A run's parameter setup for ViT-B/16 VPT-deep from a (random) backbone
    file: read, strict merge and the init of the fresh leaves (prompts, head).
 
-  python benchmarks/run_overheads.py                  # both
+  python benchmarks/run_overheads.py                  # all three
   python benchmarks/run_overheads.py --skip_run       # 2 and 3 only
 """
 

@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import data_fixtures
+from vpt_jax import errors
 from vpt_jax.data import fingerprints
 from vpt_jax.data import source_protocols
 from vpt_jax.data import sources
@@ -165,3 +166,15 @@ def test_vtab_command_writes_every_split_of_a_task(tmp_path):
   for split in vtab_tasks.SPLIT_NAMES:  # the mock yields 3 examples per read
     assert found[split]["count"] == 3 and len(found[split]["classes"]) == 47
     assert found[split]["image_size"] == 8
+
+
+def test_an_unreadable_image_is_a_one_line_user_error(folder, tmp_path):
+  # --mode fingerprint may be the first read of a folder: its broken file is
+  # named in one line, as in training, not in TensorFlow's node dump.
+  root = str(tmp_path / "broken")
+  shutil.copytree(folder, root)
+  with open(os.path.join(root, "a", "broken.jpg"), "wb") as f:
+    f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+  with pytest.raises(errors.UserError, match=r"^cannot read or decode image \S*broken.jpg") as e:
+    _folder_fp(root)
+  assert "\n" not in str(e.value)

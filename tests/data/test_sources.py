@@ -3,6 +3,7 @@
 import pytest
 
 from configs import common
+from vpt_jax import errors
 from vpt_jax.data import sources
 
 
@@ -76,3 +77,16 @@ def test_splits_the_user_set_are_kept(tmp_path):
   data = _folder_config(tmp_path, train_split="all[:50%]")
   assert sources.derive_folder_splits(data) is None
   assert (data.train_split, data.test_split) == ("all[:50%]", "test")
+
+
+@pytest.mark.parametrize("task, builder", [("", "mnist"), ("list", "")])
+def test_missing_data_is_refused_as_missing_not_as_a_bad_split(tmp_path, task, builder):
+  # An unprepared TFDS dataset, and a list folder without its split lists: the
+  # fix is to prepare or point at the data, not to change data.train_split.
+  config = common.base_config()
+  config.data.task, config.data.builder = task, builder
+  config.data.data_dir = config.data.path = str(tmp_path)
+  config.data.num_classes = 3
+  with pytest.raises(errors.MissingInputError) as raised:
+    sources.check_data_splits(config.data)
+  assert "fix --config.data.train_split" not in str(raised.value)

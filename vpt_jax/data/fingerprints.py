@@ -51,8 +51,6 @@ from vpt_jax.data import source_protocols
 from vpt_jax.data import sources
 from vpt_jax.data import vtab_tasks
 
-# The hashes that differ when the data differ, from the most to the least telling.
-HASH_FIELDS = ("pixels", "labelled", "ids", "examples", "order")
 # How the canonical VTAB-1k fingerprints are made (the protocol's VTAB settings).
 CANONICAL_IMAGE_SIZE = 224
 CANONICAL_RESIZE = "tf1_bilinear"
@@ -108,7 +106,7 @@ def fingerprint(source: source_protocols.AnySource, *, image_size: int,
   ds = preprocessing.preprocessed_examples(source, image_size=image_size, resize=resize,
                                            preprocess=preprocess, crop=False)
   digests, labels = [], []
-  for example in ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
+  for example in files.numpy_batches(ds.prefetch(tf.data.AUTOTUNE)):  # unreadable: UserError
     digests.append(pixel_digest(example["image"]))
     labels.append(int(example["label"]))
   id_kind, ids = example_ids(source)

@@ -238,8 +238,10 @@ def check_data_splits(data) -> Optional[str]:
       continue
     try:
       count = source_protocols.num_examples(make_source(data, split))
-    except tfds.core.registered.DatasetNotFoundError:
-      raise  # the dataset, not the split, is wrong: TFDS's message names it
+    except (tfds.core.registered.DatasetNotFoundError, errors.MissingInputError):
+      # the dataset, not the split, is wrong or missing: its message names the fix
+      # (MissingInputError is a ValueError, which the split clause below would reword)
+      raise
     except KeyError as e:  # no such image or label feature: the message names the fix
       return e.args[0]
     except ValueError as e:  # TFDS: unknown split, bad slice; a file source's split

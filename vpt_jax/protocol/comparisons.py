@@ -26,6 +26,12 @@ def _pct(value: Optional[float], sign: bool = False) -> str:
   return f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
 
 
+def test_predictions(summaries: list[dict]) -> dict:
+  """{id(summary): ``final_runs.test_predictions(summary)``}: every summary's saved
+  predictions, read once for both the differences and the per-class tables."""
+  return {id(s): final_runs.test_predictions(s) for s in summaries}
+
+
 def compare(a: dict, b: dict, correct: dict) -> dict:
   """One pair's row: {"diff", "sd", "interval" (or None), "noise", "note"}.
 
@@ -47,10 +53,14 @@ def compare(a: dict, b: dict, correct: dict) -> dict:
           "noise": bootstrap.inside_noise(diff, interval, sd), "note": note}
 
 
-def rows(summaries: list[dict], methods: list[str]) -> list[dict]:
-  """Per task (sorted) and method pair: {"task", "a", "b", **compare(...)}."""
+def rows(summaries: list[dict], methods: list[str],
+         correct: Optional[dict] = None) -> list[dict]:
+  """Per task (sorted) and method pair: {"task", "a", "b", **compare(...)}.
+
+  ``correct``: ``test_predictions(summaries)`` if already read (default: read here).
+  """
   done = [s for s in summaries if s["test_top1_mean"] is not None]
-  correct = {id(s): final_runs.test_predictions(s) for s in done}
+  correct = test_predictions(done) if correct is None else correct
   by_task: dict[str, dict[str, dict]] = {}
   for summary in done:
     by_task.setdefault(summary["task"], {})[summary["method"]] = summary
@@ -63,9 +73,9 @@ def rows(summaries: list[dict], methods: list[str]) -> list[dict]:
   return out
 
 
-def markdown(summaries: list[dict], methods: list[str]) -> str:
-  """The differences table, or "" when no task has two methods."""
-  found = rows(summaries, methods)
+def markdown(summaries: list[dict], methods: list[str], correct: Optional[dict] = None) -> str:
+  """The differences table, or "" when no task has two methods (``correct``: as ``rows``)."""
+  found = rows(summaries, methods, correct)
   if not found:
     return ""
   level = int(100 * bootstrap.LEVEL)
@@ -91,8 +101,12 @@ def markdown(summaries: list[dict], methods: list[str]) -> str:
   return "\n".join(lines)
 
 
-def per_class(summaries: list[dict], methods: list[str]) -> str:
-  """Per task, a class x method table of test accuracy (%, mean over seeds)."""
+def per_class(summaries: list[dict], methods: list[str], correct: Optional[dict] = None) -> str:
+  """Per task, a class x method table of test accuracy (%, mean over seeds).
+
+  ``correct``: ``test_predictions(summaries)`` if already read (default: read here).
+  """
+  read = test_predictions(summaries) if correct is None else correct
   sections = []
   tasks = sorted({s["task"] for s in summaries})
   for task in tasks:
@@ -100,7 +114,7 @@ def per_class(summaries: list[dict], methods: list[str]) -> str:
     for summary in summaries:
       if summary["task"] != task:
         continue
-      found = final_runs.test_predictions(summary)
+      found = read.get(id(summary))
       if found is not None:
         correct, labels = found
         classes = np.arange(labels.max() + 1)

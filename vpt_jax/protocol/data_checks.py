@@ -49,18 +49,23 @@ def _reference(task_runs: list[tuple[str, int, dict]], role: str):
   return recorded[best]
 
 
-def status(summary: dict, canonical: dict, task_runs: list) -> dict:
+def status(summary: dict, canonical: dict, task_runs: list,
+           runs: Optional[list] = None) -> dict:
   """{"state", "details"} of one (task, method): its runs' data against the
   canonical fingerprints and against the task's most common one.
+
+  ``runs``: the summary's ``_runs_data`` if already read (default: read here).
 
   state: "matches" (every recorded split equals the canonical one),
   "differs" (from the canonical data or another run), "unverified" (no
   canonical fingerprint, runs agree) or "unrecorded" (no fingerprints).
   """
-  runs = _runs_data(summary)
+  runs = _runs_data(summary) if runs is None else runs
   if not runs or all(data is None for _, data in runs):
     return {"state": "unrecorded", "details": []}
   found_by_seed, verified = {}, True  # message -> seeds that show it
+  # The task's reference per role: the same for every seed, so found once.
+  references = {role: _reference(task_runs, role) for role in ROLES}
   for seed, data in runs:
     for role in ROLES:
       if not data or role not in data:
@@ -76,7 +81,7 @@ def status(summary: dict, canonical: dict, task_runs: list) -> dict:
         for d in found:
           if not d.startswith("preprocessing"):
             found_by_seed.setdefault(f"{role} vs canonical {ours['split']}: {d}", []).append(seed)
-      name, first = _reference(task_runs, role)
+      name, first = references[role]
       for d in fingerprints.differences(ours, first) if first is not None else []:
         found_by_seed.setdefault(f"{role} vs {name}: {d}", []).append(seed)
   details = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} {message}"
@@ -96,11 +101,12 @@ def statuses(summaries: list[dict], canonical: Optional[dict] = None,
   if methods:
     summaries = sorted(summaries, key=lambda s: methods.index(s["method"])
                        if s["method"] in methods else len(methods))
+  runs = {id(s): _runs_data(s) for s in summaries}  # each run.json read once
   task_runs: dict[str, list] = {}
   for summary in summaries:
     task_runs.setdefault(summary["task"], []).extend(
-        (summary["method"], seed, data) for seed, data in _runs_data(summary))
-  return {(s["task"], s["method"]): status(s, canonical, task_runs[s["task"]])
+        (summary["method"], seed, data) for seed, data in runs[id(summary)])
+  return {(s["task"], s["method"]): status(s, canonical, task_runs[s["task"]], runs[id(s)])
           for s in summaries}
 
 

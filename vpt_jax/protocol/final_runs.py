@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 
+from vpt_jax.protocol import bootstrap
 from vpt_jax.protocol import run_records
 from vpt_jax.training import predictions
 
@@ -52,7 +53,7 @@ def test_predictions(summary: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:
     if labels is not None and not np.array_equal(labels, seed_labels):
       return None
     labels = seed_labels
-    rows.append(np.argmax(logits.astype(np.float32), axis=-1) == seed_labels)
+    rows.append(bootstrap.correct(logits, seed_labels))
   if not rows:
     return None
   return np.stack(rows), labels

@@ -151,10 +151,7 @@ CVPT_V1 = {
 # VPT paper, ViT-B/16 IN-21k, test top-1 (%). "recalled" (vpt.md 6): NOT
 # verified against the PDF; shown beside our numbers, never used as a target.
 PAPER_SOURCE = "VPT paper Table 1 / appendix, recalled in vpt.md 6 (unverified)"
-_VTAB_ORDER = ("cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet",
-               "svhn", "sun397", "patch_camelyon", "eurosat", "resisc45",
-               "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab", "kitti_dist",
-               "dsprites_loc", "dsprites_ori", "smallnorb_azim", "smallnorb_elev")
+_VTAB_ORDER = adapter_hparams.VTAB_TASKS  # the 19 tasks in the papers' table order
 _VTAB_ROWS = {
     "full": (68.9, 87.7, 64.3, 97.2, 86.9, 87.4, 38.8, 79.7, 95.7, 84.2, 73.9,
              56.3, 58.6, 41.7, 65.5, 57.5, 46.7, 25.7, 29.1),
@@ -221,7 +218,6 @@ FACT_TASKS = {
 REPADAPTER_SOURCE = "code: luogen1996/RepAdapter configs/repblock/<task>.yaml"
 REPADAPTER_SCALES = _per_task((0.1, 5, 1, 0.5, 0.1, 10, 0.1, 1, 1, 5, 0.1, 0.5, 0.1, 5, 5,
                                5, 0.1, 10, 1))
-REPADAPTER_SCALE_GRID = (0.1, 0.5, 1.0, 5.0, 10.0)
 # dongzelian/SSF train_scripts/vit/vtab/<task>/train_ssf.sh: (lr, weight decay);
 # AdamW, batch 32, 100 epochs, 10 warmup, drop path 0.1, no augmentation.
 SSF_SOURCE = "code: dongzelian/SSF train_scripts/vit/vtab/<task>/train_ssf.sh"
@@ -229,17 +225,13 @@ SSF_TASKS = _per_task(((5e-3, 5e-5), (1e-3, 5e-2), (5e-3, 5e-5), (5e-3, 5e-5), (
                        (1e-2, 5e-5), (5e-3, 5e-5), (5e-3, 5e-5), (3e-3, 5e-2), (2e-3, 5e-5),
                        (5e-3, 5e-5), (2e-3, 5e-2), (5e-2, 5e-2), (5e-3, 5e-5), (1e-2, 5e-5),
                        (1e-2, 5e-5), (5e-3, 5e-5), (2e-2, 5e-5), (5e-3, 5e-2)))
-# OSU-MLB/ViT_PEFT_Vision experiment/config: its grids (lr_wd_vtab_processed.yml
-# lr {1e-3, 1e-2} x wd {1e-4, 1e-3}) and per-method ones (method/<name>.yml).
-OSU_SOURCE = "code: OSU-MLB/ViT_PEFT_Vision experiment/config"
-# The protocol's grid for these methods: OSU's lrs at its batch 64, as base lrs
-# (x 256 / 64; run time scales them back), with the shared WEIGHT_DECAY_GRID.
-OSU_LR_GRID = tuple(lr * 256 / 64 for lr in (1e-2, 1e-3))
-VTAB_LR_GRIDS["osu"] = FGVC_LR_GRIDS["osu"] = OSU_LR_GRID
+# The protocol's grid for these methods: OSU's lrs as base lrs (the "osu" grid,
+# adapter_hparams.OSU_BASE_LRS), with the shared WEIGHT_DECAY_GRID.
 METHOD_GRID.update(dict.fromkeys(
     ("ssf", "difffit", "ln_tune", "fact_tt", "fact_tk", "repadapter"), "osu"))
+# OSU-MLB/ViT_PEFT_Vision experiment/config/method/<name>.yml: per-method grids
+# (its lr x wd grid: adapter_hparams.OSU_LRS x OSU_WEIGHT_DECAYS).
 OSU_GRIDS = {
-    "lr": (1e-3, 1e-2), "weight_decay": (1e-4, 1e-3),
     "fact_tt": {"rank": (8, 16, 32), "scale": (0.01, 0.1, 1.0, 10.0, 100.0)},
     "fact_tk": {"rank": (16, 32, 64), "scale": (0.01, 0.1, 1.0, 10.0, 100.0)},
     "repadapter": {"dim": (8, 16, 32), "scale": (0.1, 0.5, 1.0, 5.0, 10.0)},

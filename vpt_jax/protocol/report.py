@@ -351,10 +351,11 @@ def _checks(summaries: list[dict], data: dict, out_dir: str) -> list[str]:
   if data:
     lines += ["## Data", "", data_checks.markdown(data), ""]
   methods = _methods(summaries)
-  differences = comparisons.markdown(summaries, methods)
+  correct = comparisons.test_predictions(summaries)  # each run's predictions, read once
+  differences = comparisons.markdown(summaries, methods, correct)
   if differences:
     lines += ["## Differences between methods", "", differences, ""]
-  per_class = comparisons.per_class(summaries, methods)
+  per_class = comparisons.per_class(summaries, methods, correct)
   if per_class:
     with open(os.path.join(out_dir, "per_class.md"), "w") as f:
       f.write("# Per-class test accuracy (%, mean over seeds; from the saved "
