@@ -132,10 +132,15 @@ def measure(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
   # cost_analysis() counts one device's program; the batch is split over all.
   flops = step["compiled"].cost_analysis()["flops"] * jax.device_count()
   seconds = median_seconds(step, args.steps)
+  memory = step["compiled"].memory_analysis()
+  # What one device holds while the step runs (an accelerator's figure):
+  # temp + arguments + outputs not written into donated arguments.
+  compiled_bytes = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                    + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   return {"method": method + ("" if skip_dead_work else " (plain)"), "prompts": num_prompts,
           "s/step": seconds, "img/s": args.batch_size / seconds, "GFLOP": flops / 1e9,
           "GFLOP/s": flops / 1e9 / seconds, "compile s": step["compile_seconds"],
-          "opt state MB": step["opt_bytes"] / 2**20,
+          "opt state MB": step["opt_bytes"] / 2**20, "compiled GiB": compiled_bytes / 2**30,
           "peak RSS GB": bench_lib.peak_rss_bytes() / 2**30}
 
 
@@ -150,7 +155,7 @@ def main(argv=None):
         f"{args.dtype}, {args.attention} attention, "
         f"median of {args.steps} steps, {jax.device_count()} device(s)", flush=True)
   columns = ["method", "prompts", "s/step", "img/s", "GFLOP", "GFLOP/s", "% of matmul",
-             "compile s", "opt state MB", "peak RSS GB"]
+             "compile s", "opt state MB", "compiled GiB", "peak RSS GB"]
   bench_lib.print_table_header(columns)
   counts = [int(c) for c in args.prompt_counts.split(",")] if args.prompt_counts else [
       args.num_prompts]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from vpt_jax import errors
 from vpt_jax.methods import base
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import lean_ops
 
 ADAPTER_PARAMS = r"Transformer/encoderblock_\d+/adapter/.*"
 ADAPTER_INITS = ("default", "vpt_reference")
@@ -51,7 +52,7 @@ class Adapter(nn.Module):
                  else nn.initializers.xavier_uniform())
     h = nn.Dense(bottleneck, dtype=self.dtype, name="down", kernel_init=down_init,
                  bias_init=nn.initializers.zeros)(y)
-    h = nn.gelu(h, approximate=False)
+    h = lean_ops.gelu(h)
     return nn.Dense(width, dtype=self.dtype, name="up", kernel_init=nn.initializers.zeros,
                     bias_init=nn.initializers.zeros)(h)
 

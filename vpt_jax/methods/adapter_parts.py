@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from vpt_jax import errors
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import lean_ops
 from vpt_jax.models.prompts import uniform_symmetric
 
 # The projections' initialisations, by the official codes' names:
@@ -56,7 +57,7 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
+ACTIVATIONS = {"relu": nn.relu, "gelu": lean_ops.gelu,
                "quick_gelu": quick_gelu}
 
 

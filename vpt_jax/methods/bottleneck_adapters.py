@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from vpt_jax.methods import adapter_parts
 from vpt_jax.methods import base
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import lean_ops
 
 HOULSBY_PARAMS = r"Transformer/encoderblock_\d+/houlsby_(attention|mlp)/.*"
 ADAPTFORMER_PARAMS = r"Transformer/encoderblock_\d+/adaptformer/.*"
@@ -83,7 +84,7 @@ class AdaptFormerBranch(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    layer_norm = nn.LayerNorm(epsilon=TORCH_LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")
+    layer_norm = lean_ops.LayerNorm(epsilon=TORCH_LAYER_NORM_EPSILON, dtype=self.dtype, name="norm")
     if self.norm == "in":
       x = layer_norm(x)
     up = adapter_parts.bottleneck(x, self.bottleneck, "relu", "lora", self.dropout, train,

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from vpt_jax import errors
+from vpt_jax.models import lean_ops
 
 ATTENTION_KERNELS = ("einsum", "dot_product")
 
@@ -64,5 +65,5 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, kernel: str = "ei
   logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  weights = lean_ops.softmax(logits, -1).astype(value.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)

@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpt_jax.models import lean_ops
 from vpt_jax.models.convnet_base import ConvNet
 
 LAYER_NORM_EPSILON = 1e-6   # every ConvNeXt LayerNorm
@@ -43,7 +44,7 @@ class ConvNeXtBlock(nn.Module):
                 dtype=self.dtype, kernel_init=_CONVNEXT_INIT, name="dwconv")(x)
     y = _layer_norm("norm", self.dtype)(y)
     y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=_CONVNEXT_INIT, name="pwconv1")(y)
-    y = nn.gelu(y, approximate=False)  # torch.nn.GELU() is the exact erf form
+    y = lean_ops.gelu(y)  # torch.nn.GELU() is the exact erf form
     y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_CONVNEXT_INIT, name="pwconv2")(y)
     gamma = self.param("gamma", nn.initializers.constant(LAYER_SCALE_INIT), (self.dim,))
     return x + gamma.astype(y.dtype) * y

@@ -15,6 +15,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vpt_jax.models import lean_ops
 from vpt_jax.models import vit_blocks
 
 
@@ -33,7 +34,7 @@ class MAPHead(nn.Module):
     probe = jnp.broadcast_to(probe.astype(tokens.dtype), (batch, 1, width))
     pooled = vit_blocks.Attention(self.num_heads, dtype=self.dtype,
                                   name="MultiHeadDotProductAttention_0")(probe, tokens)
-    normed = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+    normed = lean_ops.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                           name="LayerNorm_0")(pooled)
     pooled = pooled + vit_blocks.MlpBlock(self.mlp_dim, 0.0, dtype=self.dtype,
                                           activation=self.activation,

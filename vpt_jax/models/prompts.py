@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vpt_jax.models import lean_ops
 
 
 def prompt_init_bound(patch_size: int, prompt_dim: int) -> float:
@@ -39,4 +40,4 @@ def per_example_dropout(prompts, batch_size: int, rate: float, train: bool):
   """
   prompts = jnp.broadcast_to(prompts[:, None],
                              (prompts.shape[0], batch_size) + prompts.shape[1:])
-  return nn.Dropout(rate)(prompts, deterministic=not train)
+  return lean_ops.Dropout(rate)(prompts, deterministic=not train)

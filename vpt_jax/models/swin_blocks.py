@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from vpt_jax.models import attention_kernels
+from vpt_jax.models import lean_ops
 from vpt_jax.models.swin_windows import average_over_windows
 from vpt_jax.models.swin_windows import block_window
 from vpt_jax.models.swin_windows import relative_position_index
@@ -111,13 +112,13 @@ class Mlp(nn.Module):
     dense = lambda features, name: nn.Dense(features, dtype=self.dtype, name=name,
                                             kernel_init=WEIGHT_INIT,
                                             bias_init=nn.initializers.zeros)
-    hidden = nn.gelu(dense(MLP_RATIO * channels, "fc1")(x), approximate=False)
+    hidden = lean_ops.gelu(dense(MLP_RATIO * channels, "fc1")(x))
     return dense(channels, "fc2")(hidden)
 
 
-def layer_norm(name: str, dtype) -> nn.LayerNorm:
+def layer_norm(name: str, dtype) -> lean_ops.LayerNorm:
   """The official Swin LayerNorm (eps 1e-5) over the last axis."""
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=name)
+  return lean_ops.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, name=name)
 
 
 class SwinBlock(nn.Module):

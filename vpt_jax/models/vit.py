@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from vpt_jax import errors
 from vpt_jax.models import heads as heads_lib
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import lean_ops
 from vpt_jax.models import map_head
 from vpt_jax.models import posemb_interpolation
 from vpt_jax.models import position_embeddings
@@ -113,7 +114,7 @@ class Encoder(nn.Module):
                    if self.remat == "block" else vit_blocks.Encoder1DBlock)
     options, prefix = self.options, self.options.prefix_tokens
     x = self._embed_positions(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = lean_ops.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     num_prompts = 0 if prompts is None else prompts.shape[2]
     steps = prompt_schedule.schedule(
         self.hooks.prompt_plan(self.depth), 0 if prompts is None else prompts.shape[0], self.depth,
@@ -137,7 +138,7 @@ class Encoder(nn.Module):
         query_outputs.append(x[:, :queries.shape[2]])
         x = x[:, queries.shape[2]:]
     if self.flavour != "mae":  # MAE's pooled features get fc_norm instead
-      x = self.hooks.norm_output("encoder_norm", nn.LayerNorm(
+      x = self.hooks.norm_output("encoder_norm", lean_ops.LayerNorm(
           epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="encoder_norm")(x))
     return x if queries is None else (x, jnp.stack(query_outputs))
 
@@ -152,7 +153,7 @@ class Encoder(nn.Module):
     else:
       x = position_embeddings.AddPositionEmbs(posemb_init, name=posemb_name)(x)
     if options.ln_pre:
-      x = nn.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="ln_pre")(x)
+      x = lean_ops.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="ln_pre")(x)
     if options.registers:
       registers = self.param("registers", nn.initializers.normal(1e-6),
                              (1, options.registers, x.shape[-1]))
@@ -282,7 +283,7 @@ class VisionTransformer(nn.Module):
       encoded, query_outputs = encoded
     features = self._pool(encoded, pool, size)
     if flavour == "mae":  # a fresh LayerNorm; MAE's checkpoint has none
-      features = nn.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
+      features = lean_ops.LayerNorm(epsilon=vit_blocks.LAYER_NORM_EPSILON, dtype=self.dtype,
                               name="fc_norm")(features)
     features = self.hooks.pooled_features(images, features.astype(jnp.float32), self.dtype)
     if queries is not None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from vpt_jax.models import attention_kernels
 from vpt_jax.models import hooks as hooks_lib
+from vpt_jax.models import lean_ops
 from vpt_jax.models import vit_options
 
 LAYER_NORM_EPSILON = 1e-6
@@ -45,9 +46,9 @@ class MlpBlock(nn.Module):
 
     y = dense(x, self.mlp_dim, "Dense_0")
     y = vit_options.activate(y, self.activation)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = lean_ops.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = dense(y, width, "Dense_1")
-    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return lean_ops.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
 class Attention(nn.Module):
@@ -169,7 +170,7 @@ class Encoder1DBlock(nn.Module):
       x = jnp.concatenate([queries.astype(x.dtype), x], axis=1)
     x = hooks.block_input(x, context)
     options = self.options
-    pre_attention_norm = nn.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype,
+    pre_attention_norm = lean_ops.LayerNorm(epsilon=options.layer_norm_epsilon, dtype=self.dtype,
                                       name="LayerNorm_0")
 
     def attention_rows(rows):
@@ -191,7 +192,7 @@ class Encoder1DBlock(nn.Module):
     x = x + drop_path(hooks.attention_branch(branch, x, context))
     x = x if beside is None else x + beside
     x = hooks.after_attention(x, context)
-    normed = nn.LayerNorm(
+    normed = lean_ops.LayerNorm(
         epsilon=options.layer_norm_epsilon, dtype=self.dtype, name="LayerNorm_1")(x)
     normed = hooks.mlp_input(hooks.norm_output("LayerNorm_1", normed), x, context)
     ffn = (vit_options.SwiGLU(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_0")

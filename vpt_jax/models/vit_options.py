@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vpt_jax.models import lean_ops
+
 FFN_KINDS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
 POOLINGS = ("cls", "map")
 
@@ -63,7 +65,7 @@ PLAIN = TowerOptions()
 def activate(x, kind: str):
   """The FFN activation ``kind`` (FFN_KINDS minus swiglu) applied elementwise."""
   if kind == "gelu":
-    return nn.gelu(x, approximate=False)
+    return lean_ops.gelu(x)
   if kind == "gelu_tanh":
     return nn.gelu(x, approximate=True)
   if kind == "quick_gelu":

@@ -1,0 +1,191 @@
+"""Softmax, exact GELU and LayerNorm whose backward pass keeps one tensor each.
+
+JAX differentiates these ops through their primitives and so keeps every
+intermediate the chain rule touches for the backward pass: exact GELU keeps
+three tensors of its input's size (``x * 0.5``, ``erfc(-x / sqrt 2)`` and
+``exp(-x^2 / 2)``), the softmax keeps its ``exp`` and its output, flax's
+LayerNorm keeps ``x^2``, ``x - mean`` and the normalised ``x``. At ViT-B/16,
+batch 16, they are 2.6 of the 3.1 GB that VPT-deep's step keeps
+(``benchmarks/memory.py``). Here each is a ``jax.custom_vjp`` whose backward
+pass reads only what PyTorch's autograd keeps for the same op:
+
+* ``softmax``: its output y; dx = y * (g - sum(g * y));
+* ``gelu``: its input x; dx = g * (Phi(x) + x * phi(x));
+* ``layer_norm``: the normalised input x_hat (in the input's dtype) and
+  1 / sigma, where PyTorch keeps x, its mean and 1 / sigma;
+  dx = (g s - mean(g s) - x_hat mean(g s x_hat)) / sigma.
+
+The forward passes are flax's and JAX's own formulas, operation for operation
+(the same values, bit for bit), so switching to these ops changes gradients
+only by rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax(logits: jax.Array, axis: int = -1) -> jax.Array:
+  """``jax.nn.softmax(logits, axis)``; the backward pass keeps only the output."""
+  return jax.nn.softmax(logits, axis=axis)
+
+
+def _softmax_forward(logits, axis):
+  weights = jax.nn.softmax(logits, axis=axis)
+  return weights, weights
+
+
+def _softmax_backward(axis, weights, grad):
+  return (weights * (grad - jnp.sum(grad * weights, axis=axis, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_forward, _softmax_backward)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, ``jax.nn.gelu(x, approximate=False)``; the backward keeps only x."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_forward(x):
+  return jax.nn.gelu(x, approximate=False), x
+
+
+def _gelu_backward(x, grad):
+  # d/dx [x Phi(x)] = Phi(x) + x phi(x), in at least float32. The barrier
+  # keeps XLA from sharing erfc's terms with the forward pass, which would
+  # keep them alive until here and undo the saving.
+  x = lax.optimization_barrier(x)
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  cdf = 0.5 * lax.erfc(-wide * np.sqrt(0.5).astype(wide.dtype))
+  density = jnp.exp(-0.5 * wide * wide) * np.sqrt(0.5 / np.pi).astype(wide.dtype)
+  return ((grad.astype(wide.dtype) * (cdf + wide * density)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
+def _statistics(x, epsilon):
+  """flax's fast-variance statistics over the last axis: (mean, 1 / sqrt(var + eps)),
+  each (..., 1) in float32 (or wider)."""
+  wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(wide, axis=-1, keepdims=True)
+  mean_square = jnp.mean(wide * wide, axis=-1, keepdims=True)
+  variance = jnp.maximum(0.0, mean_square - mean * mean)
+  return mean, lax.rsqrt(variance + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """flax ``nn.LayerNorm`` over the last axis: (..., D), scale and bias (D,) -> (..., D).
+
+  The result is float32 (or wider); the caller casts it to its dtype.
+  """
+  mean, inverse_sigma = _statistics(x, epsilon)
+  return (x - mean) * (inverse_sigma * scale) + bias
+
+
+def _layer_norm_forward(x, scale, bias, epsilon):
+  mean, inverse_sigma = _statistics(x, epsilon)
+  centered = x - mean
+  # Keeps x_hat (in x's dtype) and 1 / sigma: the backward pass then reads one
+  # tensor and recomputes nothing (recomputing x_hat from x would need x
+  # itself and a transient of its size per block, which XLA schedules early).
+  x_hat = (centered * inverse_sigma).astype(x.dtype)
+  return centered * (inverse_sigma * scale) + bias, (x_hat, inverse_sigma, scale)
+
+
+def _layer_norm_backward(epsilon, residuals, grad):
+  del epsilon
+  x_hat, inverse_sigma, scale = residuals
+  wide_x_hat = x_hat.astype(inverse_sigma.dtype)
+  grad = grad.astype(inverse_sigma.dtype)
+  summed_axes = tuple(range(grad.ndim - 1))
+  grad_scale = jnp.sum(grad * wide_x_hat, axis=summed_axes).astype(scale.dtype)
+  grad_bias = jnp.sum(grad, axis=summed_axes).astype(scale.dtype)
+  grad_x_hat = grad * scale
+  grad_x = inverse_sigma * (
+      grad_x_hat - jnp.mean(grad_x_hat, axis=-1, keepdims=True)
+      - wide_x_hat * jnp.mean(grad_x_hat * wide_x_hat, axis=-1, keepdims=True))
+  return grad_x.astype(x_hat.dtype), grad_scale, grad_bias
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+class LayerNorm(nn.Module):
+  """Drop-in for ``nn.LayerNorm`` (last axis, scale and bias, fast variance) on ``layer_norm``.
+
+  Same parameter names, shapes, initialisers and forward values as flax's;
+  (..., D) -> (..., D) in ``dtype`` (or the promoted input and parameter dtype).
+  """
+  epsilon: float = 1e-6
+  dtype: Optional[jnp.dtype] = None
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    return layer_norm(x, scale, bias, self.epsilon).astype(dtype)
+
+
+class Dropout(nn.Module):
+  """``nn.Dropout`` (same random bits, same values) whose backward keeps one bit per element.
+
+  flax's bool mask costs more than its byte: XLA fuses the ``bits <
+  threshold`` comparison into the mask's users, the backward pass's included,
+  and so keeps the 32-bit random bits alive until then (4 bytes per element,
+  0.9 GB at ViT-B/16 full fine-tuning, batch 16). Here the mask is packed into
+  bits, and both passes unpack it (``drop_packed``). (...) -> same shape.
+  """
+  rate: float
+  broadcast_dims: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    drawn = tuple(1 if axis in self.broadcast_dims else size for axis, size in enumerate(x.shape))
+    keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, drawn)
+    return drop_packed(x, jnp.packbits(keep, axis=-1), self.rate, drawn[-1])
+
+
+def _keep_mask(packed, shape, drawn_last: int):
+  keep = jnp.unpackbits(packed, axis=-1, count=drawn_last).astype(bool)
+  return jnp.broadcast_to(keep, shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def drop_packed(x: jax.Array, packed: jax.Array, rate: float, drawn_last: int) -> jax.Array:
+  """flax's dropout formula, x / (1 - rate) where kept, else 0.
+
+  ``packed``: the keep mask packed along the last axis (``jnp.packbits``), of
+  x's shape where the mask was drawn in full and 1 where it broadcasts, the
+  last axis ceil(drawn_last / 8) bytes (``drawn_last`` is x's last size or 1).
+  """
+  keep = _keep_mask(packed, x.shape, drawn_last)
+  return lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _drop_packed_forward(x, packed, rate, drawn_last):
+  return drop_packed(x, packed, rate, drawn_last), packed
+
+
+def _drop_packed_backward(rate, drawn_last, packed, grad):
+  keep = _keep_mask(packed, grad.shape, drawn_last)
+  return lax.select(keep, grad / (1.0 - rate), jnp.zeros_like(grad)), None
+
+
+drop_packed.defvjp(_drop_packed_forward, _drop_packed_backward)
