@@ -230,3 +230,17 @@ def test_dropout_backward_keeps_the_mask_packed_into_bits():
   ours = kept(lean_ops.Dropout)
   assert not any(shape.startswith("bool") for shape in ours)
   assert ours.count("u8[4,8,32]") == 4  # 256 / 8 bytes per row
+
+
+@pytest.mark.parametrize("shape, p", [((3, 5), 0.9), ((16, 7, 31), 0.5), ((7,), 0.1),
+                                      ((2, 3, 4, 5), 0.77)])
+def test_bernoulli_draws_jax_booleans_bit_for_bit(shape, p):
+  for key in (jax.random.key(3), jax.random.split(jax.random.key(5))[1], jax.random.PRNGKey(9)):
+    np.testing.assert_array_equal(lean_ops.bernoulli(key, p, shape),
+                                  jax.random.bernoulli(key, p, shape))
+
+
+def test_bernoulli_of_an_rbg_key_is_jax_own():
+  key = jax.random.key(0, impl="rbg")
+  np.testing.assert_array_equal(lean_ops.bernoulli(key, 0.5, (4, 9)),
+                                jax.random.bernoulli(key, 0.5, (4, 9)))
