@@ -88,12 +88,12 @@ def import_official(checkout: str) -> dict:
 
   Returns {"torch", "prompted", "backbone", "mlp", "optimizer", "losses"}.
   """
-  if importlib.util.find_spec("torch") is None:
-    fail(f"torch is not importable by {sys.executable}; run this script with a Python that "
-         "has torch (see 'Side by side with the official PyTorch VPT' in benchmarks/README.md)")
   if not os.path.isfile(os.path.join(checkout, PROMPTED_MODULE)):
     fail(f"--checkout {checkout} is not a KMnP/vpt checkout (no {PROMPTED_MODULE}); "
          "pass the folder that holds src/ and configs/")
+  if importlib.util.find_spec("torch") is None:
+    fail(f"torch is not importable by {sys.executable}; run this script with a Python that "
+         "has torch (see 'Side by side with the official PyTorch VPT' in benchmarks/README.md)")
   if importlib.util.find_spec("torchvision") is None:
     sys.modules["torchvision"] = types.ModuleType("torchvision")  # imported, never used
   sys.path.insert(0, os.path.abspath(checkout))
