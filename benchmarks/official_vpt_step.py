@@ -94,7 +94,7 @@ def import_official(checkout: str) -> dict:
   if importlib.util.find_spec("torch") is None:
     fail(f"torch is not importable by {sys.executable}; run this script with a Python that "
          "has torch (see 'Side by side with the official PyTorch VPT' in benchmarks/README.md)")
-  if importlib.util.find_spec("torchvision") is None:
+  if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
     sys.modules["torchvision"] = types.ModuleType("torchvision")  # imported, never used
   sys.path.insert(0, os.path.abspath(checkout))
   try:
