@@ -75,6 +75,9 @@ def parse_args(argv=None):
   parser.add_argument("--num_prompts", type=int, default=50)
   parser.add_argument("--prompt_dropout", type=float, default=0.1)
   parser.add_argument("--num_classes", type=int, default=10)
+  parser.add_argument("--check_only", action="store_true",
+                      help="import torch and the official modules, print the torch version, "
+                           "stop (side_by_side.py's probe)")
   return parser.parse_args(argv)
 
 
@@ -186,6 +189,9 @@ def main(argv=None):
   args = parse_args(argv)
   official = import_official(args.checkout)
   torch = official["torch"]
+  if args.check_only:
+    print(json.dumps({"torch": torch.__version__}), flush=True)
+    return
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   seconds = median_seconds(make_step(official, args), args.steps)

@@ -78,10 +78,11 @@ def official_problem(args, probe=None) -> str:
   if not os.access(args.torch_python, os.X_OK):
     return f"--torch_python {args.torch_python} is not an executable"
   probe = probe or (lambda command: subprocess.run(command, capture_output=True, text=True))
-  result = probe([args.torch_python, "-c", "import torch"])
+  # The official script imports torch and the official modules, then stops.
+  result = probe([args.torch_python, OFFICIAL_SCRIPT, "--checkout", args.official_checkout,
+                  "--check_only"])
   if result.returncode:
-    last = (result.stderr.strip().splitlines() or ["(no message)"])[-1]
-    return f"{args.torch_python} cannot import torch: {last}"
+    return (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
   return ""
 
 

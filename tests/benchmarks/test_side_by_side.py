@@ -106,7 +106,7 @@ def test_without_a_checkout_the_official_side_is_skipped_and_ours_still_runs(mon
 def test_official_problem_names_what_is_missing(tmp_path):
   ok = lambda command: argparse.Namespace(returncode=0, stderr="")
   no_torch = lambda command: argparse.Namespace(
-      returncode=1, stderr="Traceback\nModuleNotFoundError: No module named 'torch'\n")
+      returncode=1, stderr="official_vpt_step.py: error: torch is not importable by /py\n")
   assert "not a KMnP/vpt checkout" in side.official_problem(_args(), ok)
   marker = tmp_path / side.OFFICIAL_MARKER
   marker.parent.mkdir(parents=True)
@@ -115,8 +115,11 @@ def test_official_problem_names_what_is_missing(tmp_path):
   assert "is not an executable" in side.official_problem(args, ok)
   args.torch_python = sys.executable
   assert side.official_problem(args, no_torch) == (
-      f"{sys.executable} cannot import torch: ModuleNotFoundError: No module named 'torch'")
-  assert side.official_problem(args, ok) == ""
+      "official_vpt_step.py: error: torch is not importable by /py")
+  probes = []
+  assert side.official_problem(args, lambda c: probes.append(c) or ok(c)) == ""
+  assert probes == [[sys.executable, side.OFFICIAL_SCRIPT, "--checkout", str(tmp_path),
+                     "--check_only"]]
 
 
 def test_unknown_method_is_refused():
