@@ -134,7 +134,7 @@ def outcome(child: dict) -> dict:
   rows = json_rows(child["stdout"]) if child["returncode"] == 0 else []
   if not rows:
     last = (child["stderr"].strip().splitlines() or ["(no output)"])[-1]
-    return {"error": f"exit {child['returncode']}: {last}"}
+    return {"error": f"exit {child['returncode']}: " + last.replace("|", "\\|")}  # a table cell
   return {**rows[-1], "peak_rss_bytes": child["peak_rss_bytes"]}
 
 

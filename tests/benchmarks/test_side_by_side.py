@@ -135,3 +135,5 @@ def test_run_child_reads_the_childs_own_peak_memory():
   assert 300 * 2**20 <= child["peak_rss_bytes"] < 600 * 2**20
   failed = side.outcome(side.run_child([sys.executable, "-c", "raise SystemExit('bad input')"]))
   assert failed == {"error": "exit 1: bad input"}
+  piped = side.outcome(side.run_child([sys.executable, "-c", "raise SystemExit('a | b')"]))
+  assert piped == {"error": "exit 1: a \\| b"}  # escaped for the markdown table
