@@ -14,6 +14,7 @@ on the same machine, right before (the practical ceiling of this CPU).
   python benchmarks/train_step.py --methods vpt_deep,cvpt --prompt_counts 1,5,10,50,100,200
   python benchmarks/train_step.py --eval                     # inference throughput
   python benchmarks/train_step.py --methods vpt_deep,vpt_deep:all  # vs full FT, same length
+  python benchmarks/train_step.py --methods full --json      # one JSON line per row, no table
 
 With ``--cpu_devices N`` the batch is split over N CPU devices exactly as over
 a pod's chips (the same mesh code as training).
@@ -21,6 +22,7 @@ a pod's chips (the same mesh code as training).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -53,6 +55,9 @@ def parse_args(argv=None):
                            "the batch over them, as on a pod (0 = JAX's default, one device)")
   parser.add_argument("--no_skip", action="store_true",
                       help="also time the plain formulation (skip_dead_work=False)")
+  parser.add_argument("--json", action="store_true",
+                      help="print one JSON line per row (with the batch, device count and "
+                           "matmul ceiling) instead of the table (benchmarks/side_by_side.py)")
   return parser.parse_args(argv)
 
 
@@ -149,14 +154,16 @@ def main(argv=None):
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   ceiling = matmul_gflops()
-  print(f"{'eval' if args.eval else 'train'} step; "
-        f"dense float32 matmul 2048^3: {ceiling:.1f} GFLOP/s; {args.variant} at "
-        f"{args.image_size} px, batch {args.batch_size}, {args.num_prompts} prompts, "
-        f"{args.dtype}, {args.attention} attention, "
-        f"median of {args.steps} steps, {jax.device_count()} device(s)", flush=True)
+  if not args.json:  # --json prints the rows only
+    print(f"{'eval' if args.eval else 'train'} step; "
+          f"dense float32 matmul 2048^3: {ceiling:.1f} GFLOP/s; {args.variant} at "
+          f"{args.image_size} px, batch {args.batch_size}, {args.num_prompts} prompts, "
+          f"{args.dtype}, {args.attention} attention, "
+          f"median of {args.steps} steps, {jax.device_count()} device(s)", flush=True)
   columns = ["method", "prompts", "s/step", "img/s", "GFLOP", "GFLOP/s", "% of matmul",
              "compile s", "opt state MB", "compiled GiB", "peak RSS GB"]
-  bench_lib.print_table_header(columns)
+  if not args.json:
+    bench_lib.print_table_header(columns)
   counts = [int(c) for c in args.prompt_counts.split(",")] if args.prompt_counts else [
       args.num_prompts]
   def prompted(method):
@@ -166,7 +173,11 @@ def main(argv=None):
   for method, skip, count in rows:
     row = measure(method, args, skip, count)
     row["% of matmul"] = 100 * row["GFLOP/s"] / ceiling
-    print(bench_lib.table_row(row[c] for c in columns), flush=True)
+    if args.json:
+      print(json.dumps({**row, "batch": args.batch_size, "devices": jax.device_count(),
+                        "matmul GFLOP/s": ceiling}), flush=True)
+    else:
+      print(bench_lib.table_row(row[c] for c in columns), flush=True)
 
 
 if __name__ == "__main__":
