@@ -188,3 +188,14 @@ def test_tfds_draw_is_disjoint_from_the_test_split(digits_dir):
 def test_aircraft_without_lists_names_the_fix():
   with pytest.raises(errors.UserError, match="no TFDS builder.*--config.data.path"):
     few_shot.make_source("fgvc_aircraft", "train", shots=1, seed=0)
+
+
+def test_fingerprint_names_the_drawn_pool_examples(digits_dir):
+  from vpt_jax.data import fingerprints  # pylint: disable=g-import-not-at-top
+  source = few_shot.tfds_source(DIGITS, "train", 1, 0, digits_dir)
+  kind, ids = fingerprints.example_ids(source)
+  pool_ids = fingerprints.example_ids(source_protocols.ImageSource("vpt_digits:1.0.0", "train",
+                                                                   digits_dir))[1]
+  assert kind == "tfds" and ids == [pool_ids[i] for i in _reference_draw(
+      np.array([e["label"] for e in _all(digits_dir, "train")]), 1, 0)]
+  assert fingerprints.fingerprint(source, image_size=8)["classes"] == [1] * 10
