@@ -87,7 +87,10 @@ def test_shards_split_the_runs(tmp_path):
     ({"few_shot.datasets": "pets+birds"}, "Unknown few-shot dataset 'birds'"),
     ({"few_shot.targets": "all"}, "set --config.few_shot.datasets=imagenet"),
     ({"few_shot.targets": "imagenet_c", "few_shot.datasets": "imagenet"}, "imagenet_c"),
-    ({"data.path": "/nowhere", "few_shot.datasets": "fgvc"}, "/nowhere/fgvc-aircraft is missing"),
+    ({"data.path": "/nowhere", "few_shot.datasets": "fgvc"},
+     "/nowhere/fgvc-aircraft/annotations is missing"),
+    ({"data.path": "/nowhere"}, "/nowhere/annotations is missing"),
+    ({"few_shot.datasets": "pets+aircraft"}, "FGVC-Aircraft has no TFDS builder: set data.path"),
 ])
 def test_bad_grids_are_refused_before_any_run(overrides, problem, tmp_path):
   stub = Stub()

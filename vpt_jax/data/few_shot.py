@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 from typing import Mapping, Optional
 
@@ -189,12 +190,20 @@ def check_counts(labels: np.ndarray, num_classes: int, shots: int, what: str) ->
         f"({short.size} class(es) short); choose fewer shots")
 
 
-def pool_labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
-  """int64 (P,) labels of a TFDS split in stored order (only the labels are decoded)."""
+@functools.lru_cache(maxsize=8)
+def pool_labels(builder_name: str, split: str, data_dir: Optional[str]) -> np.ndarray:
+  """int64 (P,) labels of a prepared TFDS split in stored order, read-only.
+
+  Only the labels are decoded; cached, since a run builds its sources several
+  times (checks, training set, fingerprint) and ImageNet's pool is 1.28M records.
+  """
+  builder = tfds.builder(builder_name, data_dir=data_dir)
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders=tfds.decode.PartialDecoding({"label": True}))
   chunks = [batch["label"] for batch in tfds.as_numpy(ds.batch(4096))]
-  return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros((0,), np.int64)
+  labels = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros((0,), np.int64)
+  labels.flags.writeable = False
+  return labels
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -257,9 +266,9 @@ def tfds_source(dataset: FewShotDataset, split: str, shots: int, seed: int,
     raise errors.UserError(
         f"fewshot/{dataset.name} through TFDS has the splits train (the shots) and test, "
         f"not {split!r}; NOAH's val list needs --config.data.path")
-  builder = source_protocols.prepared_builder(
+  source_protocols.prepared_builder(  # refuses an unprepared dataset with the fix
       source_protocols.ImageSource(dataset.tfds_builder, dataset.tfds_pool, data_dir))
-  labels = pool_labels(builder, dataset.tfds_pool)
+  labels = pool_labels(dataset.tfds_builder, dataset.tfds_pool, data_dir)
   what = f"{dataset.tfds_builder} split {dataset.tfds_pool!r}"
   check_counts(labels, dataset.num_classes, shots, what)
   return TfdsShotSource(dataset.tfds_builder, dataset.tfds_pool, data_dir,

@@ -99,12 +99,25 @@ def check_config(config) -> None:
     if not config.export.enabled:
       raise errors.UserError("few_shot.targets are scored from each run's export: set "
                              "--config.export.enabled=True")
-  if config.data.path and len(datasets) > 1:
-    path = os.path.join(config.data.path, few_shot.get_dataset(datasets[0]).noah_folder)
-    if not tf.io.gfile.isdir(path):
-      raise errors.MissingInputError(
-          f"{path} is missing: with several datasets, data.path holds one folder per dataset "
-          "named as in NOAH's data/few-shot/ (fgvc-aircraft, food101, ...)")
+  for dataset in datasets:
+    _check_data(config, few_shot.get_dataset(dataset), len(datasets) > 1)
+
+
+def _check_data(config, dataset: few_shot.FewShotDataset, several: bool) -> None:
+  """Refuses a dataset with neither NOAH's lists (data.path) nor a TFDS builder."""
+  if not config.data.path:
+    if not dataset.tfds_builder:
+      raise errors.UserError(
+          f"{dataset.title} has no TFDS builder: set data.path (path=DIR) to a folder with "
+          f"NOAH's lists in DIR/{dataset.noah_folder}/annotations/, or leave it out of "
+          "few_shot.datasets")
+    return
+  path = _data_path(config, dataset.name, several)
+  if not tf.io.gfile.isdir(os.path.join(path, "annotations")):
+    raise errors.MissingInputError(
+        f"{path}/annotations is missing: data.path holds NOAH's data/few-shot/<folder> "
+        + ("per dataset (fgvc-aircraft, food101, ...)" if several else "of the dataset")
+        + " with its annotations/ lists")
 
 
 def plan(config) -> list[FewShotRun]:
