@@ -199,3 +199,17 @@ def test_fingerprint_names_the_drawn_pool_examples(digits_dir):
   assert kind == "tfds" and ids == [pool_ids[i] for i in _reference_draw(
       np.array([e["label"] for e in _all(digits_dir, "train")]), 1, 0)]
   assert fingerprints.fingerprint(source, image_size=8)["classes"] == [1] * 10
+
+
+def test_a_joined_pool_draws_across_its_parts(digits_dir):
+  """Oxford Flowers draws from train+validation; here the digits' train+test."""
+  joined = few_shot.FewShotDataset("d", "D", 10, "", {}, {}, "vpt_digits:1.0.0",
+                                   tfds_pool="train+test")
+  pool = _all(digits_dir, "train") + _all(digits_dir, "test")
+  labels = np.array([e["label"] for e in pool])
+  source = few_shot.tfds_source(joined, "train", 16, 0, digits_dir)
+  expected = _reference_draw(labels, 16, 0)
+  assert max(expected) >= 1000  # some come from the second part
+  images, got = training_stream.load_split_arrays(source, image_size=8)
+  assert got.tolist() == labels[expected].tolist()
+  np.testing.assert_array_equal(images, np.stack([pool[i]["image"] for i in expected]))

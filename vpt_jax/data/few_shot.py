@@ -20,7 +20,8 @@ a fixed list. ``config.data.task = "fewshot/<dataset>"`` reads them, with
 * TFDS (no ``data.path``; not for FGVC-Aircraft, which TFDS does not have).
   The shots come from the dataset's pool split (``tfds_pool``) by this rule:
   take ``numpy.random.default_rng(seed).permutation(len(pool))`` of the pool's
-  stored positions and keep, per class, the first N positions in that order.
+  stored positions (its files read one after another, in TFDS's order) and
+  keep, per class, the first N positions in that order.
   So one seed gives one draw on every machine; for one seed the N-shot set is
   contained in the M-shot set for N < M (nested draws); the test split
   (``tfds_test``) is another TFDS split, disjoint from the pool. These are not
@@ -190,6 +191,15 @@ def check_counts(labels: np.ndarray, num_classes: int, shots: int, what: str) ->
         f"({short.size} class(es) short); choose fewer shots")
 
 
+def _stored_order(add_tfds_id: bool = False) -> tfds.ReadConfig:
+  """Reads a split's files one after another: position k is the k-th stored example.
+
+  (TFDS's default interleaves 16 files at a time, so positions would depend on
+  the read settings.)
+  """
+  return tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=add_tfds_id)
+
+
 @functools.lru_cache(maxsize=8)
 def pool_labels(builder_name: str, split: str, data_dir: Optional[str]) -> np.ndarray:
   """int64 (P,) labels of a prepared TFDS split in stored order, read-only.
@@ -198,7 +208,7 @@ def pool_labels(builder_name: str, split: str, data_dir: Optional[str]) -> np.nd
   times (checks, training set, fingerprint) and ImageNet's pool is 1.28M records.
   """
   builder = tfds.builder(builder_name, data_dir=data_dir)
-  ds = builder.as_dataset(split=split, shuffle_files=False,
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=_stored_order(),
                           decoders=tfds.decode.PartialDecoding({"label": True}))
   chunks = [batch["label"] for batch in tfds.as_numpy(ds.batch(4096))]
   labels = np.concatenate(chunks).astype(np.int64) if chunks else np.zeros((0,), np.int64)
@@ -243,13 +253,23 @@ class TfdsShotSource:
     keep = np.zeros(builder.info.splits[self.split].num_examples, bool)
     keep[self._share(process_index, process_count)] = True
     keep = tf.constant(keep)
-    ds = builder.as_dataset(split=self.split, shuffle_files=False,
+    ds = builder.as_dataset(split=self.split, shuffle_files=False, read_config=_stored_order(),
                             decoders={"image": tfds.decode.SkipDecoding()})
     ds = ds.enumerate().filter(lambda i, example: tf.gather(keep, i)).map(
         lambda i, example: example)
     return ds.map(lambda example: {
         "image": image_feature.decode_example(example["image"]),
         "label": tf.cast(example["label"], tf.int32)}, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+  def example_ids(self) -> list[str]:
+    """TFDS's ids of the kept examples, in the order ``examples`` reads them."""
+    builder = tfds.builder(self.builder, data_dir=self.data_dir)
+    ds = builder.as_dataset(split=self.split, shuffle_files=False,
+                            read_config=_stored_order(add_tfds_id=True),
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    ids = [t.decode() for t in ds.map(lambda e: e["tfds_id"]).as_numpy_iterator()]
+    return [ids[i] for i in self.positions]
 
 
 def tfds_source(dataset: FewShotDataset, split: str, shots: int, seed: int,

@@ -85,8 +85,7 @@ def example_ids(source: source_protocols.AnySource) -> tuple[str, list[str]]:
     return "tfds", _tfds_ids(source.builder, source.split, source.data_dir,
                              getattr(source, "image_key", "image"))
   if isinstance(source, few_shot.TfdsShotSource):  # the drawn positions of the pool
-    ids = _tfds_ids(source.builder, source.split, source.data_dir, "image")
-    return "tfds", [ids[i] for i in source.positions]
+    return "tfds", source.example_ids()
   return "position", [f"#{i}" for i in range(source_protocols.num_examples(source))]
 
 
