@@ -113,6 +113,9 @@ def test_report_has_the_shots_table_curve_and_target_table(tmp_path):
   row = ("| lora | 16 | 16.2 ± 0.2 | 21.0 ± 1.0 | 21.0 ± 1.0 | 21.0 ± 1.0 (1000-way 10.0) "
          "| 21.0 ± 1.0 (1000-way 10.0) | 21.0 |")
   assert row in text
+  rows = (tmp_path / "report" / "few_shot.csv").read_text().splitlines()
+  assert "oxford_pets,linear,4,test,14.10,0.10,2," in rows
+  assert "imagenet,lora,16,imagenet_a,21.00,1.00,2,10.00" in rows
 
 
 # ----------------------------------------------------------- one tiny real run
@@ -145,7 +148,7 @@ def test_tiny_real_run_scores_its_export_on_a_mocked_target(backbone, tmp_path):
                f"path={tmp_path / 'imagenet'},data_dir={data_dir},checkpoint={backbone}",
                **{"model.variant": "test/4", "model.image_size": 32, "optim.epochs": 1,
                   "optim.warmup_epochs": 0, "optim.batch_size": 3, "eval.batch_size": 2,
-                  "eval.costs": False, "data.fingerprint": False})
+                  "eval.costs": False})
   images = [np.full((20, 24, 3), 30 * i, np.uint8) for i in range(3)]
   examples = [{"image": im, "label": np.int64(c), "file_name": "x"}
               for im, c in zip(images, (classes[0], classes[7], classes[199]))]

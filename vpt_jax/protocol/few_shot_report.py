@@ -8,11 +8,13 @@ From every ``few_shot.json`` below the results folders:
 * with targets, a source-versus-target table per method and shot count:
   ImageNet (the source's test split), ImageNet-V2, -Sketch, -A, -R and the mean
   of the targets. -A and -R cells show the 200-class number with NOAH's
-  1000-way one in brackets.
+  1000-way one in brackets;
+* ``few_shot.csv``: the same numbers, one row per dataset, method, shots and split.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 from typing import Optional
 
@@ -122,11 +124,30 @@ def targets_table(summaries: list[dict]) -> Optional[str]:
   return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + rows)
 
 
+def write_csv(path: str, summaries: list[dict]) -> None:
+  """few_shot.csv: one row per dataset, method, shot count and scored split (%)."""
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["dataset", "method", "shots", "split", "top1_mean", "top1_std", "draws",
+                     "top1_1000way_mean"])
+    for summary in summaries:
+      for n, entry in sorted(summary["shots"].items(), key=lambda kv: int(kv[0])):
+        rows = [("test", entry, entry["num_seeds"], None)] + [
+            (name, scores["top1"], scores["num_seeds"], scores["top1_1000way"]["mean"])
+            for name, scores in entry.get("targets", {}).items()]
+        for split, stats, draws, full in rows:
+          if stats["mean"] is not None:
+            writer.writerow([summary["dataset"], summary["method"], n, split,
+                             f"{100 * stats['mean']:.2f}", f"{100 * stats['std']:.2f}", draws,
+                             "" if full is None else f"{100 * full:.2f}"])
+
+
 def section(results_dirs: list[str], out_dir: str) -> list[str]:
   """report.md's few-shot and domain-generalisation lines (none without results)."""
   summaries = collect(results_dirs)
   if not summaries:
     return []
+  write_csv(os.path.join(out_dir, "few_shot.csv"), summaries)
   lines = ["## Few-shot (NOAH's protocol)", "",
            "Test top-1 (%) at the last epoch, mean ± std over the draws of the shots "
            "(data/few_shot.py: NOAH's list files, or drawn from TFDS by the documented "
