@@ -58,7 +58,7 @@ def test_grid_runs_every_method_shot_and_draw_with_noahs_settings(tmp_path):
   assert four["seeds"] == {"0": pytest.approx(0.14), "1": pytest.approx(0.142)}
   assert four["mean"] == pytest.approx(0.141) and four["std"] == pytest.approx(0.001)
   path = tmp_path / "fewshot" / "oxford_pets" / "linear" / "few_shot.json"
-  assert json.loads(path.read_text()) == linear
+  assert json.loads(path.read_text()) == linear and linear["shots_from"] == "TFDS draw"
   run = json.loads((tmp_path / "fewshot/oxford_pets/vpt_deep/shots4/seed1/run.json").read_text())
   assert run["status"] == "finished" and run["spec"]["shots"] == 4
   # A rerun runs nothing; a changed setting is refused with the fix.
@@ -106,7 +106,7 @@ def test_report_has_the_shots_table_curve_and_target_table(tmp_path):
       config("methods=lora,datasets=imagenet,shots=16,seeds=0+2,targets=all"),
       str(tmp_path / "dg"), stub, target_fn=Stub.targets, write_report=False)
   text = open(report.write_report(str(tmp_path))).read()
-  assert "### Oxford Pets" in text and "| shots | linear | vpt_deep |" in text
+  assert "### Oxford Pets (shots: TFDS draw)" in text and "| shots | linear | vpt_deep |" in text
   assert "| 4 | 14.1 ± 0.1 | 4.1 ± 0.1 |" in text  # (14.0, 14.2) and (4.0, 4.2)
   assert (tmp_path / "report" / "few_shot_curves.png").stat().st_size > 0
   # source (16.0, 16.4): 16.2 ± 0.2; targets 20 and 22 -> 21.0 ± 1.0, A/R with NOAH's 1000-way 10.0

@@ -8,6 +8,9 @@ saved as ``predictions_<target>.npz`` beside the run's results, and scored two
 ways (``data/imagenet_shifts.py``): ``top1`` (ImageNet-A/-R: the argmax among
 their 200 classes, as OSU ViT_PEFT_Vision and Hendrycks et al.) and
 ``top1_1000way`` (the argmax over all 1000 classes, as NOAH).
+
+Every process reads every target whole (process 0 writes the predictions): meant
+for one host; a multi-host job repeats the scoring on each process.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def score_targets(run_cfg, run_dir: str, targets: list) -> dict:
   for target in targets:
     source = imagenet_shifts.target_source(target, run_cfg.data.data_dir or None)
     logits, labels = target_logits(apply, variables, source, run_cfg)
-    predictions.write(run_dir, target.name, {"logits": logits, "labels": labels})
+    if jax.process_index() == 0:
+      predictions.write(run_dir, target.name, {"logits": logits, "labels": labels})
     scores[target.name] = {
         "top1": imagenet_shifts.subset_top1(logits, labels, target.classes),
         "top1_1000way": imagenet_shifts.full_top1(logits, labels), "count": int(len(labels))}

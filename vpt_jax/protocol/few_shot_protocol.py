@@ -216,7 +216,8 @@ def run_protocol(config: ml_collections.ConfigDict, workdir: str,
   summaries = []
   for dataset, method in dict.fromkeys((s.dataset, s.method) for s in runs):
     mine = [(s, records[s]) for s in runs if (s.dataset, s.method) == (dataset, method)]
-    summary = summarize(dataset, method, mine, targets)
+    summary = {**summarize(dataset, method, mine, targets),
+               "shots_from": "NOAH's lists" if config.data.path else "TFDS draw"}
     run_records.write_json(os.path.join(workdir, "fewshot", dataset, method, SUMMARY_FILE),
                            summary)
     summaries.append(summary)

@@ -156,7 +156,8 @@ def section(results_dirs: list[str], out_dir: str) -> list[str]:
            "smoothing, random erasing) are not reproduced.", ""]
   datasets, _ = _order(summaries)
   for dataset in datasets:
-    lines += [f"### {few_shot.DATASETS[dataset].title}", "",
+    sources = sorted({s.get("shots_from", "?") for s in summaries if s["dataset"] == dataset})
+    lines += [f"### {few_shot.DATASETS[dataset].title} (shots: {', '.join(sources)})", "",
               shots_table(dataset, summaries), ""]
   curves = plot_curves(os.path.join(out_dir, "few_shot_curves.png"), summaries)
   if curves:
