@@ -99,6 +99,21 @@ def test_bad_grids_are_refused_before_any_run(overrides, problem, tmp_path):
   assert "\n" not in str(error.value) and stub.calls == []
 
 
+def test_missing_noah_lists_are_refused_before_any_run(tmp_path):
+  annotations = tmp_path / "annotations"
+  annotations.mkdir()
+  for name in ("test_meta.list", "train_meta.list.num_shot_1.seed_0",
+               "train_meta.list.num_shot_1.seed_1", "train_meta.list.num_shot_4.seed_0"):
+    (annotations / name).write_text("a.jpg 0\n")
+  stub = Stub()
+  with pytest.raises(errors.MissingInputError,
+                     match=r"num_shot_4\.seed_1 is missing \(1 of the grid's 5 lists\); "
+                           "copy data/few-shot/oxford-pets/annotations/"):
+    few_shot_protocol.run_protocol(config(**{"data.path": str(tmp_path)}), str(tmp_path / "w"),
+                                   stub)
+  assert stub.calls == []
+
+
 def test_report_has_the_shots_table_curve_and_target_table(tmp_path):
   stub = Stub()
   few_shot_protocol.run_protocol(config(), str(tmp_path / "fgvc"), stub, write_report=False)

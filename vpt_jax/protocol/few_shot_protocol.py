@@ -118,6 +118,14 @@ def _check_data(config, dataset: few_shot.FewShotDataset, several: bool) -> None
         f"{path}/annotations is missing: data.path holds NOAH's data/few-shot/<folder> "
         + ("per dataset (fgvc-aircraft, food101, ...)" if several else "of the dataset")
         + " with its annotations/ lists")
+  lists = [few_shot.list_file(dataset, path, "test", 0, 0)] + [
+      few_shot.list_file(dataset, path, "train", int(n), int(s))
+      for n in config.few_shot.shots for s in config.few_shot.seeds]
+  missing = [p for p in lists if not tf.io.gfile.exists(p)]
+  if missing:
+    raise errors.MissingInputError(
+        f"NOAH list {missing[0]} is missing ({len(missing)} of the grid's {len(lists)} lists); "
+        f"copy data/few-shot/{dataset.noah_folder}/annotations/ from NOAH's repository")
 
 
 def plan(config) -> list[FewShotRun]:
