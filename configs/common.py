@@ -183,6 +183,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (shorter side to 256/224 x image_size, random crop + flip to train, centre crop
   # to evaluate: FGVC).
   config.data.preprocess = "resize"
+  # data.task=fewshot/<dataset> (data/few_shot.py): images per class (1, 2, 4, 8, 16)
+  # and the draw (NOAH's seeds 0, 1, 2).
+  config.data.shots = 0
+  config.data.shots_seed = 0
   config.data.skip_corrupt = False  # skip unreadable image files (counted) instead of failing
   # Record each split's fingerprint (count, class histogram, hashes of ids, labels and
   # resized pixels: vpt_jax/data/fingerprints.py) in results.json; one pass per split.

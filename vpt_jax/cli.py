@@ -301,6 +301,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train"):
       raise errors.UserError(f"suite {config.suite!r}: known suites {sorted(suites)} run with "
                              "--mode train only")
     return suites[config.suite](config, workdir)
+  if "few_shot" in config:  # configs/few_shot_protocol.py
+    from vpt_jax.protocol import few_shot_protocol  # pylint: disable=g-import-not-at-top
+    from vpt_jax.protocol import report  # pylint: disable=g-import-not-at-top
+    if mode not in ("train", "report"):
+      raise errors.UserError("few-shot protocol configs support --mode train (run or resume "
+                             "the grid) and --mode report")
+    return (report.write_report(workdir) if mode == "report"
+            else few_shot_protocol.run_protocol(config, workdir))
   if "protocol" in config:
     from vpt_jax.protocol import report  # pylint: disable=g-import-not-at-top
     from vpt_jax.protocol import tuning  # pylint: disable=g-import-not-at-top

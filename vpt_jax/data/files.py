@@ -193,6 +193,12 @@ def _source(builder: str, split: str, parts: Mapping[str, Sequence[tuple[str, in
   rows = []
   for name, start, stop in select(split, {k: len(v) for k, v in parts.items()}):
     rows.extend(parts[name][start:stop])
+  return labelled_files(builder, split, rows, classes, names, skip_corrupt)
+
+
+def labelled_files(builder: str, split: str, rows: Sequence[tuple[str, int]], classes: int,
+                   names=None, skip_corrupt: bool = False) -> FileSource:
+  """A FileSource over [(path, label)] rows; refuses no rows or a label outside the classes."""
   if not rows:
     raise errors.UserError(f"split {split!r} of {builder} selects no images")
   paths = np.array([path for path, _ in rows])

@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vpt_jax.data import few_shot
 from vpt_jax.data import files
 from vpt_jax.data import preprocessing
 from vpt_jax.data import source_protocols
@@ -80,17 +81,22 @@ def example_ids(source: source_protocols.AnySource) -> tuple[str, list[str]]:
     paths = [str(p) for p in source.paths]
     root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
     return "path", [os.path.relpath(p, root) for p in paths]
-  builder_name, split = source.builder, source.split
   if isinstance(source, (source_protocols.ImageSource, sources.TfdsTaskSource)):
-    builder = tfds.builder(builder_name, data_dir=source.data_dir)
-    image_key = getattr(source, "image_key", "image")
-    decoders = ({image_key: tfds.decode.SkipDecoding()}
-                if image_key in builder.info.features else None)
-    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
-                            read_config=tfds.ReadConfig(add_tfds_id=True))
-    ids = [t.decode() for t in ds.map(lambda e: e["tfds_id"]).as_numpy_iterator()]
-    return "tfds", ids
+    return "tfds", _tfds_ids(source.builder, source.split, source.data_dir,
+                             getattr(source, "image_key", "image"))
+  if isinstance(source, few_shot.TfdsShotSource):  # the drawn positions of the pool
+    return "tfds", source.example_ids()
   return "position", [f"#{i}" for i in range(source_protocols.num_examples(source))]
+
+
+def _tfds_ids(builder_name: str, split: str, data_dir, image_key: str) -> list[str]:
+  """TFDS's example ids of a split in stored order (images not decoded)."""
+  builder = tfds.builder(builder_name, data_dir=data_dir)
+  decoders = ({image_key: tfds.decode.SkipDecoding()}
+              if image_key in builder.info.features else None)
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                          read_config=tfds.ReadConfig(add_tfds_id=True))
+  return [t.decode() for t in ds.map(lambda e: e["tfds_id"]).as_numpy_iterator()]
 
 
 def fingerprint(source: source_protocols.AnySource, *, image_size: int,

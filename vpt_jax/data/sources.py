@@ -11,6 +11,9 @@
 ``"folder"``           ``data.path/<class>/*`` or ``data.path/<split>/<class>/*``
 ``"list"``             ``data.path/<split>.txt`` lists ("relative/path label")
 ``"json"``             ``data.path/<split>.json`` ({relative_path: class_id})
+``"fewshot/<dataset>"``  NOAH's few-shot datasets, ``data.shots`` per class, draw
+                       ``data.shots_seed``: NOAH's lists with ``data.path``, else
+                       drawn from TFDS (``few_shot``)
 =====================  ==========================================================
 
 Every source yields the same {"image": uint8, "label": int32} elements.
@@ -27,6 +30,7 @@ import tensorflow_datasets as tfds
 
 from vpt_jax import errors
 from vpt_jax.data import fgvc
+from vpt_jax.data import few_shot
 from vpt_jax.data import files
 from vpt_jax.data import preprocessing
 from vpt_jax.data import source_protocols
@@ -34,7 +38,7 @@ from vpt_jax.data import vtab
 from vpt_jax.data import vtab_labels
 from vpt_jax.data import vtab_tasks
 
-TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json")
+TASK_KINDS = ("vtab", "fgvc", "folder", "list", "json", "fewshot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +153,10 @@ def make_source(data, split: str) -> source_protocols.AnySource:
       raise errors.UserError(f"{dataset.title} has no TFDS builder. {dataset.notes}")
     return TfdsTaskSource(dataset.tfds_builder, dataset.tfds_splits.get(split, split),
                           data_dir, vtab_labels.plain_label, dataset.num_classes)
+  if kind == "fewshot":
+    return few_shot.make_source(name, split, shots=data.shots, seed=data.shots_seed,
+                                path=data.path, data_dir=data_dir,
+                                skip_corrupt=data.skip_corrupt)
   if kind == "folder":
     return files.image_folder(data.path, split, num_classes=data.num_classes,
                               skip_corrupt=data.skip_corrupt)
@@ -179,8 +187,8 @@ def check_data_config(data) -> Optional[str]:
         "(--config.data.builder=dmlab:2.0.1) or a task (--config.data.task=vtab/dmlab)")
   kind, _, name = task.partition("/")
   if kind not in TASK_KINDS:
-    return (f"Unknown data.task {task!r}; use vtab/<task>, fgvc/<dataset>, folder, list "
-            "or json")
+    return (f"Unknown data.task {task!r}; use vtab/<task>, fgvc/<dataset>, "
+            "fewshot/<dataset>, folder, list or json")
   try:
     if kind == "vtab":
       vtab_tasks.get_task(name)
@@ -188,6 +196,12 @@ def check_data_config(data) -> Optional[str]:
       dataset = fgvc.get_dataset(name)
       if not dataset.tfds_builder and not data.path:
         return f"{dataset.title} has no TFDS builder. {dataset.notes}"
+    elif kind == "fewshot":
+      dataset = few_shot.get_dataset(name)
+      if not dataset.tfds_builder and not data.path:
+        return (f"{dataset.title} has no TFDS builder: set --config.data.path to its folder "
+                f"with NOAH's annotations/ lists")
+      return few_shot.check_shots(data.shots, data.shots_seed)
   except ValueError as e:
     return str(e)
   if kind in ("folder", "list", "json") and not data.path:

@@ -22,7 +22,8 @@ written by ``tuning.run_protocol``) and writes to ``--out`` (default
   marked "data differs" in the tables) and the method-versus-method
   differences with their seed spread and paired bootstrap interval
   (``comparisons``); ``per_class.md``: per-class test accuracy from the
-  saved predictions (``eval.save_predictions``).
+  saved predictions (``eval.save_predictions``);
+* the few-shot and domain-generalisation sections (``few_shot_report``).
 
 The paper's numbers are recalled from the paper, not verified against the PDF
 (vpt_jax/protocol/hparams.py says so for each); the report repeats the warning.
@@ -43,7 +44,9 @@ from vpt_jax.data import vtab_tasks
 from vpt_jax.protocol import comparisons
 from vpt_jax.protocol import cost_table
 from vpt_jax.protocol import data_checks
+from vpt_jax.protocol import few_shot_report
 from vpt_jax.protocol import hparams
+from vpt_jax.protocol import run_records
 
 SUMMARY_FILE = "summary.json"
 METHOD_ORDER = ("vpt_deep", "vpt_shallow", "linear", "full")
@@ -51,15 +54,8 @@ METHOD_ORDER = ("vpt_deep", "vpt_shallow", "linear", "full")
 
 def collect(results_dirs: list[str]) -> list[dict]:
   """Every summary.json below the folders, with the folder it came from."""
-  summaries = []
-  for results_dir in results_dirs:
-    for root, _, filenames in sorted(os.walk(results_dir)):
-      if SUMMARY_FILE in filenames:
-        with open(os.path.join(root, SUMMARY_FILE)) as f:
-          summary = json.load(f)
-        summary["folder"] = root
-        summaries.append(summary)
-  return summaries
+  return [{**summary, "folder": root}
+          for root, summary in run_records.json_files_below(results_dirs, SUMMARY_FILE)]
 
 
 def _methods(summaries: list[dict]) -> list[str]:
@@ -327,13 +323,14 @@ def write_report(results_dir: str, out_dir: Optional[str] = None,
     lines += cost_table.section([s for s in summaries if _kind(s["task"]) == kind],
                                 _methods(summaries), title,
                                 os.path.join(out_dir, f"params_vs_accuracy_{kind}.png"))
-  if not summaries:
+  few_shot_lines = few_shot_report.section([results_dir, *extra_dirs], out_dir)
+  if not summaries and not few_shot_lines:
     lines.append("No summary.json found yet: run the protocol first.")
   for method in _methods(summaries):
     curves = plot_curves(os.path.join(out_dir, f"curves_{method}.png"), method, summaries)
     if curves:
       lines += [f"![{method} curves]({os.path.basename(curves)})", ""]
-  lines += _checks(summaries, data, out_dir)
+  lines += few_shot_lines + _checks(summaries, data, out_dir)
   pending = [f"{s['task']} ({s['method']})" for s in summaries if not s["complete"]]
   if pending:
     lines += ["Incomplete (runs missing or waiting): " + ", ".join(pending), ""]

@@ -45,6 +45,17 @@ def write_json(path: str, value) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def json_files_below(results_dirs: list[str], filename: str) -> list[tuple[str, dict]]:
+  """[(folder, parsed JSON)] of every ``filename`` below the folders, in walk order."""
+  found = []
+  for results_dir in results_dirs:
+    for root, _, filenames in sorted(os.walk(results_dir)):
+      if filename in filenames:
+        with open(os.path.join(root, filename)) as f:
+          found.append((root, json.load(f)))
+  return found
+
+
 def _read_json(path: str):
   if not tf.io.gfile.exists(path):
     return None
@@ -110,12 +121,20 @@ def _record(spec: run_plan.RunSpec, run_cfg, run_dir: str, outcome, seconds: flo
 def ensure_run(spec: run_plan.RunSpec, config, workdir: str, run_fn: RunFn) -> dict:
   """Runs (or resumes) one run unless it has finished; returns its record."""
   run_dir = os.path.join(workdir, spec.folder(run_plan.method_name(config)))
-  run_cfg = run_plan.run_config(config, spec)
+  return run_unless_finished(
+      spec, run_plan.run_config(config, spec), run_dir, run_fn,
+      f"{spec.task} {spec.phase}: lr {spec.lr:g}, wd {spec.weight_decay:g}, seed {spec.seed}")
+
+
+def run_unless_finished(spec, run_cfg, run_dir: str, run_fn: RunFn, title: str) -> dict:
+  """The record of a finished run in ``run_dir``, else runs (or resumes) it and records it.
+
+  ``spec``: any dataclass (recorded as "spec"); ``title``: what the console line says.
+  """
   record = finished_run(run_dir, run_cfg)
   if record is not None:
     return record
-  print(f"\n=== {spec.task} {spec.phase}: lr {spec.lr:g}, wd {spec.weight_decay:g}, "
-        f"seed {spec.seed} -> {run_dir}", flush=True)
+  print(f"\n=== {title} -> {run_dir}", flush=True)
   tf.io.gfile.makedirs(run_dir)
   began = time.perf_counter()
   try:
