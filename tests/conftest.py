@@ -36,6 +36,13 @@ def pytest_configure(config):
   # computation paths that holds on one CPU only fails there, not on a user's.
   config.addinivalue_line(
       "markers", "numerics: compares two float32 computation paths (see tests/tolerances.py)")
+  # That second pass leaves out the tests that start several JAX processes: the
+  # rounding they allow for (a gradient summed as per-host partial sums) is the
+  # one training/test_steps.py's one- vs four-device test checks in one process,
+  # which the pass runs; their own subject (gloo, the preemption sync point,
+  # each host's share of the data) does not depend on the kernels' ISA.
+  config.addinivalue_line(
+      "markers", "multiprocess: starts several JAX processes (skipped by CI's SSE4.2 pass)")
 
 
 @pytest.fixture(scope="module")

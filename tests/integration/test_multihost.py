@@ -30,6 +30,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.numerics
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
   backbone = str(tmp_path / "backbone.npz")
   model = vit.VisionTransformer(num_classes=3, variant="test/4")

@@ -209,6 +209,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.numerics
+@pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
     command, uninterrupted, tmp_path):
   workdir = str(tmp_path / "run")
