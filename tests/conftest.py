@@ -34,6 +34,9 @@ def pytest_configure(config):
   # CI runs these a second time under another XLA:CPU kernel choice
   # (XLA_FLAGS=--xla_cpu_max_isa=SSE4_2), so that a tolerance between two
   # computation paths that holds on one CPU only fails there, not on a user's.
+  # The mark goes on each such test, not on a whole module: a refusal, a count, a
+  # lowered program's dtypes or a memory figure in the same file does not depend
+  # on the kernels' rounding and would only lengthen that pass.
   config.addinivalue_line(
       "markers", "numerics: compares two float32 computation paths (see tests/tolerances.py)")
   # That second pass leaves out the tests that start several JAX processes: the
