@@ -125,7 +125,8 @@ def test_fused_settings_end_with_the_parameters_of_their_separate_runs(protocol_
   assert not np.allclose(a["vpt/deep"], b["vpt/deep"], rtol=1e-4)
 
 
-@pytest.mark.numerics
+# Divergence and overflow follow from magnitudes (lr 1e30, 8e39), not rounding,
+# and a rerun compares a path with itself: no numerics mark (tests/conftest.py).
 def test_a_diverging_setting_stops_alone_where_a_separate_run_would(protocol_runs):
   """lr 1e30: step 1 starts from the finite initial prompts, its update makes
   them ~1e30, so the loss of step 2 is the first non-finite one."""
@@ -145,7 +146,6 @@ def test_the_protocol_selects_the_same_setting_fused(protocol_runs):
   assert on["grid"][2:] == off["grid"]
 
 
-@pytest.mark.numerics
 def test_a_rerun_resumes_each_setting_from_its_own_checkpoint(protocol_runs):
   """The fused group again: the finished settings restore step 6 and train
   nothing, the diverged ones their last good checkpoint (step 1) and diverge
@@ -163,7 +163,6 @@ def test_a_rerun_resumes_each_setting_from_its_own_checkpoint(protocol_runs):
       assert outcome["step"] == 6 and outcome["val"] == previous["val"]
 
 
-@pytest.mark.numerics
 def test_a_setting_whose_weights_overflow_keeps_only_finite_checkpoints(
     backbone, data_dir, tmp_path):
   """Two settings in one program, a save every step, keep=2: lr 8e39 overflows
