@@ -34,8 +34,18 @@ def pytest_configure(config):
   # CI runs these a second time under another XLA:CPU kernel choice
   # (XLA_FLAGS=--xla_cpu_max_isa=SSE4_2), so that a tolerance between two
   # computation paths that holds on one CPU only fails there, not on a user's.
+  # The mark goes on each such test, not on a whole module: a refusal, a count, a
+  # lowered program's dtypes or a memory figure in the same file does not depend
+  # on the kernels' rounding and would only lengthen that pass.
   config.addinivalue_line(
       "markers", "numerics: compares two float32 computation paths (see tests/tolerances.py)")
+  # That second pass leaves out the tests that start several JAX processes: the
+  # rounding they allow for (a gradient summed as per-host partial sums) is the
+  # one training/test_steps.py's one- vs four-device test checks in one process,
+  # which the pass runs; their own subject (gloo, the preemption sync point,
+  # each host's share of the data) does not depend on the kernels' ISA.
+  config.addinivalue_line(
+      "markers", "multiprocess: starts several JAX processes (skipped by CI's SSE4.2 pass)")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 import checkpoint_fixtures
 from configs import common
+from vpt_jax import cli
 from vpt_jax.export import task_export
 from vpt_jax.methods import factory
 from vpt_jax.training import inputs
@@ -47,6 +48,18 @@ def tiny_config(backbone_path, data_dir, **overrides):
   config.log_every_steps = 3
   config.checkpoint.every_steps = 3
   config.checkpoint.keep = 10
+  return checkpoint_fixtures.override(config, overrides)
+
+
+def run_py_config(config_spec: str, overrides: dict):
+  """The locked config `run.py --config=<config_spec> --config.<key>=<value> ...` trains.
+
+  Built in the test's process: a reference run here costs no subprocess start
+  (~10 s of importing TensorFlow and JAX). ``config_spec`` is relative to the
+  repository ("configs/vpt.py:method=vpt_deep,...").
+  """
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = cli.load_config_file(os.path.join(repo, config_spec))
   return checkpoint_fixtures.override(config, overrides)
 
 

@@ -7,8 +7,6 @@ import export_fixtures
 from vpt_jax.export import saved_model_export
 from vpt_jax.export import stablehlo_export
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 IMAGE = export_fixtures.IMAGE
 workspace = export_fixtures.two_structure_workspace
 STACKED_IMAGES = export_fixtures.random_images(6, seed=8)
@@ -34,6 +32,7 @@ def saved(workspace):
   return images, dict(zip(("single", "stacked"), results))
 
 
+@pytest.mark.numerics
 def test_single_task_saved_model_matches(workspace, saved):
   _, backbone, exports = workspace
   images, served = saved
@@ -46,6 +45,7 @@ def test_single_task_saved_model_matches(workspace, saved):
   export_fixtures.check_standalone_outputs(outputs["one"], expected[:1])
 
 
+@pytest.mark.numerics
 def test_stacked_saved_model_matches_with_a_fixed_batch(workspace, saved):
   _, backbone, exports = workspace
   _, served = saved

@@ -7,8 +7,6 @@ import export_fixtures
 from vpt_jax.export import serving
 from vpt_jax.export import task_export
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 _write_export = export_fixtures.write_export
 IMAGE = export_fixtures.IMAGE
 workspace = export_fixtures.workspace

@@ -14,8 +14,6 @@ from vpt_jax.export import predict
 from vpt_jax.export import serving
 from vpt_jax.export import task_export
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE = export_fixtures.IMAGE
 _alone = export_fixtures.single_task_logits
@@ -39,6 +37,7 @@ def test_bad_requests_name_the_problem(workspace):
     cli.parse_predict_inputs("a.png")
 
 
+@pytest.mark.numerics
 def test_run_py_predicts_many_tasks(workspace, tmp_path):
   _, backbone, exports = workspace
   paths = _pngs(tmp_path, 3)

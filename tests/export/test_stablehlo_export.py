@@ -14,8 +14,6 @@ from vpt_jax.export import task_export
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 IMAGE = export_fixtures.IMAGE
 
 
@@ -46,6 +44,7 @@ def served(workspace):
   return dict(zip(("single", "stacked"), results))
 
 
+@pytest.mark.numerics
 def test_single_task_serves_without_vpt_jax(workspace, served):
   _, backbone, exports = workspace
   sidecar, outputs = served["single"]
@@ -66,6 +65,7 @@ def test_single_task_serves_without_vpt_jax(workspace, served):
   export_fixtures.check_standalone_outputs(outputs["one"], expected[:1])
 
 
+@pytest.mark.numerics
 def test_stacked_tasks_serve_without_vpt_jax(workspace, served):
   _, backbone, exports = workspace
   sidecar, outputs = served["stacked"]

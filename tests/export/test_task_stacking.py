@@ -10,14 +10,13 @@ import export_fixtures
 from vpt_jax.export import serving
 from vpt_jax.export import task_export
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 _write_export = export_fixtures.write_export
 _images = export_fixtures.random_images
 _check_mixed_batch = export_fixtures.check_mixed_batch
 workspace = export_fixtures.workspace
 
 
+@pytest.mark.numerics
 def test_mixed_batch_equals_each_task_alone(workspace):
   _, backbone, exports = workspace
   server = serving.MultiTaskServer(exports, backbone)
@@ -51,6 +50,7 @@ def test_backbone_matmuls_are_batched_not_looped(workspace):
   assert not any("lhs_batch_dims" in line or "rhs_batch_dims" in line for line in projections)
 
 
+@pytest.mark.numerics
 def test_structures_are_grouped_and_each_example_matches(workspace):
   root, backbone, exports = workspace
   exports = {
@@ -68,6 +68,7 @@ def test_structures_are_grouped_and_each_example_matches(workspace):
   _check_mixed_batch(server, exports, backbone, tasks, _images(len(tasks), seed=1))
 
 
+@pytest.mark.numerics
 def test_reparameterisable_methods_share_a_mixed_batch(workspace):
   # SSF, DiffFit (per-task LayerNorm scales and biases, as LN-tune), FacT-TK,
   # RepAdapter beside VPT on one backbone: each example gets its own task's logits.
@@ -84,6 +85,7 @@ def test_reparameterisable_methods_share_a_mixed_batch(workspace):
   _check_mixed_batch(server, exports, backbone, tasks, _images(len(tasks), seed=2))
 
 
+@pytest.mark.numerics
 def test_bottleneck_adapters_serve_in_a_mixed_batch(workspace):
   root, backbone, _ = workspace
   small = {"adaptformer.bottleneck": 4}  # the tiny backbone is 16 wide

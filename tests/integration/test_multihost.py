@@ -16,9 +16,11 @@ import tensorflow_datasets as tfds
 
 import tolerances
 import checkpoint_fixtures
+import run_fixtures
 from vpt_jax.data import local_builders  # pylint: disable=unused-import
 from vpt_jax.export import task_export
 from vpt_jax.models import vit
+from vpt_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +32,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.numerics
+@pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
   backbone = str(tmp_path / "backbone.npz")
   model = vit.VisionTransformer(num_classes=3, variant="test/4")
@@ -38,17 +41,19 @@ def test_two_processes_match_one(tmp_path):
   data_dir = str(tmp_path / "tfds")
   # Built once up front: two processes must not prepare the same dataset at once.
   tfds.builder("vpt_sprites/tiny", data_dir=data_dir).download_and_prepare()
-  arg = (f"method=vpt_deep,num_prompts=2,variant=test/4,image_size=32,"
-         f"builder=vpt_sprites/tiny,checkpoint={backbone},runlocal")
-  common = [sys.executable, "run.py", f"--config=configs/vpt.py:{arg}",
-            f"--config.data.data_dir={data_dir}", "--config.data.label_key=shape",
-            "--config.data.train_split=train", "--config.data.test_split=test",
-            "--config.optim.base_lr=0.5", "--config.optim.warmup_epochs=0"]
+  config_spec = (f"configs/vpt.py:method=vpt_deep,num_prompts=2,variant=test/4,image_size=32,"
+                 f"builder=vpt_sprites/tiny,checkpoint={backbone},runlocal")
+  overrides = {"data.data_dir": data_dir, "data.label_key": "shape",
+               "data.train_split": "train", "data.test_split": "test",
+               "optim.base_lr": 0.5, "optim.warmup_epochs": 0}
+  common = [sys.executable, "run.py", f"--config={config_spec}",
+            *[f"--config.{key}={value}" for key, value in overrides.items()]]
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", ""), JAX_PLATFORMS="cpu")
 
-  single = subprocess.run(common + [f"--workdir={tmp_path / 'single'}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-  assert single.returncode == 0, single.stderr[-3000:]
+  # The single-process reference runs in this process (no subprocess start-up):
+  # the same config, the same trainer as run.py.
+  trainer.train_and_evaluate(run_fixtures.run_py_config(config_spec, overrides),
+                             str(tmp_path / "single"))
 
   port = _free_port()
   workers = [subprocess.Popen(

@@ -22,8 +22,6 @@ from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
 from vpt_jax.training import steps
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 # A class count that is no other dimension of the tiny model (width 16, MLP 32,
 # 2 heads of 8, 17 tokens + 3 prompts, batch 8), so it marks the head's matmuls.
@@ -70,6 +68,7 @@ def _run(dtype, num_steps=5):
   return model, state, batch, step_fn, final, history
 
 
+@pytest.mark.numerics
 def test_bfloat16_loss_tracks_float32():
   full = np.array([float(m["loss"]) for m in _run("float32")[-1]])
   mixed = np.array([float(m["loss"]) for m in _run("bfloat16")[-1]])

@@ -31,8 +31,6 @@ from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import steps
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 NUM_CLASSES = 5
 
@@ -85,6 +83,7 @@ def _random_params(shapes, seed=0):
     ("e2vpt", {"pool": "imgprompt_pool"}),
     ("cvpt", {}),
 ])
+@pytest.mark.numerics
 def test_remat_gives_the_same_loss_and_gradients(method, overrides):
   plain = _spec(method, **overrides)
   rematted = dict(plain, remat="block")
@@ -212,6 +211,7 @@ def test_remat_keeps_fewer_activations_and_lowers_the_step_temp_memory():
   assert temp["block"] < 0.7 * temp["none"], temp
 
 
+@pytest.mark.numerics
 def test_accumulation_equals_one_big_batch_step_and_uses_less_memory():
   # No dropout anywhere, so the two steps compute the same function of the batch.
   spec = _spec("vpt_deep", prompt_dropout=0.0, image_size=32)

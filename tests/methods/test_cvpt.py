@@ -18,8 +18,6 @@ from vpt_jax.models import vit
 from vpt_jax.params import freezing
 from vpt_jax.params import trees
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 TOLERANCE = tolerances.FORWARD_VS_NUMPY
 BASE = fixtures.TINY_VIT  # width 16, 2 heads, 2 blocks, 16 px -> 17 tokens
 DEPTH, WIDTH, TOKENS = 2, 16, 17
@@ -28,6 +26,7 @@ DEPTH, WIDTH, TOKENS = 2, 16, 17
 # Every insert position; the exact "CLS only in the last block" shortcut on the default.
 @pytest.mark.parametrize("insert, skip_dead_work",
                          [(i, False) for i in cvpt_lib.CVPT_INSERTS] + [(3, True)])
+@pytest.mark.numerics
 def test_cvpt_matches_numpy(insert, skip_dead_work):
   model = vit.VisionTransformer(**BASE, skip_dead_work=skip_dead_work,
                                 hooks=cvpt_lib.CvptOptions(num_prompts=3, insert=insert))
@@ -75,6 +74,7 @@ def test_cvpt_sequence_stays_one_plus_n_in_every_block():
     assert block["MlpBlock_0"]["__call__"][0].shape == (2, TOKENS, WIDTH)
 
 
+@pytest.mark.numerics
 def test_cvpt_cross_attention_reads_the_blocks_attention_parameters():
   model = vit.VisionTransformer(**BASE, hooks=cvpt_lib.CvptOptions(num_prompts=3))
   params = fixtures.random_params(model)

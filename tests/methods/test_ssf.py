@@ -13,13 +13,12 @@ from vpt_jax.methods import ssf
 from vpt_jax.models import vit
 from vpt_jax.params import trees
 
-pytestmark = pytest.mark.numerics
-
 
 def _model():
   return vit.VisionTransformer(**fixtures.TINY_VIT, hooks=ssf.SsfOptions())
 
 
+@pytest.mark.numerics
 def test_ssf_matches_numpy_reference():
   reparam_fixtures.assert_matches_numpy(_model())
 

@@ -18,7 +18,6 @@ from vpt_jax.models import attention_kernels
 from vpt_jax.models import swin_blocks
 from vpt_jax.models import vit_blocks
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
 KERNELS = attention_kernels.ATTENTION_KERNELS
 
 
@@ -66,6 +65,7 @@ def _bound(dtype, query, key, value, bias):
                                   q.shape[-1] + k.shape[1])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -81,6 +81,7 @@ def test_kernel_matches_numpy(kernel, dtype, with_bias):
   np.testing.assert_allclose(np.asarray(attended, np.float64), expected, rtol=0, atol=atol)
 
 
+@pytest.mark.numerics
 def test_masked_keys_get_no_weight():
   """A -100 bias on every key but one leaves exactly that key's value (both kernels)."""
   query, key, value, _ = _inputs(jnp.float32)
@@ -109,6 +110,7 @@ def test_unknown_kernel_is_one_line_user_error():
 ATOL = tolerances.FORWARD_VS_NUMPY["atol"]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_vit_attention_with_extra_kv_matches_numpy(kernel):
   rng = np.random.default_rng(4)
@@ -125,6 +127,7 @@ def test_vit_attention_with_extra_kv_matches_numpy(kernel):
   np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_swin_window_attention_with_mask_and_prompts_matches_numpy(kernel):
   """4 x 4 tokens, window 2, shift 1 (4 windows, all masked somewhere), 2 prompts."""
@@ -179,6 +182,7 @@ def test_config_sets_the_spec_only_when_not_the_default():
     assert factory.build_model(variant_spec, 5).attention_kernel == "dot_product", variant
 
 
+@pytest.mark.numerics
 def test_e2vpt_vit_logits_agree_across_kernels():
   """The whole tiny E2VPT ViT (extra_kv in every block, VPT prompts) in float32."""
   def logits(kernel):

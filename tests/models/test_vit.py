@@ -12,8 +12,6 @@ import numpy_vit
 from vpt_jax.methods import prompts
 from vpt_jax.models import vit
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 # (variant, image size): 4x4 patch grids with two different patch sizes.
 CONFIGS = {"p4_img16": ("test/4", 16), "p8_img32": ("test/8", 32)}
 PROMPT_MODES = {
@@ -57,6 +55,7 @@ def _cases():
       yield _case("p8_img32", "deep_proj", pool, skip)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("config,mode,pool,skip_dead_work", list(_cases()))
 def test_matches_numpy_reference(config, mode, pool, skip_dead_work):
   variant, image_size = CONFIGS[config]
@@ -70,6 +69,7 @@ def test_matches_numpy_reference(config, mode, pool, skip_dead_work):
                              **TOLERANCE)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("pool", vit.POOL_TYPES)
 def test_features_match_numpy_reference(pool):
   model = vit.VisionTransformer(num_classes=4, variant="test/4", pool=pool,
@@ -83,6 +83,7 @@ def test_features_match_numpy_reference(pool):
       **TOLERANCE)
 
 
+@pytest.mark.numerics
 def test_layer_norm_epsilon_is_1e_6():
   # With O(1) activations eps is invisible at 1e-4; shrink the embedded tokens
   # (variance ~1e-6, comparable to eps) so the first LayerNorm depends on it.
@@ -120,6 +121,7 @@ def _train_logits(model, params, images, seed):
                                 rngs={"dropout": jax.random.key(seed)}))
 
 
+@pytest.mark.numerics
 def test_prompt_dropout_is_off_in_eval():
   model, params = _dropout_model(prompt_dropout=0.5)
   images = _images(16)
@@ -130,6 +132,7 @@ def test_prompt_dropout_is_off_in_eval():
                              **TOLERANCE)
 
 
+@pytest.mark.numerics
 def test_prompt_dropout_masks_differ_per_example_in_train():
   model, params = _dropout_model(prompt_dropout=0.5)
   same_image_twice = np.repeat(_images(16, batch=1), 2, axis=0)
@@ -142,6 +145,7 @@ def test_prompt_dropout_masks_differ_per_example_in_train():
   assert not np.allclose(logits, _train_logits(model, params, same_image_twice, seed=8))
 
 
+@pytest.mark.numerics
 def test_prompt_dropout_same_with_and_without_skip_dead_work():
   # The shortcut must be exact in training too: same rng, same masks, same logits.
   images = _images(16)
@@ -152,6 +156,7 @@ def test_prompt_dropout_same_with_and_without_skip_dead_work():
   np.testing.assert_allclose(outputs[0], outputs[1], **TOLERANCE)
 
 
+@pytest.mark.numerics
 def test_backbone_dropout_stays_off_while_prompt_tuning():
   # VPT trains with the backbone in eval mode: only prompt dropout is stochastic.
   model, params = _dropout_model(dropout_rate=0.5, prompt_dropout=0.0)

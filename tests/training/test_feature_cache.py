@@ -20,8 +20,6 @@ from vpt_jax.params import trees
 from vpt_jax.training import feature_cache
 from vpt_jax.training import trainer
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
@@ -38,6 +36,7 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
+@pytest.mark.numerics
 def test_cached_features_give_the_uncached_result(backbone, data_dir, tmp_path, monkeypatch):
   # mlp-2: a BatchNorm hidden layer and dropout, so the cached path must also
   # reproduce the head's train-mode randomness and running averages.
@@ -104,6 +103,7 @@ def test_only_head_only_methods_use_the_cache(backbone, data_dir):
     assert not uses_cache(method), method
 
 
+@pytest.mark.numerics
 def test_extracted_features_equal_the_train_mode_features():
   model = vit.VisionTransformer(num_classes=3, variant="test/4", head_hidden_layers=1)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 import tolerances
 import checkpoint_fixtures
-from vpt_jax import cli
+import run_fixtures
 from vpt_jax.checkpoints import train_state
 from vpt_jax.data import local_builders  # pylint: disable=unused-import
 from vpt_jax.export import task_export
@@ -131,13 +131,8 @@ def _exported(workdir) -> dict:
 def uninterrupted(files, tmp_path_factory):
   """The exported parameters of the run never interrupted (in this process: cheaper)."""
   arg, data_dir = files
-  config = cli.load_config_file(os.path.join(REPO, f"configs/vpt.py:{arg}"))
-  config.unlock()
-  config.data.data_dir = data_dir
-  for key, value in OVERRIDES.items():
-    section, _, field = key.rpartition(".")
-    (config[section] if section else config)[field] = value
-  config.lock()
+  config = run_fixtures.run_py_config(f"configs/vpt.py:{arg}",
+                                      {"data.data_dir": data_dir, **OVERRIDES})
   workdir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
   results = trainer.train_and_evaluate(config, workdir)
   assert results["step"] == TOTAL_STEPS
@@ -209,6 +204,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.numerics
+@pytest.mark.multiprocess
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(
     command, uninterrupted, tmp_path):
   workdir = str(tmp_path / "run")

@@ -22,8 +22,6 @@ from vpt_jax.training import config_checks
 from vpt_jax.training import predictions
 from vpt_jax.training import sweeps
 
-pytestmark = pytest.mark.numerics  # run again under SSE4.2 in CI
-
 # Fused: 1e30 diverges at once, 2.0 trains; weight decays 0 and non-zero share
 # one program (it has a decay term; a zero decay adds 0 * theta). One by one:
 # only the settings that train (a diverged run scores nothing in the selection).
@@ -81,6 +79,7 @@ def _latest_checkpoint(run_dir):
   return step, tree
 
 
+@pytest.mark.numerics
 def test_fused_settings_end_with_the_parameters_of_their_separate_runs(protocol_runs):
   separate, together = protocol_runs[0]["records"], protocol_runs[8]["records"]
   for setting, (alone_dir, alone) in separate.items():
@@ -126,6 +125,8 @@ def test_fused_settings_end_with_the_parameters_of_their_separate_runs(protocol_
   assert not np.allclose(a["vpt/deep"], b["vpt/deep"], rtol=1e-4)
 
 
+# Divergence and overflow follow from magnitudes (lr 1e30, 8e39), not rounding,
+# and a rerun compares a path with itself: no numerics mark (tests/conftest.py).
 def test_a_diverging_setting_stops_alone_where_a_separate_run_would(protocol_runs):
   """lr 1e30: step 1 starts from the finite initial prompts, its update makes
   them ~1e30, so the loss of step 2 is the first non-finite one."""
@@ -137,6 +138,7 @@ def test_a_diverging_setting_stops_alone_where_a_separate_run_would(protocol_run
     assert "export" not in os.listdir(run_dir)
 
 
+@pytest.mark.numerics
 def test_the_protocol_selects_the_same_setting_fused(protocol_runs):
   off, on = protocol_runs[0]["summary"], protocol_runs[8]["summary"]
   assert on["best"] == off["best"] and off["best"]["lr"] == 2.0
