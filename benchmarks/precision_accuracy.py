@@ -24,9 +24,6 @@ import argparse
 import os
 import sys
 
-# Set before JAX computes anything (XLA reads the flags at its first use).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_cpu_multi_thread_eigen=false").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import quickstart as quickstart_config  # pylint: disable=g-import-not-at-top
@@ -90,6 +87,9 @@ def main(argv=None) -> None:
   parser.add_argument("--tasks", default="count,lowest_y,digits")
   parser.add_argument("--methods", default="", help="comma-separated; default every method")
   args = parser.parse_args(argv)
+  # Before JAX computes anything: XLA reads its flags at its first use.
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                             + quickstart.SINGLE_THREADED_XLA).strip()
   methods = args.methods.split(",") if args.methods else all_methods()
   for name, reason in SKIPPED.items():
     if name not in methods:
