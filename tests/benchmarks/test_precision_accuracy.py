@@ -1,17 +1,17 @@
 """benchmarks/precision_accuracy.py: its method list, suite config and table (no training)."""
 
-import importlib.util
+import importlib
 import os
+import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCHMARKS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 
 
 def _load():
-  spec = importlib.util.spec_from_file_location(
-      "benchmarks_precision_accuracy", os.path.join(REPO, "benchmarks", "precision_accuracy.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  if BENCHMARKS not in sys.path:  # benchmarks/ is a folder of scripts, not a package
+    sys.path.insert(0, BENCHMARKS)
+  return importlib.import_module("precision_accuracy")
 
 
 def test_methods_cover_the_registry_but_one_k_per_family():
