@@ -13,8 +13,9 @@ divergence of two training trajectories that start to differ at the first step).
   python benchmarks/precision_accuracy.py --workdir /tmp/b --epochs 1 --tasks count \
       --methods vpt_deep,full                                  # a one-minute smoke run
 
-The runs go into ``WORKDIR/<dtype>/<task>/<method>``, task by task (both dtypes
-of a task before the next task), and are reused by a rerun (the suite resumes). One process, single-threaded XLA (the machine is shared):
+The runs go into ``WORKDIR/<dtype>/<task>/<method>``, pair by pair (float32 then
+bfloat16 of one method before the next), and are reused by a rerun (the suite
+resumes). One process, single-threaded XLA (the machine is shared):
 each run is small, and one core keeps it busy.
 """
 
@@ -95,10 +96,11 @@ def main(argv=None) -> None:
     if name not in methods:
       print(f"skipped {name}: {reason}")
   by_dtype = {dtype: [] for dtype in DTYPES}
-  for task in args.tasks.split(","):  # task by task: an interrupted benchmark has whole pairs
-    for dtype in DTYPES:
-      suite = suite_config(dtype, args.epochs, [task], methods)
-      by_dtype[dtype] += quickstart.run_suite(suite, os.path.join(args.workdir, dtype))
+  for task in args.tasks.split(","):
+    for method in methods:  # both dtypes of a pair in turn: an interrupted benchmark has pairs
+      for dtype in DTYPES:
+        suite = suite_config(dtype, args.epochs, [task], [method])
+        by_dtype[dtype] += quickstart.run_suite(suite, os.path.join(args.workdir, dtype))
   print("\n" + format_table(by_dtype))
 
 
