@@ -45,7 +45,7 @@ def all_methods() -> list[str]:
   return [name for name in registry.METHODS if name not in SKIPPED]
 
 
-def suite_config(dtype: str, epochs: int, tasks, methods):
+def suite_config(dtype: str, epochs: int, tasks, methods, seed: int = 42):
   """The quickstart suite cut to ``epochs`` (warm-up a tenth, as 1.5 of 15), one process."""
   suite = quickstart_config.get_config()
   suite.unlock()
@@ -53,6 +53,7 @@ def suite_config(dtype: str, epochs: int, tasks, methods):
   suite.task_order = tuple(tasks)
   suite.run_order = tuple(methods)
   suite.base.model.dtype = dtype
+  suite.base.seed = seed
   suite.base.optim.epochs = epochs
   suite.base.optim.warmup_epochs = epochs / 10
   suite.base.export.enabled = False  # the exports are not measured
@@ -87,6 +88,8 @@ def main(argv=None) -> None:
                       help="per run, both dtypes (the quickstart trains 15)")
   parser.add_argument("--tasks", default="count,lowest_y,digits")
   parser.add_argument("--methods", default="", help="comma-separated; default every method")
+  parser.add_argument("--seed", type=int, default=42,
+                      help="config.seed of every run; another seed measures float32's own spread")
   args = parser.parse_args(argv)
   # Before JAX computes anything: XLA reads its flags at its first use.
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
@@ -99,7 +102,7 @@ def main(argv=None) -> None:
   for task in args.tasks.split(","):
     for method in methods:  # both dtypes of a pair in turn: an interrupted benchmark has pairs
       for dtype in DTYPES:
-        suite = suite_config(dtype, args.epochs, [task], [method])
+        suite = suite_config(dtype, args.epochs, [task], [method], args.seed)
         by_dtype[dtype] += quickstart.run_suite(suite, os.path.join(args.workdir, dtype))
   print("\n" + format_table(by_dtype))
 

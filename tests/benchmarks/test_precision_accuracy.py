@@ -23,9 +23,9 @@ def test_methods_cover_the_registry_but_one_k_per_family():
 
 
 def test_suite_config_sets_dtype_epochs_and_one_process():
-  suite = _load().suite_config("bfloat16", 5, ["count"], ["vpt_deep", "houlsby"])
-  assert (suite.base.model.dtype, suite.base.optim.epochs, suite.base.optim.warmup_epochs) == (
-      "bfloat16", 5, 0.5)
+  suite = _load().suite_config("bfloat16", 5, ["count"], ["vpt_deep", "houlsby"], seed=7)
+  assert (suite.base.model.dtype, suite.base.optim.epochs, suite.base.optim.warmup_epochs,
+          suite.base.seed) == ("bfloat16", 5, 0.5, 7)
   assert (suite.workers, suite.task_order, suite.run_order) == (
       1, ("count",), ("vpt_deep", "houlsby"))
   assert not suite.base.export.enabled
