@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
+from vpt_jax.params import trees
 from vpt_jax.training import steps
 
 MEAN_STD = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -178,3 +180,77 @@ def test_bfloat16_keeps_softmax_and_layernorm_statistics_in_float32(method):
   for primitive in ("exp", "reduce_max", "reduce_sum", "rsqrt"):
     assert found[primitive] == {("float32",)}, (primitive, found[primitive])
   assert ("bfloat16", "bfloat16") in found["dot_general"]
+
+
+# The methods of issue 13 (adapters, re-parameterisable methods, VQT): each one's
+# own computation sits inside the bfloat16 backbone, where a float32 parameter
+# left uncast would silently promote the residual stream to float32.
+ISSUE_13_METHODS = ("houlsby", "adaptformer", "adapter_plus", "convpass", "ssf", "difffit",
+                    "ln_tune", "fact_tt", "fact_tk", "repadapter", "vqt")
+# A batch that is no other dimension of the tiny models (width 16, MLP 32,
+# head dim 8, 3 channels, 3 prompts, 7 classes, bottlenecks and ranks <= 8).
+ODD_BATCH = 5
+
+
+def _method_spec(method):
+  config = common.base_config()
+  config.method = method
+  config.model.update(variant="test/4", image_size=16, dtype="bfloat16")
+  config.adaptformer.bottleneck = 8  # its default 64 exceeds the tiny width
+  return factory.model_spec(config)
+
+
+@functools.lru_cache(maxsize=None)
+def _lowered_method_step(method):
+  """The lowered (not compiled) train step of the tiny bf16 model of ``method``: its matmuls."""
+  model = factory.build_model(_method_spec(method), NUM_CLASSES)
+  params = factory.variable_shapes(model, 16)["params"]
+  labels = freezing.label_params(params, registry.get_method(method).trainable_rules)
+  tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=lambda step: 0.1,
+                                 weight_decay=1e-4)
+  state = {"step": jax.ShapeDtypeStruct([], jnp.int32), "params": params,
+           "opt_state": jax.eval_shape(tx.init, params)}
+  batch = {"image": jax.ShapeDtypeStruct((ODD_BATCH, 16, 16, 3), jnp.uint8),
+           "label": jax.ShapeDtypeStruct((ODD_BATCH,), jnp.int32)}
+  step_fn = jax.jit(steps.make_train_step(model, labels, tx, lambda step: 0.1, **MEAN_STD))
+  return _matmuls(step_fn.lower(state, batch, jax.random.key(1)).as_text())
+
+
+@pytest.mark.parametrize("method", ISSUE_13_METHODS)
+def test_bfloat16_method_matmuls_on_activations_are_bfloat16(method):
+  """Every matmul over the batch but the head's (forward, input and weight gradients) is bf16.
+
+  Matmuls without the batch dimension build weights from parameters (FacT-TK's
+  core tensor times its layer factors), in float32 like the parameters, then cast.
+  """
+  head, on_batch = [], []
+  for op, tensors in _lowered_method_step(method):
+    if any(NUM_CLASSES in shape for shape, _ in tensors):
+      head.append(tensors)
+    elif any(ODD_BATCH in shape for shape, _ in tensors):
+      on_batch.append((op, tensors))
+  assert len(head) == 3, head
+  assert all(element == "f32" for tensors in head for _, element in tensors), head
+  assert len(on_batch) >= 2 * 8 * 2, len(on_batch)  # 2 blocks x 8 matmuls, forward + backward
+  not_bf16 = [(op, t) for op, t in on_batch if any(e != "bf16" for _, e in t)]
+  assert not not_bf16, not_bf16
+
+
+@pytest.mark.parametrize("method", ISSUE_13_METHODS)
+def test_bfloat16_method_blocks_stay_bfloat16_with_float32_statistics(method):
+  """Each encoder block returns bf16 (the method did not promote the residual stream),
+  while the softmax and LayerNorm statistics are float32, as for VPT-deep and full."""
+  model = factory.build_model(_method_spec(method), NUM_CLASSES)
+  shapes = factory.variable_shapes(model, 16)
+  images = jnp.zeros((2, 16, 16, 3))
+  _, captured = jax.eval_shape(
+      lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]),
+      shapes, images)
+  blocks = {path: {str(leaf.dtype) for leaf in jax.tree.leaves(value)}
+            for path, value in trees.flatten(captured["intermediates"]).items()
+            if re.search(r"encoderblock_\d+/__call__$", path)}
+  assert len(blocks) == 2 and all(d == {"bfloat16"} for d in blocks.values()), blocks
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(shapes, images)
+  found = _primitive_input_dtypes(jaxpr.jaxpr)
+  for primitive in ("exp", "reduce_max", "rsqrt"):
+    assert found[primitive] == {("float32",)}, (primitive, found[primitive])

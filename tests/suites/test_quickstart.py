@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vpt_jax.checkpoints import npz
 from vpt_jax.checkpoints import vit_layouts
 
@@ -60,3 +62,49 @@ def test_quickstart_ci_variant_from_the_checkout(tmp_path):
   assert (row["task"], row["method"]) == ("count", "vpt_deep")
   assert row["trainable_params"] == 4 * 10 * 64 + 64 * 6 + 6  # nano/8 VPT-deep, 6 classes
   assert "| count | vpt_deep |" in out.stdout
+
+
+def _suite(**changes):
+  from configs import quickstart as quickstart_config  # pylint: disable=g-import-not-at-top
+  suite = quickstart_config.get_config("ci")
+  suite.unlock()
+  for key, value in changes.items():
+    suite[key] = value
+  return suite
+
+
+def test_run_order_names_any_registry_method_with_its_optimizers_rate():
+  from vpt_jax.suites import quickstart  # pylint: disable=g-import-not-at-top
+  suite = _suite(run_order=("vpt_deep", "houlsby", "adaptformer"))
+  # A tuned run keeps its own rate; untuned ones take their optimizer family's.
+  assert quickstart.run_config(suite, "count", "vpt_deep", "/d").optim.base_lr == 0.4
+  houlsby = quickstart.run_config(suite, "count", "houlsby", "/d")  # torch_adamw
+  assert (houlsby.method, houlsby.optim.base_lr) == ("houlsby", 4e-3)
+  assert houlsby.model.init_checkpoint == suite.backbone and not houlsby.model.from_scratch
+  assert quickstart.run_config(suite, "count", "adaptformer", "/d").optim.base_lr == 0.4  # sgd
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(run_order=("vpt_deep", "houlsbi")), "'houlsbi', neither a run of the suite"),
+    (dict(task_order=("cont",)), "task_order names 'cont'"),
+])
+def test_unknown_run_or_task_fails_in_one_line_before_any_data(tmp_path, changes, message):
+  from vpt_jax import errors  # pylint: disable=g-import-not-at-top
+  from vpt_jax.suites import quickstart  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.UserError, match=message) as caught:
+    quickstart.run_suite(_suite(**changes), str(tmp_path / "w"))
+  assert "\n" not in str(caught.value)
+  assert not (tmp_path / "w").exists()  # nothing built, not even the workdir
+
+
+def test_model_dtype_reaches_every_run_and_an_unknown_one_fails_before_any_data(tmp_path):
+  from vpt_jax import errors  # pylint: disable=g-import-not-at-top
+  from vpt_jax.suites import quickstart  # pylint: disable=g-import-not-at-top
+  suite = _suite(run_order=("vpt_deep", "scratch", "ssf"))
+  suite.base.model.dtype = "bfloat16"
+  for run in suite.run_order:
+    assert quickstart.run_config(suite, "count", run, "/d").model.dtype == "bfloat16"
+  suite.base.model.dtype = "float16"
+  with pytest.raises(errors.UserError, match="Unknown dtype 'float16'"):
+    quickstart.run_suite(suite, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()

@@ -6,6 +6,12 @@ run through ``trainer.train_and_evaluate`` in ``workdir/<task>/<method>``. The
 suite prints a table and writes ``workdir/results.json`` (a list of objects
 with task, method, accuracy, trainable_params and more). Finished runs are
 reused, so a rerun of the same command resumes the suite.
+
+``suite.run_order`` may also name any registry method without a tuned entry in
+``suite.runs``: it runs from the pretrained backbone with the base learning
+rate of its default optimizer's family (``UNTUNED_BASE_LRS``). Every run's
+config (model.dtype included, which passes from ``suite.base`` to every run)
+is validated before any dataset is built.
 """
 
 from __future__ import annotations
@@ -20,21 +26,46 @@ import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vpt_jax import errors
 from vpt_jax.data import local_builders  # pylint: disable=unused-import  (registers builders)
+from vpt_jax.methods import registry
+from vpt_jax.training import config_checks
 from vpt_jax.training import results as results_lib
 from vpt_jax.training import trainer
 
 RESULTS_FILE = "results.json"
 SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false"
+# Base learning rates (scaled by batch / 256) of registry methods the suite has
+# no tuned run for, by their default optimizer: the tuned VPT runs' SGD rate and
+# full fine-tuning's AdamW rate. Not tuned per method: a starting point.
+UNTUNED_BASE_LRS = {"sgd": 0.4, "adamw": 4e-3, "torch_adamw": 4e-3, "timm_adamw": 4e-3}
 
 
-def run_config(suite: ml_collections.ConfigDict, task: str, method_run: str,
+def resolve_run(suite: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The run named ``name``: the suite's tuned entry, else the registry method untuned.
+
+  Raises:
+    UserError: a name that is neither a suite run nor a registry method.
+  """
+  if name in suite.runs:
+    return suite.runs[name]
+  try:
+    method = registry.get_method(name)
+  except errors.UserError as e:
+    raise errors.UserError(f"run_order names {name!r}, neither a run of the suite "
+                           f"({', '.join(suite.runs)}) nor a method: {e}") from e
+  return ml_collections.ConfigDict(dict(
+      method=name, pretrained=True,
+      overrides=(("optim.base_lr", UNTUNED_BASE_LRS[method.optimizer]),)))
+
+
+def run_config(suite: ml_collections.ConfigDict, task: str, run_name: str,
                data_dir: str) -> ml_collections.ConfigDict:
   """The single-run config of one (task, method) pair of a suite."""
   config = copy.deepcopy(suite.base)
   config.unlock()
   task_cfg = suite.tasks[task]
-  run_cfg = suite.runs[method_run]
+  run_cfg = resolve_run(suite, run_name)
   config.method = run_cfg.method
   config.data.builder = task_cfg.builder
   config.data.label_key = task_cfg.label_key
@@ -48,6 +79,17 @@ def run_config(suite: ml_collections.ConfigDict, task: str, method_run: str,
     config[section][field] = value
   config.lock()
   return config
+
+
+def check_suite(suite: ml_collections.ConfigDict, workdir: str) -> None:
+  """Validates every (task, run) config (methods, model.dtype, ...) before any compute."""
+  for task in suite.task_order:
+    if task not in suite.tasks:
+      raise errors.UserError(f"task_order names {task!r}; the suite's tasks are "
+                             f"{', '.join(suite.tasks)}")
+    for run_name in suite.run_order:
+      config_checks.validate_config(
+          run_config(suite, task, run_name, os.path.join(workdir, "tfds")))
 
 
 def prepare_data(suite: ml_collections.ConfigDict, data_dir: str) -> None:
@@ -103,6 +145,7 @@ def run_suite(suite: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   each single-threaded: small models keep one core busy and XLA compiles on
   one core, so two workers on two cores take about half the time.
   """
+  check_suite(suite, workdir)
   tf.io.gfile.makedirs(workdir)
   start = time.perf_counter()
   prepare_data(suite, os.path.join(workdir, "tfds"))
