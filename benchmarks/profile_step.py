@@ -7,7 +7,10 @@ matmuls, convolutions and the rest, with the FLOPs of the matmuls read from
 their shapes. Prints time, share and achieved GFLOP/s per kind.
 
   XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
-    python benchmarks/profile_step.py --methods vpt_deep [--cpu_devices 2]
+    python benchmarks/profile_step.py --methods vpt_deep [--cpu_devices 2] [--top 15]
+
+``--top N`` also lists the N costliest sources (HLO op names, summed over the
+blocks) of the non-matmul fusions.
 
 (XLA_FLAGS must be set before Python starts; the script refuses to run
 without it, since the trace would hold no per-op events.)
@@ -86,10 +89,24 @@ def classify(name: str, instructions: dict) -> tuple[str, float]:
   return f"other ({opcode})", 0.0
 
 
+def source(name: str, instructions: dict) -> str:
+  """A fusion's op_name from the HLO metadata, with block numbers dropped: what it computes."""
+  found = re.search(r'op_name="([^"]+)"', instructions[name][2])
+  if not found:
+    return name
+  return re.sub(r"(encoderblock|layer)_\d+", r"\1_*", found.group(1).replace("jit(train_step)/", ""))
+
+
 def main(argv=None):
   if TRACE_FLAG not in os.environ.get("XLA_FLAGS", ""):
     raise SystemExit(f"Set XLA_FLAGS={TRACE_FLAG} before starting Python: without it the "
                      "trace has no per-op events")
+  top = 0
+  if argv is None:
+    argv = sys.argv[1:]
+  if "--top" in argv:  # this script's own flag; the rest are train_step.py's
+    at = argv.index("--top")
+    top, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
   args = train_step.parse_args(argv)
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -108,6 +125,7 @@ def main(argv=None):
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
     seconds, flops = collections.Counter(), collections.Counter()
+    by_source = collections.Counter()
     for event in events:
       if event.get("ph") != "X":
         continue
@@ -117,6 +135,8 @@ def main(argv=None):
         continue
       seconds[kind] += event.get("dur", 0) / 1e6 / args.steps
       flops[kind] += op_flops / args.steps
+      if kind.startswith("elementwise"):
+        by_source[source(event["name"], instructions)] += event.get("dur", 0) / 1e6 / args.steps
     total = sum(seconds.values())
     print(f"\n{method}, {args.variant} at {args.image_size} px, batch {args.batch_size}, "
           f"{args.num_prompts} prompts, {jax.device_count()} device(s): {wall:.2f} s per "
@@ -126,6 +146,11 @@ def main(argv=None):
       rate = f"{flops[kind] / 1e9 / value:.1f}" if flops[kind] else ""
       print(f"| {kind} | {value:.2f} | {100 * value / total:.1f}% | "
             f"{flops[kind] / 1e9:.0f} | {rate} |")
+    if top:
+      print(f"\nThe {top} costliest sources of non-matmul fusions (s per step, all blocks):")
+      print("| source (forward: jvp, backward: transpose) | s |\n|---|---|")
+      for name, value in by_source.most_common(top):
+        print(f"| {name} | {value:.2f} |")
 
 
 if __name__ == "__main__":
