@@ -57,6 +57,7 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.methods import factory  # pylint: disable=g-import-not-at-top
 from vpt_jax.params import freezing  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import xla_cpu  # pylint: disable=g-import-not-at-top
 
 GIB = 2 ** 30
 
@@ -79,13 +80,6 @@ def parse_args(argv=None):
   parser.add_argument("--cpu_scheduler", choices=("memory", "concurrency"), default="memory",
                       help="XLA:CPU's instruction scheduler (no effect on GPU/TPU)")
   return parser.parse_args(argv)
-
-
-def use_cpu_scheduler(name: str) -> None:
-  """Selects XLA:CPU's scheduler; must run before JAX creates its backend."""
-  if name == "memory":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_enable_concurrency_optimized_scheduler=false")
 
 
 RESIDUAL_LINE = re.compile(r"(\S+)\[([\d,]*)\] (.*)")
@@ -188,7 +182,7 @@ def time_steps(compiled, model, tx, args) -> float:
 
 def main(argv=None):
   args = parse_args(argv)
-  use_cpu_scheduler(args.cpu_scheduler)
+  xla_cpu.use_scheduler(args.cpu_scheduler)
   print(f"{args.method}, {args.num_prompts} prompts, {args.attention} attention, "
         f"{args.image_size} px, global batch "
         f"{args.batch_size}, {jax.device_count()} {jax.devices()[0].platform} device(s); "

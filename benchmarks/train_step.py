@@ -37,6 +37,7 @@ import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.methods import registry  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import xla_cpu  # pylint: disable=g-import-not-at-top
 
 
 def parse_args(argv=None):
@@ -53,6 +54,9 @@ def parse_args(argv=None):
   parser.add_argument("--cpu_devices", type=int, default=0,
                       help="on CPU, expose this many XLA devices (one per core) and shard "
                            "the batch over them, as on a pod (0 = JAX's default, one device)")
+  parser.add_argument("--cpu_scheduler", choices=xla_cpu.SCHEDULERS, default="memory",
+                      help="XLA:CPU's instruction scheduler (the command line's default: "
+                           "memory); XLA_FLAGS that choose one win")
   parser.add_argument("--no_skip", action="store_true",
                       help="also time the plain formulation (skip_dead_work=False)")
   parser.add_argument("--json", action="store_true",
@@ -163,6 +167,7 @@ def measure(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
+  xla_cpu.use_scheduler(args.cpu_scheduler)
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   ceiling = matmul_gflops()

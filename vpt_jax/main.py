@@ -20,6 +20,12 @@ import tempfile
 # _import_tensorflow_quietly). --verbosity brings absl's (and orbax's) INFO lines back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from vpt_jax.training import xla_cpu  # pylint: disable=g-import-not-at-top
+
+# Before anything creates JAX's backend: the memory-minimising XLA:CPU
+# scheduler (as fast, a lower peak; XLA_FLAGS that choose one win).
+xla_cpu.use_scheduler("memory")
+
 # What TensorFlow's C++ prints while it loads, whatever TF_CPP_MIN_LOG_LEVEL says.
 _TF_LOAD_NOTICES = re.compile(
     r"oneDNN custom operations are on|All log messages before absl::InitializeLog"
