@@ -105,7 +105,8 @@ def test_unwritable_workdir_fails_before_anything_is_loaded(
 @pytest.mark.parametrize("task, message", [
     ("vtab/clevr_cnt", r"Unknown VTAB task 'clevr_cnt' \(did you mean clevr_count"),
     ("fgvc/stanford_dog", r"Unknown FGVC dataset 'stanford_dog' \(did you mean stanford_dogs"),
-    ("vtb/dmlab", r"Unknown data.task 'vtb/dmlab'; use vtab/<task>, fgvc/<dataset>, folder"),
+    ("vtb/dmlab", r"Unknown data.task 'vtb/dmlab'; use vtab/<task>, fgvc/<dataset>, "
+     r"fewshot/<dataset>, folder"),
 ])
 def test_unknown_task_names_the_closest_ones(backbone, data_dir, tmp_path, no_compute, task,
                                              message):
