@@ -6,6 +6,8 @@ data) and how to fix it, in one line. The command line prints it as
 shows it); anything else is a bug in vpt-jax and keeps its traceback.
 """
 
+import difflib
+
 
 class UserError(ValueError):
   """A problem with the user's input and its fix, e.g. "image_size 0 ...; set ..."."""
@@ -13,3 +15,13 @@ class UserError(ValueError):
 
 class MissingInputError(UserError, FileNotFoundError):
   """A file, folder or prepared dataset the input names is not there (a FileNotFoundError too)."""
+
+
+def unknown_name(what: str, name: str, valid, aliases=(), *, choices: str,
+                 matched=None) -> UserError:
+  """The UserError for an unknown ``name`` among ``valid`` (and ``aliases``), naming the
+  closest ones: "Unknown <what> 'x' (did you mean a, b?); <choices>". ``matched``:
+  the form of ``name`` compared with them (default ``name``; e.g. lower-cased)."""
+  close = difflib.get_close_matches(matched or name, list(valid) + list(aliases), n=3)
+  hint = f" (did you mean {', '.join(close)}?)" if close else ""
+  return UserError(f"Unknown {what} {name!r}{hint}; {choices}")

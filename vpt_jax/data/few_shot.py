@@ -35,7 +35,6 @@ no TFDS equivalent) and "test".
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import os
 from typing import Mapping, Optional
@@ -111,10 +110,8 @@ def get_dataset(name: str) -> FewShotDataset:
   """A dataset by name or alias (case-insensitive)."""
   key = ALIASES.get(name.lower(), name.lower())
   if key not in DATASETS:
-    close = difflib.get_close_matches(name.lower(), list(DATASETS) + list(ALIASES), n=3)
-    raise errors.UserError(f"Unknown few-shot dataset {name!r}"
-                           + (f" (did you mean {', '.join(close)}?)" if close else "")
-                           + f"; choose one of {', '.join(DATASETS)}")
+    raise errors.unknown_name("few-shot dataset", name, DATASETS, ALIASES, matched=key,
+                              choices=f"choose one of {', '.join(DATASETS)}")
   return DATASETS[key]
 
 

@@ -17,7 +17,6 @@ random crop 224 and flip for training, centre crop for evaluation).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Mapping
 
 from vpt_jax import errors
@@ -80,8 +79,6 @@ def get_dataset(name: str) -> FgvcDataset:
   """A dataset by name or alias (case-insensitive)."""
   key = ALIASES.get(name.lower(), name.lower())
   if key not in DATASETS:
-    close = difflib.get_close_matches(name.lower(), list(DATASETS) + list(ALIASES), n=3)
-    raise errors.UserError(f"Unknown FGVC dataset {name!r}"
-                           + (f" (did you mean {', '.join(close)}?)" if close else "")
-                           + f"; choose one of {', '.join(DATASETS)}")
+    raise errors.unknown_name("FGVC dataset", name, DATASETS, ALIASES, matched=key,
+                              choices=f"choose one of {', '.join(DATASETS)}")
   return DATASETS[key]

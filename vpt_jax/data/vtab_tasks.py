@@ -21,7 +21,6 @@ that build with the TFDS we install (4.9.10). Each task says:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from typing import Callable, Mapping, Optional
 
@@ -303,10 +302,8 @@ def get_task(name: str) -> VtabTask:
   """A task by name or alias; unknown names fail with the closest valid ones."""
   key = ALIASES.get(name, name)
   if key not in TASKS:
-    close = difflib.get_close_matches(name, list(TASKS) + list(ALIASES), n=3)
-    raise errors.UserError(f"Unknown VTAB task {name!r}"
-                           + (f" (did you mean {', '.join(close)}?)" if close else "")
-                           + f"; the 19 tasks: {', '.join(TASKS)}")
+    raise errors.unknown_name("VTAB task", name, TASKS, ALIASES,
+                              choices=f"the 19 tasks: {', '.join(TASKS)}")
   return TASKS[key]
 
 
