@@ -1,24 +1,14 @@
 """benchmarks/accelerator_table.py (the table accelerator.sh prints, on hand-written logs) and
 benchmarks/accelerator.sh itself (its commands, without running them)."""
 
-import importlib.util
 import os
 import shlex
 import subprocess
-import sys
+
+from tests import benchmark_scripts
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "benchmarks", "accelerator.sh")
-
-
-def _load(name):
-  if os.path.join(REPO, "benchmarks") not in sys.path:  # their `import common`
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  spec = importlib.util.spec_from_file_location(
-      f"benchmarks_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _dry_run(*options):
@@ -33,7 +23,7 @@ def test_dry_run_lists_every_run_and_each_parses_with_its_benchmark():
   # Per variant x batch x attention: 2 dtypes x (step + serving) + 2 memory (vpt_deep, full).
   assert len(commands) == 2 * 2 * 2 * (2 * 2 + 2)
   assert scripts.count("memory.py") == 2 * 2 * 2 * 2
-  parsed = {name: _load(name) for name in ("train_step", "memory", "serving")}
+  parsed = {name: benchmark_scripts.load(name) for name in ("train_step", "memory", "serving")}
   seen = set()
   for command in commands:
     assert command[0] == "PY"
@@ -73,7 +63,7 @@ Traceback ...: RESOURCE_EXHAUSTED
 
 
 def test_table_merges_rows_and_reports_failures():
-  table = _load("accelerator_table").merged_table([TRAIN_LOG, MEMORY_LOG, FAILED_LOG])
+  table = benchmark_scripts.load("accelerator_table").merged_table([TRAIN_LOG, MEMORY_LOG, FAILED_LOG])
   lines = table.splitlines()
   assert lines[0].startswith("| benchmark | variant | batch | dtype | attention | what |")
   assert len(lines) == 2 + 3

@@ -3,7 +3,6 @@ of its children, the commands they get, its table and its skip message; and its
 per-child peak-memory reading on a real, tiny child."""
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,21 +10,13 @@ import sys
 
 import pytest
 
+from tests import benchmark_scripts
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 2**30
 
 
-def _load(name):
-  if os.path.join(REPO, "benchmarks") not in sys.path:  # train_step's `import common`
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  spec = importlib.util.spec_from_file_location(
-      f"benchmarks_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-side = _load("side_by_side")
+side = benchmark_scripts.load("side_by_side")
 
 
 def _child(row, rss_gib, returncode=0, stderr=""):
@@ -67,11 +58,11 @@ def test_children_run_official_ours_official_between_two_ceilings_with_parsable_
                      "official_vpt_step.py", "side_by_side.py ceiling"]
   official, ours = fake.commands[1], fake.commands[2]
   assert official[0] == "/py" and ours[0] == sys.executable
-  parsed = _load("official_vpt_step").parse_args(official[2:])
+  parsed = benchmark_scripts.load("official_vpt_step").parse_args(official[2:])
   assert (parsed.checkout, parsed.method, parsed.batch_size, parsed.steps, parsed.threads,
           parsed.num_prompts, parsed.variant, parsed.image_size) == (
               "/ckpt", "vpt_deep", 16, 3, 2, 50, "B/16", 224)
-  parsed = _load("train_step").parse_args(ours[2:])
+  parsed = benchmark_scripts.load("train_step").parse_args(ours[2:])
   assert (parsed.json, parsed.methods, parsed.batch_size, parsed.steps, parsed.cpu_devices,
           parsed.num_prompts, parsed.variant, parsed.image_size) == (
               True, "vpt_deep", 16, 3, 2, 50, "B/16", 224)

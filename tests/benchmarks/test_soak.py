@@ -4,25 +4,18 @@
 """
 
 import argparse
-import importlib.util
 import os
 import sys
 
 import numpy as np
 import pytest
 
+from tests import benchmark_scripts
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load_soak():
-  spec = importlib.util.spec_from_file_location(
-      "benchmarks_soak", os.path.join(REPO, "benchmarks", "soak.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-soak = _load_soak()
+soak = benchmark_scripts.load("soak")
 
 
 def _args(**overrides):
