@@ -228,8 +228,8 @@ def _drop_packed_forward(x, packed, rate, drawn_last):
 
 
 def _drop_packed_backward(rate, drawn_last, packed, grad):
-  keep = _keep_mask(packed, grad.shape, drawn_last)
-  return lax.select(keep, grad / (1.0 - rate), jnp.zeros_like(grad)), None
+  # Dropout is linear and diagonal: its transpose is itself.
+  return drop_packed(grad, packed, rate, drawn_last), None
 
 
 drop_packed.defvjp(_drop_packed_forward, _drop_packed_backward)
