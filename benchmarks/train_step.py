@@ -96,18 +96,6 @@ def median_seconds(step: dict, count: int) -> float:
   return bench_lib.median_seconds(call, count)
 
 
-def replicate(tree, data_mesh):
-  """Moves ``tree`` onto every device of the mesh (one process).
-
-  ``mesh.put_replicated`` (the trainer's, which works across processes) builds
-  each array from a host copy, and the callbacks that read them kept the
-  originals alive into the first step: a second copy of the state in the
-  process's peak. Here the device arrays move directly (on one device, the
-  same buffers).
-  """
-  return jax.device_put(tree, mesh.replicated(data_mesh))
-
-
 def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dict:
   """One method's compiled train (or eval) step and its arguments, on the mesh.
 
@@ -127,13 +115,13 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
   data_mesh = mesh.make_data_mesh()
   batch = bench_lib.random_batch(args.batch_size, args.image_size, args.num_classes)
   if args.eval:
-    state = replicate({"params": params}, data_mesh)
+    state = mesh.put_replicated({"params": params}, data_mesh)
     batch["mask"] = np.ones((args.batch_size,), bool)
     step_fn = jax.jit(steps.make_eval_step(model, **bench_lib.IMAGENET_NORM))
     arguments = (state, mesh.global_batch(data_mesh, batch))
     opt_bytes = 0
   else:
-    state = replicate(
+    state = mesh.put_replicated(
         {"step": np.zeros([], np.int32), "params": params, "opt_state": tx.init(params)},
         data_mesh)
     step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule,

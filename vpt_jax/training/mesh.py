@@ -25,10 +25,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def put_replicated(tree, mesh: Mesh):
   """Host arrays (identical on every process) -> replicated global jax.Arrays.
 
-  ``jax.device_put`` only reaches this process's devices; building each array
-  from a callback works on any number of processes.
+  ``jax.device_put`` only reaches this process's devices, so with several
+  processes each array is built from a callback.
   """
   sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    # Device arrays move directly. Built from callbacks, the new arrays would
+    # keep NumPy views of device-array sources, so the first step could not
+    # donate them and would hold a second copy of the state.
+    return jax.device_put(tree, sharding)
   return jax.tree.map(
       lambda x: jax.make_array_from_callback(np.shape(x), sharding,
                                              lambda index, x=x: np.asarray(x)[index]), tree)
