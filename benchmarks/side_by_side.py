@@ -54,6 +54,9 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=3, help="timed steps per child (median)")
   parser.add_argument("--cpu_devices", type=int, default=0,
                       help="ours: train_step.py --cpu_devices (0 = JAX's default, one device)")
+  parser.add_argument("--shard_state", action="store_true",
+                      help="ours: train_step.py --shard_state (optimizer state split over "
+                           "the devices)")
   parser.add_argument("--threads", type=int, default=2, help="official: torch threads")
   parser.add_argument("--variant", default="B/16", help="B/16 or L/16 (both sides)")
   parser.add_argument("--image_size", type=int, default=224)
@@ -122,7 +125,8 @@ def ours_command(args, method: str, batch: int) -> list:
           "--batch_size", str(batch), "--steps", str(args.steps),
           "--cpu_devices", str(args.cpu_devices), "--num_prompts", str(args.num_prompts),
           "--variant", args.variant, "--image_size", str(args.image_size),
-          "--num_classes", str(args.num_classes)]
+          "--num_classes", str(args.num_classes),
+          *(["--shard_state"] if args.shard_state else [])]
 
 
 def ceiling_command() -> list:

@@ -35,6 +35,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.methods import registry  # pylint: disable=g-import-not-at-top
+from vpt_jax.training import loop  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import xla_cpu  # pylint: disable=g-import-not-at-top
@@ -57,6 +58,9 @@ def parse_args(argv=None):
   parser.add_argument("--cpu_scheduler", choices=xla_cpu.SCHEDULERS, default="memory",
                       help="XLA:CPU's instruction scheduler (the command line's default: "
                            "memory); XLA_FLAGS that choose one win")
+  parser.add_argument("--shard_state", action="store_true",
+                      help="split the optimizer state over the devices (optim.shard_state, "
+                           "ZeRO-1) instead of replicating it")
   parser.add_argument("--no_skip", action="store_true",
                       help="also time the plain formulation (skip_dead_work=False)")
   parser.add_argument("--json", action="store_true",
@@ -121,14 +125,17 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
     arguments = (state, mesh.global_batch(data_mesh, batch))
     opt_bytes = 0
   else:
-    state = mesh.put_replicated(
-        {"step": np.zeros([], np.int32), "params": params, "opt_state": tx.init(params)},
-        data_mesh)
-    step_fn = jax.jit(steps.make_train_step(model, labels, tx, schedule,
-                                            **bench_lib.IMAGENET_NORM),
-                      donate_argnums=(0,))
+    state = {"step": np.zeros([], np.int32), "params": params, "opt_state": tx.init(params)}
+    shardings = mesh.train_state_shardings(state, data_mesh,
+                                           shard_optimizer=args.shard_state)
+    state = mesh.put(state, shardings)
+    step_fn = loop.jit_train_step(
+        steps.make_train_step(model, labels, tx, schedule, **bench_lib.IMAGENET_NORM),
+        data_mesh, state_shardings=shardings)
     arguments = (state, mesh.global_batch(data_mesh, batch), jax.random.key(0))
-    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state["opt_state"]))
+    # One device's share: with --shard_state each holds a slice of most leaves.
+    opt_bytes = sum(x.addressable_shards[0].data.nbytes
+                    for x in jax.tree.leaves(state["opt_state"]))
   began = time.perf_counter()
   compiled = step_fn.lower(*arguments).compile()
   return {"compiled": compiled, "arguments": arguments, "carry_state": not args.eval,

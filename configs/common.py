@@ -205,6 +205,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.epochs = 100         # > 0 (fractions allowed)
   config.optim.warmup_epochs = 10.0  # in [0, epochs]
   config.optim.schedule_unit = "epoch"  # epoch (reference) | step
+  # True: the optimizer state is split over the devices (ZeRO stage 1), not replicated.
+  config.optim.shard_state = False
 
   config.eval = ml_collections.ConfigDict()
   # >= 0; 0 = only at the end. Without data.eval_split nothing is validated while

@@ -114,6 +114,22 @@ def test_step_is_identical_on_one_and_four_devices():
   np.testing.assert_allclose(result["losses"][0], result["losses"][1], rtol=0,
                              atol=bound(max(result["losses"][0])))
   assert result["max_param_diff"] <= bound(result["max_param"])
+  # The optimizer state split over the four devices: the same step, its
+  # gradient reduce-scattered instead of all-reduced (another summation order).
+  np.testing.assert_allclose(result["split_losses"], result["losses"][1], rtol=0,
+                             atol=bound(max(result["losses"][1])))
+  assert result["split_max_param_diff"] <= bound(result["max_param"])
+  # Each leaf is split four ways along its largest axis of a size divisible by
+  # four, or kept whole when there is none (the head bias (5,), the step count).
+  for shape, shard in result["split_shapes"]:
+    divisible = [size for size in shape if size % 4 == 0]
+    if not divisible:
+      assert shard == shape
+    else:
+      axis = shape.index(max(divisible))
+      assert shard == shape[:axis] + [shape[axis] // 4] + shape[axis + 1:]
+  assert any(shard != shape for shape, shard in result["split_shapes"])
+  assert result["split_restores"]  # a split state's checkpoint resumes replicated
 
 
 # ---------------------------------------------------------------- evaluation step

@@ -23,20 +23,65 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_replicated(tree, mesh: Mesh):
-  """Host arrays (identical on every process) -> replicated global jax.Arrays.
+  """Host arrays (identical on every process) -> replicated global jax.Arrays."""
+  return put(tree, jax.tree.map(lambda _: replicated(mesh), tree))
 
-  ``jax.device_put`` only reaches this process's devices, so with several
-  processes each array is built from a callback.
+
+def put(tree, shardings):
+  """Host or device arrays (identical on every process) -> global jax.Arrays.
+
+  ``shardings``: a NamedSharding per leaf of ``tree``. ``jax.device_put`` only
+  reaches this process's devices, so with several processes each array is
+  built from a callback that slices this process's part.
   """
-  sharding = replicated(mesh)
   if jax.process_count() == 1:
     # Device arrays move directly. Built from callbacks, the new arrays would
     # keep NumPy views of device-array sources, so the first step could not
     # donate them and would hold a second copy of the state.
-    return jax.device_put(tree, sharding)
+    return jax.device_put(tree, shardings)
   return jax.tree.map(
-      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                             lambda index, x=x: np.asarray(x)[index]), tree)
+      lambda x, sharding: jax.make_array_from_callback(
+          np.shape(x), sharding, lambda index, x=x: np.asarray(x)[index]), tree, shardings)
+
+
+def split_axis(shape, num_devices: int):
+  """The axis an optimizer-state leaf of ``shape`` is split along, or None.
+
+  The largest axis whose size the device count divides (the earliest among
+  equals), so every device holds an equal slice; None (replicated) for
+  scalars, for leaves no axis of which divides, and on one device.
+  """
+  if num_devices == 1:
+    return None
+  fitting = [axis for axis, size in enumerate(shape) if size % num_devices == 0]
+  return max(fitting, key=lambda axis: (shape[axis], -axis)) if fitting else None
+
+
+def train_state_shardings(state, mesh: Mesh, *, shard_optimizer: bool) -> dict:
+  """A NamedSharding per leaf of a train state {"step", "params", "opt_state", ...}.
+
+  Everything is replicated, except, with ``shard_optimizer``, the optimizer
+  state: each leaf is split along ``split_axis`` over the "data" axis (ZeRO
+  stage 1). The step then reduce-scatters the gradients, updates its slice of
+  the moments and all-gathers the new parameters: per device, 1/devices of
+  the optimizer's memory and update work, for two collectives as large as the
+  parameters instead of one.
+  """
+  shardings = jax.tree.map(lambda _: replicated(mesh), state)
+  if shard_optimizer:
+    def leaf_sharding(leaf):
+      axis = split_axis(np.shape(leaf), mesh.devices.size)
+      spec = [None] * np.ndim(leaf)
+      if axis is not None:
+        spec[axis] = DATA_AXIS
+      return NamedSharding(mesh, PartitionSpec(*spec))
+    shardings["opt_state"] = jax.tree.map(leaf_sharding, state["opt_state"])
+  return shardings
+
+
+def shardings_of(tree):
+  """The sharding of every jax.Array leaf of ``tree``."""
+  return jax.tree.map(lambda leaf: leaf.sharding, tree)
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:

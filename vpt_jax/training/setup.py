@@ -160,8 +160,9 @@ def build_runs(configs, workdirs) -> list[Run]:
         labels, name=optim.name or registry.get_method(setting.method).optimizer,
         learning_rate=schedule, weight_decay=optim.weight_decay, momentum=optim.momentum)
     # Built eagerly: compiling tx.init would cost seconds and save nothing.
-    state = mesh_lib.put_replicated({"step": np.zeros([], np.int32),
-                                     "opt_state": tx.init(host_params)}, mesh)
+    state = {"step": np.zeros([], np.int32), "opt_state": tx.init(host_params)}
+    state = mesh_lib.put(state, mesh_lib.train_state_shardings(
+        state, mesh, shard_optimizer=optim.shard_state))
     state["params"] = params
     if "batch_stats" in variables:  # BatchNorm running averages (MLP-k heads)
       state["batch_stats"] = variables["batch_stats"]

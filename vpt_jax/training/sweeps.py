@@ -201,7 +201,7 @@ def _program(runs: Sequence[setup.Run]) -> loop.Program:
   fused_step = loop.jit_train_step(
       sweep_steps.make_fused_train_step(first.model, labels, make_tx, **first.norm,
                                         accumulation_steps=config.optim.accumulation_steps),
-      first.mesh, replicated_inputs=1)
+      first.mesh, state_shardings=mesh_lib.shardings_of(state), replicated_inputs=1)
   return loop.Program(
       state=state, step=lambda state, batch, rng: fused_step(state, hparams, batch, rng),
       evaluate=_evaluate_fn(first),
@@ -221,10 +221,13 @@ def _stack(runs: Sequence[setup.Run], group_structure) -> dict:
   def stack_own(states):
     fused_state = sweep_steps.stack_states(states, labels)
     return dict(fused_state, params=freezing.split(fused_state["params"], labels)[0])
-  state = jax.jit(stack_own, out_shardings=mesh_lib.replicated(runs[0].mesh))(
-      [dict(run.state, opt_state=sweep_steps.restructure(run.state["opt_state"],
-                                                         group_structure))
-       for run in runs])
+  states = [dict(run.state, opt_state=sweep_steps.restructure(run.state["opt_state"],
+                                                              group_structure))
+            for run in runs]
+  shardings = mesh_lib.train_state_shardings(
+      jax.eval_shape(stack_own, states), runs[0].mesh,
+      shard_optimizer=runs[0].config.optim.shard_state)
+  state = jax.jit(stack_own, out_shardings=shardings)(states)
   state["params"] = freezing.merge(state["params"], frozen)
   return state
 

@@ -18,6 +18,7 @@ import ml_collections
 from vpt_jax.training import config_checks
 from vpt_jax.training import evaluation
 from vpt_jax.training import loop
+from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import metric_writers
 from vpt_jax.training import results
 from vpt_jax.training import setup
@@ -73,7 +74,7 @@ def _program(run: setup.Run) -> loop.Program:
   train_step = loop.jit_train_step(
       steps_lib.make_train_step(run.model, run.labels, run.tx, run.schedule, **run.norm,
                                 accumulation_steps=run.config.optim.accumulation_steps),
-      run.mesh)
+      run.mesh, state_shardings=mesh_lib.shardings_of(run.state))
   return loop.Program(state=run.state, step=train_step, evaluate=_evaluate_fn(run),
                       own_metrics=lambda metrics, index: metrics,
                       own_state=lambda state, index: state, raise_divergence=True)
