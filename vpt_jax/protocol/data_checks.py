@@ -47,11 +47,11 @@ def _reference(task_runs: list[tuple[str, int, dict]], role: str):
   return recorded[best]
 
 
-def status(summary: dict, canonical: dict, task_runs: list, runs: list) -> dict:
+def status(summary: dict, canonical: dict, references: dict, runs: list) -> dict:
   """{"state", "details"} of one (task, method): its runs' data against the
   canonical fingerprints and against the task's most common one.
 
-  ``runs``: the summary's ``_runs_data``.
+  ``references``: {role: the task's ``_reference``}; ``runs``: the summary's ``_runs_data``.
 
   state: "matches" (every recorded split equals the canonical one),
   "differs" (from the canonical data or another run), "unverified" (no
@@ -60,8 +60,6 @@ def status(summary: dict, canonical: dict, task_runs: list, runs: list) -> dict:
   if not runs or all(data is None for _, data in runs):
     return {"state": "unrecorded", "details": []}
   found_by_seed, verified = {}, True  # message -> seeds that show it
-  # The task's reference per role: the same for every seed, so found once.
-  references = {role: _reference(task_runs, role) for role in ROLES}
   for seed, data in runs:
     for role in ROLES:
       if not data or role not in data:
@@ -104,7 +102,10 @@ def statuses(summaries: list[dict], canonical: Optional[dict] = None,
   for summary in summaries:
     task_runs.setdefault(summary["task"], []).extend(
         (summary["method"], seed, data) for seed, data in runs[id(summary)])
-  return {(s["task"], s["method"]): status(s, canonical, task_runs[s["task"]], runs[id(s)])
+  # Each task's references: the same for all its methods and seeds, so found once.
+  references = {task: {role: _reference(found, role) for role in ROLES}
+                for task, found in task_runs.items()}
+  return {(s["task"], s["method"]): status(s, canonical, references[s["task"]], runs[id(s)])
           for s in summaries}
 
 
