@@ -252,3 +252,25 @@ def call_without_vpt_jax(directories, inputs, cwd):
         for tag in ("all", "one")
         if os.path.exists(os.path.join(directory, f"outputs_{tag}.npz"))}))
   return results
+
+
+def toy_served(fn):
+  """A ServedModel of ``fn(weights, images)``: weights {"w": (3,)}, images (B, 2, 2, 3) uint8."""
+  from vpt_jax.export import stablehlo_export  # pylint: disable=g-import-not-at-top
+  return stablehlo_export.ServedModel(
+      fn=fn, weights={"w": jax.numpy.ones(3)}, inputs=(("images", (2, 2, 3), "uint8"),),
+      num_classes=3, description={"tasks": [{"method": "toy"}]})
+
+
+def host_callback_fn(weights, images):
+  """A toy forward through a host callback (which has no serialised form)."""
+  logits = jax.pure_callback(lambda x: np.asarray(x, np.float32),
+                             jax.ShapeDtypeStruct(images.shape[:1] + (3,), np.float32),
+                             images[:, 0, 0, :])
+  return {"logits": logits * weights["w"]}
+
+
+def python_int_batch_fn(weights, images):
+  """A toy forward that needs a concrete batch size."""
+  rows = int(images.shape[0])
+  return {"logits": jax.numpy.zeros((rows, 3)) + weights["w"]}

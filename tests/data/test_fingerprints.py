@@ -54,6 +54,18 @@ def test_digits_fingerprint_matches_numpy(prepared):
   assert got["id_kind"] == "tfds"
 
 
+def test_decoded_images_are_fingerprinted_without_decoding_the_split(prepared, monkeypatch):
+  # A run's training split already in memory (here TFDS's stored 8 x 8 images,
+  # unresized): only the ids are read, and the fingerprint is the decoded one's.
+  source = source_protocols.ImageSource("vpt_digits", "test", prepared)
+  expected = fingerprints.fingerprint(source, image_size=8)
+  stored = list(tfds.as_numpy(tfds.builder("vpt_digits", data_dir=prepared).as_dataset(
+      split="test", shuffle_files=False)))
+  decoded = ([e["image"] for e in stored], np.asarray([e["label"] for e in stored]))
+  monkeypatch.setattr(fingerprints.preprocessing, "preprocessed_examples", None)
+  assert fingerprints.fingerprint(source, image_size=8, decoded=decoded) == expected
+
+
 def test_sprites_splits_differ_and_repeat(prepared):
   data = data_fixtures.data_config(builder="vpt_sprites/tiny", data_dir=prepared,
                                    label_key="count")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import export_fixtures
+from vpt_jax import errors
 from vpt_jax.export import saved_model_export
 from vpt_jax.export import stablehlo_export
 
@@ -67,3 +68,17 @@ def test_weights_are_saved_as_variables(saved, workspace):
   shapes = sorted(tuple(shape) for name, shape in saved_variables
                   if name.startswith("weights/") and name.endswith("VARIABLE_VALUE"))
   assert shapes == sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(weights))
+
+
+def test_models_that_cannot_be_exported_are_refused_in_one_line_before_writing(tmp_path):
+  for fn, batch_size, message in (
+      (export_fixtures.host_callback_fn, 2, "the toy model cannot be serialised .* keep the "
+       "npz export"),
+      (export_fixtures.python_int_batch_fn, 0, "cannot be exported for any batch size .* set "
+       "a fixed batch size")):
+    with pytest.raises(errors.UserError, match=message) as raised:
+      saved_model_export.write_saved_model(export_fixtures.toy_served(fn),
+                                           str(tmp_path / "out"), batch_size=batch_size,
+                                           platforms=("cpu",))
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,6 @@
 
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,32 +89,18 @@ def test_bad_settings_are_one_line_errors():
   assert stablehlo_export.check_settings("stablehlo", 8, "cpu, tpu") == ("cpu", "tpu")
 
 
-def _toy_model(fn):
-  return stablehlo_export.ServedModel(
-      fn=fn, weights={"w": jnp.ones(3)}, inputs=(("images", (2, 2, 3), "uint8"),),
-      num_classes=3, description={"tasks": [{"method": "toy"}]})
-
-
 def test_models_that_cannot_be_exported_are_refused_in_one_line():
-  def host_callback(weights, images):
-    logits = jax.pure_callback(lambda x: np.asarray(x, np.float32),
-                               jax.ShapeDtypeStruct(images.shape[:1] + (3,), jnp.float32),
-                               images[:, 0, 0, :])
-    return {"logits": logits * weights["w"]}
-
-  def batch_as_python_int(weights, images):
-    rows = int(images.shape[0])  # needs a concrete batch size
-    return {"logits": jnp.zeros((rows, 3)) + weights["w"]}
-
+  host_callback = export_fixtures.toy_served(export_fixtures.host_callback_fn)
+  batch_as_python_int = export_fixtures.toy_served(export_fixtures.python_int_batch_fn)
   with pytest.raises(errors.UserError, match="the toy model cannot be serialised .* keep "
                      "the npz export") as raised:
-    stablehlo_export.export_function(_toy_model(host_callback), 2, ("cpu",))
+    stablehlo_export.export_function(host_callback, 2, ("cpu",))
   assert "\n" not in str(raised.value)
   with pytest.raises(errors.UserError, match="cannot be exported for any batch size .* set a "
                      "fixed batch size, e.g. --config.export.batch_size=32") as raised:
-    stablehlo_export.export_function(_toy_model(batch_as_python_int), 0, ("cpu",))
+    stablehlo_export.export_function(batch_as_python_int, 0, ("cpu",))
   assert "\n" not in str(raised.value)
-  exported, _ = stablehlo_export.export_function(_toy_model(batch_as_python_int), 4, ("cpu",))
+  exported, _ = stablehlo_export.export_function(batch_as_python_int, 4, ("cpu",))
   assert exported.in_avals[0].shape == (4, 2, 2, 3)
 
 

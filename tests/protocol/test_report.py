@@ -12,6 +12,7 @@ import pytest
 import protocol_fixtures
 from vpt_jax.protocol import hparams
 from vpt_jax.protocol import report
+from vpt_jax.protocol import run_records
 from vpt_jax.protocol import tuning
 
 protocol_config = protocol_fixtures.protocol_config
@@ -94,3 +95,21 @@ def test_mean_of_group_means_needs_every_group():
   summary = {row["title"]: row["cells"]["m"] for row in report.summary_rows("vtab", ["m"], rows)}
   assert summary["Mean of the 3 group means"]["mean"] is None
   assert summary["Mean of 15 tasks"]["mean"] == pytest.approx((7 * 70 + 8 * 50) / 15)
+
+
+def test_the_report_reads_each_final_run_once(tmp_path, monkeypatch):
+  # The data checks, the cost section and costs.csv share one read of each run.json.
+  workdir = str(tmp_path / "runs")
+  fp = protocol_fixtures.fake_fingerprint
+  cost = {"trainable_params": 10, "device": {"kind": "cpu", "count": 1}}
+  protocol_fixtures.write_finished_task(
+      workdir, "vtab/dmlab", "lora", {s: (0.5, {"test": fp("test")}, None) for s in (42, 44)},
+      costs={42: cost, 44: cost})
+  reads = []
+  read_json = run_records.read_json
+  monkeypatch.setattr(run_records, "read_json", lambda path: reads.append(path) or
+                      read_json(path))
+  text = open(report.write_report(workdir)).read()
+  assert "### VTAB-1k: costs" in text and "| vtab/dmlab | lora | unverified |" in text
+  run_files = sorted(p for p in reads if p.endswith("run.json"))
+  assert len(run_files) == 2 and len(set(run_files)) == 2

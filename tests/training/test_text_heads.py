@@ -15,6 +15,7 @@ import run_fixtures
 import tolerances
 import tower_fixtures
 from vpt_jax import errors
+from vpt_jax.checkpoints import torch_files
 from vpt_jax.models import clip_text
 from vpt_jax.training import config_checks
 from vpt_jax.training import setup
@@ -161,7 +162,12 @@ def test_zero_shot_clip_from_one_open_clip_file(backbone, data_dir, tmp_path, mo
       "head.class_names": str(tmp_path / "names.txt"), "head.text_heads": fx.HEADS,
       "data.fingerprint": False})
   workdir = str(tmp_path / "zero_shot")
+  reads = []  # the backbone and the text head share one read of the file
+  read_state_dict = torch_files.read_state_dict
+  monkeypatch.setattr(torch_files, "read_state_dict",
+                      lambda p: reads.append(p) or read_state_dict(p))
   outcome = trainer.from_checkpoint(config, workdir, "evaluate")
+  assert reads == [path]
   _, flat = run_fixtures.trained_params(workdir)
   expected = _numpy_rows(text, names, ("a photo of a {}.",))
   np.testing.assert_allclose(flat["head/kernel"] / 100.0, expected.T,

@@ -49,7 +49,7 @@ from vpt_jax.checkpoints.npz import read_npz
 from vpt_jax.params.trees import flatten, unflatten
 
 __all__ = ["LAYOUTS", "POSEMB_KEY", "detect_layout", "to_model_layout", "read_model_layout",
-           "resample_posemb"]
+           "model_layout", "resample_posemb"]
 
 LAYOUTS = ("vit_raw", "vit_linen", "big_vision")
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
@@ -209,13 +209,17 @@ def to_model_layout(flat: Mapping[str, Any], layout: str) -> dict[str, np.ndarra
 
 
 def read_model_layout(path: str) -> tuple[dict[str, np.ndarray], str]:
-  """A ViT ``.npz`` in any known layout -> ({model key: array}, how to name it).
-
-  Reads the file (`read_npz`), detects its layout (`detect_layout`) and
-  converts the names (`to_model_layout`); the name says which layout it was.
-  """
+  """A ViT ``.npz`` in any known layout -> ({model key: array}, how to name it)."""
   path = os.fspath(path)
-  raw = read_npz(path)
+  return model_layout(read_npz(path), path)
+
+
+def model_layout(raw: dict[str, np.ndarray], path: str) -> tuple[dict[str, np.ndarray], str]:
+  """The arrays ``raw`` of the ViT ``.npz`` at ``path`` -> ({model key: array}, its name).
+
+  Detects the file's layout (`detect_layout`) and converts the names
+  (`to_model_layout`); the name says which layout it was.
+  """
   layout = detect_layout(raw)
   converted = to_model_layout(raw, layout)
   logger.info("Loading %s (layout %s, %d arrays)", path, layout, len(converted))

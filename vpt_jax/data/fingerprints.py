@@ -39,7 +39,7 @@ import argparse
 import hashlib
 import json
 import os
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -99,22 +99,36 @@ def _tfds_ids(builder_name: str, split: str, data_dir, image_key: str) -> list[s
   return [t.decode() for t in ds.map(lambda e: e["tfds_id"]).as_numpy_iterator()]
 
 
+def _decoded(source: source_protocols.AnySource, image_size: int, resize: str,
+             preprocess: str) -> Iterator[tuple[np.ndarray, int]]:
+  """(image, label) of each example in stored order, decoded and resized as a run's
+  training split is (``training_stream.load_train_set``)."""
+  ds = preprocessing.preprocessed_examples(source, image_size=image_size, resize=resize,
+                                           preprocess=preprocess, crop=False)
+  for example in files.numpy_batches(ds.prefetch(tf.data.AUTOTUNE)):  # unreadable: UserError
+    yield example["image"], example["label"]
+
+
 def fingerprint(source: source_protocols.AnySource, *, image_size: int,
                 resize: str = "tf1_bilinear", preprocess: str = "resize",
-                num_classes: Optional[int] = None) -> dict:
+                num_classes: Optional[int] = None,
+                decoded: Optional[tuple[Sequence[np.ndarray], np.ndarray]] = None) -> dict:
   """The fingerprint (module docstring) of one split, read whole by this process.
 
   Args:
     source: the split.
     image_size, resize, preprocess: how the run decodes and resizes it.
     num_classes: K for the histogram (default: the source's classes).
+    decoded: the split's (images, labels) as ``training_stream.load_train_set``
+      decodes them with these settings (a run's training split), if in memory:
+      then the split is read only for its ids.
   """
-  ds = preprocessing.preprocessed_examples(source, image_size=image_size, resize=resize,
-                                           preprocess=preprocess, crop=False)
+  examples = (zip(*decoded) if decoded is not None
+              else _decoded(source, image_size, resize, preprocess))
   digests, labels = [], []
-  for example in files.numpy_batches(ds.prefetch(tf.data.AUTOTUNE)):  # unreadable: UserError
-    digests.append(pixel_digest(example["image"]))
-    labels.append(int(example["label"]))
+  for image, label in examples:
+    digests.append(pixel_digest(image))
+    labels.append(int(label))
   id_kind, ids = example_ids(source)
   if len(ids) != len(digests):  # skipped unreadable files: ids by position then
     id_kind, ids = "position", [f"#{i}" for i in range(len(digests))]
@@ -132,11 +146,13 @@ def fingerprint(source: source_protocols.AnySource, *, image_size: int,
   }
 
 
-def config_fingerprint(config, split: str) -> dict:
+def config_fingerprint(config, split: str,
+                       decoded: Optional[tuple[Sequence[np.ndarray], np.ndarray]] = None) -> dict:
   """``fingerprint`` of ``config.data``'s ``split`` as the run reads it (cached per process).
 
   The cache key is every ``config.data`` field, the split and the image size,
   so the final runs of one task (seeds, methods) read the split once.
+  ``decoded``: as ``fingerprint``'s (the run's training split, if this is it).
   """
   key = json.dumps([config.data.to_dict(), split, config.model.image_size], sort_keys=True,
                    default=str)
@@ -144,7 +160,7 @@ def config_fingerprint(config, split: str) -> dict:
     source = sources.make_source(config.data, split)
     _cache[key] = fingerprint(source, image_size=config.model.image_size,
                               resize=config.data.resize, preprocess=config.data.preprocess,
-                              num_classes=config.data.num_classes or None)
+                              num_classes=config.data.num_classes or None, decoded=decoded)
   return _cache[key]
 
 

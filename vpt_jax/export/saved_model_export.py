@@ -70,14 +70,14 @@ def write_saved_model(served: stablehlo_export.ServedModel, directory: str, *,
                       platforms: Sequence[str] = ("cpu", "cuda", "tpu")) -> str:
   """Writes ``directory/saved_model/`` and ``directory/model.json``; returns ``directory``.
 
-  The model is first exported with ``jax.export`` (the checks and one-line
-  errors of ``stablehlo_export.export_function``), then converted.
+  The save traces the signature, where jax2tf lowers the model (once), before
+  it writes anything: a model that cannot be exported fails there with
+  ``stablehlo_export.export_errors``' one-line errors.
   """
-  stablehlo_export.export_function(served, batch_size, platforms, weights_as_constants=False)
   module = _tf_module(served, batch_size, platforms)
   path = os.path.join(directory, SAVED_MODEL_DIR)
-  tf.io.gfile.makedirs(directory)
-  tf.saved_model.save(module, path, signatures={SIGNATURE: module.serve})
+  with stablehlo_export.export_errors(served):
+    tf.saved_model.save(module, path, signatures={SIGNATURE: module.serve})
   stablehlo_export.write_sidecar(
       served, directory, export_format="saved_model", batch_size=batch_size,
       platforms=platforms,

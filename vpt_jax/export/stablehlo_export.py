@@ -28,11 +28,12 @@ backbone fingerprint, jax version and how to load it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -212,28 +213,16 @@ def _what(served: ServedModel) -> str:
   return f"the {'/'.join(methods)} model"
 
 
-def export_function(served: ServedModel, batch_size: int, platforms: Sequence[str], *,
-                    weights_as_constants: bool = True) -> tuple[jax.export.Exported, bytes]:
-  """Traces, lowers and serialises ``served``.
-
-  With ``weights_as_constants`` the function takes only the inputs and holds
-  the weights; otherwise it takes the weights first (a cheap check of a model
-  that is converted differently, e.g. to a SavedModel).
+@contextlib.contextmanager
+def export_errors(served: ServedModel) -> Iterator[None]:
+  """Turns a failure to trace or serialise ``served`` (``jax.export``) into a one-line ExportError.
 
   Raises:
     ExportError: the model cannot be traced with a symbolic batch, or holds
       an operation that cannot be serialised (e.g. a host callback).
   """
-  specs = input_specs(served, batch_size)
-  if weights_as_constants:
-    function = jax.jit(functools.partial(served.fn, served.weights))
-  else:
-    function = jax.jit(served.fn)
-    specs = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), served.weights),
-             *specs]
   try:
-    exported = jax.export.export(function, platforms=tuple(platforms))(*specs)
-    return exported, exported.serialize()
+    yield
   except jax.errors.InconclusiveDimensionOperation as e:
     raise task_export.ExportError(
         f"{_what(served)} cannot be exported for any batch size ({str(e).splitlines()[0]}); "
@@ -244,6 +233,29 @@ def export_function(served: ServedModel, batch_size: int, platforms: Sequence[st
     raise task_export.ExportError(
         f"{_what(served)} cannot be serialised ({str(e).splitlines()[0]}); keep the npz "
         "export (--config.export.format=npz) and serve it with vpt_jax") from e
+
+
+def export_function(served: ServedModel, batch_size: int, platforms: Sequence[str], *,
+                    weights_as_constants: bool = True) -> tuple[jax.export.Exported, bytes]:
+  """Traces, lowers and serialises ``served``.
+
+  With ``weights_as_constants`` the function takes only the inputs and holds
+  the weights; otherwise it takes the weights first (a cheap check of a model
+  that is converted differently, e.g. to a SavedModel).
+
+  Raises:
+    ExportError: as ``export_errors``.
+  """
+  specs = input_specs(served, batch_size)
+  if weights_as_constants:
+    function = jax.jit(functools.partial(served.fn, served.weights))
+  else:
+    function = jax.jit(served.fn)
+    specs = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), served.weights),
+             *specs]
+  with export_errors(served):
+    exported = jax.export.export(function, platforms=tuple(platforms))(*specs)
+    return exported, exported.serialize()
 
 
 def signature(served: ServedModel, batch_size: int) -> dict:

@@ -4,7 +4,9 @@ The adapters' own dropout (and Adapter+'s and Convpass's drop path) is active
 only while training: ``StochasticHooks`` switches the backbone's stochastic
 depth on whenever training, so the blocks hand their hooks
 ``BlockContext.train`` (and the block's ramped ``drop_path`` rate), as
-``reparam_common.DropPathHooks`` does for the re-parameterisable methods.
+``hooks.TrainingDropPath`` does for CVPT and the re-parameterisable methods
+(whose rate is their ``drop_path``; the adapters' is ``backbone_drop_path``,
+as Adapter+'s ``drop_path`` is its own).
 """
 
 from __future__ import annotations

@@ -68,21 +68,16 @@ class CrossPrompts(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class CvptOptions(hooks_lib.Hooks):
+class CvptOptions(hooks_lib.TrainingDropPath):
   """CVPT: m prompts per block, cross-attention at ``insert``, prompt dropout, drop path."""
   num_prompts: int = 10
   insert: int = 3
   dropout: float = 0.1
-  drop_path: float = 0.1
 
   def block_inputs(self, batch_size, geometry, dtype, *, train):
     prompts = CrossPrompts(self.num_prompts, geometry.depth, geometry.width,
                            dropout_rate=self.dropout, name="cvpt")(batch_size, train=train)
     return prompts.astype(dtype)
-
-  def stochastic_depth(self, rate, deterministic, *, train):
-    del rate, deterministic  # CVPT's own, whenever training
-    return self.drop_path, not train
 
   @staticmethod
   def _cross(x, block: hooks_lib.BlockContext):

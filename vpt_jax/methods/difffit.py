@@ -24,6 +24,7 @@ import numpy as np
 
 from vpt_jax.methods import base
 from vpt_jax.methods import reparam_common as common
+from vpt_jax.models import hooks as hooks_lib
 
 GAMMA_PARAMS = r"Transformer/encoderblock_\d+/difffit_(attention|mlp)/gamma"
 # The projection each branch ends in, where its gamma folds.
@@ -41,7 +42,7 @@ class Gamma(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class DiffFitOptions(common.DropPathHooks):
+class DiffFitOptions(hooks_lib.TrainingDropPath):
   """gamma1 on the attention branch, gamma2 on the MLP branch of every block."""
 
   def attention_branch(self, branch, x, block):
@@ -90,6 +91,6 @@ METHODS = (
                 optimizer=common.OPTIMIZER, settings="ln_tune",
                 description="LN-tune: every LayerNorm's scale and bias, plus the head",
                 read_settings=_settings("ln_tune"), settings_check=_check("ln_tune"),
-                make_hooks=lambda spec: common.DropPathHooks(**spec["ln_tune"]),
+                make_hooks=lambda spec: hooks_lib.TrainingDropPath(**spec["ln_tune"]),
                 merge=base.nothing_to_fold),
 )

@@ -38,6 +38,7 @@ import numpy as np
 
 from vpt_jax.methods import base
 from vpt_jax.methods import reparam_common as common
+from vpt_jax.models import hooks as hooks_lib
 from vpt_jax.models.prompts import uniform_symmetric
 
 FACT_PARAMS = r"fact/.*"
@@ -99,7 +100,7 @@ class FactFactors(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class FactOptions(common.DropPathHooks):
+class FactOptions(hooks_lib.TrainingDropPath):
   """FacT on every block's q/k/v/out and fc1/fc2."""
   changes_mlp_projections = True
   kind: str = "tt"

@@ -10,7 +10,7 @@ in the methods layer because it needs both the backbones and the methods.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from flax import linen as nn
 import jax
@@ -136,49 +136,70 @@ def variable_shapes(model: nn.Module, image_size: int) -> dict:
                              jnp.zeros((1, image_size, image_size, 3), jnp.float32)))
 
 
-def read_backbone_file(path: str, variant: str) -> tuple[dict, str]:
+def read_checkpoint_arrays(path: str) -> dict:
+  """A backbone file's arrays under the file's own names (``read_backbone_file`` converts them).
+
+  PyTorch files (``backbones.TORCH_SUFFIXES``, a sharded ``*.index.json``) are
+  read without executing pickled code, the others as ``.npz``; an ``hf://``
+  reference is resolved through the hub's cache first (``checkpoints.hub``).
+  """
+  path = hub.local_path(path)
+  if backbones.is_torch_file(path):
+    from vpt_jax.checkpoints import torch_files  # pylint: disable=g-import-not-at-top
+    return torch_files.read_state_dict(path)
+  return npz_lib.read_npz(path)
+
+
+def read_backbone_file(path: str, variant: str,
+                       arrays: Optional[dict] = None) -> tuple[dict, str]:
   """A backbone checkpoint's arrays in the model's layout, and how to name it.
 
   ViT ``.npz`` files (vision_transformer, big_vision, ours) go through the
   layout detection of ``checkpoints.npz``, other families' ``.npz`` files hold
-  the model's own names; PyTorch files (``backbones.TORCH_SUFFIXES``)
-  are read without executing pickled code and converted by the variant's
-  family (MAE, MoCo v3, Swin, ConvNeXt, ResNet); a sharded index
-  (``*.index.json``) reads its shards; an ``hf://`` reference is resolved
-  through the hub's cache first (``checkpoints.hub``).
+  the model's own names; PyTorch files are converted by the variant's family
+  (MAE, MoCo v3, Swin, ConvNeXt, ResNet). ``arrays``: the file's
+  ``read_checkpoint_arrays``, when the caller has read them already.
   """
   path = hub.local_path(path)
   family = backbones.get_family(variant)
+  if backbones.is_torch_file(path) and family.convert_torch is None:
+    raise npz_lib.CheckpointError(
+        f"{path} looks like a PyTorch checkpoint, but {family.name} backbones load "
+        ".npz files; convert it or pass the official .npz")
+  arrays = read_checkpoint_arrays(path) if arrays is None else arrays
   if backbones.is_torch_file(path):
-    if family.convert_torch is None:
-      raise npz_lib.CheckpointError(
-          f"{path} looks like a PyTorch checkpoint, but {family.name} backbones load "
-          ".npz files; convert it or pass the official .npz")
-    from vpt_jax.checkpoints import torch_files  # pylint: disable=g-import-not-at-top
-    return (family.convert_torch(torch_files.read_state_dict(path), variant),
+    return (family.convert_torch(arrays, variant),
             f"{path} (PyTorch, converted for {family.name})")
   if family.convert_npz is not None:
-    return (family.convert_npz(npz_lib.read_npz(path), variant),
+    return (family.convert_npz(arrays, variant),
             f"{path} (.npz, converted for {family.name})")
   if family.name != "vit":
     # Only ViTs have official .npz layouts; other families' .npz files are
     # ours (``save_npz`` of the model's own parameter names).
-    return npz_lib.read_npz(path), f"{path} ({family.name}, model layout)"
-  return vit_layouts.read_model_layout(path)
+    return arrays, f"{path} ({family.name}, model layout)"
+  return vit_layouts.model_layout(arrays, path)
 
 
-def load_backbone_file(params, path: str, variant: str, fresh) -> dict:
-  """``params`` with everything but the ``fresh`` regexes read from ``path``, strictly."""
-  arrays, source = read_backbone_file(path, variant)
+def load_backbone_file(params, path: str, variant: str, fresh,
+                       arrays: Optional[dict] = None) -> dict:
+  """``params`` with everything but the ``fresh`` regexes read from ``path``, strictly.
+
+  ``arrays``: the file's ``read_checkpoint_arrays``, when already read.
+  """
+  arrays, source = read_backbone_file(path, variant, arrays)
   return merge_lib.merge_backbone(params, arrays, fresh=fresh, source=source)
 
 
 def load_pretrained(params, spec: Mapping[str, Any], backbone_path: str = "",
-                    side_checkpoint: str = "") -> dict:
-  """The backbone file (everything but the method's fresh parameters), then the side CNN."""
+                    side_checkpoint: str = "", backbone_arrays: Optional[dict] = None) -> dict:
+  """The backbone file (everything but the method's fresh parameters), then the side CNN.
+
+  ``backbone_arrays``: the backbone file's ``read_checkpoint_arrays``, when already read.
+  """
   if backbone_path:
     params = load_backbone_file(params, backbone_path, spec["variant"],
-                                registry.get_method(spec["method"]).fresh_patterns)
+                                registry.get_method(spec["method"]).fresh_patterns,
+                                backbone_arrays)
   if side_checkpoint:
     params = sidetune.load_side_network(params, side_checkpoint)
   return params

@@ -29,6 +29,7 @@ import numpy as np
 
 from vpt_jax.methods import base
 from vpt_jax.methods import reparam_common as common
+from vpt_jax.models import hooks as hooks_lib
 
 REPADAPTER_PARAMS = r"Transformer/encoderblock_\d+/repadapter_(attention|mlp)/.*"
 
@@ -65,7 +66,7 @@ class RepAdapter(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class RepAdapterOptions(common.DropPathHooks):
+class RepAdapterOptions(hooks_lib.TrainingDropPath):
   """A RepAdapter on the normalised input of attention and of the MLP."""
   dim: int = 8
   groups: int = 2

@@ -3,13 +3,11 @@
 Their official code trains with timm's stochastic depth 0.1 on the frozen
 backbone (``create_model(..., drop_path_rate=0.1)``; OSU ViT_PEFT_Vision's
 ``drop_path_rate: 0.1``), so their hook objects switch it on while training
-(``DropPathHooks``), which also turns on their own dropout
+(``hooks.TrainingDropPath``), which also turns on their own dropout
 (``hooks.BlockContext.train``). They all train with torch.optim.AdamW.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 
@@ -21,17 +19,6 @@ from vpt_jax.models import hooks as hooks_lib
 LAYER_NORM_PARAMS = (r"(Transformer/encoderblock_\d+/LayerNorm_\d+|Transformer/encoder_norm|"
                      r"fc_norm)/(scale|bias)")
 OPTIMIZER = "torch_adamw"
-DEFAULT_DROP_PATH = 0.1
-
-
-@dataclasses.dataclass(frozen=True)
-class DropPathHooks(hooks_lib.Hooks):
-  """Stochastic depth at ``drop_path`` (timm's linear ramp) whenever training."""
-  drop_path: float = DEFAULT_DROP_PATH
-
-  def stochastic_depth(self, rate, deterministic, *, train):
-    del rate, deterministic  # the method's own, whenever training
-    return self.drop_path, not train
 
 
 def normal(mean: float, stddev: float):
@@ -49,4 +36,4 @@ def read_drop_path(section) -> float:
 def check_drop_path(method: str, rate: float) -> None:
   """Refuses a stochastic-depth rate outside [0, 1)."""
   if not 0.0 <= rate < 1.0:
-    base.fail(f"{method}.drop_path={rate} must lie in [0, 1) (the official {DEFAULT_DROP_PATH})")
+    base.fail(f"{method}.drop_path={rate} must lie in [0, 1) (the official {hooks_lib.TRAINING_DROP_PATH})")

@@ -27,6 +27,7 @@ import numpy as np
 
 from vpt_jax.methods import base
 from vpt_jax.methods import reparam_common as common
+from vpt_jax.models import hooks as hooks_lib
 
 SSF_PARAMS = r"(.*/)?ssf_[A-Za-z0-9_]+/(scale|shift)"
 SSF_STDDEV = 0.02
@@ -45,7 +46,7 @@ class ScaleShift(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class SsfOptions(common.DropPathHooks):
+class SsfOptions(hooks_lib.TrainingDropPath):
   """SSF after every linear map and LayerNorm of the ViT."""
   changes_mlp_projections = True
 

@@ -246,6 +246,25 @@ class Hooks:
 
 NO_HOOKS = Hooks()
 
+# timm's drop_path_rate in the official codes of the methods that train with it
+# (CVPT, SSF, DiffFit, LN-tune, FacT, RepAdapter).
+TRAINING_DROP_PATH = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingDropPath(Hooks):
+  """Stochastic depth at the method's own ``drop_path`` (timm's ramp) whenever training.
+
+  On whenever training (at rate 0 it drops nothing), so ``BlockContext.train``
+  also switches on the method's own dropout. Keyword-only, so a subclass's
+  own fields keep their positions.
+  """
+  drop_path: float = dataclasses.field(default=TRAINING_DROP_PATH, kw_only=True)
+
+  def stochastic_depth(self, rate, deterministic, *, train):
+    del rate, deterministic  # the method's own, whenever training
+    return self.drop_path, not train
+
 
 class Method(Protocol):
   """What a backbone family reads from an adaptation method (``methods.base.Method``).

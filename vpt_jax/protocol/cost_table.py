@@ -42,13 +42,13 @@ def _mean(values: list) -> Optional[float]:
   return float(np.mean(values)) if values else None
 
 
-def task_costs(summary: dict) -> Optional[dict]:
-  """The seeds' mean of each cost field, "mergeable" and the devices; None if unrecorded."""
-  recorded = []
-  for seed in final_runs.finished_seeds(summary):
-    record = final_runs.record(summary, seed) or {}
-    if "cost" in record.get("results", {}):
-      recorded.append(record["results"]["cost"])
+def task_costs(seed_records: dict[int, Optional[dict]]) -> Optional[dict]:
+  """The seeds' mean of each cost field, "mergeable" and the devices; None if unrecorded.
+
+  ``seed_records``: one task's final runs, {seed: run.json or None} (``final_runs.records``).
+  """
+  recorded = [record["results"]["cost"] for record in seed_records.values()
+              if "cost" in (record or {}).get("results", {})]
   if not recorded:
     return None
   out = {field: _mean([c.get(field) for c in recorded]) for field in FIELDS}
@@ -59,12 +59,17 @@ def task_costs(summary: dict) -> Optional[dict]:
   return out
 
 
-def method_rows(summaries: list[dict], methods: list[str]) -> list[dict]:
-  """Per method (in order): its tasks' mean costs, mean test top-1 (%) and PPT."""
+def method_rows(summaries: list[dict], methods: list[str],
+                records: Optional[dict] = None) -> list[dict]:
+  """Per method (in order): its tasks' mean costs, mean test top-1 (%) and PPT.
+
+  ``records``: the summaries' ``final_runs.records`` if already read (default: read here).
+  """
+  records = final_runs.records(summaries) if records is None else records
   rows = []
   for method in methods:
     mine = [s for s in summaries if s["method"] == method and s["test_top1_mean"] is not None]
-    found = [(s, task_costs(s)) for s in mine]
+    found = [(s, task_costs(records[id(s)])) for s in mine]
     found = [(s, c) for s, c in found if c is not None]
     if not found:
       continue
@@ -100,13 +105,14 @@ def markdown(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_csv(path: str, summaries: list[dict]) -> None:
-  """costs.csv: one row per task and method, the seeds' means."""
+def write_csv(path: str, summaries: list[dict], records: Optional[dict] = None) -> None:
+  """costs.csv: one row per task and method, the seeds' means (``records`` as ``method_rows``)."""
+  records = final_runs.records(summaries) if records is None else records
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["task", "method", *FIELDS, "mergeable", "device"])
     for summary in summaries:
-      found = task_costs(summary)
+      found = task_costs(records[id(summary)])
       if found is not None:
         writer.writerow([summary["task"], summary["method"],
                          *["" if found[k] is None else f"{found[k]:.6g}" for k in FIELDS],
@@ -138,9 +144,13 @@ def plot(path: str, title: str, rows: list[dict]) -> Optional[str]:
   return path
 
 
-def section(summaries: list[dict], methods: list[str], title: str, plot_path: str) -> list[str]:
-  """report.md's lines for one benchmark's costs (and its plot); [] if none recorded."""
-  rows = method_rows(summaries, methods)
+def section(summaries: list[dict], methods: list[str], title: str, plot_path: str,
+            records: Optional[dict] = None) -> list[str]:
+  """report.md's lines for one benchmark's costs (and its plot); [] if none recorded.
+
+  ``records`` as ``method_rows``.
+  """
+  rows = method_rows(summaries, methods, records)
   if not rows:
     return []
   lines = [f"### {title}: costs", "",

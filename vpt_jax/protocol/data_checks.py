@@ -28,13 +28,11 @@ def load_canonical(path: str = CANONICAL_FILE) -> dict:
     return json.load(f).get("fingerprints", {})
 
 
-def _runs_data(summary: dict) -> list[tuple[int, Optional[dict]]]:
-  """[(seed, results["data"] or None)] of the summary's finished final runs."""
-  found = []
-  for seed in final_runs.finished_seeds(summary):
-    record = final_runs.record(summary, seed)
-    found.append((seed, (record or {}).get("results", {}).get("data")))
-  return found
+def _runs_data(seed_records: dict[int, Optional[dict]]) -> list[tuple[int, Optional[dict]]]:
+  """[(seed, results["data"] or None)] of a summary's finished final runs
+  (``final_runs.records``: {seed: run.json or None})."""
+  return [(seed, (record or {}).get("results", {}).get("data"))
+          for seed, record in seed_records.items()]
 
 
 def _reference(task_runs: list[tuple[str, int, dict]], role: str):
@@ -49,23 +47,19 @@ def _reference(task_runs: list[tuple[str, int, dict]], role: str):
   return recorded[best]
 
 
-def status(summary: dict, canonical: dict, task_runs: list,
-           runs: Optional[list] = None) -> dict:
+def status(summary: dict, canonical: dict, references: dict, runs: list) -> dict:
   """{"state", "details"} of one (task, method): its runs' data against the
   canonical fingerprints and against the task's most common one.
 
-  ``runs``: the summary's ``_runs_data`` if already read (default: read here).
+  ``references``: {role: the task's ``_reference``}; ``runs``: the summary's ``_runs_data``.
 
   state: "matches" (every recorded split equals the canonical one),
   "differs" (from the canonical data or another run), "unverified" (no
   canonical fingerprint, runs agree) or "unrecorded" (no fingerprints).
   """
-  runs = _runs_data(summary) if runs is None else runs
   if not runs or all(data is None for _, data in runs):
     return {"state": "unrecorded", "details": []}
   found_by_seed, verified = {}, True  # message -> seeds that show it
-  # The task's reference per role: the same for every seed, so found once.
-  references = {role: _reference(task_runs, role) for role in ROLES}
   for seed, data in runs:
     for role in ROLES:
       if not data or role not in data:
@@ -91,22 +85,27 @@ def status(summary: dict, canonical: dict, task_runs: list,
 
 
 def statuses(summaries: list[dict], canonical: Optional[dict] = None,
-             methods: Optional[list[str]] = None) -> dict:
+             methods: Optional[list[str]] = None, records: Optional[dict] = None) -> dict:
   """{(task, method): ``status``} of every summary.
 
   ``methods``: the report's method order, which breaks ties between the task's
-  fingerprints (default: the summaries' order).
+  fingerprints (default: the summaries' order). ``records``: the summaries'
+  ``final_runs.records`` if already read (default: read here).
   """
   canonical = load_canonical() if canonical is None else canonical
+  records = final_runs.records(summaries) if records is None else records
   if methods:
     summaries = sorted(summaries, key=lambda s: methods.index(s["method"])
                        if s["method"] in methods else len(methods))
-  runs = {id(s): _runs_data(s) for s in summaries}  # each run.json read once
+  runs = {id(s): _runs_data(records[id(s)]) for s in summaries}
   task_runs: dict[str, list] = {}
   for summary in summaries:
     task_runs.setdefault(summary["task"], []).extend(
         (summary["method"], seed, data) for seed, data in runs[id(summary)])
-  return {(s["task"], s["method"]): status(s, canonical, task_runs[s["task"]], runs[id(s)])
+  # Each task's references: the same for all its methods and seeds, so found once.
+  references = {task: {role: _reference(found, role) for role in ROLES}
+                for task, found in task_runs.items()}
+  return {(s["task"], s["method"]): status(s, canonical, references[s["task"]], runs[id(s)])
           for s in summaries}
 
 

@@ -7,7 +7,6 @@ each with run.json and, with ``eval.save_predictions``, predictions_test.npz.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -30,11 +29,13 @@ def finished_seeds(summary: dict) -> list[int]:
 
 def record(summary: dict, seed: int) -> Optional[dict]:
   """The run.json of a final run, or None."""
-  path = os.path.join(run_dir(summary, seed), run_records.RUN_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return run_records.read_json(os.path.join(run_dir(summary, seed), run_records.RUN_FILE))
+
+
+def records(summaries: list[dict]) -> dict[int, dict[int, Optional[dict]]]:
+  """{id(summary): {seed: ``record``} over its finished seeds}: each run.json read once,
+  for the report's data checks and cost tables."""
+  return {id(s): {seed: record(s, seed) for seed in finished_seeds(s)} for s in summaries}
 
 
 def test_predictions(summary: dict) -> Optional[tuple[np.ndarray, np.ndarray]]:

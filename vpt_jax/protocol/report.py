@@ -45,6 +45,7 @@ from vpt_jax.protocol import comparisons
 from vpt_jax.protocol import cost_table
 from vpt_jax.protocol import data_checks
 from vpt_jax.protocol import few_shot_report
+from vpt_jax.protocol import final_runs
 from vpt_jax.protocol import hparams
 from vpt_jax.protocol import run_records
 
@@ -311,7 +312,8 @@ def write_report(results_dir: str, out_dir: Optional[str] = None,
            "overall means use only the tasks with results (counts shown); the paper's "
            "means are taken over the same tasks.", ""]
   images = []
-  data = data_checks.statuses(summaries, methods=_methods(summaries))
+  records = final_runs.records(summaries)  # each final run.json read once
+  data = data_checks.statuses(summaries, methods=_methods(summaries), records=records)
   for kind, title in (("vtab", "VTAB-1k"), ("fgvc", "FGVC"), ("custom", "Other tasks")):
     if not any(_kind(s["task"]) == kind for s in summaries):
       continue
@@ -322,7 +324,8 @@ def write_report(results_dir: str, out_dir: Optional[str] = None,
       images.append(bars)
     lines += cost_table.section([s for s in summaries if _kind(s["task"]) == kind],
                                 _methods(summaries), title,
-                                os.path.join(out_dir, f"params_vs_accuracy_{kind}.png"))
+                                os.path.join(out_dir, f"params_vs_accuracy_{kind}.png"),
+                                records)
   few_shot_lines = few_shot_report.section([results_dir, *extra_dirs], out_dir)
   if not summaries and not few_shot_lines:
     lines.append("No summary.json found yet: run the protocol first.")
@@ -335,7 +338,7 @@ def write_report(results_dir: str, out_dir: Optional[str] = None,
   if pending:
     lines += ["Incomplete (runs missing or waiting): " + ", ".join(pending), ""]
   write_csv(os.path.join(out_dir, "results.csv"), summaries)
-  cost_table.write_csv(os.path.join(out_dir, "costs.csv"), summaries)
+  cost_table.write_csv(os.path.join(out_dir, "costs.csv"), summaries, records)
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))

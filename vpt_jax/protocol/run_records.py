@@ -56,7 +56,8 @@ def json_files_below(results_dirs: list[str], filename: str) -> list[tuple[str, 
   return found
 
 
-def _read_json(path: str):
+def read_json(path: str):
+  """The parsed JSON file at ``path`` (local or remote), or None if there is none."""
   if not tf.io.gfile.exists(path):
     return None
   with tf.io.gfile.GFile(path) as f:
@@ -78,7 +79,7 @@ def _comparable(config) -> dict:
 
 def finished_run(run_dir: str, config) -> Optional[dict]:
   """The record of a finished run, or None; refuses one made with another config."""
-  record = _read_json(os.path.join(run_dir, RUN_FILE))
+  record = read_json(os.path.join(run_dir, RUN_FILE))
   if record is None:
     return None
   current = _comparable(config)

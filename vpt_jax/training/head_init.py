@@ -108,7 +108,8 @@ def head_from_rows(rows: np.ndarray, scale: float, bias: float = 0.0) -> dict:
 
 
 def initial_head(config, param_shapes: dict, num_classes: int,
-                 class_names: Optional[Sequence[str]]) -> Optional[dict]:
+                 class_names: Optional[Sequence[str]],
+                 checkpoint_arrays: Optional[dict] = None) -> Optional[dict]:
   """The head's {"kernel", "bias"} for ``head.init`` (None for the method's init).
 
   Args:
@@ -116,6 +117,7 @@ def initial_head(config, param_shapes: dict, num_classes: int,
     param_shapes: the model's params as ShapeDtypeStructs (``factory.variable_shapes``).
     num_classes: the dataset's number of classes.
     class_names: the dataset's class names (for ``text`` without ``head.class_names``).
+    checkpoint_arrays: ``text``'s checkpoint arrays, if already read (the backbone file's).
   """
   head = config.head
   if not head.init:
@@ -127,7 +129,8 @@ def initial_head(config, param_shapes: dict, num_classes: int,
     rows = read_embedding_file(head.file, num_classes, width)
     rows = text_heads.l2_normalise(rows) if head.normalize else rows
     return head_from_rows(rows, head.scale or 1.0)
-  return head_from_rows(*text_heads.text_rows(config, width, num_classes, class_names))
+  return head_from_rows(*text_heads.text_rows(config, width, num_classes, class_names,
+                                              checkpoint_arrays))
 
 
 def set_head(host_params: dict, values: Optional[dict]) -> dict:

@@ -26,6 +26,7 @@ from vpt_jax.params import freezing
 from vpt_jax.params import trees
 from vpt_jax.training import costs
 from vpt_jax.training import evaluation
+from vpt_jax.training import inputs
 from vpt_jax.training import predictions
 from vpt_jax.training import setup
 
@@ -84,7 +85,7 @@ def finish(runs: Sequence[setup.Run], evaluate_split: Callable[[str], list],
   diverged = diverged or {}
   splits = evaluation.final_splits(runs[0].config) if len(diverged) < len(runs) else []
   scores = {name: evaluate_split(split) for name, split in splits}
-  data = data_fingerprints(runs[0].config) if splits else None
+  data = data_fingerprints(runs[0].config, runs[0].data) if splits else None
   # The settings share the model: one forward measured serves them all.
   speed = costs.inference(runs[0]) if splits and runs[0].config.eval.costs else None
   return [diverged[index] if index in diverged else write_results(
@@ -93,17 +94,22 @@ def finish(runs: Sequence[setup.Run], evaluate_split: Callable[[str], list],
           for index, run in enumerate(runs)]
 
 
-def data_fingerprints(config) -> Optional[dict]:
+def data_fingerprints(config, train: Optional[inputs.TrainData] = None) -> Optional[dict]:
   """{"train"/"val"/"test": the split's fingerprint and split string} (process 0), or None.
 
   ``data.fingerprint`` off, or another process: None. One pass over each
-  split without the model (``data.fingerprints``; cached per process).
+  split without the model (``data.fingerprints``; cached per process); the
+  training split's pixels come from ``train``, the run's decoded copy, if given.
   """
   if not config.data.fingerprint or jax.process_index() != 0:
     return None
-  named = [("train", config.data.train_split)] + evaluation.final_splits(config)
-  return {name: dict(fingerprints.config_fingerprint(config, split), split=split)
-          for name, split in named}
+  decoded = None if train is None else (train.images, train.labels)
+  found = {"train": dict(fingerprints.config_fingerprint(config, config.data.train_split,
+                                                         decoded),
+                         split=config.data.train_split)}
+  for name, split in evaluation.final_splits(config):
+    found[name] = dict(fingerprints.config_fingerprint(config, split), split=split)
+  return found
 
 
 def write_results(run: setup.Run, scores: dict, log_prefix: str = "",

@@ -31,6 +31,7 @@ from vpt_jax.training import inputs
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import metric_writers
 from vpt_jax.training import optimizers
+from vpt_jax.training import text_heads
 from vpt_jax.training import workdir_lock
 
 
@@ -137,12 +138,7 @@ def build_runs(configs, workdirs) -> list[Run]:
   data = inputs.load_train_data(config)
   spec = factory.model_spec(config)
   model = factory.build_model(spec, data.num_classes)
-  # The head's class embeddings are read and checked (and text encoded) before
-  # the model's parameters are initialised.
-  head = config.head.init and head_init.initial_head(config, factory.variable_shapes(
-      model, config.model.image_size)["params"], data.num_classes, data.class_names)
-  variables, host_params = _initial_parameters(config, spec, model, mesh)
-  host_params = head_init.set_head(host_params, head)
+  variables, host_params = _parameters_with_head(config, spec, model, mesh, data)
   host_params = _class_token_prompts(config, spec, data, norm, host_params)
   fingerprint = (npz_lib.fingerprint(config.model.init_checkpoint)
                  if config.model.init_checkpoint else None)
@@ -192,11 +188,30 @@ def _data_mesh(config) -> jax.sharding.Mesh:
   return mesh
 
 
-def _initial_parameters(config, spec: dict, model, mesh) -> tuple[dict, dict]:
+def _parameters_with_head(config, spec: dict, model, mesh,
+                          data: inputs.TrainData) -> tuple[dict, dict]:
+  """``_initial_parameters`` with the head of ``head.init`` (if any) in the host params.
+
+  The head's class embeddings are read and checked (and text encoded) before
+  the model's parameters are initialised; ``head.init=text`` reading the
+  backbone file shares the backbone's one read of it.
+  """
+  backbone_arrays = (factory.read_checkpoint_arrays(config.model.init_checkpoint)
+                     if text_heads.reads_backbone_file(config) else None)
+  head = config.head.init and head_init.initial_head(config, factory.variable_shapes(
+      model, config.model.image_size)["params"], data.num_classes, data.class_names,
+      backbone_arrays)
+  variables, host_params = _initial_parameters(config, spec, model, mesh, backbone_arrays)
+  return variables, head_init.set_head(host_params, head)
+
+
+def _initial_parameters(config, spec: dict, model, mesh,
+                        backbone_arrays: Optional[dict] = None) -> tuple[dict, dict]:
   """(initial variables on the mesh, host params with the backbone files' values).
 
   Everything but the method's fresh parameters comes from the backbone file
   (and the side network's, for sidetune); the fresh leaves keep their init.
+  ``backbone_arrays``: the backbone file's ``read_checkpoint_arrays``, if read.
   """
   side_checkpoint = config.sidetune.checkpoint  # validate_config: set only for sidetune
   from_files = None
@@ -205,7 +220,7 @@ def _initial_parameters(config, spec: dict, model, mesh) -> tuple[dict, dict]:
     # first, so a truncated or mismatched file fails before anything is compiled.
     from_files = factory.load_pretrained(
         factory.variable_shapes(model, config.model.image_size)["params"], spec,
-        config.model.init_checkpoint, side_checkpoint)
+        config.model.init_checkpoint, side_checkpoint, backbone_arrays)
   # Only the fresh leaves are drawn (a backbone's random init would be thrown
   # away: 86M draws and 330 MB for ViT-B/16); their values are a full init's.
   fresh = None if from_files is None else jax.tree.map(

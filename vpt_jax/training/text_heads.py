@@ -59,10 +59,21 @@ def templates(extra: str) -> tuple[str, ...]:
   return tuple(dict.fromkeys(found))
 
 
+def text_checkpoint(config) -> str:
+  """The checkpoint whose text tower builds the head: ``head.text_checkpoint`` or the backbone's."""
+  return config.head.text_checkpoint or config.model.init_checkpoint
+
+
+def reads_backbone_file(config) -> bool:
+  """Whether ``head.init=text`` reads the backbone file (then one read serves both)."""
+  return (config.head.init == "text" and bool(config.model.init_checkpoint)
+          and text_checkpoint(config) == config.model.init_checkpoint)
+
+
 def check_settings(config) -> None:
   """``head.init=text``'s files, package and templates, before data or compute."""
   head = config.head
-  checkpoint = head.text_checkpoint or config.model.init_checkpoint
+  checkpoint = text_checkpoint(config)
   for what, path in (("head.tokenizer", head.tokenizer), ("head.text_checkpoint", checkpoint),
                      ("head.class_names", head.class_names)):
     if hub.is_hub_reference(path):
@@ -183,23 +194,28 @@ def class_names_for(path: str, dataset_names: Optional[Sequence[str]],
   return [name.replace("_", " ") for name in names]
 
 
-def read_text_tower(path: str) -> tuple[dict, bool]:
+def read_text_tower(path: str, flat: Optional[dict] = None) -> tuple[dict, bool]:
   """(text arrays in clip_text's names, whether SigLIP) of a CLIP, open_clip or SigLIP
-  (transformers) checkpoint: .npz, PyTorch or safetensors."""
+  (transformers) checkpoint: .npz, PyTorch or safetensors (``flat``: its arrays, if read)."""
   path = hub.local_path(path)  # an hf:// reference: the cached file
-  flat = npz_lib.read_npz(path) if path.endswith(".npz") else torch_files.read_state_dict(path)
+  if flat is None:
+    flat = (npz_lib.read_npz(path) if path.endswith(".npz")
+            else torch_files.read_state_dict(path))
   if siglip_text.is_siglip(flat):
     return siglip_text.to_clip_names(flat, path), True
   return clip_text.text_arrays(flat, path), False
 
 
-def text_rows(config, width: int, num_classes: int,
-              dataset_names: Optional[Sequence[str]]) -> tuple[np.ndarray, float, float]:
-  """(rows (C, width) float64, scale, bias) of ``head.init=text`` (module docstring)."""
+def text_rows(config, width: int, num_classes: int, dataset_names: Optional[Sequence[str]],
+              checkpoint_arrays: Optional[dict] = None) -> tuple[np.ndarray, float, float]:
+  """(rows (C, width) float64, scale, bias) of ``head.init=text`` (module docstring).
+
+  ``checkpoint_arrays``: the text checkpoint's arrays, if already read (the backbone file's).
+  """
   head = config.head
-  path = head.text_checkpoint or config.model.init_checkpoint
+  path = text_checkpoint(config)
   names = class_names_for(head.class_names, dataset_names, num_classes)
-  arrays, siglip = read_text_tower(path)
+  arrays, siglip = read_text_tower(path, checkpoint_arrays)
   embed_dim = arrays["text_projection"].shape[1]
   if embed_dim != width:
     raise TextHeadError(
