@@ -244,3 +244,68 @@ def test_bernoulli_of_an_rbg_key_is_jax_own():
   key = jax.random.key(0, impl="rbg")
   np.testing.assert_array_equal(lean_ops.bernoulli(key, 0.5, (4, 9)),
                                 jax.random.bernoulli(key, 0.5, (4, 9)))
+
+
+# ------------------------------------------------------------ dense_dot_general
+
+# (lhs shape, kernel shape, contracted axes k): nn.Dense, and nn.DenseGeneral
+# as attention's q/k/v (D -> (H, D/H)) and out ((H, D/H) -> D) projections use it.
+DENSE_CASES = [((3, 7, 32), (32, 24), 1), ((3, 7, 32), (32, 4, 6), 1),
+               ((3, 7, 4, 6), (4, 6, 32), 2)]
+
+
+def _dense(lhs, kernel, k, dot_general):
+  dims = ((tuple(range(lhs.ndim - k, lhs.ndim)), tuple(range(k))), ((), ()))
+  return dot_general(lhs, kernel, dims)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("lhs_shape, kernel_shape, k", DENSE_CASES)
+def test_dense_dot_general_gradients_match_float64(lhs_shape, kernel_shape, k):
+  rng = np.random.default_rng(1)
+  lhs = rng.normal(0.0, 1.0, lhs_shape).astype(np.float32)
+  kernel = rng.normal(0.0, 0.3, kernel_shape).astype(np.float32)
+  out = _dense(lhs, kernel, k, jax.lax.dot_general)
+  grad = rng.normal(0.0, 1.0, out.shape).astype(np.float32)
+  ours = _dense(lhs, kernel, k, lean_ops.dense_dot_general)
+  np.testing.assert_array_equal(ours, out)  # the forward is JAX's own product
+  grad_lhs, grad_kernel = _vjp(lambda a, b: _dense(a, b, k, lean_ops.dense_dot_general),
+                               lhs, kernel, grad=grad)
+  # Rows = tokens, C = contracted (input) axes, F = feature axes, in float64.
+  rows, inner = int(np.prod(lhs_shape[:-k])), int(np.prod(kernel_shape[:k]))
+  lhs2, kernel2 = lhs.reshape(rows, inner).astype(np.float64), kernel.reshape(inner, -1)
+  grad2 = grad.reshape(rows, -1).astype(np.float64)
+  expected_lhs, expected_kernel = grad2 @ kernel2.T, lhs2.T @ grad2
+  bound = lambda a, b, n: tolerances.rounding_atol(np.max(np.abs(a) @ np.abs(b)), n)
+  np.testing.assert_allclose(np.asarray(grad_lhs).reshape(rows, inner), expected_lhs,
+                             rtol=0, atol=bound(grad2, kernel2.T, grad2.shape[1]))
+  np.testing.assert_allclose(np.asarray(grad_kernel).reshape(inner, -1), expected_kernel,
+                             rtol=0, atol=bound(lhs2.T, grad2, rows))
+  assert grad_kernel.shape == kernel.shape and grad_lhs.shape == lhs.shape
+
+
+def _primitives(jaxpr) -> set:
+  return {equation.primitive.name for equation in jaxpr.eqns}
+
+
+def test_dense_kernel_gradient_needs_no_transpose():
+  lhs, kernel = jnp.ones((3, 7, 32)), jnp.ones((32, 24))
+  kernel_grad = lambda dot: jax.make_jaxpr(jax.grad(
+      lambda w: jnp.sum(_dense(lhs, w, 1, dot) ** 2)))(kernel).jaxpr
+  # JAX's own rule forms (F, C) and transposes it into the kernel's layout.
+  assert "transpose" in _primitives(kernel_grad(jax.lax.dot_general))
+  assert "transpose" not in _primitives(kernel_grad(lean_ops.dense_dot_general))
+
+
+def test_frozen_kernel_costs_no_gradient_product():
+  lhs, kernel = jnp.ones((3, 7, 32)), jnp.ones((32, 24))
+  input_grad = jax.jit(jax.grad(
+      lambda x: jnp.sum(_dense(x, kernel, 1, lean_ops.dense_dot_general) ** 2)))
+  hlo = input_grad.lower(lhs).compile().as_text()
+  # The forward product and the input gradient's; the kernel's is dead code.
+  assert hlo.count(" dot(") == 2, hlo
+
+
+def test_dense_dot_general_refuses_other_dimension_numbers():
+  with pytest.raises(ValueError, match="trailing lhs axes"):
+    lean_ops.dense_dot_general(jnp.ones((4, 3)), jnp.ones((4, 5)), (((0,), (0,)), ((), ())))

@@ -233,3 +233,59 @@ def _drop_packed_backward(rate, drawn_last, packed, grad):
 
 
 drop_packed.defvjp(_drop_packed_forward, _drop_packed_backward)
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+  """``lax.dot_general`` of flax's Dense and DenseGeneral, kernel gradient in the kernel's layout.
+
+  lhs (..., C...) contracts its k trailing axes with the k leading axes of the
+  kernel rhs (C..., F...) -> (..., F...) (``dot_general=`` of ``nn.Dense`` and
+  ``nn.DenseGeneral`` over trailing axes; any other dimension numbers raise).
+
+  JAX's transpose rule forms the kernel gradient as grad^T lhs, shaped
+  (F, C), and transposes it. XLA:CPU first transposes grad to put the
+  contracted tokens last, and then fuses the final transpose into every
+  reader of the gradient (the all-reduce, each AdamW moment), which read it
+  with strides. Here the kernel gradient is one 2-D product over the token
+  rows, lhs_rows^T grad_rows (C, T) x (T, F), which the CPU matmul takes as
+  a transposed operand, written in the kernel's (C, F) layout. The forward
+  pass and the input gradient are JAX's own products. When the kernel is
+  frozen, the kernel gradient is unused and XLA removes it (and does not
+  keep lhs for it).
+  """
+  (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = dimension_numbers
+  k = len(lhs_contracting)
+  if (lhs_batch or rhs_batch or preferred_element_type is not None
+      or tuple(lhs_contracting) != tuple(range(lhs.ndim - k, lhs.ndim))
+      or tuple(rhs_contracting) != tuple(range(k))):
+    raise ValueError(f"dense_dot_general contracts trailing lhs axes with leading rhs axes "
+                     f"without batch axes; got {dimension_numbers}")
+  return _dense_product(lhs, rhs, k, precision)
+
+
+def _dense_dimensions(lhs_ndim: int, k: int):
+  return ((tuple(range(lhs_ndim - k, lhs_ndim)), tuple(range(k))), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_product(lhs, rhs, k, precision):
+  return lax.dot_general(lhs, rhs, _dense_dimensions(lhs.ndim, k), precision=precision)
+
+
+def _dense_product_forward(lhs, rhs, k, precision):
+  return _dense_product(lhs, rhs, k, precision), (lhs, rhs)
+
+
+def _dense_product_backward(k, precision, residuals, grad):
+  lhs, rhs = residuals
+  features = tuple(range(k, rhs.ndim))
+  grad_lhs = lax.dot_general(grad, rhs, ((tuple(range(lhs.ndim - k, grad.ndim)), features),
+                                         ((), ())), precision=precision)
+  lhs_rows = lhs.reshape(-1, int(np.prod(rhs.shape[:k])))
+  grad_rows = grad.reshape(-1, int(np.prod(rhs.shape[k:])))
+  grad_rhs = lax.dot_general(lhs_rows, grad_rows, (((0,), (0,)), ((), ())), precision=precision)
+  return grad_lhs.astype(lhs.dtype), grad_rhs.reshape(rhs.shape).astype(rhs.dtype)
+
+
+_dense_product.defvjp(_dense_product_forward, _dense_product_backward)

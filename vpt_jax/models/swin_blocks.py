@@ -69,6 +69,7 @@ class WindowAttention(nn.Module):
       raise ValueError(f"width {channels} is not divisible by {self.num_heads} heads")
     head_dim = channels // self.num_heads
     dense = lambda features, name: nn.Dense(features, dtype=self.dtype, name=name,
+                                            dot_general=lean_ops.dense_dot_general,
                                             kernel_init=WEIGHT_INIT,
                                             bias_init=nn.initializers.zeros)
     qkv_projection = dense(3 * channels, "qkv")
@@ -110,6 +111,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     channels = x.shape[-1]
     dense = lambda features, name: nn.Dense(features, dtype=self.dtype, name=name,
+                                            dot_general=lean_ops.dense_dot_general,
                                             kernel_init=WEIGHT_INIT,
                                             bias_init=nn.initializers.zeros)
     hidden = lean_ops.gelu(dense(MLP_RATIO * channels, "fc1")(x))

@@ -39,6 +39,7 @@ class MlpBlock(nn.Module):
 
     def dense(inputs, features, name):
       outputs = nn.Dense(features, dtype=self.dtype, name=name,
+                         dot_general=lean_ops.dense_dot_general,
                          kernel_init=nn.initializers.xavier_uniform(),
                          bias_init=nn.initializers.normal(stddev=1e-6))(inputs)
       return self.hooks.projection_output(name, inputs, outputs, (features,), 1, self.dtype,
@@ -85,6 +86,7 @@ class Attention(nn.Module):
 
     def project(name, inputs, features, axis=-1):
       outputs = nn.DenseGeneral(features=features, axis=axis, dtype=self.dtype, name=name,
+                                dot_general=lean_ops.dense_dot_general,
                                 kernel_init=nn.initializers.xavier_uniform())(inputs)
       out_features = tuple(features) if isinstance(features, tuple) else (features,)
       num_in_axes = len(axis) if isinstance(axis, tuple) else 1

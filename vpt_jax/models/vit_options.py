@@ -84,10 +84,12 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool, block=None):
     del block  # the SwiGLU projections offer no hook points (see vit_blocks.MlpBlock)
-    fused = nn.Dense(2 * self.hidden, dtype=self.dtype, name="w12")(x)
+    fused = nn.Dense(2 * self.hidden, dtype=self.dtype, name="w12",
+                     dot_general=lean_ops.dense_dot_general)(x)
     gate, value = jnp.split(fused, 2, axis=-1)
     y = nn.Dropout(self.dropout_rate)(jax.nn.silu(gate) * value, deterministic=deterministic)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="w3")(y)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name="w3",
+                    dot_general=lean_ops.dense_dot_general)(y)
 
 
 class LayerScale(nn.Module):
