@@ -35,7 +35,6 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 import common as bench_lib  # pylint: disable=g-import-not-at-top
 from vpt_jax.methods import registry  # pylint: disable=g-import-not-at-top
-from vpt_jax.training import loop  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import mesh  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import steps  # pylint: disable=g-import-not-at-top
 from vpt_jax.training import xla_cpu  # pylint: disable=g-import-not-at-top
@@ -129,12 +128,14 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
     shardings = mesh.train_state_shardings(state, data_mesh,
                                            shard_optimizer=args.shard_state)
     state = mesh.put(state, shardings)
-    step_fn = loop.jit_train_step(
+    step_fn = mesh.jit_train_step(
         steps.make_train_step(model, labels, tx, schedule, **bench_lib.IMAGENET_NORM),
         data_mesh, state_shardings=shardings)
     arguments = (state, mesh.global_batch(data_mesh, batch), jax.random.key(0))
     # One device's share: with --shard_state each holds a slice of most leaves.
-    opt_bytes = sum(x.addressable_shards[0].data.nbytes
+    # (From shapes: a shard's .data would be a second reference to the buffer,
+    # and a referenced buffer cannot be donated to the first step.)
+    opt_bytes = sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                     for x in jax.tree.leaves(state["opt_state"]))
   began = time.perf_counter()
   compiled = step_fn.lower(*arguments).compile()

@@ -23,7 +23,6 @@ import numpy as np
 from vpt_jax.checkpoints import train_state as ckpt_lib
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
-from vpt_jax.training import loop
 from vpt_jax.training import mesh as mesh_lib
 from vpt_jax.training import optimizers
 from vpt_jax.params import freezing
@@ -46,7 +45,7 @@ def trajectory(devices, num_steps=4, batch_size=8, shard_optimizer=False):
   state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
   shardings = mesh_lib.train_state_shardings(state, mesh, shard_optimizer=shard_optimizer)
   state = mesh_lib.put(state, shardings)
-  step_fn = loop.jit_train_step(
+  step_fn = mesh_lib.jit_train_step(
       steps.make_train_step(model, labels, tx, schedule, mean=(0.5,) * 3, std=(0.25,) * 3),
       mesh, state_shardings=shardings)
   rng = np.random.default_rng(0)

@@ -120,23 +120,6 @@ def _finite_checkpoint_advice(run: setup.Run, bad_step: int) -> str:
           "optim.base_lr and rerun in a new workdir.")
 
 
-def jit_train_step(train_step: Callable, mesh, *, state_shardings=None,
-                   replicated_inputs: int = 0) -> Callable:
-  """``train_step(state, *inputs, batch, rng) -> (state, metrics)`` compiled for the mesh.
-
-  The state is donated and keeps ``state_shardings`` (a sharding per leaf, e.g.
-  ``mesh.shardings_of(state)``; None = replicated) from step to step; the
-  ``replicated_inputs`` inputs, the rng and the metrics are replicated; the
-  batch is split over the devices.
-  """
-  replicated = mesh_lib.replicated(mesh)
-  state_shardings = replicated if state_shardings is None else state_shardings
-  return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=((state_shardings,) + (replicated,) * replicated_inputs
-                               + (mesh_lib.batch_sharded(mesh), replicated)),
-                 out_shardings=(state_shardings, replicated))
-
-
 def train(runs: Sequence[setup.Run], console: Console, build_program: Callable[[], Program],
           on_step: Optional[Callable[[int, dict], None]] = None
           ) -> tuple[dict, dict[int, FloatingPointError]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -107,3 +109,20 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
     raise errors.UserError(
         f"batch size {global_batch_size} is not divisible by the {devices} devices "
         f"({jax.process_count()} processes); use a multiple of {devices}")
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, *, state_shardings=None,
+                   replicated_inputs: int = 0) -> Callable:
+  """``train_step(state, *inputs, batch, rng) -> (state, metrics)`` compiled for the mesh.
+
+  The state is donated and keeps ``state_shardings`` (a sharding per leaf, e.g.
+  ``shardings_of(state)``; None = replicated) from step to step; the
+  ``replicated_inputs`` inputs, the rng and the metrics are replicated; the
+  batch is split over the devices.
+  """
+  copy = replicated(mesh)
+  state_shardings = copy if state_shardings is None else state_shardings
+  return jax.jit(train_step, donate_argnums=(0,),
+                 in_shardings=((state_shardings,) + (copy,) * replicated_inputs
+                               + (batch_sharded(mesh), copy)),
+                 out_shardings=(state_shardings, copy))

@@ -198,7 +198,7 @@ def _program(runs: Sequence[setup.Run]) -> loop.Program:
   for run in runs:
     run.state = None
   hparams = mesh_lib.put_replicated(hparams, first.mesh)
-  fused_step = loop.jit_train_step(
+  fused_step = mesh_lib.jit_train_step(
       sweep_steps.make_fused_train_step(first.model, labels, make_tx, **first.norm,
                                         accumulation_steps=config.optim.accumulation_steps),
       first.mesh, state_shardings=mesh_lib.shardings_of(state), replicated_inputs=1)

@@ -71,7 +71,7 @@ def _evaluate_fn(run: setup.Run, per_example: bool = False) -> Callable[[dict, s
 
 def _program(run: setup.Run) -> loop.Program:
   """The run's own jitted step: the program of one run."""
-  train_step = loop.jit_train_step(
+  train_step = mesh_lib.jit_train_step(
       steps_lib.make_train_step(run.model, run.labels, run.tx, run.schedule, **run.norm,
                                 accumulation_steps=run.config.optim.accumulation_steps),
       run.mesh, state_shardings=mesh_lib.shardings_of(run.state))
