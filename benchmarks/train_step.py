@@ -124,13 +124,12 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
     arguments = (state, mesh.global_batch(data_mesh, batch))
     opt_bytes = 0
   else:
-    state = {"step": np.zeros([], np.int32), "params": params, "opt_state": tx.init(params)}
-    shardings = mesh.train_state_shardings(state, data_mesh,
-                                           shard_optimizer=args.shard_state)
-    state = mesh.put(state, shardings)
+    state = mesh.put_replicated({"step": np.zeros([], np.int32), "params": params}, data_mesh)
+    state["opt_state"] = mesh.place_optimizer_state(tx.init, state["params"], params, data_mesh,
+                                                    shard_optimizer=args.shard_state)
     step_fn = mesh.jit_train_step(
         steps.make_train_step(model, labels, tx, schedule, **bench_lib.IMAGENET_NORM),
-        data_mesh, state_shardings=shardings)
+        data_mesh, state_shardings=mesh.shardings_of(state))
     arguments = (state, mesh.global_batch(data_mesh, batch), jax.random.key(0))
     # One device's share: with --shard_state each holds a slice of most leaves.
     # (From shapes: a shard's .data would be a second reference to the buffer,

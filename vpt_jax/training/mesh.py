@@ -81,6 +81,24 @@ def train_state_shardings(state, mesh: Mesh, *, shard_optimizer: bool) -> dict:
   return shardings
 
 
+def place_optimizer_state(init_optimizer: Callable, params, host_params, mesh: Mesh, *,
+                          shard_optimizer: bool):
+  """The optimizer state ``init_optimizer`` gives the parameters, on the mesh.
+
+  Replicated, it is built eagerly from ``host_params`` (identical host arrays
+  on every process; compiling the init would cost seconds and save nothing).
+  Split (``shard_optimizer``), a jitted init on the placed ``params`` writes
+  each device's slice where it lives, so no device ever holds the whole
+  state, which is the point of splitting it.
+  """
+  abstract = jax.eval_shape(init_optimizer, host_params)
+  shardings = train_state_shardings({"opt_state": abstract}, mesh,
+                                    shard_optimizer=shard_optimizer)["opt_state"]
+  if shard_optimizer:
+    return jax.jit(init_optimizer, out_shardings=shardings)(params)
+  return put(init_optimizer(host_params), shardings)
+
+
 def shardings_of(tree):
   """The sharding of every jax.Array leaf of ``tree``."""
   return jax.tree.map(lambda leaf: leaf.sharding, tree)

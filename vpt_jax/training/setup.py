@@ -155,11 +155,9 @@ def build_runs(configs, workdirs) -> list[Run]:
     tx = optimizers.make_optimizer(
         labels, name=optim.name or registry.get_method(setting.method).optimizer,
         learning_rate=schedule, weight_decay=optim.weight_decay, momentum=optim.momentum)
-    # Built eagerly: compiling tx.init would cost seconds and save nothing.
-    state = {"step": np.zeros([], np.int32), "opt_state": tx.init(host_params)}
-    state = mesh_lib.put(state, mesh_lib.train_state_shardings(
-        state, mesh, shard_optimizer=optim.shard_state))
-    state["params"] = params
+    state = {"step": mesh_lib.put_replicated(np.zeros([], np.int32), mesh), "params": params,
+             "opt_state": mesh_lib.place_optimizer_state(
+                 tx.init, params, host_params, mesh, shard_optimizer=optim.shard_state)}
     if "batch_stats" in variables:  # BatchNorm running averages (MLP-k heads)
       state["batch_stats"] = variables["batch_stats"]
     manager = ckpt_lib.open_manager(os.path.join(workdir, "checkpoints"),
