@@ -42,12 +42,13 @@ def trajectory(devices, num_steps=4, batch_size=8, shard_optimizer=False):
   schedule = lambda step: 0.1
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=schedule,
                                  weight_decay=1e-4)
-  state = {"step": jnp.zeros([], jnp.int32), "params": params, "opt_state": tx.init(params)}
-  shardings = mesh_lib.train_state_shardings(state, mesh, shard_optimizer=shard_optimizer)
-  state = mesh_lib.put(state, shardings)
+  # Placed as training/setup places it (a split state is built in its slices).
+  state = mesh_lib.put_replicated({"step": jnp.zeros([], jnp.int32), "params": params}, mesh)
+  state["opt_state"] = mesh_lib.place_optimizer_state(tx.init, state["params"], params, mesh,
+                                                      shard_optimizer=shard_optimizer)
   step_fn = mesh_lib.jit_train_step(
       steps.make_train_step(model, labels, tx, schedule, mean=(0.5,) * 3, std=(0.25,) * 3),
-      mesh, state_shardings=shardings)
+      mesh, state_shardings=mesh_lib.shardings_of(state))
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(num_steps):
