@@ -47,7 +47,8 @@ def model_arguments(doc: str) -> argparse.ArgumentParser:
 def add_kernel_arguments(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
   """--attention (model.attention) and, unless the benchmark sweeps it, --dtype."""
   parser.add_argument("--attention", default="einsum",
-                      help="model.attention: einsum | dot_product (jax.nn.dot_product_attention)")
+                      help="model.attention: einsum | dot_product (jax.nn.dot_product_attention) "
+                           "| recompute (the backward recomputes the attention weights)")
   if dtype:
     parser.add_argument("--dtype", default="float32", help="model.dtype: float32 | bfloat16")
 

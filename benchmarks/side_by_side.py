@@ -57,6 +57,9 @@ def parse_args(argv=None):
   parser.add_argument("--shard_state", action="store_true",
                       help="ours: train_step.py --shard_state (optimizer state split over "
                            "the devices)")
+  parser.add_argument("--attention", default="einsum",
+                      help="ours: train_step.py --attention (model.attention; recompute keeps "
+                           "no attention weights for the backward pass)")
   parser.add_argument("--threads", type=int, default=2, help="official: torch threads")
   parser.add_argument("--variant", default="B/16", help="B/16 or L/16 (both sides)")
   parser.add_argument("--image_size", type=int, default=224)
@@ -125,7 +128,7 @@ def ours_command(args, method: str, batch: int) -> list:
           "--batch_size", str(batch), "--steps", str(args.steps),
           "--cpu_devices", str(args.cpu_devices), "--num_prompts", str(args.num_prompts),
           "--variant", args.variant, "--image_size", str(args.image_size),
-          "--num_classes", str(args.num_classes),
+          "--num_classes", str(args.num_classes), "--attention", args.attention,
           *(["--shard_state"] if args.shard_state else [])]
 
 
@@ -219,6 +222,7 @@ def report(args, problem: str, run=run_child) -> str:
   end = matmul_ceiling(run)
   devices = args.cpu_devices or "JAX's default (1)"
   return (f"{args.variant} at {args.image_size} px, {args.num_prompts} prompts, float32, "
+          f"{args.attention} attention, "
           f"median of {args.steps} steps after one warm-up; ours on {devices} CPU device(s); "
           f"dense float32 matmul 2048^3 (JAX): {start} GFLOP/s at the start, {end} at the "
           f"end\n" + table(measurements))

@@ -36,8 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   # none | block: recompute each block's activations in the backward pass
   # (less memory for ViT-L/H, about one more forward pass of time).
   config.model.remat = "none"
-  # einsum | dot_product: the attention kernel of ViT and Swin (equal up to rounding;
-  # dot_product = jax.nn.dot_product_attention, JAX picks the implementation).
+  # einsum | dot_product | recompute: the attention kernel of ViT and Swin (equal up
+  # to rounding; dot_product = jax.nn.dot_product_attention, JAX picks the
+  # implementation; recompute = einsum whose backward pass recomputes the attention
+  # weights instead of keeping them: less memory, a little more time).
   config.model.attention = "einsum"
   # Backbone .npz (local path or gs://). Empty is refused unless from_scratch:
   # a method that freezes the backbone would tune prompts on random features.

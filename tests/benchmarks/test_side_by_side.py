@@ -66,6 +66,12 @@ def test_children_run_official_ours_official_between_two_ceilings_with_parsable_
   assert (parsed.json, parsed.methods, parsed.batch_size, parsed.steps, parsed.cpu_devices,
           parsed.num_prompts, parsed.variant, parsed.image_size) == (
               True, "vpt_deep", 16, 3, 2, 50, "B/16", 224)
+  assert parsed.attention == "einsum" and not parsed.shard_state
+  fake = FakeChildren()
+  side.report(_args("--methods", "vpt_deep", "--attention", "recompute", "--shard_state"), "",
+              fake)
+  parsed = benchmark_scripts.load("train_step").parse_args(fake.commands[2][2:])
+  assert parsed.attention == "recompute" and parsed.shard_state
 
 
 def test_table_has_both_official_runs_the_ratios_and_a_failed_child():

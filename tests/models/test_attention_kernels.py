@@ -1,5 +1,6 @@
-"""The two attention kernels (models/attention_kernels.py) against a float64 NumPy attention,
-alone and inside the ViT (E2VPT's key-value prompts, VPT-deep) and Swin (shift mask) models."""
+"""The attention kernels (models/attention_kernels.py) against a float64 NumPy attention and
+its hand-derived gradients, alone and inside the ViT (E2VPT's key-value prompts, VPT-deep) and
+Swin (shift mask) models; the recompute kernel's backward keeps no attention weights."""
 
 from __future__ import annotations
 
@@ -79,6 +80,62 @@ def test_kernel_matches_numpy(kernel, dtype, with_bias):
   atol = _bound(dtype, query, key, value, bias)
   assert atol < 0.1 * np.abs(expected).max()  # a dropped bias or a wrong scale is O(1)
   np.testing.assert_allclose(np.asarray(attended, np.float64), expected, rtol=0, atol=atol)
+
+
+def numpy_attention_gradients(query, key, value, bias, grad):
+  """float64 gradients of sum(attention(q, k, v, bias) * grad) with respect to q, k, v
+  and a (1, N, T, S) bias, from the chain rule written out by hand."""
+  q, k, v, g = (np.asarray(t, np.float64) for t in (query, key, value, grad))
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  logits = np.einsum("btnh,bsnh->bnts", q, k) * scale + np.asarray(bias, np.float64)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  grad_value = np.einsum("bnts,btnh->bsnh", weights, g)
+  grad_weights = np.einsum("btnh,bsnh->bnts", g, v)
+  grad_logits = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdims=True))
+  grad_query = np.einsum("bnts,bsnh->btnh", grad_logits, k) * scale
+  grad_key = np.einsum("bnts,btnh->bsnh", grad_logits, q) * scale
+  return grad_query, grad_key, grad_value, grad_logits.sum(0, keepdims=True)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_gradients_match_numpy(kernel):
+  query, key, value, bias = _inputs(jnp.float32)
+  grad = jnp.asarray(np.random.default_rng(1).standard_normal(query.shape), jnp.float32)
+  loss = lambda *args: jnp.sum(attention_kernels.attend(*args[:3], kernel, args[3]) * grad)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(query, key, value, bias)
+  expected = numpy_attention_gradients(query, key, value, bias, grad)
+  # Each gradient is at most three chained float32 sums (over H, S or T) of
+  # products bounded by max|g| max|v| (1 + 2 max|q| max|k|) max(|q|, |k|, 1).
+  q, k, v, g = (float(np.abs(np.asarray(t)).max()) for t in (query, key, value, grad))
+  magnitude = g * v * (1 + 2 * q * k) * max(q, k, 1.0)
+  atol = tolerances.rounding_atol(magnitude, sum(query.shape[1:2] + key.shape[1:2]
+                                                 + query.shape[3:]), steps=3)
+  for name, got, want in zip(("query", "key", "value", "bias"), grads, expected):
+    assert got.shape == want.shape, name
+    assert atol < 0.1 * np.abs(want).max(), name  # a wrong scale or a lost sum is larger
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=atol,
+                               err_msg=name)
+
+
+def test_recompute_keeps_no_attention_weights_for_the_backward_pass():
+  """Four attention layers, as in a frozen backbone (the input's gradient only): the
+  einsum kernel keeps each layer's (B, N, T, S) float32 weights until the backward
+  pass, the recompute kernel keeps none of them."""
+  batch, tokens, heads, head_dim, layers = 2, 64, 4, 8, 4
+  x = jax.random.normal(jax.random.key(0), (batch, tokens, heads, head_dim))
+
+  def temp_bytes(kernel):
+    def loss(x):
+      for _ in range(layers):
+        x = jnp.tanh(attention_kernels.attend(x, x, x, kernel) + x)
+      return jnp.sum(x)
+    return jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
+  weights_bytes = batch * heads * tokens * tokens * 4
+  saved = temp_bytes("einsum") - temp_bytes("recompute")
+  # All but the last layer's weights (which the backward pass reads first).
+  assert saved >= (layers - 1) * weights_bytes, (saved, weights_bytes)
 
 
 @pytest.mark.numerics
