@@ -214,6 +214,37 @@ def test_swin_window_attention_with_mask_and_prompts_matches_numpy(kernel):
                              expected[:, :, :num_prompts].mean(axis=1), rtol=0, atol=ATOL)
 
 
+@pytest.mark.numerics
+def test_swin_window_attention_gradients_agree_with_recompute():
+  """Swin's trainable relative position bias and shift mask reach the recompute
+  kernel's hand-written backward through flax and the vmap over windows; JAX's
+  own differentiation of the einsum kernel is the independent path."""
+  batch, channels, heads, window = 2, 16, 2, 2
+  rng = np.random.default_rng(6)
+  windows = jnp.asarray(rng.standard_normal((batch, 4, window * window, channels)), jnp.float32)
+  prompts = jnp.asarray(rng.standard_normal((batch, 2, channels)), jnp.float32)
+  mask = numpy_swin.np_shift_mask(4, window, 1)
+
+  def gradients(kernel):
+    module = swin_blocks.WindowAttention(heads, window, attention_kernel=kernel)
+    params = module.init(jax.random.key(0), windows, prompts, mask)["params"]
+    params = jax.tree.map(lambda p: 5.0 * p, params)  # std 0.1: attention not uniform
+    def loss(p, w, pr):
+      window_out, prompt_out = module.apply({"params": p}, w, pr, mask)
+      return jnp.sum(jnp.sin(window_out)) + jnp.sum(jnp.cos(prompt_out))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, windows, prompts)
+  einsum, recompute = gradients("einsum"), gradients("recompute")
+  flat_einsum = dict(jax.tree_util.tree_leaves_with_path(einsum))
+  for path, got in jax.tree_util.tree_leaves_with_path(recompute):
+    want = np.asarray(flat_einsum[path], np.float64)
+    # Two float32 evaluations of the same chain rule: each gradient is a sum of
+    # at most batch x windows x tokens x channels products of its magnitude.
+    atol = tolerances.rounding_atol(np.abs(want).max(), batch * 4 * 6 * channels)
+    assert np.abs(want).max() > 0, path
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 # ---------------------------------------------------------------------------
 # The option flows from the config through the spec into the models.
 
@@ -260,6 +291,7 @@ def test_e2vpt_vit_logits_agree_across_kernels():
 @pytest.mark.parametrize("method, variant, kernel", [
     ("vpt_deep", "test/4", "flash"),  # unknown name
     ("linear", "resnet-test", "dot_product"),  # no attention layers to run it
+    ("linear", "resnet-test", "recompute"),
 ])
 def test_spec_refuses_attention_it_cannot_honour(method, variant, kernel):
   with pytest.raises(errors.UserError, match="model.attention") as raised:
