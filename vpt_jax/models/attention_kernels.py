@@ -15,9 +15,9 @@
 * ``"recompute"``: the ``einsum`` forward, operation for operation, whose
   backward pass recomputes the attention weights from q, k and the bias instead
   of keeping them. It saves B x N x T x S float32 values per attention layer
-  (2.2 GiB over ViT-B/16's twelve blocks at batch 64 with 50 prompts), the
-  largest tensor a frozen backbone's backward pass keeps, for one more q k^T
-  product and softmax per layer.
+  (2.1 GiB over ViT-B/16's twelve blocks at batch 64 with 50 prompts, 30% of
+  what a frozen backbone's backward pass keeps) for one more q k^T product and
+  softmax per layer.
 
 All three compute softmax(q k^T / sqrt(head_dim) + bias) v with a float32 softmax and
 the weights cast back to the value dtype. In float32 they differ only by
