@@ -1,6 +1,8 @@
 """The stacked many-task model: one forward for a structure group, each example its
 task's logits, the backbone's matmuls batched over the examples."""
 
+import json
+import os
 import re
 
 import numpy as np
@@ -60,11 +62,17 @@ def test_structures_are_grouped_and_each_example_matches(workspace):
       "mlp": _write_export(root / "mlp", backbone, "mlp-2", 3, 21),      # BatchNorm head
       "bitfit": _write_export(root / "bitfit", backbone, "bias", 6, 22),  # backbone biases
       "lora": _write_export(root / "lora", backbone, "lora", 2, 23),
+      # Trained with the attention kernel that differs from einsum only in its
+      # backward pass: it joins a and b.
+      "recompute": _write_export(root / "recompute", backbone, "vpt_deep", 4, 24,
+                                 **{"model.attention": "recompute"}),
   }
+  with open(os.path.join(exports["recompute"], "task.json")) as f:
+    assert json.load(f)["model"]["attention"] == "recompute"
   server = serving.MultiTaskServer(exports, backbone)
   assert sorted(sorted(g.task_names) for g in server.groups) == [
-      ["a", "b"], ["bitfit"], ["deep3"], ["lora"], ["mlp"]]
-  tasks = ["lora", "a", "bitfit", "mlp", "deep3", "b", "bitfit", "a", "mlp"]
+      ["a", "b", "recompute"], ["bitfit"], ["deep3"], ["lora"], ["mlp"]]
+  tasks = ["lora", "a", "bitfit", "recompute", "mlp", "deep3", "b", "bitfit", "a", "mlp"]
   _check_mixed_batch(server, exports, backbone, tasks, _images(len(tasks), seed=1))
 
 

@@ -39,7 +39,8 @@ from vpt_jax.params import trees
 HEAD_KERNEL = "params/head/kernel"
 HEAD_BIAS = "params/head/bias"
 # Spec fields that act only while training: tasks differing only in these share
-# a structure (dropout is off at inference; remat changes only the backward pass).
+# a structure (dropout is off at inference; remat changes only the backward pass,
+# as does model.attention=recompute, handled in structure_key).
 TRAINING_ONLY_FIELDS = ("dropout_rate", "prompt_dropout", "remat")
 TRAINING_ONLY_SETTINGS = ("dropout", "drop_path", "backbone_drop_path")
 
@@ -51,6 +52,8 @@ def structure_key(export: served_exports.LoadedExport) -> str:
   path and shape, except the head output layer's class axis.
   """
   spec = {k: v for k, v in export.metadata["model"].items() if k not in TRAINING_ONLY_FIELDS}
+  if spec.get("attention") == "recompute":
+    del spec["attention"]  # einsum's forward pass, operation for operation (the default)
   for key, value in spec.items():
     if isinstance(value, dict):
       spec[key] = {k: v for k, v in value.items() if k not in TRAINING_ONLY_SETTINGS}
