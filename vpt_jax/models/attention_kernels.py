@@ -70,6 +70,11 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, kernel: str = "ei
   query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
   if kernel == "recompute":
     return _recomputed_attention(query, key, value, bias)
+  return _einsum_attention(query, key, value, bias)
+
+
+def _einsum_attention(query, key, value, bias):
+  """(B, T, N, H) attention of scaled queries (B, T, N, H), keys and values (B, S, N, H)."""
   weights = lean_ops.softmax(_logits(query, key, bias), -1).astype(value.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
@@ -85,8 +90,7 @@ def _logits(query, key, bias):
 @jax.custom_vjp
 def _recomputed_attention(query, key, value, bias):
   """The einsum kernel after the query scaling; the backward keeps q, k, v, bias."""
-  weights = jax.nn.softmax(_logits(query, key, bias), -1).astype(value.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+  return _einsum_attention(query, key, value, bias)
 
 
 def _recomputed_forward(query, key, value, bias):
