@@ -124,9 +124,8 @@ def build_step(method: str, args, skip_dead_work: bool, num_prompts: int) -> dic
     arguments = (state, mesh.global_batch(data_mesh, batch))
     opt_bytes = 0
   else:
-    state = mesh.put_replicated({"step": np.zeros([], np.int32), "params": params}, data_mesh)
-    state["opt_state"] = mesh.place_optimizer_state(tx.init, state["params"], params, data_mesh,
-                                                    shard_optimizer=args.shard_state)
+    state = mesh.place_train_state(tx.init, mesh.put_replicated(params, data_mesh), params,
+                                   data_mesh, shard_optimizer=args.shard_state)
     step_fn = mesh.jit_train_step(
         steps.make_train_step(model, labels, tx, schedule, **bench_lib.IMAGENET_NORM),
         data_mesh, state_shardings=mesh.shardings_of(state))

@@ -43,9 +43,8 @@ def trajectory(devices, num_steps=4, batch_size=8, shard_optimizer=False):
   tx = optimizers.make_optimizer(labels, name="sgd", learning_rate=schedule,
                                  weight_decay=1e-4)
   # Placed as training/setup places it (a split state is built in its slices).
-  state = mesh_lib.put_replicated({"step": jnp.zeros([], jnp.int32), "params": params}, mesh)
-  state["opt_state"] = mesh_lib.place_optimizer_state(tx.init, state["params"], params, mesh,
-                                                      shard_optimizer=shard_optimizer)
+  state = mesh_lib.place_train_state(tx.init, mesh_lib.put_replicated(params, mesh), params,
+                                     mesh, shard_optimizer=shard_optimizer)
   step_fn = mesh_lib.jit_train_step(
       steps.make_train_step(model, labels, tx, schedule, mean=(0.5,) * 3, std=(0.25,) * 3),
       mesh, state_shardings=mesh_lib.shardings_of(state))

@@ -62,41 +62,55 @@ def split_axis(shape, num_devices: int):
 def train_state_shardings(state, mesh: Mesh, *, shard_optimizer: bool) -> dict:
   """A NamedSharding per leaf of a train state {"step", "params", "opt_state", ...}.
 
-  Everything is replicated, except, with ``shard_optimizer``, the optimizer
-  state: each leaf is split along ``split_axis`` over the "data" axis (ZeRO
-  stage 1). The step then reduce-scatters the gradients, updates its slice of
-  the moments and all-gathers the new parameters: per device, 1/devices of
-  the optimizer's memory and update work, for two collectives as large as the
-  parameters instead of one.
+  Everything is replicated, except the optimizer state with ``shard_optimizer``
+  (``optimizer_state_shardings``).
   """
   shardings = jax.tree.map(lambda _: replicated(mesh), state)
-  if shard_optimizer:
-    def leaf_sharding(leaf):
-      axis = split_axis(np.shape(leaf), mesh.devices.size)
-      spec = [None] * np.ndim(leaf)
-      if axis is not None:
-        spec[axis] = DATA_AXIS
-      return NamedSharding(mesh, PartitionSpec(*spec))
-    shardings["opt_state"] = jax.tree.map(leaf_sharding, state["opt_state"])
+  shardings["opt_state"] = optimizer_state_shardings(state["opt_state"], mesh,
+                                                     shard_optimizer=shard_optimizer)
   return shardings
 
 
-def place_optimizer_state(init_optimizer: Callable, params, host_params, mesh: Mesh, *,
-                          shard_optimizer: bool):
-  """The optimizer state ``init_optimizer`` gives the parameters, on the mesh.
+def optimizer_state_shardings(opt_state, mesh: Mesh, *, shard_optimizer: bool):
+  """A NamedSharding per optimizer-state leaf (arrays or shape structs).
 
-  Replicated, it is built eagerly from ``host_params`` (identical host arrays
-  on every process; compiling the init would cost seconds and save nothing).
-  Split (``shard_optimizer``), a jitted init on the placed ``params`` writes
-  each device's slice where it lives, so no device ever holds the whole
-  state, which is the point of splitting it.
+  Replicated, or with ``shard_optimizer`` each leaf split along ``split_axis``
+  over the "data" axis (ZeRO stage 1). The step then reduce-scatters the
+  gradients, updates its slice of the moments and all-gathers the new
+  parameters: per device, 1/devices of the optimizer's memory and update
+  work, for two collectives as large as the parameters instead of one.
   """
-  abstract = jax.eval_shape(init_optimizer, host_params)
-  shardings = train_state_shardings({"opt_state": abstract}, mesh,
-                                    shard_optimizer=shard_optimizer)["opt_state"]
+  if not shard_optimizer:
+    return jax.tree.map(lambda _: replicated(mesh), opt_state)
+
+  def leaf_sharding(leaf):
+    axis = split_axis(np.shape(leaf), mesh.devices.size)
+    spec = [None] * np.ndim(leaf)
+    if axis is not None:
+      spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+  return jax.tree.map(leaf_sharding, opt_state)
+
+
+def place_train_state(init_optimizer: Callable, params, host_params, mesh: Mesh, *,
+                      shard_optimizer: bool) -> dict:
+  """{"step": 0, "params", "opt_state"} on the mesh, as training starts.
+
+  ``params`` are ``host_params`` already replicated on the mesh. The optimizer
+  state ``init_optimizer`` gives them is, replicated, built eagerly from
+  ``host_params`` (identical host arrays on every process; compiling the init
+  would cost seconds and save nothing). Split (``shard_optimizer``), a jitted
+  init on the placed ``params`` writes each device's slice where it lives, so
+  no device ever holds the whole state, which is the point of splitting it.
+  """
+  shardings = optimizer_state_shardings(jax.eval_shape(init_optimizer, host_params), mesh,
+                                        shard_optimizer=shard_optimizer)
   if shard_optimizer:
-    return jax.jit(init_optimizer, out_shardings=shardings)(params)
-  return put(init_optimizer(host_params), shardings)
+    opt_state = jax.jit(init_optimizer, out_shardings=shardings)(params)
+  else:
+    opt_state = put(init_optimizer(host_params), shardings)
+  return {"step": put_replicated(np.zeros([], np.int32), mesh), "params": params,
+          "opt_state": opt_state}
 
 
 def shardings_of(tree):
@@ -138,9 +152,9 @@ def jit_train_step(train_step: Callable, mesh: Mesh, *, state_shardings=None,
   ``replicated_inputs`` inputs, the rng and the metrics are replicated; the
   batch is split over the devices.
   """
-  copy = replicated(mesh)
-  state_shardings = copy if state_shardings is None else state_shardings
+  whole = replicated(mesh)
+  state_shardings = whole if state_shardings is None else state_shardings
   return jax.jit(train_step, donate_argnums=(0,),
-                 in_shardings=((state_shardings,) + (copy,) * replicated_inputs
-                               + (batch_sharded(mesh), copy)),
-                 out_shardings=(state_shardings, copy))
+                 in_shardings=((state_shardings,) + (whole,) * replicated_inputs
+                               + (batch_sharded(mesh), whole)),
+                 out_shardings=(state_shardings, whole))

@@ -14,7 +14,6 @@ from typing import Optional
 
 import jax
 import ml_collections
-import numpy as np
 import tensorflow as tf
 
 from vpt_jax.checkpoints import npz as npz_lib
@@ -155,9 +154,8 @@ def build_runs(configs, workdirs) -> list[Run]:
     tx = optimizers.make_optimizer(
         labels, name=optim.name or registry.get_method(setting.method).optimizer,
         learning_rate=schedule, weight_decay=optim.weight_decay, momentum=optim.momentum)
-    state = {"step": mesh_lib.put_replicated(np.zeros([], np.int32), mesh), "params": params,
-             "opt_state": mesh_lib.place_optimizer_state(
-                 tx.init, params, host_params, mesh, shard_optimizer=optim.shard_state)}
+    state = mesh_lib.place_train_state(tx.init, params, host_params, mesh,
+                                       shard_optimizer=optim.shard_state)
     if "batch_stats" in variables:  # BatchNorm running averages (MLP-k heads)
       state["batch_stats"] = variables["batch_stats"]
     manager = ckpt_lib.open_manager(os.path.join(workdir, "checkpoints"),
