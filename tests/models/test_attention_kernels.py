@@ -149,6 +149,18 @@ def test_masked_keys_get_no_weight():
     np.testing.assert_allclose(attended, expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_recompute_runs_the_einsum_forward_bit_for_bit(dtype):
+  """What serving relies on (``forward_kernel``): a task trained with recompute
+  and one trained with einsum share one stacked forward pass."""
+  query, key, value, bias = _inputs(dtype)
+  attend = jax.jit(attention_kernels.attend, static_argnums=3)
+  np.testing.assert_array_equal(attend(query, key, value, "recompute", bias),
+                                attend(query, key, value, "einsum", bias))
+  assert attention_kernels.forward_kernel("recompute") == "einsum"
+  assert attention_kernels.forward_kernel("dot_product") == "dot_product"
+
+
 def test_unknown_kernel_is_one_line_user_error():
   with pytest.raises(errors.UserError, match="model.attention") as raised:
     attention_kernels.check_kernel("flash")

@@ -32,6 +32,7 @@ from vpt_jax.data import normalization as normalization_lib
 from vpt_jax.export import served_exports
 from vpt_jax.export import task_export
 from vpt_jax.methods import factory
+from vpt_jax.models import attention_kernels
 from vpt_jax.params import trees
 
 # The head's output layer: the only per-task leaves whose shape depends on the
@@ -40,7 +41,7 @@ HEAD_KERNEL = "params/head/kernel"
 HEAD_BIAS = "params/head/bias"
 # Spec fields that act only while training: tasks differing only in these share
 # a structure (dropout is off at inference; remat changes only the backward pass,
-# as does model.attention=recompute, handled in structure_key).
+# as does model.attention=recompute: structure_key compares forward kernels).
 TRAINING_ONLY_FIELDS = ("dropout_rate", "prompt_dropout", "remat")
 TRAINING_ONLY_SETTINGS = ("dropout", "drop_path", "backbone_drop_path")
 
@@ -52,8 +53,10 @@ def structure_key(export: served_exports.LoadedExport) -> str:
   path and shape, except the head output layer's class axis.
   """
   spec = {k: v for k, v in export.metadata["model"].items() if k not in TRAINING_ONLY_FIELDS}
-  if spec.get("attention") == "recompute":
-    del spec["attention"]  # einsum's forward pass, operation for operation (the default)
+  # Specs name the kernel only when it is not einsum.
+  kernel = attention_kernels.forward_kernel(spec.pop("attention", "einsum"))
+  if kernel != "einsum":
+    spec["attention"] = kernel
   for key, value in spec.items():
     if isinstance(value, dict):
       spec[key] = {k: v for k, v in value.items() if k not in TRAINING_ONLY_SETTINGS}

@@ -39,6 +39,12 @@ from vpt_jax.models import lean_ops
 ATTENTION_KERNELS = ("einsum", "dot_product", "recompute")
 
 
+def forward_kernel(kernel: str) -> str:
+  """The kernel whose forward pass ``kernel`` runs, operation for operation:
+  ``recompute`` differs from ``einsum`` only in its backward pass."""
+  return "einsum" if kernel == "recompute" else kernel
+
+
 def check_kernel(kernel: str) -> None:
   """One-line ``UserError`` for an unknown ``model.attention``."""
   if kernel not in ATTENTION_KERNELS:
