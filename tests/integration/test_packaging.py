@@ -166,12 +166,10 @@ def test_the_installed_wheel_runs_from_outside_the_checkout(tmp_path):
   # The quickstart's :ci variant, cut to one run of one epoch: configs, the shipped
   # backbone and the local TFDS builders all come from the installed package.
   workdir = tmp_path / "quickstart"
-  methods = ("vpt_deep",)
   out = run([os.path.join(venv, "bin", "vpt-jax"), "--config=vpt_jax:quickstart:ci",
-             f"--workdir={workdir}", f"--config.run_order={methods}", "--config.workers=1",
-             "--config.base.optim.epochs=1"])
+             f"--workdir={workdir}", *test_quickstart.CI_ONE_RUN])
   assert out.returncode == 0, out.stderr[-3000:]
-  test_quickstart.check_ci_results(workdir, out.stdout, methods)
+  test_quickstart.check_ci_run(workdir, out.stdout)
   # The module entry point, on a config name that does not exist.
   unknown = run([python, "-m", "vpt_jax", "--config=vpt_jax:nope", f"--workdir={workdir}"])
   assert unknown.returncode == 1 and "quickstart" in unknown.stderr
