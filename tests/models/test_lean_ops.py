@@ -306,6 +306,19 @@ def test_frozen_kernel_costs_no_gradient_product():
   assert hlo.count(" dot(") == 2, hlo
 
 
+@pytest.mark.parametrize("lhs_shape, kernel_shape, k", DENSE_CASES[1:])
+def test_frozen_attention_kernel_is_read_in_place_by_the_input_gradient(lhs_shape, kernel_shape,
+                                                                        k):
+  # With the heads as separate contracted axes, XLA:CPU used to copy each
+  # q/k/v/out kernel into a transposed layout at every step (2% of VPT-deep's).
+  input_grad = jax.jit(jax.grad(lambda x, w: jnp.sum(
+      _dense(x, w, k, lean_ops.dense_dot_general) ** 2)))
+  hlo = input_grad.lower(jnp.ones(lhs_shape), jnp.ones(kernel_shape)).compile().as_text()
+  moved = [line for line in hlo.splitlines()
+           if " transpose(" in line or " copy(" in line]
+  assert not moved, "\n".join(moved)
+
+
 def test_dense_dot_general_refuses_other_dimension_numbers():
   with pytest.raises(ValueError, match="trailing lhs axes"):
     lean_ops.dense_dot_general(jnp.ones((4, 3)), jnp.ones((4, 5)), (((0,), (0,)), ((), ())))
