@@ -6,6 +6,15 @@ op with the optimized HLO to sort it into dense matmuls, batched (attention)
 matmuls, convolutions and the rest, with the FLOPs of the matmuls read from
 their shapes. Prints time, share and achieved GFLOP/s per kind.
 
+An op's time is the interval from its start to the start of the next op on
+the same thread (``thread_op_seconds``), not its trace event's length:
+XLA:CPU's Eigen matmul thunks (``dot``) return once the product is handed to
+the thread pool, so their events last about 0.1 ms, and the thread waits for
+the product before its next op. Summed over a thread's ops this is the
+thread's wall time from its first op to its last (with one thread per device,
+the device's); waiting for the other devices at the gradient all-reduce
+counts as the all-reduce's.
+
   XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
     python benchmarks/profile_step.py --methods vpt_deep [--cpu_devices 2] [--top 15]
 
@@ -36,8 +45,11 @@ import jax  # pylint: disable=g-import-not-at-top
 import train_step  # pylint: disable=g-import-not-at-top
 
 TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$")
+# name = shape opcode(operands...; a tuple shape "(f32[768]{0}, ...)" holds spaces.
+INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$")
 SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
 def parse_hlo(text: str) -> dict:
@@ -86,7 +98,32 @@ def classify(name: str, instructions: dict) -> tuple[str, float]:
     return "elementwise / reduce / copy fusions", 0.0
   if opcode == "convolution":
     return "convolution", 0.0
+  if opcode in COLLECTIVES:
+    return "collectives (gradient all-reduce, waits included)", 0.0
   return f"other ({opcode})", 0.0
+
+
+def thread_op_seconds(events, instructions: dict):
+  """[(event, kind, matmul FLOPs, seconds)] of the HLO ops in trace ``events``.
+
+  Per thread, an op's seconds run from its start to the next op's
+  start (the last op keeps its own length); see the module docstring.
+  """
+  by_thread = collections.defaultdict(list)
+  for event in events:
+    if event.get("ph") != "X":
+      continue
+    # Host-side runtime events (waits, thread-pool regions) are not ops.
+    kind, flops = classify(event["name"], instructions)
+    if kind is not None:
+      by_thread[(event.get("pid"), event.get("tid"))].append((event, kind, flops))
+  attributed = []
+  for ops in by_thread.values():
+    ops.sort(key=lambda op: op[0]["ts"])
+    starts = [op[0]["ts"] for op in ops[1:]] + [ops[-1][0]["ts"] + ops[-1][0].get("dur", 0)]
+    attributed += [(event, kind, flops, (end - event["ts"]) / 1e6)
+                   for (event, kind, flops), end in zip(ops, starts)]
+  return attributed
 
 
 def source(name: str, instructions: dict) -> str:
@@ -126,21 +163,15 @@ def main(argv=None):
     events = events["traceEvents"] if isinstance(events, dict) else events
     seconds, flops = collections.Counter(), collections.Counter()
     by_source = collections.Counter()
-    for event in events:
-      if event.get("ph") != "X":
-        continue
-      # Host-side runtime events (waits, thread-pool regions) are not ops.
-      kind, op_flops = classify(event["name"], instructions)
-      if kind is None:
-        continue
-      seconds[kind] += event.get("dur", 0) / 1e6 / args.steps
+    for event, kind, op_flops, op_seconds in thread_op_seconds(events, instructions):
+      seconds[kind] += op_seconds / args.steps
       flops[kind] += op_flops / args.steps
       if kind.startswith("elementwise"):
-        by_source[source(event["name"], instructions)] += event.get("dur", 0) / 1e6 / args.steps
+        by_source[source(event["name"], instructions)] += op_seconds / args.steps
     total = sum(seconds.values())
     print(f"\n{method}, {args.variant} at {args.image_size} px, batch {args.batch_size}, "
           f"{args.num_prompts} prompts, {jax.device_count()} device(s): {wall:.2f} s per "
-          f"traced step (wall), {total:.2f} s of op time summed over devices and threads")
+          f"traced step (wall), {total:.2f} s of op time summed over the threads")
     print("| kind | s | share | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
     for kind, value in seconds.most_common():
       rate = f"{flops[kind] / 1e9 / value:.1f}" if flops[kind] else ""
