@@ -1,11 +1,15 @@
 """A protocol config with overrides, a stub run function and a small grid, shared by
-the protocol tests."""
+the protocol tests; and a tiny real tuning grid (``run_tiny_protocol``) for the
+sweep tests and their four-device check."""
 
 import json
 import os
 
 import checkpoint_fixtures
 from configs import vtab_protocol
+from vpt_jax.protocol import run_plan
+from vpt_jax.protocol import run_records
+from vpt_jax.protocol import tuning
 
 
 def protocol_config(arg="", **overrides):
@@ -80,3 +84,35 @@ def write_finished_task(workdir, task, method, finals, costs=None):
   with open(os.path.join(folder, "summary.json"), "w") as f:
     json.dump(summary, f)
   return folder
+
+
+TINY_TASK = "tfds:vpt_sprites/tiny"
+TINY_GRID_WDS = (1e-2, 0.0)
+
+
+def tiny_protocol(backbone, data_dir, **overrides):
+  """A grid of VPT-deep (prompt dropout on) on 24 images, 6 steps, no final runs."""
+  config = vtab_protocol.get_config(f"method=vpt_deep,tasks={TINY_TASK}")
+  return checkpoint_fixtures.override(config, {
+      "model.variant": "test/4", "model.image_size": 16, "model.init_checkpoint": backbone,
+      "prompt.num_prompts": 2, "data.data_dir": data_dir, "data.label_key": "count",
+      "optim.batch_size": 8, "optim.epochs": 2, "optim.warmup_epochs": 0,
+      "eval.batch_size": 8, "log_every_steps": 2, "protocol.weight_decays": TINY_GRID_WDS,
+      "protocol.seeds": (), "protocol.tune_train_split": "train",
+      "protocol.tune_eval_split": "validation", "protocol.final_train_split": "train",
+      "protocol.final_test_split": "test", **overrides})
+
+
+def run_tiny_protocol(backbone, data_dir, workdir, fuse, lrs, **overrides):
+  """Runs ``tiny_protocol`` over ``lrs`` x TINY_GRID_WDS with ``protocol.fuse_settings``
+  = ``fuse``: {"config", "summary", "records": {(lr, wd): (run dir, run record)}}."""
+  config = tiny_protocol(backbone, data_dir, **{"protocol.fuse_settings": fuse,
+                                                "protocol.lrs": lrs, **overrides})
+  summary, = tuning.run_protocol(config, workdir, write_report=False)
+  records = {}
+  for lr in lrs:
+    for wd in TINY_GRID_WDS:
+      run_dir = os.path.join(workdir, run_plan.RunSpec(TINY_TASK, "tune", lr, wd).folder("vpt_deep"))
+      with open(os.path.join(run_dir, run_records.RUN_FILE)) as f:
+        records[(lr, wd)] = (run_dir, json.load(f))
+  return {"config": config, "summary": summary, "records": records}

@@ -4,6 +4,8 @@ their separate runs end, and the protocol picks the same setting."""
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,12 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 import checkpoint_fixtures
+import protocol_fixtures
 import run_fixtures
 import tolerances
 from configs import vtab_protocol
 from vpt_jax.export import task_export
 from vpt_jax.protocol import run_plan
-from vpt_jax.protocol import run_records
 from vpt_jax.protocol import tuning
 from vpt_jax.training import config_checks
 from vpt_jax.training import predictions
@@ -26,21 +28,7 @@ from vpt_jax.training import sweeps
 # one program (it has a decay term; a zero decay adds 0 * theta). One by one:
 # only the settings that train (a diverged run scores nothing in the selection).
 FUSED_LRS, SEPARATE_LRS = (1e30, 2.0), (2.0,)
-GRID_WDS = (1e-2, 0.0)
-TASK = "tfds:vpt_sprites/tiny"
-
-
-def tiny_protocol(backbone, data_dir, **overrides):
-  """A grid of VPT-deep (prompt dropout on) on 24 images, 6 steps, no final runs."""
-  config = vtab_protocol.get_config(f"method=vpt_deep,tasks={TASK}")
-  return checkpoint_fixtures.override(config, {
-      "model.variant": "test/4", "model.image_size": 16, "model.init_checkpoint": backbone,
-      "prompt.num_prompts": 2, "data.data_dir": data_dir, "data.label_key": "count",
-      "optim.batch_size": 8, "optim.epochs": 2, "optim.warmup_epochs": 0,
-      "eval.batch_size": 8, "log_every_steps": 2, "protocol.weight_decays": GRID_WDS,
-      "protocol.seeds": (), "protocol.tune_train_split": "train",
-      "protocol.tune_eval_split": "validation", "protocol.final_train_split": "train",
-      "protocol.final_test_split": "test", **overrides})
+GRID_WDS, TASK = protocol_fixtures.TINY_GRID_WDS, protocol_fixtures.TINY_TASK
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +37,9 @@ def protocol_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("fused")
   backbone = checkpoint_fixtures.write_tiny_backbone(root / "ViT-test_4.npz", image_size=16)
   data_dir = str(root / "tfds")
-  out = {}
-  for fuse, lrs in ((0, SEPARATE_LRS), (8, FUSED_LRS)):
-    config = tiny_protocol(backbone, data_dir, **{"protocol.fuse_settings": fuse,
-                                                  "protocol.lrs": lrs})
-    workdir = str(root / f"fuse{fuse}")
-    summary, = tuning.run_protocol(config, workdir, write_report=False)
-    records = {}
-    for lr in lrs:
-      for wd in GRID_WDS:
-        run_dir = os.path.join(workdir, run_plan.RunSpec(TASK, "tune", lr, wd).folder("vpt_deep"))
-        with open(os.path.join(run_dir, run_records.RUN_FILE)) as f:
-          records[(lr, wd)] = (run_dir, json.load(f))
-    out[fuse] = {"config": config, "summary": summary, "records": records}
-  return out
+  return {fuse: protocol_fixtures.run_tiny_protocol(backbone, data_dir, str(root / f"fuse{fuse}"),
+                                                    fuse, lrs)
+          for fuse, lrs in ((0, SEPARATE_LRS), (8, FUSED_LRS))}
 
 
 def _train_losses(run_dir):
@@ -123,6 +100,43 @@ def test_fused_settings_end_with_the_parameters_of_their_separate_runs(protocol_
   a, b = (task_export.read_export(together[(2.0, wd)][1]["results"]["export"])[1]
           for wd in GRID_WDS)
   assert not np.allclose(a["vpt/deep"], b["vpt/deep"], rtol=1e-4)
+
+
+@pytest.mark.numerics
+def test_fused_settings_on_four_devices_with_a_split_state_end_where_one_device_ends(
+    protocol_runs, tmp_path):
+  """The fused grid again, on four devices with ``optim.shard_state``: the stacked
+  optimizer state is split over them, and every setting ends as on one device."""
+  config, one_device = protocol_runs[8]["config"], protocol_runs[8]
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sweep_multidevice_check.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + " --xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, script, config.model.init_checkpoint,
+                        config.data.data_dir, str(tmp_path / "four"), *map(str, FUSED_LRS)],
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["devices"] == 4
+  assert result["split_leaves"] and all(count > 0 for count in result["split_leaves"])
+  best = lambda summary: (summary["lr"], summary["weight_decay"])
+  assert best(result["best"]) == best(one_device["summary"]["best"])
+  for lr, wd, run_dir, record in result["records"]:
+    alone_dir, alone = one_device["records"][(lr, wd)]
+    assert record["status"] == alone["status"], (lr, wd)
+    if record["status"] != "finished":  # the same step and message, in its own folder
+      assert (record["results"]["error"].replace(run_dir, "RUN")
+              == alone["results"]["error"].replace(alone_dir, "RUN"))
+      continue
+    _, four_params = task_export.read_export(record["results"]["export"])
+    _, one_params = task_export.read_export(alone["results"]["export"])
+    # Four partial gradient sums instead of one (reduce-scattered): sums over
+    # batch x tokens (8 x (1 + 2 prompts + 16 patches)), 6 steps.
+    atol = tolerances.rounding_atol(tolerances.largest_magnitude(one_params),
+                                    reduction_length=8 * 19, steps=6)
+    assert sorted(four_params) == sorted(one_params)
+    for path, value in one_params.items():
+      np.testing.assert_allclose(four_params[path], value, rtol=0, atol=atol,
+                                 err_msg=f"{(lr, wd)} {path}")
 
 
 # Divergence and overflow follow from magnitudes (lr 1e30, 8e39), not rounding,
