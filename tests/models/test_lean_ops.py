@@ -310,7 +310,7 @@ def test_frozen_kernel_costs_no_gradient_product():
 def test_frozen_attention_kernel_is_read_in_place_by_the_input_gradient(lhs_shape, kernel_shape,
                                                                         k):
   # With the heads as separate contracted axes, XLA:CPU used to copy each
-  # q/k/v/out kernel into a transposed layout at every step (2% of VPT-deep's).
+  # q/k/v/out kernel into a transposed layout at every step.
   input_grad = jax.jit(jax.grad(lambda x, w: jnp.sum(
       _dense(x, w, k, lean_ops.dense_dot_general) ** 2)))
   hlo = input_grad.lower(jnp.ones(lhs_shape), jnp.ones(kernel_shape)).compile().as_text()

@@ -250,8 +250,9 @@ def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precisi
   with strides. Here the kernel gradient is one 2-D product over the token
   rows, lhs_rows^T grad_rows (C, T) x (T, F), which the CPU matmul takes as
   a transposed operand, written in the kernel's (C, F) layout. The input
-  gradient is the 2-D grad_rows kernel^T (T, F) x (F, C), which reads the
-  kernel in place. The forward pass is JAX's own product. When the kernel is
+  gradient contracts grad's flattened feature axes with the 2-D kernel,
+  (..., F) x (C, F)^T, which reads the kernel in place. The forward pass is
+  JAX's own product. When the kernel is
   frozen, the kernel gradient is unused and XLA removes it (and does not
   keep lhs for it).
   """
@@ -280,13 +281,16 @@ def _dense_product_forward(lhs, rhs, k, precision):
 
 def _dense_product_backward(k, precision, residuals, grad):
   lhs, rhs = residuals
-  # Both products are 2-D: with several contracted axes (the attention
-  # kernels' heads and head width) XLA:CPU copies the kernel into a transposed
-  # layout at every step instead of reading it as a transposed operand.
+  # One contracted axis each: with several (the attention kernels' heads and
+  # head width) XLA:CPU copies the kernel into a transposed layout at every
+  # step instead of reading it as a transposed operand.
   kernel = rhs.reshape(int(np.prod(rhs.shape[:k])), -1)
+  batch_shape = lhs.shape[:lhs.ndim - k]
+  grad_features = grad.reshape(batch_shape + (kernel.shape[1],))
+  grad_lhs = lax.dot_general(grad_features, kernel, (((grad_features.ndim - 1,), (1,)), ((), ())),
+                             precision=precision)
   lhs_rows = lhs.reshape(-1, kernel.shape[0])
   grad_rows = grad.reshape(-1, kernel.shape[1])
-  grad_lhs = lax.dot_general(grad_rows, kernel, (((1,), (1,)), ((), ())), precision=precision)
   grad_rhs = lax.dot_general(lhs_rows, grad_rows, (((0,), (0,)), ((), ())), precision=precision)
   return (grad_lhs.reshape(lhs.shape).astype(lhs.dtype),
           grad_rhs.reshape(rhs.shape).astype(rhs.dtype))
