@@ -6,14 +6,14 @@ op with the optimized HLO to sort it into dense matmuls, batched (attention)
 matmuls, convolutions and the rest, with the FLOPs of the matmuls read from
 their shapes. Prints time, share and achieved GFLOP/s per kind.
 
-An op's time is the interval from its start to the start of the next op on
-the same thread (``thread_op_seconds``), not its trace event's length:
-XLA:CPU's Eigen matmul thunks (``dot``) return once the product is handed to
-the thread pool, so their events last about 0.1 ms, and the thread waits for
-the product before its next op. Summed over a thread's ops this is the
-thread's wall time from its first op to its last (with one thread per device,
-the device's); waiting for the other devices at the gradient all-reduce
-counts as the all-reduce's.
+XLA:CPU's Eigen matmul thunks (a bare ``dot`` in the optimized HLO, e.g. full
+fine-tuning's weight gradients) return once the product is handed to the
+thread pool: their trace events last about 0.1 ms, and their thread waits for
+the product before its next op. So a bare dot's time runs to the next op's
+start on its thread (``thread_op_seconds``); every other op's is its event's
+length (a collective's includes its wait for the other devices). What is left
+of each thread's span from its first op to its last is printed as idle: on one
+device, the second thread's waits while the first runs an op on both cores.
 
   XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
     python benchmarks/profile_step.py --methods vpt_deep [--cpu_devices 2] [--top 15]
@@ -49,6 +49,7 @@ TRACE_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\((.*)$")
 SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+IDLE = "idle (the thread ran no op)"
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -104,10 +105,11 @@ def classify(name: str, instructions: dict) -> tuple[str, float]:
 
 
 def thread_op_seconds(events, instructions: dict):
-  """[(event, kind, matmul FLOPs, seconds)] of the HLO ops in trace ``events``.
+  """([(event, kind, matmul FLOPs, seconds)] of the HLO ops in trace ``events``,
+  thread-seconds with no op running).
 
-  Per thread, an op's seconds run from its start to the next op's
-  start (the last op keeps its own length); see the module docstring.
+  A bare ``dot``'s seconds run to the next op's start on its thread (the last
+  op keeps its own length); any other op's are its event's length.
   """
   by_thread = collections.defaultdict(list)
   for event in events:
@@ -117,13 +119,18 @@ def thread_op_seconds(events, instructions: dict):
     kind, flops = classify(event["name"], instructions)
     if kind is not None:
       by_thread[(event.get("pid"), event.get("tid"))].append((event, kind, flops))
-  attributed = []
+  attributed, idle = [], 0.0
   for ops in by_thread.values():
     ops.sort(key=lambda op: op[0]["ts"])
-    starts = [op[0]["ts"] for op in ops[1:]] + [ops[-1][0]["ts"] + ops[-1][0].get("dur", 0)]
-    attributed += [(event, kind, flops, (end - event["ts"]) / 1e6)
-                   for (event, kind, flops), end in zip(ops, starts)]
-  return attributed
+    own_ends = [event["ts"] + event.get("dur", 0) for event, _, _ in ops]
+    next_starts = [event["ts"] for event, _, _ in ops[1:]] + own_ends[-1:]
+    timed = [(event, kind, flops, (
+        (next_start if instructions[event["name"]][1] == "dot" else own_end) - event["ts"]) / 1e6)
+             for (event, kind, flops), own_end, next_start in zip(ops, own_ends, next_starts)]
+    attributed += timed
+    span = (ops[-1][0]["ts"] + ops[-1][0].get("dur", 0) - ops[0][0]["ts"]) / 1e6
+    idle += span - sum(seconds for *_, seconds in timed)
+  return attributed, idle
 
 
 def source(name: str, instructions: dict) -> str:
@@ -163,7 +170,9 @@ def main(argv=None):
     events = events["traceEvents"] if isinstance(events, dict) else events
     seconds, flops = collections.Counter(), collections.Counter()
     by_source = collections.Counter()
-    for event, kind, op_flops, op_seconds in thread_op_seconds(events, instructions):
+    attributed, idle = thread_op_seconds(events, instructions)
+    seconds[IDLE] = idle / args.steps
+    for event, kind, op_flops, op_seconds in attributed:
       seconds[kind] += op_seconds / args.steps
       flops[kind] += op_flops / args.steps
       if kind.startswith("elementwise"):
@@ -171,7 +180,7 @@ def main(argv=None):
     total = sum(seconds.values())
     print(f"\n{method}, {args.variant} at {args.image_size} px, batch {args.batch_size}, "
           f"{args.num_prompts} prompts, {jax.device_count()} device(s): {wall:.2f} s per "
-          f"traced step (wall), {total:.2f} s of op time summed over the threads")
+          f"traced step (wall), {total:.2f} s summed over the threads that ran ops")
     print("| kind | s | share | GFLOP | GFLOP/s |\n|---|---|---|---|---|")
     for kind, value in seconds.most_common():
       rate = f"{flops[kind] / 1e9 / value:.1f}" if flops[kind] else ""

@@ -61,13 +61,17 @@ def test_an_asynchronous_matmul_gets_the_time_until_the_next_op():
       # Thread 2: the all-reduce waits 30 ms for thread 1, then the batched dot.
       _event("all-reduce.7", 1_000, 30_000, thread=2), _event("dot.2", 31_000, 5_000, thread=2),
       {"ph": "M", "name": "thread_name", "pid": 7, "tid": 2, "args": {"name": "x"}},
+      # Thread 3: two 1 ms fusions 10 ms apart; a fusion's time is its own.
+      _event("add_fusion", 0, 1_000, thread=3), _event("add_fusion", 11_000, 1_000, thread=3),
   ]
-  attributed = {event["name"]: (kind, seconds) for event, kind, _, seconds
-                in profile.thread_op_seconds(events, instructions)}
-  assert set(attributed) == {"dot.1", "add_fusion", "all-reduce.7", "dot.2"}
-  assert attributed["dot.1"][1] == pytest.approx(0.050)
-  assert attributed["add_fusion"][1] == pytest.approx(0.002)
-  assert attributed["all-reduce.7"][1] == pytest.approx(0.030)
-  assert attributed["dot.2"][1] == pytest.approx(0.005)
-  # Each thread's ops add up to its span from the first op's start to the last op's end.
-  assert sum(s for _, s in attributed.values()) == pytest.approx(0.052 + 0.035)
+  attributed, idle = profile.thread_op_seconds(events, instructions)
+  by_thread = {(event["tid"], event["name"], event["ts"]): (kind, seconds)
+               for event, kind, _, seconds in attributed}
+  assert by_thread[(1, "dot.1", 1_000)][1] == pytest.approx(0.050)
+  assert by_thread[(1, "add_fusion", 51_000)][1] == pytest.approx(0.002)
+  assert by_thread[(2, "all-reduce.7", 1_000)][1] == pytest.approx(0.030)
+  assert by_thread[(2, "dot.2", 31_000)][1] == pytest.approx(0.005)
+  assert [by_thread[(3, "add_fusion", ts)][1] for ts in (0, 11_000)] == pytest.approx([0.001] * 2)
+  assert len(attributed) == 6  # the runtime's own events are no ops
+  # Thread 3 ran no op for 10 ms; threads 1 and 2 were never without one.
+  assert idle == pytest.approx(0.010)
