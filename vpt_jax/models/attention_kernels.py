@@ -115,10 +115,9 @@ def _recomputed_backward(residuals, grad):
   weights = jax.nn.softmax(_logits(query + zero, key, bias), -1)
   grad_value = jnp.einsum("bhqk,bqhd->bkhd", weights.astype(value.dtype), grad)
   grad_weights = jnp.einsum("bqhd,bkhd->bhqk", grad, value).astype(jnp.float32)
-  # lean_ops.softmax's backward, then the cast back to the logits' dtype.
-  grad_logits = weights * (grad_weights - jnp.sum(grad_weights * weights, -1, keepdims=True))
+  grad_logits = lean_ops.softmax_backward(weights, grad_weights)
   grad_bias = None if bias is None else _sum_to_shape(grad_logits, bias.shape).astype(bias.dtype)
-  grad_logits = grad_logits.astype(query.dtype)
+  grad_logits = grad_logits.astype(query.dtype)  # the q k^T product ran in this dtype
   grad_query = jnp.einsum("bhqk,bkhd->bqhd", grad_logits, key)
   grad_key = jnp.einsum("bhqk,bqhd->bkhd", grad_logits, query)
   return grad_query, grad_key, grad_value, grad_bias

@@ -43,8 +43,14 @@ def _softmax_forward(logits, axis):
   return weights, weights
 
 
+def softmax_backward(weights: jax.Array, grad: jax.Array, axis: int = -1) -> jax.Array:
+  """The logits' gradient from the softmax's output y and its gradient g (same shape):
+  y * (g - sum(g * y)) over ``axis``."""
+  return weights * (grad - jnp.sum(grad * weights, axis=axis, keepdims=True))
+
+
 def _softmax_backward(axis, weights, grad):
-  return (weights * (grad - jnp.sum(grad * weights, axis=axis, keepdims=True)),)
+  return (softmax_backward(weights, grad, axis),)
 
 
 softmax.defvjp(_softmax_forward, _softmax_backward)
@@ -287,10 +293,10 @@ def _dense_product_backward(k, precision, residuals, grad):
   kernel = rhs.reshape(int(np.prod(rhs.shape[:k])), -1)
   batch_shape = lhs.shape[:lhs.ndim - k]
   grad_features = grad.reshape(batch_shape + (kernel.shape[1],))
-  grad_lhs = lax.dot_general(grad_features, kernel, (((grad_features.ndim - 1,), (1,)), ((), ())),
+  grad_lhs = lax.dot_general(grad_features, kernel, (((len(batch_shape),), (1,)), ((), ())),
                              precision=precision)
   lhs_rows = lhs.reshape(-1, kernel.shape[0])
-  grad_rows = grad.reshape(-1, kernel.shape[1])
+  grad_rows = grad_features.reshape(-1, kernel.shape[1])
   grad_rhs = lax.dot_general(lhs_rows, grad_rows, (((0,), (0,)), ((), ())), precision=precision)
   return (grad_lhs.reshape(lhs.shape).astype(lhs.dtype),
           grad_rhs.reshape(rhs.shape).astype(rhs.dtype))
