@@ -112,7 +112,8 @@ def run_tiny_protocol(backbone, data_dir, workdir, fuse, lrs, **overrides):
   records = {}
   for lr in lrs:
     for wd in TINY_GRID_WDS:
-      run_dir = os.path.join(workdir, run_plan.RunSpec(TINY_TASK, "tune", lr, wd).folder("vpt_deep"))
+      spec = run_plan.RunSpec(TINY_TASK, "tune", lr, wd)
+      run_dir = os.path.join(workdir, spec.folder("vpt_deep"))
       with open(os.path.join(run_dir, run_records.RUN_FILE)) as f:
         records[(lr, wd)] = (run_dir, json.load(f))
   return {"config": config, "summary": summary, "records": records}

@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -24,6 +26,18 @@ from vpt_jax.training import inputs
 # float32 (3.4e38) while the step's loss, from the initial weights, is finite.
 OVERFLOWS_AT_STEP_4 = {"optim.warmup_epochs": 1, "optim.base_lr": 8e39,
                        "optim.weight_decay": 10.0}
+
+
+def run_on_emulated_devices(script: str, *args: str, count: int = 4, timeout: int = 600):
+  """Runs tests/``script`` with ``args`` in a new Python whose JAX sees ``count`` CPU
+  devices (the count must be set before JAX starts); returns the JSON of the
+  last line it prints."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + f" --xla_force_host_platform_device_count={count}")
+  out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), script), *args],
+                       env=env, capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def tiny_config(backbone_path, data_dir, **overrides):

@@ -6,16 +6,12 @@ which a model tends to call class 0: counting them would inflate the accuracy.
 The expected sums are written out by hand.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import run_fixtures
 import tolerances
 from vpt_jax.methods import factory
 from vpt_jax.methods import registry
@@ -100,13 +96,7 @@ def test_frozen_backbone_costs_no_gradient_flops():
 
 @pytest.mark.numerics
 def test_step_is_identical_on_one_and_four_devices():
-  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "multidevice_check.py")
-  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-             + " --xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                       timeout=300, check=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_fixtures.run_on_emulated_devices("multidevice_check.py", timeout=300)
   assert result["devices"] == [1, 4]
   # Four partial gradient sums instead of one: sums over batch x tokens
   # (8 x (1 + 3 + 16)), 4 steps.

@@ -4,8 +4,6 @@ their separate runs end, and the protocol picks the same setting."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -56,6 +54,21 @@ def _latest_checkpoint(run_dir):
   return step, tree
 
 
+def _assert_exports_agree(record, expected, setting) -> dict:
+  """Two runs' exports hold the same leaves and values up to the summation order
+  of the step's widest sums, the weight gradients over batch x tokens
+  (8 x (1 + 2 prompts + 16 patches)), taken 6 times; returns the first's."""
+  _, params = task_export.read_export(record["results"]["export"])
+  _, expected_params = task_export.read_export(expected["results"]["export"])
+  assert sorted(params) == sorted(expected_params), setting
+  atol = tolerances.rounding_atol(tolerances.largest_magnitude(expected_params),
+                                  reduction_length=8 * 19, steps=6)
+  for path, value in expected_params.items():
+    np.testing.assert_allclose(params[path], value, rtol=0, atol=atol,
+                               err_msg=f"{setting} {path}")
+  return params
+
+
 @pytest.mark.numerics
 def test_fused_settings_end_with_the_parameters_of_their_separate_runs(protocol_runs):
   separate, together = protocol_runs[0]["records"], protocol_runs[8]["records"]
@@ -63,18 +76,10 @@ def test_fused_settings_end_with_the_parameters_of_their_separate_runs(protocol_
     run_dir, record = together[setting]
     assert record["fused_settings"] == 4 and "fused_settings" not in alone
     assert record["status"] == alone["status"] == "finished", setting
-    _, fused_params = task_export.read_export(record["results"]["export"])
-    _, alone_params = task_export.read_export(alone["results"]["export"])
-    assert sorted(fused_params) == sorted(alone_params) and "vpt/deep" in fused_params
     # Not bit-exact: vmap makes the per-setting matmuls batched ones, whose
-    # summation order XLA may choose differently. The widest sums of the step
-    # are the weight gradients over batch x tokens (8 x (1 + 2 prompts + 16
-    # patches)), taken 6 times.
-    atol = tolerances.rounding_atol(tolerances.largest_magnitude(alone_params),
-                                    reduction_length=8 * 19, steps=6)
-    for path, value in alone_params.items():
-      np.testing.assert_allclose(fused_params[path], value, rtol=0, atol=atol,
-                                 err_msg=f"{setting} {path}")
+    # summation order XLA may choose differently.
+    fused_params = _assert_exports_agree(record, alone, setting)
+    assert "vpt/deep" in fused_params
     val, alone_val = record["results"]["val"], alone["results"]["val"]
     assert val["count"] == alone_val["count"]
     assert abs(val["top1"] - alone_val["top1"]) <= tolerances.one_example(val["count"])
@@ -107,15 +112,11 @@ def test_fused_settings_on_four_devices_with_a_split_state_end_where_one_device_
     protocol_runs, tmp_path):
   """The fused grid again, on four devices with ``optim.shard_state``: the stacked
   optimizer state is split over them, and every setting ends as on one device."""
-  config, one_device = protocol_runs[8]["config"], protocol_runs[8]
-  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "sweep_multidevice_check.py")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-             + " --xla_force_host_platform_device_count=4")
-  out = subprocess.run([sys.executable, script, config.model.init_checkpoint,
-                        config.data.data_dir, str(tmp_path / "four"), *map(str, FUSED_LRS)],
-                       env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  one_device = protocol_runs[8]
+  config = one_device["config"]
+  result = run_fixtures.run_on_emulated_devices(
+      "sweep_multidevice_check.py", config.model.init_checkpoint, config.data.data_dir,
+      str(tmp_path / "four"), *map(str, FUSED_LRS))
   assert result["devices"] == 4
   assert result["split_leaves"] and all(count > 0 for count in result["split_leaves"])
   best = lambda summary: (summary["lr"], summary["weight_decay"])
@@ -127,16 +128,8 @@ def test_fused_settings_on_four_devices_with_a_split_state_end_where_one_device_
       assert (record["results"]["error"].replace(run_dir, "RUN")
               == alone["results"]["error"].replace(alone_dir, "RUN"))
       continue
-    _, four_params = task_export.read_export(record["results"]["export"])
-    _, one_params = task_export.read_export(alone["results"]["export"])
-    # Four partial gradient sums instead of one (reduce-scattered): sums over
-    # batch x tokens (8 x (1 + 2 prompts + 16 patches)), 6 steps.
-    atol = tolerances.rounding_atol(tolerances.largest_magnitude(one_params),
-                                    reduction_length=8 * 19, steps=6)
-    assert sorted(four_params) == sorted(one_params)
-    for path, value in one_params.items():
-      np.testing.assert_allclose(four_params[path], value, rtol=0, atol=atol,
-                                 err_msg=f"{(lr, wd)} {path}")
+    # Four partial gradient sums instead of one (reduce-scattered).
+    _assert_exports_agree(record, alone, (lr, wd))
 
 
 # Divergence and overflow follow from magnitudes (lr 1e30, 8e39), not rounding,
