@@ -119,17 +119,18 @@ def thread_op_seconds(events, instructions: dict):
     kind, flops = classify(event["name"], instructions)
     if kind is not None:
       by_thread[(event.get("pid"), event.get("tid"))].append((event, kind, flops))
+  end = lambda event: event["ts"] + event.get("dur", 0)
   attributed, idle = [], 0.0
   for ops in by_thread.values():
     ops.sort(key=lambda op: op[0]["ts"])
-    own_ends = [event["ts"] + event.get("dur", 0) for event, _, _ in ops]
-    next_starts = [event["ts"] for event, _, _ in ops[1:]] + own_ends[-1:]
-    timed = [(event, kind, flops, (
-        (next_start if instructions[event["name"]][1] == "dot" else own_end) - event["ts"]) / 1e6)
-             for (event, kind, flops), own_end, next_start in zip(ops, own_ends, next_starts)]
-    attributed += timed
-    span = (ops[-1][0]["ts"] + ops[-1][0].get("dur", 0) - ops[0][0]["ts"]) / 1e6
-    idle += span - sum(seconds for *_, seconds in timed)
+    busy = 0.0
+    for index, (event, kind, flops) in enumerate(ops):
+      last = index == len(ops) - 1
+      asynchronous = instructions[event["name"]][1] == "dot" and not last
+      seconds = ((ops[index + 1][0]["ts"] if asynchronous else end(event)) - event["ts"]) / 1e6
+      attributed.append((event, kind, flops, seconds))
+      busy += seconds
+    idle += (end(ops[-1][0]) - ops[0][0]["ts"]) / 1e6 - busy
   return attributed, idle
 
 
