@@ -184,6 +184,19 @@ def test_all_finite_reads_every_float_leaf_and_skips_integers():
   assert int(steps.all_finite({}, {"count": opt_state["count"]})) == 1  # nothing to check
 
 
+def test_all_finite_reads_each_leaf_once_without_a_bool_array():
+  """The check is one fused pass over each leaf: the compiled program holds no
+  leaf-sized bool array (``all(isfinite(leaf))`` wrote one on CPU and reduced
+  it in a second pass)."""
+  leaves = {"kernel": jnp.ones((512, 384)), "bias": jnp.ones((384,), jnp.bfloat16)}
+  compiled = jax.jit(steps.all_finite).lower(leaves).compile().as_text()
+  assert "pred[512,384]" not in compiled and "pred[384]" not in compiled
+  for name, bad in (("kernel", jnp.inf), ("kernel", -jnp.inf), ("bias", jnp.nan)):
+    poisoned = dict(leaves, **{name: leaves[name].at[3].set(bad)})
+    assert int(jax.jit(steps.all_finite)(poisoned)) == 0
+  assert int(jax.jit(steps.all_finite)(leaves)) == 1
+
+
 def test_train_step_flags_a_nan_in_one_optimizer_state_leaf():
   """Linear probe, SGD with momentum: the optimizer state holds the head's two
   momentum traces (float) and a step count (int). One NaN in a trace: the

