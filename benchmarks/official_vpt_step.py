@@ -2,8 +2,9 @@ r"""The official PyTorch VPT training step (KMnP/vpt), timed in its own interpre
 
 Runs in a Python that has torch (never ours: it imports neither jax nor
 vpt_jax) and prints one JSON line: the method, batch, seconds per step (median
-of ``--steps`` after one warm-up step), images per second and this process's
-peak resident memory. ``benchmarks/side_by_side.py`` runs it beside our step.
+of ``--steps`` after one warm-up step), images per second, the step's matmul
+and convolution GFLOP (torch's flop counter, one more step) and this
+process's peak resident memory. ``benchmarks/side_by_side.py`` runs it beside our step.
 
   /tmp/torch-venv/bin/python benchmarks/official_vpt_step.py --checkout /tmp/kmnp-vpt \
       --method vpt_deep --batch_size 16 --steps 3 --threads 2 --num_prompts 50
@@ -75,6 +76,9 @@ def parse_args(argv=None):
   parser.add_argument("--num_prompts", type=int, default=50)
   parser.add_argument("--prompt_dropout", type=float, default=0.1)
   parser.add_argument("--num_classes", type=int, default=10)
+  parser.add_argument("--matmul_ceiling", action="store_true",
+                      help="only time a dense float32 2048^3 matmul in torch with --threads "
+                           "threads and print its GFLOP/s (side_by_side.py's torch ceiling)")
   parser.add_argument("--check_only", action="store_true",
                       help="import torch and the official modules, print the torch version, "
                            "stop (side_by_side.py's probe)")
@@ -174,6 +178,29 @@ def make_step(official: dict, args):
   return step
 
 
+def matmul_gflops(torch, size: int = 2048, repeats: int = 5) -> float:
+  """Dense float32 (size x size) @ (size x size) throughput in torch, median of repeats.
+
+  The figure our side's ceiling (``train_step.matmul_gflops``, JAX) is set
+  against: the same product in the official side's library (MKL or oneDNN).
+  """
+  a = torch.ones(size, size)
+  return 2 * size ** 3 / median_seconds(lambda: torch.matmul(a, a), repeats) / 1e9
+
+
+def matmul_gflop(torch, step) -> float:
+  """GFLOP of the matmuls and convolutions of one ``step``, as torch counts them.
+
+  ``torch.utils.flop_counter`` counts 2 FLOPs per multiply-add of mm, bmm,
+  addmm, convolutions and their backward passes, not the elementwise work: the
+  counterpart of the matmul FLOPs ``profile_step.py`` reads from our HLO.
+  """
+  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+  with flop_counter.FlopCounterMode(display=False) as counter:
+    step()
+  return counter.get_total_flops() / 1e9
+
+
 def median_seconds(step, count: int) -> float:
   """Median wall seconds of ``count`` calls after one warm-up call."""
   step()
@@ -193,13 +220,21 @@ def main(argv=None):
     print(json.dumps({"torch": torch.__version__}), flush=True)
     return
   torch.set_num_threads(args.threads)
+  if args.matmul_ceiling:
+    print(json.dumps({"GFLOP/s": matmul_gflops(torch), "threads": torch.get_num_threads()}),
+          flush=True)
+    return
   torch.manual_seed(0)
-  seconds = median_seconds(make_step(official, args), args.steps)
+  step = make_step(official, args)
+  seconds = median_seconds(step, args.steps)
+  # Counted after the timing, in one more step: the counter slows what it watches.
+  gflop = matmul_gflop(torch, step)
   print(json.dumps({
       "implementation": "official", "method": args.method, "batch": args.batch_size,
       "variant": args.variant, "image_size": args.image_size, "prompts": args.num_prompts,
       "steps": args.steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
       "s/step": seconds, "img/s": args.batch_size / seconds if seconds else math.inf,
+      "matmul GFLOP": gflop,
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
         flush=True)
 

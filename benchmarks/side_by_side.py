@@ -6,8 +6,11 @@ interpreter), ours (``benchmarks/train_step.py --json``), then the official
 step again, so that drift of the machine's speed shows in the two official
 figures. Each child's peak resident memory is read from the kernel when it
 ends (``os.wait4``), so every figure is one process's own peak. A dense
-float32 2048^3 matmul (JAX, in a short child of its own) is timed at the start
-and at the end: the ceiling of the run.
+float32 2048^3 matmul is timed at the start and at the end, in a short child of
+its own, for each side's library: JAX (one device on every core) and, when the
+official side runs, torch with its threads. They are the ceilings of the run;
+their ratio is the head start the official side's matmul library has on this
+machine.
 
   python benchmarks/side_by_side.py --official_checkout /tmp/kmnp-vpt \
       --torch_python /tmp/torch-venv/bin/python --cpu_devices 2
@@ -136,6 +139,11 @@ def ceiling_command() -> list:
   return [sys.executable, os.path.abspath(__file__), "--matmul_ceiling"]
 
 
+def official_ceiling_command(args) -> list:
+  return [args.torch_python, OFFICIAL_SCRIPT, "--checkout", args.official_checkout,
+          "--threads", str(args.threads), "--matmul_ceiling"]
+
+
 def outcome(child: dict) -> dict:
   """One child's figures: {"s/step", "peak_rss_bytes", "compiled GiB"?} or {"error"}."""
   rows = json_rows(child["stdout"]) if child["returncode"] == 0 else []
@@ -160,10 +168,24 @@ def measure(args, method: str, batch: int, run, with_official: bool) -> dict:
   return {"method": method, "batch": batch, "ours": ours, "official": before + after}
 
 
-def matmul_ceiling(run) -> str:
-  """The ceiling child's GFLOP/s as text, or why it failed."""
-  result = outcome(run(ceiling_command()))
+def matmul_ceiling(run, command) -> str:
+  """A ceiling child's GFLOP/s as text, or why it failed."""
+  result = outcome(run(command))
   return result["error"] if "error" in result else f"{result['GFLOP/s']:.1f}"
+
+
+def ceilings(args, run, with_official: bool) -> list:
+  """[JAX's ceiling, torch's ceiling or None] as text, each child run now."""
+  return [matmul_ceiling(run, ceiling_command()),
+          matmul_ceiling(run, official_ceiling_command(args)) if with_official else None]
+
+
+def ceilings_text(args, start: list, end: list) -> str:
+  text = (f"dense float32 matmul 2048^3: JAX {start[0]} GFLOP/s at the start, {end[0]} at "
+          f"the end")
+  if start[1] is not None:
+    text += f"; torch ({args.threads} threads) {start[1]} at the start, {end[1]} at the end"
+  return text
 
 
 def _figures(results: list, key: str, scale: float = 1.0) -> str:
@@ -215,17 +237,16 @@ def official_line(args, problem: str) -> str:
 
 def report(args, problem: str, run=run_child) -> str:
   """Runs every measurement (``run`` runs one command); the ceilings line and the table."""
-  start = matmul_ceiling(run)
+  start = ceilings(args, run, not problem)
   measurements = [measure(args, method, int(batch), run, not problem)
                   for method in args.methods.split(",")
                   for batch in args.batch_sizes.split(",")]
-  end = matmul_ceiling(run)
+  end = ceilings(args, run, not problem)
   devices = args.cpu_devices or "JAX's default (1)"
   return (f"{args.variant} at {args.image_size} px, {args.num_prompts} prompts, float32, "
           f"{args.attention} attention, "
           f"median of {args.steps} steps after one warm-up; ours on {devices} CPU device(s); "
-          f"dense float32 matmul 2048^3 (JAX): {start} GFLOP/s at the start, {end} at the "
-          f"end\n" + table(measurements))
+          f"{ceilings_text(args, start, end)}\n" + table(measurements))
 
 
 def main(argv=None):

@@ -30,13 +30,14 @@ class FakeChildren:
   def __init__(self):
     self.commands = []
     self.official_seconds = iter([10.0, 12.0, 30.0, 33.0])
-    self.ceilings = iter([180.0, 170.0])
+    self.ceilings = {"side_by_side.py": iter([180.0, 170.0]),
+                     "official_vpt_step.py": iter([210.0, 205.0])}
 
   def __call__(self, command):
     self.commands.append(command)
     script = os.path.basename(command[1])
     if "--matmul_ceiling" in command:
-      return _child({"GFLOP/s": next(self.ceilings)}, 0.5)
+      return _child({"GFLOP/s": next(self.ceilings[script])}, 0.5)
     if script == "official_vpt_step.py":
       return _child({"s/step": next(self.official_seconds)}, 4.0)
     if "full" in command:  # ours, full fine-tuning: fails
@@ -54,9 +55,13 @@ def test_children_run_official_ours_official_between_two_ceilings_with_parsable_
   side.report(_args("--methods", "vpt_deep"), "", fake)
   scripts = [os.path.basename(c[1]) + (" ceiling" if "--matmul_ceiling" in c else "")
              for c in fake.commands]
-  assert scripts == ["side_by_side.py ceiling", "official_vpt_step.py", "train_step.py",
-                     "official_vpt_step.py", "side_by_side.py ceiling"]
-  official, ours = fake.commands[1], fake.commands[2]
+  assert scripts == ["side_by_side.py ceiling", "official_vpt_step.py ceiling",
+                     "official_vpt_step.py", "train_step.py", "official_vpt_step.py",
+                     "side_by_side.py ceiling", "official_vpt_step.py ceiling"]
+  torch_ceiling = benchmark_scripts.load("official_vpt_step").parse_args(fake.commands[1][2:])
+  assert fake.commands[1][0] == "/py" and torch_ceiling.matmul_ceiling
+  assert (torch_ceiling.checkout, torch_ceiling.threads) == ("/ckpt", 2)
+  official, ours = fake.commands[2], fake.commands[3]
   assert official[0] == "/py" and ours[0] == sys.executable
   parsed = benchmark_scripts.load("official_vpt_step").parse_args(official[2:])
   assert (parsed.checkout, parsed.method, parsed.batch_size, parsed.steps, parsed.threads,
@@ -70,14 +75,16 @@ def test_children_run_official_ours_official_between_two_ceilings_with_parsable_
   fake = FakeChildren()
   side.report(_args("--methods", "vpt_deep", "--attention", "recompute", "--shard_state"), "",
               fake)
-  parsed = benchmark_scripts.load("train_step").parse_args(fake.commands[2][2:])
+  parsed = benchmark_scripts.load("train_step").parse_args(fake.commands[3][2:])
   assert parsed.attention == "recompute" and parsed.shard_state
 
 
 def test_table_has_both_official_runs_the_ratios_and_a_failed_child():
   text = side.report(_args("--methods", "vpt_deep,full"), "", FakeChildren())
   lines = text.splitlines()
-  assert "180.0 GFLOP/s at the start, 170.0 at the end" in lines[0]
+  assert lines[0].endswith("dense float32 matmul 2048^3: JAX 180.0 GFLOP/s at the start, "
+                           "170.0 at the end; torch (2 threads) 210.0 at the start, 205.0 at "
+                           "the end")
   assert lines[1] == "| " + " | ".join(side.COLUMNS) + " |"
   assert len(lines) == 3 + 2
   # Official 10 s and 12 s against our 8 s: 1.25x and 1.5x; memory 5 GiB against 4: 1.25x.
@@ -97,6 +104,7 @@ def test_without_a_checkout_the_official_side_is_skipped_and_ours_still_runs(mon
   assert out[0] == ("official PyTorch VPT skipped: no --official_checkout and --torch_python "
                     "given")
   assert [os.path.basename(c[1]) for c in fake.commands].count("official_vpt_step.py") == 0
+  assert out[1].endswith("JAX 180.0 GFLOP/s at the start, 170.0 at the end")  # no torch
   assert "train_step.py" in [os.path.basename(c[1]) for c in fake.commands]
   assert out[-1] == "| vpt_deep | 16 | 8 | skipped | skipped | 5 | skipped | skipped | 1.5 |"
 
