@@ -40,6 +40,8 @@ OURS_SCRIPT = os.path.join(HERE, "train_step.py")
 # The file whose presence marks a KMnP/vpt checkout (as official_vpt_step.py checks).
 OFFICIAL_MARKER = os.path.join("src", "models", "vit_prompt", "vit.py")
 GIB = 2**30
+# Environment variables that swap or tune the allocator of every child process.
+ALLOCATOR_VARIABLES = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
 COLUMNS = ["method", "batch", "ours s/step", "official s/step (before, after)",
            "speed ratio official/ours", "ours peak RSS GiB",
            "official peak RSS GiB (before, after)", "memory ratio ours/official",
@@ -235,6 +237,16 @@ def official_line(args, problem: str) -> str:
           f"{args.threads} threads")
 
 
+def allocator_text(environ=os.environ) -> str:
+  """The memory allocator every child inherits: glibc's, or what the environment preloads.
+
+  It moves both sides' step times (a caching allocator spares each step its
+  page faults), so the report names it.
+  """
+  settings = [f"{name}={environ[name]}" for name in ALLOCATOR_VARIABLES if environ.get(name)]
+  return "allocator: " + (" ".join(settings) if settings else "the C library's malloc")
+
+
 def report(args, problem: str, run=run_child) -> str:
   """Runs every measurement (``run`` runs one command); the ceilings line and the table."""
   start = ceilings(args, run, not problem)
@@ -246,7 +258,7 @@ def report(args, problem: str, run=run_child) -> str:
   return (f"{args.variant} at {args.image_size} px, {args.num_prompts} prompts, float32, "
           f"{args.attention} attention, "
           f"median of {args.steps} steps after one warm-up; ours on {devices} CPU device(s); "
-          f"{ceilings_text(args, start, end)}\n" + table(measurements))
+          f"{ceilings_text(args, start, end)}; {allocator_text()}\n" + table(measurements))
 
 
 def main(argv=None):

@@ -79,12 +79,14 @@ def test_children_run_official_ours_official_between_two_ceilings_with_parsable_
   assert parsed.attention == "recompute" and parsed.shard_state
 
 
-def test_table_has_both_official_runs_the_ratios_and_a_failed_child():
+def test_table_has_both_official_runs_the_ratios_and_a_failed_child(monkeypatch):
+  for name in side.ALLOCATOR_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
   text = side.report(_args("--methods", "vpt_deep,full"), "", FakeChildren())
   lines = text.splitlines()
   assert lines[0].endswith("dense float32 matmul 2048^3: JAX 180.0 GFLOP/s at the start, "
                            "170.0 at the end; torch (2 threads) 210.0 at the start, 205.0 at "
-                           "the end")
+                           "the end; allocator: the C library's malloc")
   assert lines[1] == "| " + " | ".join(side.COLUMNS) + " |"
   assert len(lines) == 3 + 2
   # Official 10 s and 12 s against our 8 s: 1.25x and 1.5x; memory 5 GiB against 4: 1.25x.
@@ -93,6 +95,14 @@ def test_table_has_both_official_runs_the_ratios_and_a_failed_child():
   assert cells[:2] == ["full", "16"] and cells[3] == "30, 33"
   assert cells[2] == "exit 1: MemoryError: no room"
   assert cells[4] == "-, -" and cells[7] == "-, -" and cells[8] == "-"
+
+
+def test_the_report_names_a_preloaded_allocator_and_its_settings():
+  environ = {"LD_PRELOAD": "/lib/libjemalloc.so.2", "MALLOC_CONF": "retain:true", "HOME": "/"}
+  assert side.allocator_text(environ) == ("allocator: LD_PRELOAD=/lib/libjemalloc.so.2 "
+                                          "MALLOC_CONF=retain:true")
+  assert side.allocator_text({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}) == (
+      "allocator: GLIBC_TUNABLES=glibc.malloc.arena_max=1")
 
 
 def test_without_a_checkout_the_official_side_is_skipped_and_ours_still_runs(monkeypatch,
@@ -104,7 +114,7 @@ def test_without_a_checkout_the_official_side_is_skipped_and_ours_still_runs(mon
   assert out[0] == ("official PyTorch VPT skipped: no --official_checkout and --torch_python "
                     "given")
   assert [os.path.basename(c[1]) for c in fake.commands].count("official_vpt_step.py") == 0
-  assert out[1].endswith("JAX 180.0 GFLOP/s at the start, 170.0 at the end")  # no torch
+  assert "JAX 180.0 GFLOP/s at the start, 170.0 at the end; allocator" in out[1]  # no torch
   assert "train_step.py" in [os.path.basename(c[1]) for c in fake.commands]
   assert out[-1] == "| vpt_deep | 16 | 8 | skipped | skipped | 5 | skipped | skipped | 1.5 |"
 
