@@ -2,9 +2,9 @@ r"""The official PyTorch VPT training step (KMnP/vpt), timed in its own interpre
 
 Runs in a Python that has torch (never ours: it imports neither jax nor
 vpt_jax) and prints one JSON line: the method, batch, seconds per step (median
-of ``--steps`` after one warm-up step), images per second, the step's matmul
-and convolution GFLOP (torch's flop counter, one more step) and this
-process's peak resident memory. ``benchmarks/side_by_side.py`` runs it beside our step.
+of ``--steps`` after one warm-up step), images per second, this process's
+peak resident memory and, with ``--count_flops``, the step's matmul and
+convolution GFLOP (torch's flop counter, over one more step). ``benchmarks/side_by_side.py`` runs it beside our step.
 
   /tmp/torch-venv/bin/python benchmarks/official_vpt_step.py --checkout /tmp/kmnp-vpt \
       --method vpt_deep --batch_size 16 --steps 3 --threads 2 --num_prompts 50
@@ -76,6 +76,9 @@ def parse_args(argv=None):
   parser.add_argument("--num_prompts", type=int, default=50)
   parser.add_argument("--prompt_dropout", type=float, default=0.1)
   parser.add_argument("--num_classes", type=int, default=10)
+  parser.add_argument("--count_flops", action="store_true",
+                      help="after the timing, run one more step under torch's flop counter "
+                           "and add its matmul and convolution GFLOP to the JSON line")
   parser.add_argument("--matmul_ceiling", action="store_true",
                       help="only time a dense float32 2048^3 matmul in torch with --threads "
                            "threads and print its GFLOP/s (side_by_side.py's torch ceiling)")
@@ -188,7 +191,7 @@ def matmul_gflops(torch, size: int = 2048, repeats: int = 5) -> float:
   return 2 * size ** 3 / median_seconds(lambda: torch.matmul(a, a), repeats) / 1e9
 
 
-def matmul_gflop(torch, step) -> float:
+def counted_matmul_gflop(torch, step) -> float:
   """GFLOP of the matmuls and convolutions of one ``step``, as torch counts them.
 
   ``torch.utils.flop_counter`` counts 2 FLOPs per multiply-add of mm, bmm,
@@ -228,13 +231,13 @@ def main(argv=None):
   step = make_step(official, args)
   seconds = median_seconds(step, args.steps)
   # Counted after the timing, in one more step: the counter slows what it watches.
-  gflop = matmul_gflop(torch, step)
+  counted = {"matmul GFLOP": counted_matmul_gflop(torch, step)} if args.count_flops else {}
   print(json.dumps({
       "implementation": "official", "method": args.method, "batch": args.batch_size,
       "variant": args.variant, "image_size": args.image_size, "prompts": args.num_prompts,
       "steps": args.steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
       "s/step": seconds, "img/s": args.batch_size / seconds if seconds else math.inf,
-      "matmul GFLOP": gflop,
+      **counted,
       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
         flush=True)
 

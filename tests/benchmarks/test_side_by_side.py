@@ -67,6 +67,7 @@ def test_children_run_official_ours_official_between_two_ceilings_with_parsable_
   assert (parsed.checkout, parsed.method, parsed.batch_size, parsed.steps, parsed.threads,
           parsed.num_prompts, parsed.variant, parsed.image_size) == (
               "/ckpt", "vpt_deep", 16, 3, 2, 50, "B/16", 224)
+  assert not parsed.count_flops  # the timed runs pay for no extra counted step
   parsed = benchmark_scripts.load("train_step").parse_args(ours[2:])
   assert (parsed.json, parsed.methods, parsed.batch_size, parsed.steps, parsed.cpu_devices,
           parsed.num_prompts, parsed.variant, parsed.image_size) == (
