@@ -120,10 +120,16 @@ def json_rows(stdout: str) -> list:
   return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def official_command(args, method: str, batch: int) -> list:
+def _official_script(args) -> list:
+  """The official script in the torch interpreter, on the checkout, with its threads."""
   return [args.torch_python, OFFICIAL_SCRIPT, "--checkout", args.official_checkout,
+          "--threads", str(args.threads)]
+
+
+def official_command(args, method: str, batch: int) -> list:
+  return [*_official_script(args),
           "--method", method, "--batch_size", str(batch), "--steps", str(args.steps),
-          "--threads", str(args.threads), "--num_prompts", str(args.num_prompts),
+          "--num_prompts", str(args.num_prompts),
           "--variant", args.variant, "--image_size", str(args.image_size),
           "--num_classes", str(args.num_classes)]
 
@@ -142,8 +148,7 @@ def ceiling_command() -> list:
 
 
 def official_ceiling_command(args) -> list:
-  return [args.torch_python, OFFICIAL_SCRIPT, "--checkout", args.official_checkout,
-          "--threads", str(args.threads), "--matmul_ceiling"]
+  return [*_official_script(args), "--matmul_ceiling"]
 
 
 def outcome(child: dict) -> dict:
